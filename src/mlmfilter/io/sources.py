@@ -1,0 +1,160 @@
+"""Input specs -> the list of shards a run reads.
+
+A spec is a local path, a glob (``shards/*.tar``), a brace pattern
+(``shards/{00000000..00000127}.tar``) or an fsspec URL (``file://``, ``memory://``,
+``s3://bucket/shards/*.tar`` ...; globs go through fsspec too). Braces are expanded first,
+then globs. A directory is an image folder (see :mod:`mlmfilter.io.readers`).
+
+``pipe:CMD`` specs (WebDataset style: the shard is the stdout of a shell command) run an
+arbitrary command, so they are refused unless the caller opts in with ``allow_pipe=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import fsspec
+from braceexpand import braceexpand
+
+ShardFormat = Literal["tar", "parquet", "folder"]
+
+PIPE_PREFIX = "pipe:"
+_FORMAT_OF_SUFFIX: tuple[tuple[str, ShardFormat], ...] = (
+    (".tar.gz", "tar"),
+    (".tgz", "tar"),
+    (".tar", "tar"),
+    (".parquet", "parquet"),
+)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    id: str  # stable, filename-safe: names the shard's score table and completion marker
+    url: str  # local absolute path, fsspec URL, or "pipe:CMD"
+    format: ShardFormat
+
+    @property
+    def name(self) -> str:
+        """Basename of the shard file (what uids are derived from)."""
+        return shard_basename(self.url)
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.url.startswith(PIPE_PREFIX)
+
+
+def expand_inputs(specs: Sequence[str] | str, allow_pipe: bool = False) -> list[ShardSource]:
+    """Expand specs into shard sources, sorted by url and deduplicated.
+
+    Raises FileNotFoundError naming the spec when a path or pattern matches nothing, and
+    ValueError for a ``pipe:`` spec without ``allow_pipe`` or a file of unknown format.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    found: dict[str, ShardFormat] = {}
+    for spec in specs:
+        for url, fmt in _expand_spec(spec, allow_pipe):
+            found.setdefault(url, fmt)
+    urls = sorted(found)
+    ids = _unique_ids(urls)
+    return [ShardSource(id=ids[url], url=url, format=found[url]) for url in urls]
+
+
+def shard_basename(url: str) -> str:
+    """Last path component of a url; for ``pipe:`` specs, of the command's last word."""
+    if url.startswith(PIPE_PREFIX):
+        words = url[len(PIPE_PREFIX) :].split()
+        url = words[-1] if words else "pipe"
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def format_of_name(name: str) -> ShardFormat | None:
+    lowered = name.lower()
+    for suffix, fmt in _FORMAT_OF_SUFFIX:
+        if lowered.endswith(suffix):
+            return fmt
+    return None
+
+
+def shard_stem(url: str) -> str:
+    """Basename without its format suffix (``a/00000012.tar`` -> ``00000012``)."""
+    name = shard_basename(url)
+    lowered = name.lower()
+    for suffix, _ in _FORMAT_OF_SUFFIX:
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# -- internals ------------------------------------------------------------------------------------
+
+
+def _expand_spec(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
+    if spec.startswith(PIPE_PREFIX):
+        return _expand_pipe(spec, allow_pipe)
+    matches: list[tuple[str, ShardFormat]] = []
+    for pattern in braceexpand(spec):
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if _GLOB_CHARS.search(path):
+            matches.extend(_expand_glob(fs, path))
+        elif fs.exists(path):
+            matches.append(_classify(fs, path, spec))
+        else:
+            raise FileNotFoundError(f"input {spec!r}: {pattern!r} does not exist")
+    if not matches:
+        raise FileNotFoundError(f"input {spec!r} matches no .tar, .parquet or image folder")
+    return matches
+
+
+def _expand_pipe(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
+    if not allow_pipe:
+        raise ValueError(
+            f"input {spec!r}: 'pipe:' inputs run a shell command and are disabled; "
+            "pass allow_pipe=True (CLI: --allow-pipe) to opt in"
+        )
+    urls = list(braceexpand(spec))
+    return [(url, format_of_name(shard_basename(url)) or "tar") for url in urls]
+
+
+def _expand_glob(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, ShardFormat]]:
+    """Glob matches of a known format; other files a loose glob catches (stats json) are skipped."""
+    out = []
+    for match in fs.glob(path):
+        if fs.isdir(match) or format_of_name(match):
+            out.append(_classify(fs, match, path))
+    return out
+
+
+def _classify(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> tuple[str, ShardFormat]:
+    url = _to_url(fs, path)
+    if fs.isdir(path):
+        return url.rstrip("/"), "folder"
+    fmt = format_of_name(path)
+    if fmt is None:
+        raise ValueError(f"input {spec!r}: cannot tell the format of {path!r} (expected .tar, .parquet or a folder)")
+    return url, fmt
+
+
+def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Local files stay plain absolute paths; other filesystems keep their protocol."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return os.path.abspath(path)
+    return fs.unstrip_protocol(path)
+
+
+def _unique_ids(urls: list[str]) -> dict[str, str]:
+    """File stems, made filename-safe; a short url hash is appended only where stems collide."""
+    stems = {url: _UNSAFE_ID_CHARS.sub("_", shard_stem(url)).strip("._") or "shard" for url in urls}
+    counts = Counter(stems.values())
+    return {
+        url: stem if counts[stem] == 1 else f"{stem}-{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}"
+        for url, stem in stems.items()
+    }

@@ -1,0 +1,162 @@
+"""Atomic file writes and a reproducible WebDataset tar writer.
+
+Every file is written to a hidden temp file in the destination directory and moved into place
+with ``os.replace``, which is atomic on a local POSIX filesystem: a process killed mid-write
+leaves at most a stray ``.NAME.*.tmp`` file, never a half-written file under the final name.
+(Object stores and network filesystems do not give that guarantee; write locally and copy.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: mtime stamped on every tar member, so shard bytes depend only on their contents
+FIXED_MTIME = 0
+
+
+class AtomicFile:
+    """A temp file beside ``path``; :meth:`commit` renames it into place, :meth:`abort` removes it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.tmp_path = Path(tmp)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> Path:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (str is UTF-8 encoded) to ``path`` atomically."""
+    with AtomicFile(path) as out:
+        out.file.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Pretty, key-sorted JSON (non-JSON values such as Paths are written with str())."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, **write_options: Any) -> Path:
+    """``pq.write_table`` to a temp file, then rename. ``write_options`` go to pq.write_table."""
+    with AtomicFile(path) as out:
+        # by path: pyarrow closes file objects it is given, and commit still needs ours
+        pq.write_table(table, str(out.tmp_path), **write_options)
+    return Path(path)
+
+
+class TarShardWriter:
+    """Writes samples to WebDataset shards ``{output_dir}/{prefix}{index:08d}.tar``.
+
+    A new shard starts every ``samples_per_shard`` samples; each shard appears under its final
+    name only once complete. Members are ``KEY.ext`` in sorted extension order with a fixed
+    mtime, owner and mode, so the same samples in the same order give byte-identical shards.
+    If the ``with`` block raises, the shard being written is discarded.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        samples_per_shard: int = 10_000,
+        prefix: str = "",
+        start_index: int = 0,
+    ):
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        self.output_dir = Path(output_dir)
+        self.samples_per_shard = samples_per_shard
+        self.prefix = prefix
+        self.next_index = start_index
+        self.shards: list[Path] = []  # completed shards, in order
+        self.samples_written = 0
+        self._file: AtomicFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+
+    def shard_path(self, index: int) -> Path:
+        return self.output_dir / f"{self.prefix}{index:08d}.tar"
+
+    def write(self, key: str, files: Mapping[str, bytes | str]) -> None:
+        """Add one sample: ``files`` maps extension (``jpg``, ``txt``, ``json``) to content."""
+        if not key or "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"invalid WebDataset key {key!r} (must be non-empty, no dot in its basename)")
+        if self._tar is None:
+            self._open_shard()
+        for ext in sorted(files):
+            data = files[ext]
+            self._add_member(f"{key}.{ext}", data.encode("utf-8") if isinstance(data, str) else data)
+        self._in_shard += 1
+        self.samples_written += 1
+        if self._in_shard >= self.samples_per_shard:
+            self._close_shard()
+
+    def close(self) -> list[Path]:
+        """Finish the shard in progress; returns every completed shard."""
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress (completed shards stay)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.abort()
+            self._tar = self._file = None
+
+    def __enter__(self) -> "TarShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open_shard(self) -> None:
+        self._file = AtomicFile(self.shard_path(self.next_index))
+        self._tar = tarfile.open(fileobj=self._file.file, mode="w", format=tarfile.PAX_FORMAT)
+        self._in_shard = 0
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self.shards.append(self._file.commit())
+        self._tar = self._file = None
+        self.next_index += 1
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = FIXED_MTIME
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,1 @@
+"""Run folders, the per-shard pipeline and executors."""

@@ -1,0 +1,161 @@
+"""Scorer interface: a batch of samples in, named score columns out.
+
+The base class owns batching, error isolation, timing and stats, so a subclass
+implements only :meth:`Scorer.score_batch` (and :meth:`Scorer.setup` if it loads
+a model). Modelled on datatrove's PipelineStep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from mlmfilter import errors
+from mlmfilter.sample import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreFailure:
+    """Returned in place of a score dict when one sample of a batch cannot be scored."""
+
+    reason: str
+    detail: str = ""
+    partial: dict[str, Any] = field(default_factory=dict)  # columns worth keeping anyway (e.g. raw text)
+
+
+@dataclass
+class ScorerStats:
+    seen: int = 0
+    scored: int = 0
+    skipped: int = 0  # arrived already in error
+    failed: Counter = field(default_factory=Counter)
+    batches: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "scored": self.scored,
+            "skipped": self.skipped,
+            "failed": dict(self.failed),
+            "batches": self.batches,
+            "seconds": round(self.seconds, 4),
+            "pairs_per_second": round(self.scored / self.seconds, 3) if self.seconds else None,
+        }
+
+
+class ScorerOptions(BaseModel):
+    """Settings every scorer has; a scorer subclasses this as its ``Options``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    batch_size: int = 32
+
+
+class Scorer(ABC):
+    """Subclasses set ``name``, ``columns`` and ``Options`` and implement ``score_batch``."""
+
+    Options: type[ScorerOptions] = ScorerOptions
+
+    name: str = "scorer"
+    #: output columns and their arrow types; every score dict uses exactly these keys
+    columns: dict[str, pa.DataType] = {}
+    #: shorter image side the scorer wants (the decoder resizes once to the max over scorers);
+    #: None means the scorer does not look at pixels
+    image_size: int | None = None
+    #: the scorer wants samples whose caption is empty/missing too (e.g. rule filters)
+    accepts_errors: tuple[str, ...] = ()
+
+    def __init__(self, options: ScorerOptions | None = None):
+        self.options = options if options is not None else self.Options()
+        self.batch_size = self.options.batch_size
+        self.stats = ScorerStats()
+        self._ready = False
+
+    # -- to implement -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load models. Called once per worker process, lazily, before the first batch."""
+
+    @abstractmethod
+    def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
+        """Score ``samples`` (all without error). Return one dict (or ScoreFailure) per sample."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What a reader of the scores needs to trust or reproduce them."""
+        return {"scorer": self.name, "columns": list(self.columns)}
+
+    # -- owned by the base --------------------------------------------------------------------
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def schema_fields(self) -> list[pa.Field]:
+        return [pa.field(name, dtype) for name, dtype in self.columns.items()]
+
+    def empty_row(self) -> dict[str, Any]:
+        return {name: None for name in self.columns}
+
+    def wants(self, sample: Sample) -> bool:
+        return sample.error is None or sample.error in self.accepts_errors
+
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        """Score samples in batches; one row per sample, in order. Never raises for one bad sample."""
+        rows = [self.empty_row() for _ in samples]
+        todo = [i for i, s in enumerate(samples) if self.wants(s)]
+        self.stats.seen += len(samples)
+        self.stats.skipped += len(samples) - len(todo)
+        if not todo:
+            return rows
+        self.ensure_setup()
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
+            batch = [samples[i] for i in idx]
+            t0 = time.perf_counter()
+            results = self._score_isolated(batch)
+            self.stats.seconds += time.perf_counter() - t0
+            self.stats.batches += 1
+            for i, result in zip(idx, results):
+                if isinstance(result, ScoreFailure):
+                    rows[i].update(result.partial)
+                    samples[i].fail(result.reason, f"{self.name}: {result.detail}")
+                    self.stats.failed[result.reason] += 1
+                else:
+                    rows[i].update(result)
+                    self.stats.scored += 1
+        return rows
+
+    def _score_isolated(self, batch: list[Sample]) -> list[dict[str, Any] | ScoreFailure]:
+        try:
+            results = self.score_batch(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name} returned {len(results)} results for {len(batch)} samples")
+            return results
+        except Exception as exc:  # one bad sample must not sink its batch: retry one by one
+            if len(batch) == 1:
+                log.debug("%s failed on %s", self.name, batch[0].uid, exc_info=True)
+                return [ScoreFailure(errors.SCORER_ERROR, f"{type(exc).__name__}: {exc}")]
+            log.warning("%s: batch of %d failed (%s); retrying one by one", self.name, len(batch), exc)
+            return [r for s in batch for r in self._score_isolated([s])]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
+
+
+def iter_batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,223 @@
+"""Selection expressions: a small, safe condition language over score columns.
+
+    clip_score > 0.28 and rules_ok
+    0.2 <= clip_score < 0.9 or (itm + odf) / 2 >= 85
+    not rules_ok and error == "caption_not_utf8"
+
+The text is parsed with Python's ``ast`` and only a whitelist is translated into a
+``pyarrow.compute.Expression``: column names, numbers, strings, True/False, comparisons
+(chains included), ``and``/``or``/``not``, ``+ - * /`` and unary minus. Nothing is ever evaluated
+by Python, so calls, attributes, subscripts and the like are rejected, not executed.
+
+Missing values never pass: a row passes only when every column the expression names holds a
+value (not null, not NaN) *and* the condition is true. So ``not clip_score > 0.3`` does not keep
+rows whose clip_score is missing (errored rows), and the result is never null.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from dataclasses import dataclass
+from typing import Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+BOOL, NUMBER, STRING = "bool", "number", "string"
+
+_COMPARISONS = {
+    ast.Eq: pc.equal,
+    ast.NotEq: pc.not_equal,
+    ast.Lt: pc.less,
+    ast.LtE: pc.less_equal,
+    ast.Gt: pc.greater,
+    ast.GtE: pc.greater_equal,
+}
+_ARITHMETIC = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide}
+_SYMBOLS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Eq: "==", ast.NotEq: "!=",
+            ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}  # fmt: skip
+# Operators people reach for by habit (pandas, SQL), with what to write instead.
+_HINTS = {
+    ast.BitAnd: "use 'and' instead of '&'",
+    ast.BitOr: "use 'or' instead of '|'",
+    ast.Invert: "use 'not' instead of '~'",
+    ast.Is: "use '==' instead of 'is'",
+    ast.IsNot: "use '!=' instead of 'is not'",
+    ast.In: "'in' is not supported; combine comparisons with 'or'",
+    ast.NotIn: "'not in' is not supported; combine comparisons with 'and'",
+}
+_GRAMMAR = "allowed: column names, numbers, 'strings', True/False, comparisons, and/or/not, + - * /"
+
+
+class ExpressionError(ValueError):
+    """The expression text is not valid: syntax, an unknown column, a disallowed construct or types."""
+
+
+@dataclass(frozen=True)
+class CompiledExpression:
+    text: str
+    expression: pc.Expression  # boolean, never null: true only where the row passes
+    columns: tuple[str, ...]  # the columns it reads, in order of first use
+
+
+def compile_expression(text: str, columns: Mapping[str, pa.DataType]) -> pc.Expression:
+    """The arrow expression for ``text`` over a table with ``columns`` (name -> arrow type)."""
+    return parse_expression(text, columns).expression
+
+
+def parse_expression(text: str, columns: Mapping[str, pa.DataType]) -> CompiledExpression:
+    """Like :func:`compile_expression`, also telling which columns the expression reads."""
+    if not text or not text.strip():
+        raise ExpressionError("the expression is empty")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ExpressionError(f"invalid syntax in {text!r}: {exc.msg} (column {exc.offset})") from None
+    translator = _Translator(columns)
+    condition, kind = translator.visit(tree.body)
+    if kind != BOOL:
+        raise ExpressionError(
+            f"{text!r} is a {kind}, not a condition; compare it, e.g. '{ast.unparse(tree.body)} > 0.3'"
+        )
+    expression = condition
+    for name in reversed(translator.used):
+        # Kleene 'and' with a false validity yields false, so the result is never null.
+        present = pc.invert(pc.is_null(pc.field(name), nan_is_null=True))
+        expression = pc.and_kleene(present, expression)
+    return CompiledExpression(text=text, expression=expression, columns=tuple(translator.used))
+
+
+def column_kind(name: str, dtype: pa.DataType) -> str:
+    """bool, number or string: what an expression may do with a column of this arrow type."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_boolean(dtype):
+        return BOOL
+    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
+        return NUMBER
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return STRING
+    raise ExpressionError(f"column {name!r} has type {dtype}, which expressions cannot use")
+
+
+class _Translator:
+    """ast node -> (arrow expression, kind). Every node type not handled here is rejected."""
+
+    def __init__(self, columns: Mapping[str, pa.DataType]):
+        self.columns = dict(columns)
+        self.used: list[str] = []
+
+    def visit(self, node: ast.AST) -> tuple[pc.Expression, str]:
+        handler = getattr(self, f"visit_{type(node).__name__}", None)
+        if handler is None:
+            raise ExpressionError(f"{_describe(node)} is not allowed in selection expressions ({_GRAMMAR})")
+        return handler(node)
+
+    def visit_Name(self, node: ast.Name) -> tuple[pc.Expression, str]:
+        name = node.id
+        if name not in self.columns:
+            raise ExpressionError(_unknown_column_message(name, self.columns))
+        kind = column_kind(name, self.columns[name])
+        if name not in self.used:
+            self.used.append(name)
+        return pc.field(name), kind
+
+    def visit_Constant(self, node: ast.Constant) -> tuple[pc.Expression, str]:
+        value = node.value
+        if isinstance(value, bool):
+            return pc.scalar(value), BOOL
+        if isinstance(value, (int, float)):
+            return pc.scalar(value), NUMBER
+        if isinstance(value, str):
+            return pc.scalar(value), STRING
+        if value is None:
+            raise ExpressionError("None is not allowed: rows with missing values never pass anyway")
+        raise ExpressionError(f"the literal {value!r} is not allowed ({_GRAMMAR})")
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> tuple[pc.Expression, str]:
+        word = "and" if isinstance(node.op, ast.And) else "or"
+        combine = pc.and_kleene if word == "and" else pc.or_kleene
+        result = None
+        for operand in node.values:
+            expression = self._expect(operand, BOOL, f"operands of '{word}'")
+            result = expression if result is None else combine(result, expression)
+        return result, BOOL
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> tuple[pc.Expression, str]:
+        if isinstance(node.op, ast.Not):
+            return pc.invert(self._expect(node.operand, BOOL, "the operand of 'not'")), BOOL
+        if isinstance(node.op, ast.USub):
+            return pc.negate(self._expect(node.operand, NUMBER, "the operand of unary '-'")), NUMBER
+        if isinstance(node.op, ast.UAdd):
+            return self._expect(node.operand, NUMBER, "the operand of unary '+'"), NUMBER
+        raise ExpressionError(_HINTS.get(type(node.op), f"{_describe(node)} is not allowed ({_GRAMMAR})"))
+
+    def visit_BinOp(self, node: ast.BinOp) -> tuple[pc.Expression, str]:
+        operation = _ARITHMETIC.get(type(node.op))
+        if operation is None:
+            raise ExpressionError(_HINTS.get(type(node.op), f"the operator in {_describe(node)} is not allowed ({_GRAMMAR})"))
+        what = f"operands of '{_SYMBOLS[type(node.op)]}'"
+        left = self._expect(node.left, NUMBER, what)
+        right = self._expect(node.right, NUMBER, what)
+        if isinstance(node.op, ast.Div):
+            # true division, as in Python: integer columns divide as floats, x / 0 gives inf/nan
+            left, right = left.cast(pa.float64()), right.cast(pa.float64())
+        return operation(left, right), NUMBER
+
+    def visit_Compare(self, node: ast.Compare) -> tuple[pc.Expression, str]:
+        # a < b <= c means (a < b) and (b <= c), as in Python
+        result = None
+        left_node = node.left
+        left, left_kind = self.visit(left_node)
+        for op, right_node in zip(node.ops, node.comparators):
+            compare = _COMPARISONS.get(type(op))
+            if compare is None:
+                raise ExpressionError(_HINTS.get(type(op), f"the comparison in {_describe(node)} is not allowed"))
+            right, right_kind = self.visit(right_node)
+            if left_kind != right_kind:
+                raise ExpressionError(
+                    f"cannot compare {ast.unparse(left_node)} ({left_kind}) with {ast.unparse(right_node)} ({right_kind})"
+                )
+            if left_kind == BOOL and type(op) not in (ast.Eq, ast.NotEq):
+                raise ExpressionError(f"True/False values can only be compared with == or != in {ast.unparse(node)!r}")
+            term = compare(left, right)
+            result = term if result is None else pc.and_kleene(result, term)
+            left_node, left, left_kind = right_node, right, right_kind
+        return result, BOOL
+
+    def _expect(self, node: ast.AST, kind: str, what: str) -> pc.Expression:
+        expression, actual = self.visit(node)
+        if actual != kind:
+            raise ExpressionError(f"{what} must be {_ARTICLE[kind]}, but {ast.unparse(node)!r} is {_ARTICLE[actual]}")
+        return expression
+
+
+_ARTICLE = {BOOL: "a condition", NUMBER: "a number", STRING: "a string"}
+
+
+def _describe(node: ast.AST) -> str:
+    kinds = {
+        ast.Call: "a function call",
+        ast.Attribute: "attribute access",
+        ast.Subscript: "indexing",
+        ast.Lambda: "a lambda",
+        ast.IfExp: "an if-expression",
+        ast.NamedExpr: "an assignment",
+        ast.List: "a list",
+        ast.Tuple: "a tuple",
+        ast.Dict: "a dict",
+        ast.Set: "a set",
+        ast.JoinedStr: "an f-string",
+    }
+    kind = kinds.get(type(node), type(node).__name__)
+    return f"{kind} ({ast.unparse(node)!r})"
+
+
+def _unknown_column_message(name: str, columns: Mapping[str, pa.DataType]) -> str:
+    if name in ("true", "false"):
+        return f"unknown name {name!r}: write {name.capitalize()}"
+    available = sorted(columns)
+    close = difflib.get_close_matches(name, available, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown column {name!r}.{hint} Available columns: {', '.join(available)}"
