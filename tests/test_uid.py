@@ -79,7 +79,7 @@ def test_halves_of_extreme_values_and_every_input_kind():
 @pytest.mark.parametrize(
     "values, message",
     [
-        (["a" * 32, "a" * 31], "row 1 has 31 characters"),
+        (["a" * 32, "a" * 31], "row 1 is 31 bytes long"),
         (["a" * 32, "a" * 32, "z" * 32], "row 2 is not hex"),
         (["a" * 32, None], "row 1 is null"),
         ([("é" + "a" * 31)], "row 0"),
@@ -101,3 +101,17 @@ def test_sorted_membership_agrees_with_a_python_set():
     assert mask.tolist() == [u in set(keep_uids) for u in query]
     assert mask.sum() == len(keep_uids[::7])
     assert isin_sorted(keep[:0], uids_to_halves(query)).sum() == 0
+
+
+def test_block_boundaries_do_not_change_results_or_error_rows(monkeypatch):
+    import mlmfilter.io.uid as uid_module
+
+    uids = random_uids(100, seed=4)
+    expected = uids_to_halves(uids)
+    monkeypatch.setattr(uid_module, "_CHUNK_ROWS", 7)
+    arrow = pa.array(uids)
+    np.testing.assert_array_equal(uids_to_halves(pa.chunked_array([arrow[:30], arrow[30:]])), expected)
+    np.testing.assert_array_equal(uids_to_halves(np.array(uids)), expected)
+    assert halves_to_uids(expected) == uids
+    with pytest.raises(ValueError, match="row 52 is not hex"):
+        uids_to_halves(uids[:52] + ["x" * 32] + uids[53:])

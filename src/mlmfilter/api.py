@@ -93,6 +93,8 @@ def score(
         for s in todo
     ]
     executor = LocalExecutor(workers=config.workers, show_progress=show_progress)
+    if config.workers > 1 and len(tasks) > 1:
+        scorers_built = None  # each worker loads its own; don't hold a model copy idle here
     report = executor.run(tasks, config.scorers, scorers=scorers_built)
     stats = folder.merged_stats()
     from mlmfilter.io.writers import atomic_write_json

@@ -85,6 +85,7 @@ def score(
     option: list[str] = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable)."),
     workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
+    allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -108,6 +109,8 @@ def score(
     for key, value in (("workers", workers), ("decode_workers", decode_workers)):
         if value is not None:
             fields[key] = value
+    if allow_pipe:
+        fields["allow_pipe"] = True
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, show_progress=True)

@@ -32,7 +32,7 @@ from typing import IO, Any, Iterator, Mapping
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from mlmfilter import errors
 from mlmfilter.io.sources import PIPE_PREFIX, ShardSource, shard_basename
@@ -64,6 +64,11 @@ class ReadOptions(BaseModel):
     captions_file: str | None = None  # folder: name of the captions table inside it
     max_caption_chars: int = 10_000
     parquet_batch_rows: int = 256  # rows per arrow batch: bounds memory with large image bytes
+
+    @field_validator("image_exts")
+    @classmethod
+    def _lower_case(cls, exts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(ext.lower().lstrip(".") for ext in exts)  # member extensions are compared lower-cased
 
 
 def read_shard(source: ShardSource, options: ReadOptions | None = None) -> Iterator[Sample]:
@@ -262,17 +267,15 @@ def _grouped_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, byte
         parts = split_member_name(member.name) if member.isfile() else None
         if parts is None:
             continue
-        try:
-            data = tar.extractfile(member).read()
-        except Exception as exc:  # any damage ends the stream; it is reported, not raised
-            pending = f" (sample {key!r} incomplete)" if key is not None else ""
-            raise _TarBreak(member.name, f"member {member.name!r} is cut short: {exc}{pending}") from exc
         member_key, ext = parts
-        if member_key != key:
+        if member_key != key:  # the previous sample is complete: hand it out before reading on
             if key is not None:
                 yield key, members
             key, members = member_key, {}
-        members[ext] = data
+        try:
+            members[ext] = tar.extractfile(member).read()
+        except Exception as exc:  # any damage ends the stream; it is reported, not raised
+            raise _TarBreak(member.name, f"member {member.name!r} is cut short: {exc} (sample {key!r} lost)") from exc
     if key is not None:
         yield key, members
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,16 +73,22 @@ def uids_to_halves(uids: Any) -> np.ndarray:
 
     ``uids`` may be a pyarrow string/binary Array or ChunkedArray, a numpy array of str/bytes,
     or any iterable of str. Upper-case hex is accepted. Raises ValueError naming the first
-    uid that is null, not 32 characters long, or not hex.
+    uid that is null, not 32 characters long, or not hex. Works in blocks of 1M rows, so
+    temporary memory stays ~100 MB whatever the input size.
     """
-    if isinstance(uids, pa.ChunkedArray):
-        parts = [_arrow_to_halves(chunk, offset) for chunk, offset in _chunks_with_offsets(uids)]
-        return np.concatenate(parts) if parts else empty_halves()
-    if isinstance(uids, pa.Array):
-        return _arrow_to_halves(uids, 0)
-    if isinstance(uids, np.ndarray) and uids.dtype.kind in "US":
-        return _ascii_matrix_to_halves(_numpy_strings_to_ascii(uids), 0)
-    return _arrow_to_halves(pa.array(list(uids), type=pa.string()), 0)
+    if not isinstance(uids, (pa.Array, pa.ChunkedArray)) and not (
+        isinstance(uids, np.ndarray) and uids.dtype.kind in "US"
+    ):
+        uids = pa.array(list(uids), type=pa.string())
+    out = empty_halves(len(uids))
+    for start in range(0, len(uids), _CHUNK_ROWS):
+        block = uids[start : start + _CHUNK_ROWS]
+        if isinstance(block, np.ndarray):
+            ascii_rows = _numpy_strings_to_ascii(block)
+        else:
+            ascii_rows = _arrow_strings_to_ascii(block, start)
+        _fill_halves(out[start : start + len(block)], ascii_rows, start)
+    return out
 
 
 def halves_to_uids(arr: np.ndarray) -> list[str]:
@@ -130,15 +136,10 @@ def isin_sorted(sorted_halves: np.ndarray, query: np.ndarray) -> np.ndarray:
 # -- internals ------------------------------------------------------------------------------------
 
 
-def _chunks_with_offsets(chunked: pa.ChunkedArray) -> Iterable[tuple[pa.Array, int]]:
-    offset = 0
-    for chunk in chunked.chunks:
-        yield chunk, offset
-        offset += len(chunk)
-
-
-def _arrow_to_halves(array: pa.Array, first_row: int) -> np.ndarray:
-    """Zero-copy view of an arrow string array's data buffer as a (rows, 32) byte matrix."""
+def _arrow_strings_to_ascii(array: pa.Array | pa.ChunkedArray, first_row: int) -> np.ndarray:
+    """A (rows, 32) byte matrix over an arrow string array's data buffer (zero-copy if it can)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
     large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
@@ -149,18 +150,19 @@ def _arrow_to_halves(array: pa.Array, first_row: int) -> np.ndarray:
         raise ValueError(f"uid at row {first_row + bad} is null")
     n = len(array)
     if n == 0:
-        return empty_halves()
+        return np.zeros((0, UID_HEX_CHARS), dtype=np.uint8)
     _validity, offsets_buf, data_buf = array.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if large else np.int32, count=array.offset + n + 1)[array.offset :]
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if large else np.int32, count=array.offset + n + 1)
+    offsets = offsets[array.offset :]
     lengths = np.diff(offsets)
     if (lengths != UID_HEX_CHARS).any():
         bad = int(np.flatnonzero(lengths != UID_HEX_CHARS)[0])
         raise ValueError(
-            f"uid at row {first_row + bad} has {int(lengths[bad])} characters, expected {UID_HEX_CHARS}: "
+            f"uid at row {first_row + bad} is {int(lengths[bad])} bytes long, expected {UID_HEX_CHARS} hex characters: "
             f"{array[bad].as_py()!r}"
         )
-    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(offsets[-1]), offset=0)[int(offsets[0]) :]
-    return _ascii_matrix_to_halves(data.reshape(n, UID_HEX_CHARS), first_row)
+    data = np.frombuffer(data_buf, dtype=np.uint8, count=int(offsets[-1]))[int(offsets[0]) :]
+    return data.reshape(n, UID_HEX_CHARS)
 
 
 def _numpy_strings_to_ascii(values: np.ndarray) -> np.ndarray:
@@ -176,21 +178,17 @@ def _numpy_strings_to_ascii(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values).view(np.uint8).reshape(len(values), UID_HEX_CHARS)
 
 
-def _ascii_matrix_to_halves(ascii_rows: np.ndarray, first_row: int) -> np.ndarray:
-    out = empty_halves(len(ascii_rows))
-    for start in range(0, len(ascii_rows), _CHUNK_ROWS):
-        block = ascii_rows[start : start + _CHUNK_ROWS]
-        nibbles = _NIBBLE_OF_ASCII[block]
-        if (nibbles == 255).any():
-            bad = int(np.flatnonzero((nibbles == 255).any(axis=1))[0])
-            text = bytes(block[bad]).decode("latin-1")
-            raise ValueError(f"uid at row {first_row + start + bad} is not hex: {text!r}")
-        # Two nibbles -> one byte; 16 bytes read as two big-endian uint64 words.
-        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
-        words = np.ascontiguousarray(packed).view(">u8")
-        out["f0"][start : start + len(block)] = words[:, 0]
-        out["f1"][start : start + len(block)] = words[:, 1]
-    return out
+def _fill_halves(out: np.ndarray, ascii_rows: np.ndarray, first_row: int) -> None:
+    nibbles = _NIBBLE_OF_ASCII[ascii_rows]
+    if (nibbles == 255).any():
+        bad = int(np.flatnonzero((nibbles == 255).any(axis=1))[0])
+        text = bytes(ascii_rows[bad]).decode("latin-1")
+        raise ValueError(f"uid at row {first_row + bad} is not hex: {text!r}")
+    # Two nibbles -> one byte; 16 bytes read as two big-endian uint64 words.
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    words = np.ascontiguousarray(packed).view(">u8")
+    out["f0"] = words[:, 0]
+    out["f1"] = words[:, 1]
 
 
 def _halves_to_ascii(arr: np.ndarray) -> np.ndarray:

@@ -71,12 +71,14 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """Map "auto"/"fp32"/"bf16"/"fp16"/"float32"/... to a torch dtype for ``device``.
 
     auto: bf16 on a GPU that supports it (else fp16), bf16 on a CPU with native bf16 (else fp32),
     fp32 elsewhere (mps).
     """
+    if isinstance(name, torch.dtype):
+        return name
     device = torch.device(device)
     key = (name or "auto").strip().lower().removeprefix("torch.")
     if key != "auto":

@@ -73,7 +73,8 @@ def parse_expression(text: str, columns: Mapping[str, pa.DataType]) -> CompiledE
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
-        raise ExpressionError(f"invalid syntax in {text!r}: {exc.msg} (column {exc.offset})") from None
+        where = f" at column {exc.offset}" if exc.offset else ""
+        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}") from None
     translator = _Translator(columns)
     condition, kind = translator.visit(tree.body)
     if kind != BOOL:
@@ -156,7 +157,8 @@ class _Translator:
     def visit_BinOp(self, node: ast.BinOp) -> tuple[pc.Expression, str]:
         operation = _ARITHMETIC.get(type(node.op))
         if operation is None:
-            raise ExpressionError(_HINTS.get(type(node.op), f"the operator in {_describe(node)} is not allowed ({_GRAMMAR})"))
+            hint = _HINTS.get(type(node.op), f"the operator in {ast.unparse(node)!r} is not allowed ({_GRAMMAR})")
+            raise ExpressionError(hint)
         what = f"operands of '{_SYMBOLS[type(node.op)]}'"
         left = self._expect(node.left, NUMBER, what)
         right = self._expect(node.right, NUMBER, what)

@@ -96,7 +96,8 @@ class ScoreKeys:
         if self.source.kind == "f":
             positive = (bits & self._sign) != 0
             bits = np.where(positive, bits ^ self._sign, ~bits)
-            return float(bits.view(self.source)[0])
+            # the shortest text of the value in its own precision: float32 0.98, not 0.9800000190734863
+            return float(str(bits.view(self.source)[0]))
         if self.source.kind == "i":
             return int((bits ^ self._sign).view(self.source)[0])
         if self.source == np.uint16:

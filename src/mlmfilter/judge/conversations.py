@@ -1,0 +1,128 @@
+"""Conversation formats: how a user turn becomes the exact text the judge reads.
+
+The reference request (MLM-Filter scoring scripts) is assembled in three steps:
+
+1. user turn = ``"<image>\\n" + prompt`` (image first, then the filled template);
+2. that turn goes into the checkpoint's conversation template with an empty assistant turn;
+3. one whitespace token follows the assistant cue, so that the next token is the first digit.
+
+The formats below reproduce step 2 with the strings of the original repositories (rendered as
+their ``Conversation.get_prompt()`` does for one user turn and an empty assistant turn):
+
+- ``vicuna_v1``: ``conv_vicuna_v1`` (haotian-liu/LLaVA ``llava/conversation.py``); the LLaVA-1.5
+  13B judges. SeparatorStyle.TWO: ``system + " " + "USER: " + msg + " " + "ASSISTANT:"``.
+- ``llama3``: ``conv_llama_3`` of the MLM-Filter authors' LLaVA-Llama-3 code
+  (Victorwz/LLaVA-Llama-3 ``llava/conversation.py``), the default ``--conv-mode llama_3`` of
+  ``mlm_filter_scoring_datacomp_batch_inference_llama_3.py``. It is SeparatorStyle.TWO with the
+  Vicuna system prompt and roles and ``<|end_of_text|>`` as stop string, so for one user turn its
+  text equals ``vicuna_v1``; only the stop string differs.
+- ``llava_llama3``: ``conv_llava_llama_3`` of LLaVA-NeXT, which renders the official Llama-3
+  Instruct chat template (header tokens, ``<|eot_id|>``) with the LLaVA system prompt. The
+  tokenizer adds ``<|begin_of_text|>`` itself, so the text starts at the first header.
+- ``qwen``: ``conv_qwen`` of LLaVA-NeXT (SeparatorStyle.CHATML, "You are a helpful assistant.").
+- ``auto``: the processor's own chat template (``apply_chat_template`` with one image and the prompt),
+  for models that were not trained on one of the formats above.
+
+The image placeholder is family specific (``<image>`` for LLaVA and Idefics3,
+``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen2-VL); the backend passes it in.
+Step 3 is ``answer_prefix`` (``" "`` for the reference formats, ``""`` for ``auto``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+QWEN_SYSTEM = "You are a helpful assistant."
+REFERENCE_IMAGE_TOKEN = "<image>"
+REFERENCE_ANSWER_PREFIX = " "
+
+
+def reference_user_turn(prompt: str, image_placeholder: str = REFERENCE_IMAGE_TOKEN) -> str:
+    """Step 1 of the reference: the image, a newline, then the filled template."""
+    return image_placeholder + "\n" + prompt
+
+
+def _vicuna_v1(user_turn: str) -> str:
+    # SeparatorStyle.TWO: system + sep, then "ROLE: msg" + sep (" "), empty assistant -> "ROLE:"
+    return VICUNA_V1_SYSTEM + " " + "USER: " + user_turn + " " + "ASSISTANT:"
+
+
+def _llava_llama3(user_turn: str) -> str:
+    return (
+        "<|start_header_id|>system<|end_header_id|>\n\n" + LLAVA_LLAMA3_SYSTEM + "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n" + user_turn.strip() + "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def _qwen(user_turn: str) -> str:
+    # SeparatorStyle.CHATML: system + sep + "\n", "role\n" + msg + sep + "\n", empty assistant -> "role\n"
+    return (
+        "<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n"
+        "<|im_start|>user\n" + user_turn + "<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+@dataclass(frozen=True)
+class ConversationFormat:
+    """A fixed reference format: renders one user turn plus the empty assistant cue."""
+
+    name: str
+    source: str
+    render_turn: Callable[[str], str]
+    stop: str
+
+    @property
+    def is_reference(self) -> bool:
+        return True
+
+    def render(self, prompt: str, image_placeholder: str) -> str:
+        return self.render_turn(reference_user_turn(prompt, image_placeholder))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "stop": self.stop}
+
+
+FORMATS: dict[str, ConversationFormat] = {
+    "vicuna_v1": ConversationFormat(
+        "vicuna_v1", "haotian-liu/LLaVA llava/conversation.py conv_vicuna_v1", _vicuna_v1, "</s>"
+    ),
+    "llama3": ConversationFormat(
+        "llama3", "Victorwz/LLaVA-Llama-3 llava/conversation.py conv_llama_3", _vicuna_v1, "<|end_of_text|>"
+    ),
+    "llava_llama3": ConversationFormat(
+        "llava_llama3", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_llava_llama_3", _llava_llama3, "<|eot_id|>"
+    ),
+    "qwen": ConversationFormat("qwen", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_qwen", _qwen, "<|im_end|>"),
+}
+AUTO = "auto"
+CONVERSATIONS = (AUTO, *FORMATS)
+
+
+def validate_conversation(name: str) -> str:
+    key = (name or AUTO).strip().lower()
+    if key not in CONVERSATIONS:
+        raise ValueError(f"unknown conversation format {name!r}; known: {', '.join(CONVERSATIONS)}")
+    return key
+
+
+def default_answer_prefix(conversation: str) -> str:
+    """Reference formats put one whitespace after the assistant cue; a model's own template does not."""
+    return "" if conversation == AUTO else REFERENCE_ANSWER_PREFIX
+
+
+def render_with_chat_template(processor: Any, prompt: str) -> str:
+    """``auto``: the processor's chat template with one image followed by the prompt, generation cue on."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

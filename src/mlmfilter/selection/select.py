@@ -1,0 +1,468 @@
+"""Select pairs from a scored run: an expression, a global top fraction, or both.
+
+Semantics (DataComp style):
+
+* The pool is every row of ``RUN/scores/*.parquet``, errored rows included.
+* ``expression`` keeps rows where it is true; rows missing a value it reads never pass
+  (see :mod:`mlmfilter.selection.expression`).
+* ``top_fraction`` keeps ``k = round(top_fraction * rows read)`` rows -- a fraction of the whole
+  pool, not of the rows that passed the expression -- chosen among the rows that pass the
+  expression and have a ``by`` value (not null, not NaN): the highest ``by`` first (lowest with
+  ``ascending=True``); on equal ``by``, the smaller uid (as a 128-bit unsigned integer), then the
+  earlier row. The cut is exact: ties at the boundary are split, never all kept. When fewer rows
+  qualify than k, all of them are kept and the result says so.
+
+Everything streams: memory depends on the batch size and on how many rows are kept (16 bytes a
+uid for the sorted ``uids.npy``), not on the size of the run. Outputs, each written atomically::
+
+    OUTPUT/uids.npy        DataComp subset file (sorted unique uid halves)
+    OUTPUT/kept.parquet    uid, shard, key, the `by` column and the columns the expression reads
+    OUTPUT/selection.json  arguments and counts (this SelectionResult)
+
+Score files may identify rows by a ``uid`` string column (32 hex chars) or by two uint64
+columns ``uid_f0``/``uid_f1`` (its halves), which large synthetic tables use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from mlmfilter import __version__
+from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
+from mlmfilter.io.writers import AtomicFile, atomic_write_json
+from mlmfilter.runs.folder import RunFolder
+from mlmfilter.selection.expression import parse_expression
+from mlmfilter.selection.subset import SubsetAccumulator
+from mlmfilter.selection.topk import (
+    DEFAULT_CANDIDATE_CAP,
+    RadixTopK,
+    ScoreBatch,
+    ScoreKeys,
+    TopKThreshold,
+    top_k_mask,
+)
+
+SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
+UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
+ERROR_COLUMN = "error"
+IDENTITY_COLUMNS = ("uid", "uid_f0", "uid_f1", "shard", "key")
+BATCH_ROWS = 1 << 18
+# Internal projected columns; the leading "__" keeps them apart from score columns.
+_PASSED, _QUALIFIES = "__passed", "__qualifies"
+
+
+class SelectionError(ValueError):
+    """The selection cannot run as asked: no score files, an unknown column, a bad fraction."""
+
+
+@dataclass
+class SelectionResult:
+    run_dir: Path
+    output_dir: Path
+    read: int  # every row of the run: the pool
+    scored: int  # rows without an error
+    errors: Counter  # error reason -> rows
+    passed: int  # rows the expression passed (all rows without an expression)
+    qualified: int  # rows that may be kept: passed and, with top_fraction, have a `by` value
+    kept: int
+    target: int | None  # k = round(top_fraction * read); None without top_fraction
+    threshold: dict[str, Any] | None  # the last kept row of a top fraction, and the ties around it
+    notes: list[str]
+    arguments: dict[str, Any]
+    paths: dict[str, Path]
+    passes: int  # streaming reads of the score files
+    seconds: float
+    files: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mlmfilter": __version__,
+            "run_dir": str(self.run_dir),
+            "arguments": self.arguments,
+            "counts": {
+                "read": self.read,
+                "scored": self.scored,
+                "errored": self.read - self.scored,
+                "passed": self.passed,
+                "qualified": self.qualified,
+                "kept": self.kept,
+                "target": self.target,
+            },
+            "errors": dict(sorted(self.errors.items())),
+            "threshold": self.threshold,
+            "notes": self.notes,
+            "paths": {name: str(path) for name, path in self.paths.items()},
+            "score_files": self.files,
+            "passes": self.passes,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"read {self.read} rows from {self.files} score files ({self.read - self.scored} errored)",
+            f"kept {self.kept}" + (f" of target {self.target}" if self.target is not None else "")
+            + f" ({self.passed} passed the expression, {self.qualified} qualified)",
+        ]
+        if self.threshold:
+            lines.append(f"boundary {self.threshold['by']} = {self.threshold['score']} (uid {self.threshold['uid']})")
+        lines += self.notes
+        lines.append(f"wrote {', '.join(str(p) for p in self.paths.values())}")
+        return "\n".join(lines)
+
+
+def select_run(
+    run_dir: str | Path,
+    output_dir: str | Path,
+    expression: str | None = None,
+    top_fraction: float | None = None,
+    by: str | None = None,
+    ascending: bool = False,
+    *,
+    candidate_cap: int = DEFAULT_CANDIDATE_CAP,
+    batch_rows: int = BATCH_ROWS,
+) -> SelectionResult:
+    """Select rows of a run's score tables and write uids.npy, kept.parquet and selection.json.
+
+    ``ascending=True`` keeps the lowest ``by`` values instead of the highest. ``candidate_cap``
+    bounds the rows the exact top-k holds in memory for its final sort.
+    """
+    started = time.perf_counter()
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    arguments = {"run_dir": str(run_dir), "expression": expression, "top_fraction": top_fraction,
+                 "by": by, "ascending": ascending}  # fmt: skip
+    tables = ScoreTables(run_dir, batch_rows)
+    plan = _Plan.build(tables, expression, top_fraction, by, ascending)
+    counts = _Counts()
+    subset = SubsetAccumulator()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    kept_writer = _KeptWriter(output_dir / KEPT_FILE, tables.schema, plan.output_columns)
+    try:
+        if plan.top_fraction is None:
+            for batch in tables.batches(plan.projection(plan.output_columns, count=True)):
+                counts.add(batch)
+                kept_writer.write(batch, _expression_mask(batch, tables), subset)
+            threshold, passes, ties = None, 1, None
+        else:
+            threshold, passes = _find_threshold(tables, plan, counts, candidate_cap)
+            ties = _TieCount(plan.score_keys, threshold)
+            for score_batch, batch in _score_batches(tables, plan, plan.output_columns):
+                mask = top_k_mask(score_batch, threshold, plan.score_keys)
+                ties.add(score_batch, mask)
+                kept_writer.write(batch, mask, subset)
+            passes += 1
+        kept_path = kept_writer.commit()
+    except BaseException:
+        kept_writer.abort()
+        raise
+    subset_path = output_dir / SUBSET_FILE
+    unique = subset.write(subset_path)
+
+    notes = []
+    if unique != kept_writer.rows:
+        notes.append(f"{kept_writer.rows - unique} kept rows repeat a uid already kept; uids.npy holds {unique} uids")
+    if plan.top_fraction is not None and counts.qualified < plan.target(counts.read):
+        notes.append(
+            f"only {counts.qualified} rows qualify, fewer than the target {plan.target(counts.read)} "
+            f"({top_fraction} of {counts.read}): all of them are kept"
+        )
+    notes += tables.completion_notes()
+    result = SelectionResult(
+        run_dir=run_dir,
+        output_dir=output_dir,
+        read=counts.read,
+        scored=counts.scored,
+        errors=counts.errors,
+        passed=counts.passed,
+        qualified=counts.qualified,
+        kept=kept_writer.rows,
+        target=plan.target(counts.read) if plan.top_fraction is not None else None,
+        threshold=_threshold_info(plan, threshold, ties),
+        notes=notes,
+        arguments=arguments,
+        paths={"subset": subset_path, "kept": kept_path, "summary": output_dir / SUMMARY_FILE},
+        passes=passes,
+        seconds=time.perf_counter() - started,
+        files=len(tables.files),
+    )
+    atomic_write_json(output_dir / SUMMARY_FILE, result.to_json())
+    return result
+
+
+class ScoreTables:
+    """A run's score files as one arrow dataset, streamed batch by batch in a fixed order."""
+
+    def __init__(self, run_dir: Path, batch_rows: int = BATCH_ROWS):
+        self.folder = RunFolder(run_dir)
+        scores_dir = self.folder.scores_dir
+        # hidden names are temp files of writes in progress
+        self.files = sorted(p for p in scores_dir.glob("*.parquet") if not p.name.startswith(".")) if scores_dir.is_dir() else []
+        if not self.files:
+            raise SelectionError(f"no score files in {scores_dir} (expected {scores_dir}/<shard>.parquet from `mlmfilter score`)")
+        # shards may disagree on a type (a column all null in one shard): unify, widening as needed
+        self.schema = pa.unify_schemas([pq.read_schema(p) for p in self.files], promote_options="permissive")
+        self.dataset = ds.dataset([str(p) for p in self.files], schema=self.schema, format="parquet")
+        self.batch_rows = batch_rows
+        self.columns = {f.name: f.type for f in self.schema}
+        if UID_COLUMN in self.columns:
+            self.uid_columns: tuple[str, ...] = (UID_COLUMN,)
+        elif all(c in self.columns for c in UID_HALF_COLUMNS):
+            self.uid_columns = UID_HALF_COLUMNS
+        else:
+            raise SelectionError(f"the score files have no {UID_COLUMN!r} column (nor {' and '.join(UID_HALF_COLUMNS)})")
+
+    def batches(self, projection: dict[str, pc.Expression]) -> Iterator[pa.RecordBatch]:
+        # ordered scan: every pass sees the rows in the same order, which the top-k relies on
+        yield from self.dataset.to_batches(columns=projection, batch_size=self.batch_rows)
+
+    def uid_halves(self, batch: pa.RecordBatch, rows: np.ndarray | None = None) -> np.ndarray:
+        if self.uid_columns == (UID_COLUMN,):
+            uids = batch.column(UID_COLUMN)
+            return uids_to_halves(uids if rows is None else uids.take(rows))
+        f0, f1 = (batch.column(name).to_numpy(zero_copy_only=False) for name in UID_HALF_COLUMNS)
+        out = np.empty(len(f0) if rows is None else len(rows), dtype=HALVES_DTYPE)
+        out["f0"], out["f1"] = (f0, f1) if rows is None else (f0[rows], f1[rows])
+        return out
+
+    def completion_notes(self) -> list[str]:
+        done = set(self.folder.done_shards())
+        if not done:
+            return []
+        unfinished = [p.stem for p in self.files if p.stem not in done]
+        if not unfinished:
+            return []
+        return [f"{len(unfinished)} score files have no completion marker (is a run still writing?): {unfinished[:5]}"]
+
+
+@dataclass
+class _Plan:
+    """What to read and how to judge each row, checked against the run's columns up front."""
+
+    qualifies: pc.Expression  # passed and (with top_fraction) has a `by` value
+    passed: pc.Expression
+    top_fraction: float | None
+    by: str | None
+    score_keys: ScoreKeys | None
+    value_columns: list[str]  # columns a pass needs besides the uid: by + the expression's
+    output_columns: list[str]  # columns of kept.parquet
+    tables: ScoreTables
+
+    @classmethod
+    def build(cls, tables: ScoreTables, expression: str | None, top_fraction: float | None,
+              by: str | None, ascending: bool) -> "_Plan":  # fmt: skip
+        if expression is None and top_fraction is None:
+            raise SelectionError("nothing to select by: give an expression, a top fraction, or both")
+        if top_fraction is not None:
+            if not (isinstance(top_fraction, (int, float)) and math.isfinite(top_fraction) and 0 < top_fraction <= 1):
+                raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+            if by is None:
+                raise SelectionError(f"top_fraction needs `by`, the column to rank by; score columns: {_score_columns(tables)}")
+        elif by is not None:
+            raise SelectionError("`by` ranks rows for top_fraction; give top_fraction too, or drop `by`")
+
+        passed, expression_columns = pc.scalar(True), []
+        if expression is not None and expression.strip():
+            compiled = parse_expression(expression, tables.columns)  # raises ExpressionError
+            passed, expression_columns = compiled.expression, list(compiled.columns)
+        qualifies, score_keys = passed, None
+        if by is not None:
+            score_keys = _rank_keys(tables, by, ascending)
+            qualifies = pc.and_kleene(pc.invert(pc.is_null(pc.field(by), nan_is_null=True)), passed)
+        value_columns = _unique(([by] if by else []) + expression_columns)
+        identity = [c for c in IDENTITY_COLUMNS if c in tables.columns]
+        return cls(qualifies, passed, top_fraction, by, score_keys, value_columns,
+                   _unique(identity + value_columns), tables)  # fmt: skip
+
+    def target(self, read: int) -> int:
+        return round(self.top_fraction * read)
+
+    def projection(self, names: list[str], count: bool = False) -> dict[str, pc.Expression]:
+        """Read these columns plus the row verdicts; ``count`` adds what :class:`_Counts` needs."""
+        if count and ERROR_COLUMN in self.tables.columns:
+            names = names + [ERROR_COLUMN]
+        projection = {name: pc.field(name) for name in _unique(names)}
+        projection[_PASSED] = self.passed
+        projection[_QUALIFIES] = self.qualifies
+        return projection
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.read = self.scored = self.passed = self.qualified = 0
+        self.errors: Counter = Counter()
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.read += batch.num_rows
+        self.passed += _true_count(batch.column(_PASSED))
+        self.qualified += _true_count(batch.column(_QUALIFIES))
+        if ERROR_COLUMN in batch.schema.names:
+            errors = batch.column(ERROR_COLUMN)
+            self.scored += batch.num_rows - (len(errors) - errors.null_count)
+            if errors.null_count < len(errors):
+                for entry in pc.value_counts(errors.drop_null()).to_pylist():
+                    self.errors[entry["values"]] += entry["counts"]
+        else:
+            self.scored += batch.num_rows
+
+
+def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int) -> tuple[TopKThreshold, int]:
+    """Radix top-k; its first pass also counts the pool, which k depends on."""
+    search = RadixTopK(plan.score_keys, candidate_cap=cap)
+    for score_batch, batch in _score_batches(tables, plan, [plan.by], count=True):
+        counts.add(batch)
+        search.observe(score_batch)
+    search.k = plan.target(counts.read)
+    search.finish_pass()
+    while not search.done:
+        uids = list(tables.uid_columns) if search.needs_uids else []
+        for score_batch, _ in _score_batches(tables, plan, [plan.by] + uids):
+            search.observe(score_batch)
+        search.finish_pass()
+    return search.threshold, search.passes
+
+
+def _score_batches(tables: ScoreTables, plan: _Plan, columns: list[str],
+                   count: bool = False) -> Iterator[tuple[ScoreBatch, pa.RecordBatch]]:  # fmt: skip
+    """The batches of one pass reading ``columns``, as top-k sees them (uids only if read)."""
+    ordinal = 0
+    with_uids = all(name in columns for name in tables.uid_columns)
+    for batch in tables.batches(plan.projection(columns, count=count)):
+        yield ScoreBatch(
+            scores=_numpy_values(batch.column(plan.by)),
+            eligible=_bool_mask(batch.column(_QUALIFIES)),
+            first_ordinal=ordinal,
+            uid_halves=_uid_reader(tables, batch) if with_uids else _no_uids,
+        ), batch
+        ordinal += batch.num_rows
+
+
+def _uid_reader(tables: ScoreTables, batch: pa.RecordBatch) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda rows: tables.uid_halves(batch, rows)
+
+
+def _no_uids(rows: np.ndarray) -> np.ndarray:
+    raise RuntimeError("this pass did not read the uid column")
+
+
+def _expression_mask(batch: pa.RecordBatch, tables: ScoreTables) -> np.ndarray:
+    mask = _bool_mask(batch.column(_PASSED))
+    for name in tables.uid_columns:  # a row without a uid cannot go into a subset file
+        column = batch.column(name)
+        if column.null_count:
+            mask &= _bool_mask(column.is_valid())
+    return mask
+
+
+class _TieCount:
+    """Rows that share the boundary score: how many there were, and how many the cut kept."""
+
+    def __init__(self, score_keys: ScoreKeys, threshold: TopKThreshold):
+        self.score_keys = score_keys
+        self.boundary_key = np.uint64(threshold.key[0]) if threshold.boundary is not None else None
+        self.total = self.kept = 0
+
+    def add(self, batch: ScoreBatch, kept: np.ndarray) -> None:
+        if self.boundary_key is None:
+            return
+        rows = np.flatnonzero(batch.eligible)
+        tied = rows[self.score_keys.keys(batch.scores[rows]) == self.boundary_key]
+        self.total += len(tied)
+        self.kept += int(kept[tied].sum())
+
+
+class _KeptWriter:
+    """Streams kept rows to kept.parquet (atomically) and their uids to the subset."""
+
+    def __init__(self, path: Path, schema: pa.Schema, columns: list[str]):
+        self.columns = columns
+        self.schema = pa.schema([schema.field(name) for name in columns])
+        self.file = AtomicFile(path)
+        self.writer = pq.ParquetWriter(str(self.file.tmp_path), self.schema)
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch, mask: np.ndarray, subset: SubsetAccumulator) -> None:
+        if not mask.any():
+            return
+        kept = batch.filter(pa.array(mask)).select(self.columns)
+        self.writer.write_batch(kept)
+        subset.add(_halves_of(kept))
+        self.rows += kept.num_rows
+
+    def commit(self) -> Path:
+        self.writer.close()
+        return self.file.commit()
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.file.abort()
+
+
+def _halves_of(batch: pa.RecordBatch) -> np.ndarray:
+    names = batch.schema.names
+    if UID_COLUMN in names:
+        return uids_to_halves(batch.column(UID_COLUMN))
+    out = np.empty(batch.num_rows, dtype=HALVES_DTYPE)
+    out["f0"] = batch.column(UID_HALF_COLUMNS[0]).to_numpy(zero_copy_only=False)
+    out["f1"] = batch.column(UID_HALF_COLUMNS[1]).to_numpy(zero_copy_only=False)
+    return out
+
+
+def _threshold_info(plan: _Plan, threshold: TopKThreshold | None, ties: "_TieCount | None") -> dict[str, Any] | None:
+    if threshold is None or threshold.boundary is None:
+        return None
+    boundary = threshold.boundary
+    return {
+        "by": plan.by,
+        "ascending": plan.score_keys.ascending,
+        "score": boundary.score,
+        "uid": boundary.uid,
+        "tied_rows": ties.total,  # rows qualifying with exactly the boundary score
+        "tied_kept": ties.kept,  # of which the uid tie-break kept these
+    }
+
+
+def _rank_keys(tables: ScoreTables, by: str, ascending: bool) -> ScoreKeys:
+    if by not in tables.columns:
+        raise SelectionError(f"unknown column {by!r} for `by`; score columns: {_score_columns(tables)}")
+    dtype = tables.columns[by]
+    try:
+        return ScoreKeys(dtype.to_pandas_dtype(), ascending=ascending)
+    except (TypeError, NotImplementedError):
+        raise SelectionError(f"cannot rank by {by!r} of type {dtype}: need a number or a bool column") from None
+
+
+def _score_columns(tables: ScoreTables) -> list[str]:
+    rankable = [name for name, t in tables.columns.items()
+                if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)]  # fmt: skip
+    return [name for name in rankable if name not in IDENTITY_COLUMNS]
+
+
+def _numpy_values(array: pa.Array) -> np.ndarray:
+    """Values as numpy in their own dtype; nulls become 0 (callers mask them out)."""
+    if array.null_count:
+        array = array.fill_null(False if pa.types.is_boolean(array.type) else 0)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _bool_mask(array: pa.Array) -> np.ndarray:
+    if array.null_count:
+        array = array.fill_null(False)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _true_count(array: pa.BooleanArray) -> int:
+    return array.true_count
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))

@@ -1,0 +1,152 @@
+"""Selection expressions: the grammar on real arrow tables, null handling, and what is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlmfilter.selection.expression import ExpressionError, compile_expression, parse_expression
+
+NAN = float("nan")
+ROWS = [  # clip_score, rules_ok, rules_words, itm, error
+    (0.10, True, 3, 90.0, None),
+    (0.25, False, 12, 40.0, None),
+    (0.50, True, 8, 70.0, None),
+    (0.90, True, 20, 95.0, None),
+    (None, None, None, None, "undecodable_image"),
+    (NAN, True, 5, NAN, "scorer_error"),
+    (0.30, None, 7, 66.0, "caption_not_utf8"),
+]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> pa.Table:
+    """A score table as the pipeline writes it, read back from a real parquet file."""
+    clip, ok, words, itm, error = zip(*ROWS)
+    path = tmp_path_factory.mktemp("expr") / "00000.parquet"
+    pq.write_table(
+        pa.table({
+            "uid": [f"{i:032x}" for i in range(len(ROWS))],
+            "clip_score": pa.array(clip, pa.float32()),
+            "rules_ok": pa.array(ok, pa.bool_()),
+            "rules_words": pa.array(words, pa.int64()),
+            "itm": pa.array(itm, pa.float64()),
+            "error": pa.array(error, pa.string()),
+        }),
+        path,
+    )
+    return pq.read_table(path)
+
+
+def passing(table: pa.Table, text: str) -> list[int]:
+    """Row numbers where the expression passes."""
+    columns = {field.name: field.type for field in table.schema}
+    indexed = table.append_column("row", pa.array(range(table.num_rows)))
+    return indexed.filter(compile_expression(text, columns))["row"].to_pylist()
+
+
+def present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+@pytest.mark.parametrize(
+    "text, rule",
+    [
+        ("0.2 <= clip_score < 0.9", lambda c, o, w, i: 0.2 <= c < 0.9),
+        ("clip_score > 0.2 and rules_ok", lambda c, o, w, i: c > 0.2 and o),
+        ("clip_score > 0.6 or rules_words >= 10", lambda c, o, w, i: c > 0.6 or w >= 10),
+        ("not rules_ok", lambda c, o, w, i: not o),
+        ("(itm + rules_words) / 2 >= 40", lambda c, o, w, i: (i + w) / 2 >= 40),
+        ("rules_words / 16 > 0.5", lambda c, o, w, i: w / 16 > 0.5),  # true division on ints
+        ("-clip_score * 10 < -4.9", lambda c, o, w, i: -c * 10 < -4.9),
+        ("rules_ok == False", lambda c, o, w, i: o is False),
+        ("rules_ok != True and itm - 1 > 0", lambda c, o, w, i: o is not True and i - 1 > 0),
+        ("10 > rules_words > 5 > 1", lambda c, o, w, i: 10 > w > 5),
+    ],
+)
+def test_grammar_matches_python_on_rows_with_values(table, text, rule):
+    """Python evaluates the same condition on the stored values (float32 as read back)."""
+    names = ("clip_score", "rules_ok", "rules_words", "itm")
+    used = parse_expression(text, {f.name: f.type for f in table.schema}).columns
+    expected = [
+        index
+        for index, row in enumerate(table.select(list(names)).to_pylist())
+        if all(present(row[name]) for name in used)
+        and rule(*[row[name] if present(row[name]) else 0 for name in names])
+    ]
+    assert passing(table, text) == expected
+    assert expected  # every case keeps something, so an always-empty filter cannot pass
+
+
+def test_missing_values_never_pass_even_under_not(table):
+    # row 4 (null scores, errored) and row 5 (NaN clip_score) must not come back through `not`
+    assert passing(table, "not clip_score > 0.2") == [0]
+    assert passing(table, "not (clip_score > 0.2 and rules_ok)") == [0, 1]
+    # a null in a column the expression reads drops the row even if `or` could decide without it
+    assert passing(table, "clip_score > 0.2 or rules_ok") == [0, 1, 2, 3]
+    # columns not named do not matter: row 6 has an error but a clip_score and is scored
+    assert 6 in passing(table, "clip_score >= 0.3")
+
+
+def test_string_comparison_and_literals(table):
+    assert passing(table, "error == 'caption_not_utf8'") == [6]
+    assert passing(table, "error != 'scorer_error'") == [4, 6]  # nulls (no error) never pass
+    assert passing(table, "True") == list(range(len(ROWS)))
+    assert passing(table, "False") == []
+
+
+def test_parse_reports_columns_in_order_of_use(table):
+    compiled = parse_expression("itm > 3 and (clip_score < 1 or itm < 2)", {f.name: f.type for f in table.schema})
+    assert compiled.columns == ("itm", "clip_score")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("__import__('os').system('touch pwned')", "function call"),
+        ("open('/etc/passwd')", "function call"),
+        ("clip_score.real > 0", "attribute access"),
+        ("().__class__.__bases__", "attribute access"),
+        ("rules_words[0] > 1", "indexing"),
+        ("(lambda: True)()", "function call"),
+        ("[c for c in clip_score]", "ListComp"),
+        ("clip_score if rules_ok else itm", "if-expression"),
+        ("(x := 1) > 0", "assignment"),
+        ("clip_score ** 2 > 0.1", "operator"),
+        ("clip_score > 0.2 & rules_ok", "use 'and'"),
+        ("clip_score in (0.1, 0.2)", "'in' is not supported"),
+        ("clip_score is None", "use '=='"),
+        ("clip_score == None", "None is not allowed"),
+        ("clip_score", "not a condition"),
+        ("clip_score + 1", "not a condition"),
+        ("clip_score > 'high'", "cannot compare"),
+        ("rules_ok + 1 > 0", "must be a number"),
+        ("not clip_score", "must be a condition"),
+        ("rules_ok < True", "only be compared with == or !="),
+        ("clip_score >", "invalid syntax"),
+        ("", "empty"),
+        ("b'x' == error", "literal"),
+        ("true", "write True"),
+    ],
+)
+def test_rejections_are_clear(table, text, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExpressionError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        compile_expression(text, {f.name: f.type for f in table.schema})
+    assert not (tmp_path / "pwned").exists()  # nothing was executed
+
+
+def test_unknown_column_lists_columns_and_suggests(table):
+    with pytest.raises(ExpressionError) as info:
+        compile_expression("clip_scor > 0.3 and rules_ok", {f.name: f.type for f in table.schema})
+    message = str(info.value)
+    assert "'clip_scor'" in message and "Did you mean 'clip_score'" in message
+    assert "Available columns: clip_score, error, itm, rules_ok, rules_words, uid" in message
+
+
+def test_unusable_column_type_is_refused():
+    with pytest.raises(ExpressionError, match="type list"):
+        compile_expression("tags > 1", {"tags": pa.list_(pa.string())})
