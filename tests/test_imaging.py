@@ -112,14 +112,23 @@ def test_never_upscales(photo, upright):
 
 
 def test_2000px_jpeg_aimed_at_224_decodes_at_one_eighth(upright, draft_spy):
-    big = upscaled(upright, 2000)  # 2667 x 2000
+    big = upscaled(upright, 2000)  # 2000 x 2667
     image, width, height = decode_image(encode(big, "JPEG", quality=90), SPEC_224)
     assert (width, height) == big.size
     [(requested, decoded)] = draft_spy
     assert requested == resized_size(*big.size, 224) == image.size
     assert decoded == ((big.width + 7) // 8, (big.height + 7) // 8)
     reference = big.resize(image.size, Image.Resampling.BICUBIC)
-    assert mean_abs_diff(image, reference) < 2.0
+    assert mean_abs_diff(image, reference) < 4.0  # DCT-scaled decode: a little sharper than bicubic
+
+
+def test_draft_gap_trades_speed_for_fidelity(upright, draft_spy):
+    big = upscaled(upright, 2000)
+    image, _, _ = decode_image(encode(big, "JPEG", quality=90), DecodeSpec(224, draft_gap=2.0))
+    [(requested, decoded)] = draft_spy
+    assert requested == tuple(2 * side for side in resized_size(*big.size, 224))
+    assert decoded == ((big.width + 3) // 4, (big.height + 3) // 4)
+    assert mean_abs_diff(image, big.resize(image.size, Image.Resampling.BICUBIC)) < 1.0
 
 
 def test_large_png_resize_with_reducing_gap_matches_fair_resize(upright):
@@ -265,25 +274,26 @@ _STORE_AS = {  # orientation -> how a camera stores an upright picture before ta
 def _tagged(upright: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(upright.transpose(_STORE_AS[orientation]), "JPEG", quality=95, exif=exif)
+    stored = upright.transpose(_STORE_AS[orientation])
+    return encode(stored, "JPEG", quality=95, subsampling=0, exif=exif)
 
 
 @pytest.mark.parametrize("orientation", [6, 3, 8])
 def test_exif_orientation_is_applied(upright, orientation):
     decoded, width, height = decode_image(_tagged(upright, orientation), DecodeSpec())
-    assert decoded.size == (width, height) == upright.size  # 500x375 again, not 375x500
+    assert decoded.size == (width, height) == upright.size  # 375x500 again, not 500x375
     assert mean_abs_diff(decoded, upright) < 3
     assert mean_abs_diff(decoded, upright.transpose(Image.Transpose.ROTATE_180)) > 20
 
 
 def test_exif_rotation_and_draft_together(upright, draft_spy):
-    big = upscaled(upright, 1125)  # 1500 x 1125 upright, stored as 1125 x 1500
+    big = upscaled(upright, 1125)  # 1125 x 1500 upright, stored sideways as 1500 x 1125
     decoded, width, height = decode_image(_tagged(big, 6), SPEC_224)
     assert (width, height) == big.size
-    assert decoded.size == resized_size(*big.size, 224) == (298, 224)
+    assert decoded.size == resized_size(*big.size, 224) == (224, 298)
     [(requested, drafted)] = draft_spy
-    assert requested == (224, 298)  # asked in stored (rotated) axes
-    assert drafted == (282, 375)  # 1/4 scale: 1/8 would fall below 224
+    assert requested == (298, 224)  # asked in stored (sideways) axes
+    assert drafted == (375, 282)  # 1/4 scale: 1/8 would fall below 224
     reference = big.resize(decoded.size, Image.Resampling.BICUBIC)
     assert mean_abs_diff(decoded, reference) < 3
 
@@ -303,7 +313,7 @@ def test_decode_sample_sets_image_and_clears_bytes(photo, upright):
 def test_decode_sample_failures_and_passthrough(photo):
     broken = decode_sample(_sample("1", photo[:1000]), SPEC_224)
     assert broken.error == errors.TRUNCATED_IMAGE and broken.image is None
-    assert "truncated" in broken.error_detail
+    assert "truncated" in broken.error_detail.lower()
     empty = decode_sample(_sample("2", b""), SPEC_224)
     assert empty.error == errors.EMPTY_IMAGE
     earlier = _sample("3", photo).fail(errors.BAD_METADATA, "json does not parse")
@@ -388,7 +398,12 @@ def test_decode_stream_survives_a_dying_worker(photos):
     first_workers = _decoder_workers() - before
     victim = min(first_workers)
     os.kill(victim, signal.SIGKILL)
-    results += list(stream)
+    seen_workers = set()
+    for sample in stream:
+        results.append(sample)
+        seen_workers |= _decoder_workers() - before
+    assert seen_workers - first_workers, "no fresh pool was started after the worker died"
+    assert victim not in seen_workers
     assert [s.key for s in results] == [str(i) for i in range(40)]
     assert all(s.ok for s in results), [(s.key, s.error_detail) for s in results if not s.ok]
     assert all(min(s.image.size) == 224 for s in results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -49,7 +50,7 @@ def passing(table: pa.Table, text: str) -> list[int]:
 
 
 def present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    return value is not None and not (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
 @pytest.mark.parametrize(
@@ -68,12 +69,16 @@ def present(value) -> bool:
     ],
 )
 def test_grammar_matches_python_on_rows_with_values(table, text, rule):
-    """Python evaluates the same condition on the stored values (float32 as read back)."""
+    """Python evaluates the same condition on the stored values; clip_score as numpy float32,
+    so that literals compare in float32 precision (numpy's rule, which expressions follow)."""
     names = ("clip_score", "rules_ok", "rules_words", "itm")
     used = parse_expression(text, {f.name: f.type for f in table.schema}).columns
+    rows = table.select(list(names)).to_pylist()
+    for row in rows:
+        row["clip_score"] = np.float32(row["clip_score"]) if row["clip_score"] is not None else None
     expected = [
         index
-        for index, row in enumerate(table.select(list(names)).to_pylist())
+        for index, row in enumerate(rows)
         if all(present(row[name]) for name in used)
         and rule(*[row[name] if present(row[name]) else 0 for name in names])
     ]
@@ -89,6 +94,16 @@ def test_missing_values_never_pass_even_under_not(table):
     assert passing(table, "clip_score > 0.2 or rules_ok") == [0, 1, 2, 3]
     # columns not named do not matter: row 6 has an error but a clip_score and is scored
     assert 6 in passing(table, "clip_score >= 0.3")
+
+
+def test_numbers_compare_in_the_float32_column_precision():
+    """0.39 stored as float32 is 0.38999998; `>= 0.39` must still keep it, as numpy would."""
+    table = pa.table({"clip_score": pa.array([0.38, 0.39, 0.4], pa.float32()), "itm": [0.38, 0.39, 0.4]})
+    assert passing(table, "clip_score >= 0.39") == [1, 2]
+    assert passing(table, "clip_score == 0.39") == [1]
+    assert passing(table, "0.39 <= clip_score <= 0.39") == [1]
+    assert passing(table, "-clip_score <= -0.39") == [2]  # computed values compare in float64
+    assert passing(table, "itm >= 0.39") == [1, 2]  # float64 columns are exact anyway
 
 
 def test_string_comparison_and_literals(table):

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import logging
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

@@ -26,15 +26,12 @@ from typing import Any, Iterator
 
 import torch
 
+# conv_vicuna_v1's system prompt: the format LLaVA-1.5 (and the MLM-Filter LLaVA judges) were trained on
+from mlmfilter.judge.conversations import REFERENCE_IMAGE_TOKEN as IMAGE_TOKEN
+from mlmfilter.judge.conversations import VICUNA_V1_SYSTEM
+
 log = logging.getLogger(__name__)
 
-#: conv_vicuna_v1 in LLaVA's llava/conversation.py: the format LLaVA-1.5 (and the MLM-Filter
-#: LLaVA judges fine-tuned from it) were trained on
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 #: the embedding matrices are padded to a multiple of this (as llava-hf does) for faster matmuls
 EMBEDDING_PAD_MULTIPLE = 64
@@ -158,6 +155,8 @@ class OriginalLlavaCheckpoint:
         fields = {k: v for k, v in self.config.items() if not _LLAVA_ONLY_FIELDS.match(k)}
         fields.pop("torch_dtype", None)
         fields.pop("dtype", None)
+        if fields.get("rope_scaling") is None:  # old transformers wrote null; newer ones warn on it
+            fields.pop("rope_scaling", None)
         return LlamaConfig.from_dict(fields)
 
     def source_dtype(self) -> torch.dtype:
@@ -395,11 +394,31 @@ def _resolve_target_dtype(dtype: str, checkpoint: OriginalLlavaCheckpoint) -> to
 
 
 def _load_tokenizer(checkpoint: OriginalLlavaCheckpoint):
+    """The checkpoint's tokenizer, set up to split prompts around <image> the way LLaVA does.
+
+    LLaVA encodes the text before and after ``<image>`` as separate strings (tokenizer_image_token),
+    so SentencePiece puts its dummy-prefix "▁" at the start of the text after the image too
+    ("\n" -> "▁", "<0x0A>"). A Llama tokenizer with ``legacy=False`` prepends "▁" only at the very
+    start of the prompt; with ``legacy=True`` it prepends it after every added token, which is
+    exactly LLaVA's chunking for an ``<image>`` prompt. Byte-level BPE tokenizers are unaffected.
+    """
     from transformers import AutoTokenizer
 
+    # config= keeps AutoTokenizer from parsing LLaVA's config.json (model_type llava_llama is unknown)
+    kwargs: dict[str, Any] = {"config": checkpoint.text_config()}
     try:
-        return AutoTokenizer.from_pretrained(str(checkpoint.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), **kwargs)
+        if _metaspace_scheme(tokenizer) == "first":
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), legacy=True, **kwargs)
+            if _metaspace_scheme(tokenizer) != "always":
+                raise LlavaConversionError(
+                    f"cannot make the tokenizer of {checkpoint.path} prefix text after <image> as LLaVA does"
+                )
+            tokenizer.init_kwargs["legacy"] = True  # saved, so the converted tokenizer reloads the same way
+        return tokenizer
     except (ImportError, ValueError, OSError) as exc:
+        if isinstance(exc, LlavaConversionError):
+            raise
         hint = ""
         if (checkpoint.path / "tokenizer.model").is_file() and not (checkpoint.path / "tokenizer.json").is_file():
             hint = (
@@ -407,6 +426,15 @@ def _load_tokenizer(checkpoint: OriginalLlavaCheckpoint):
                 "`sentencepiece` and `protobuf` packages (pip install sentencepiece protobuf)."
             )
         raise LlavaConversionError(f"cannot load the tokenizer of {checkpoint.path}: {exc}.{hint}") from exc
+
+
+def _metaspace_scheme(tokenizer) -> str | None:
+    """SentencePiece-style tokenizers (Metaspace pre-tokenizer): when the "▁" prefix is added."""
+    from tokenizers.pre_tokenizers import Metaspace
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    return pre.prepend_scheme if isinstance(pre, Metaspace) else None
 
 
 def convert_llava_checkpoint(
@@ -452,14 +480,12 @@ def convert_llava_checkpoint(
       transformers picks the torchvision backend, whose bicubic resize differs from PIL's by a few
       intensity levels at edges; load with ``AutoProcessor.from_pretrained(path, backend="pil")``
       if bit-identical pixels matter.
-    * Tokenization: LLaVA tokenizes the text before and after ``<image>`` as separate strings
-      (``tokenizer_image_token``), llava-hf tokenizes the whole prompt with ``<image>`` as an added
-      special token. For byte-level BPE tokenizers the two agree. For Llama's SentencePiece
-      tokenizer the chunk after the image starts a fresh encode, where SentencePiece prepends its
-      dummy-prefix space (``"\\n"`` -> ``"▁", "<0x0A>"``), while the converted tokenizer (legacy=False)
-      may encode the same text without that ``"▁"``. One token of difference right after the image,
-      which shifts logits slightly; a scorer that needs LLaVA's exact ids can encode the chunks
-      separately as LLaVA does.
+    * Tokenization: exact for single-turn prompts. LLaVA tokenizes the text before and after
+      ``<image>`` as separate strings (``tokenizer_image_token``), so Llama's SentencePiece puts its
+      dummy-prefix ``"▁"`` after the image too (``"\\n"`` -> ``"▁", "<0x0A>"``); llava-hf tokenizes
+      the whole prompt, and a Llama tokenizer with ``legacy=False`` would drop that ``"▁"``. The
+      converted tokenizer is saved with ``legacy=True`` (prefix after every added token), which
+      gives LLaVA's ids; byte-level BPE tokenizers need no change.
     """
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil

@@ -171,12 +171,12 @@ class _Translator:
         # a < b <= c means (a < b) and (b <= c), as in Python
         result = None
         left_node = node.left
-        left, left_kind = self.visit(left_node)
         for op, right_node in zip(node.ops, node.comparators):
             compare = _COMPARISONS.get(type(op))
             if compare is None:
                 raise ExpressionError(_HINTS.get(type(op), f"the comparison in {_describe(node)} is not allowed"))
-            right, right_kind = self.visit(right_node)
+            left, left_kind = self._operand(left_node, right_node)
+            right, right_kind = self._operand(right_node, left_node)
             if left_kind != right_kind:
                 raise ExpressionError(
                     f"cannot compare {ast.unparse(left_node)} ({left_kind}) with {ast.unparse(right_node)} ({right_kind})"
@@ -185,14 +185,35 @@ class _Translator:
                 raise ExpressionError(f"True/False values can only be compared with == or != in {ast.unparse(node)!r}")
             term = compare(left, right)
             result = term if result is None else pc.and_kleene(result, term)
-            left_node, left, left_kind = right_node, right, right_kind
+            left_node = right_node
         return result, BOOL
+
+    def _operand(self, node: ast.AST, other: ast.AST) -> tuple[pc.Expression, str]:
+        """A number compared with a float32 column is read as float32, as numpy does: otherwise
+        ``clip_score >= 0.39`` would miss the stored 0.39 (0.38999998 once widened to float64)."""
+        value = _number_literal(node)
+        if value is not None and isinstance(other, ast.Name) and other.id in self.columns:
+            dtype = self.columns[other.id]
+            if pa.types.is_floating(dtype) and dtype.bit_width < 64:
+                return pc.scalar(pa.scalar(value, pa.float32())), NUMBER
+        return self.visit(node)
 
     def _expect(self, node: ast.AST, kind: str, what: str) -> pc.Expression:
         expression, actual = self.visit(node)
         if actual != kind:
             raise ExpressionError(f"{what} must be {_ARTICLE[kind]}, but {ast.unparse(node)!r} is {_ARTICLE[actual]}")
         return expression
+
+
+def _number_literal(node: ast.AST) -> float | None:
+    """The value of a literal number, signed or not; None for anything else."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        node = node.operand
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return sign * float(node.value)
+    return None
 
 
 _ARTICLE = {BOOL: "a condition", NUMBER: "a number", STRING: "a string"}

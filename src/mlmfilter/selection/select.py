@@ -58,6 +58,9 @@ UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
 ERROR_COLUMN = "error"
 IDENTITY_COLUMNS = ("uid", "uid_f0", "uid_f1", "shard", "key")
 BATCH_ROWS = 1 << 18
+# Scan readahead: arrow's defaults (16 batches, 4 files) hold hundreds of MB of decoded columns
+# for big row groups and buy no speed here, where numpy work per batch dominates.
+BATCH_READAHEAD, FRAGMENT_READAHEAD = 2, 2
 # Internal projected columns; the leading "__" keeps them apart from score columns.
 _PASSED, _QUALIFIES = "__passed", "__qualifies"
 
@@ -223,7 +226,12 @@ class ScoreTables:
 
     def batches(self, projection: dict[str, pc.Expression]) -> Iterator[pa.RecordBatch]:
         # ordered scan: every pass sees the rows in the same order, which the top-k relies on
-        yield from self.dataset.to_batches(columns=projection, batch_size=self.batch_rows)
+        yield from self.dataset.to_batches(
+            columns=projection,
+            batch_size=self.batch_rows,
+            batch_readahead=BATCH_READAHEAD,
+            fragment_readahead=FRAGMENT_READAHEAD,
+        )
 
     def uid_halves(self, batch: pa.RecordBatch, rows: np.ndarray | None = None) -> np.ndarray:
         if self.uid_columns == (UID_COLUMN,):

