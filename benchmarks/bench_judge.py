@@ -93,12 +93,15 @@ class VisionPassCounter:
 
 
 def run_reference(model: Any, processor: Any, texts: dict[str, list[str]], pairs: list[Pair], batch_size: int):
-    """One pass per metric; per batch: processor (image re-processed), then generate 2 tokens greedy."""
+    """One pass per metric; per batch: processor (image re-processed), then generate 2 tokens greedy.
+
+    Returns the decoded answers per metric, in pair order.
+    """
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    answers: dict[str, list[int | None]] = {}
+    answers: dict[str, list[str]] = {}
     for metric, metric_texts in texts.items():
-        parsed: list[int | None] = []
+        decoded: list[str] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
             inputs = processor(
@@ -116,9 +119,8 @@ def run_reference(model: Any, processor: Any, texts: dict[str, list[str]], pairs
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            new = out[:, inputs["input_ids"].shape[1] :]
-            parsed.extend(parse_generated_score(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-        answers[metric] = parsed
+            decoded.extend(tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        answers[metric] = decoded
     return answers
 
 
@@ -127,6 +129,9 @@ def run_reference(model: Any, processor: Any, texts: dict[str, list[str]], pairs
 
 @dataclass
 class TokenCounts:
+    """What each approach pushes through the model, counted from the real token ids."""
+
+    prompts: int = 0
     reference_prefill: int = 0  # every prompt in full (image tokens included), no padding
     reference_decode: int = 0  # the second generated token of every prompt
     reference_padded: int = 0  # what the batches really held, left padding included
@@ -139,12 +144,36 @@ class TokenCounts:
         return self.reference_prefill + self.reference_decode
 
     @property
-    def ours(self) -> int:
-        return self.shared_prefix + self.suffixes + self.trie
+    def ours_text(self) -> int:
+        return self.shared_prefix + self.suffixes
 
     @property
-    def bound(self) -> float:
-        return self.reference / self.ours
+    def ours(self) -> int:
+        return self.ours_text + self.trie
+
+
+@dataclass
+class ModelSizes:
+    """Parameters that multiply every token (embedding lookups cost nothing)."""
+
+    language: int  # decoder layers + final norm
+    head: int  # lm_head: multiplies only the positions whose logits are read
+    vision: int  # vision tower + projector, per image position
+    image_positions: int  # CLIP positions per image (patches + CLS)
+
+    @classmethod
+    def of(cls, model: Any) -> "ModelSizes":
+        def count(module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        language = count(model.model.language_model) - count(model.model.language_model.get_input_embeddings())
+        config = model.config.vision_config
+        vision = count(model.model.vision_tower) + count(model.model.multi_modal_projector)
+        return cls(language, count(model.lm_head), vision, (config.image_size // config.patch_size) ** 2 + 1)
+
+    def flops(self, llm_tokens: int, head_rows: int, images: int) -> float:
+        """Matmul FLOPs, 2 per parameter per token; attention scores are left out."""
+        return 2.0 * (self.language * llm_tokens + self.head * head_rows + self.vision * self.image_positions * images)
 
 
 def count_tokens(processor: Any, texts: dict[str, list[str]], pairs: list[Pair], batch_size: int, trie_nodes: int):
@@ -164,6 +193,7 @@ def count_tokens(processor: Any, texts: dict[str, list[str]], pairs: list[Pair],
             for i, (ids, mask) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"])):
                 per_pair[start + i].append(ids[mask.bool()].tolist())
     for prompts in per_pair:
+        counts.prompts += len(prompts)
         lengths = [len(p) for p in prompts]
         counts.reference_prefill += sum(lengths)
         counts.reference_decode += (REFERENCE_NEW_TOKENS - 1) * len(prompts)
@@ -200,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the built model here")
     parser.add_argument("--images", type=Path, default=FLICKR, help="Flickr8k folder (captions.tsv + images/)")
+    parser.add_argument(
+        "--no-check", dest="check", action="store_false",
+        help="skip the untimed check that our greedy answers equal the reference's (first dtype only)",
+    )
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -210,24 +244,27 @@ def main(argv: list[str] | None = None) -> int:
         if not (model_dir / "config.json").is_file():
             print(f"building the benchmark model in {model_dir} ...", flush=True)
             build_benchmark_model(model_dir)
-        rows = [run_dtype(str(model_dir), dtype, pairs, args.batch_size) for dtype in args.dtypes.split(",")]
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        rows = [run_dtype(str(model_dir), d, pairs, args.batch_size, check=args.check and i == 0) for i, d in enumerate(dtypes)]
     print_report(rows, args, pairs)
     return 0
 
 
-def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int) -> dict[str, Any]:
+def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int, check: bool) -> dict[str, Any]:
+    from mlmfilter.judge.backend import JudgeRequest
     from mlmfilter.sample import Sample
     from mlmfilter.scorers.mlm import MLMScorer
 
-    scorer = MLMScorer(
-        MLMScorer.Options(model=model_dir, dtype=dtype, device="cpu", metrics="all", readout="expected", batch_size=batch_size)
+    options = MLMScorer.Options(
+        model=model_dir, dtype=dtype, device="cpu", metrics="all", readout="expected", batch_size=batch_size
     )
-    scorer.ensure_setup()
-    loaded = scorer.loaded  # the very model and processor the scorer runs: same weights, same dtype
-    model, processor = loaded.model, loaded.processor
-    template = resolve_template(scorer.options.template)
-    texts = {m: [scorer.backend.prompt_text(template.render(m, p.caption)) for p in pairs] for m in METRICS}
-    counts = count_tokens(processor, texts, pairs, batch_size, trie_nodes=len(scorer.backend.trie.nodes))
+    scorer = MLMScorer(options)
+    scorer.ensure_setup()  # load_vlm: the public loader
+    backend = scorer.backend
+    model, processor = backend.loaded.model, backend.loaded.processor  # the very model the scorer runs
+    metrics = scorer.metrics
+    texts = {m: [backend.prompt_text(scorer.template.render(m, p.caption)) for p in pairs] for m in metrics}
+    counts = count_tokens(processor, texts, pairs, batch_size, trie_nodes=len(backend.trie.nodes))
 
     def samples() -> list[Sample]:
         return [Sample(uid=f"{i:032x}", shard="bench", key=p.name, caption=p.caption, image=p.image) for i, p in enumerate(pairs)]
@@ -244,42 +281,70 @@ def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int) ->
     our_seconds, our_rows = timed(lambda: scorer.score(samples()))
     our_images = counter.images
     counter.close()
-    failed = sum(1 for row in our_rows if row.get(next(iter(scorer.columns))) is None)
-    return {
+    row = {
         "dtype": dtype,
         "reference_s": ref_seconds,
         "ours_s": our_seconds,
         "reference_images": ref_images,
         "ours_images": our_images,
         "counts": counts,
-        "ours_failed": failed,
-        "reference_parsed": sum(v is not None for answers in ref_answers.values() for v in answers),
+        "sizes": ModelSizes.of(model),
+        "ours_scored": sum(1 for r in our_rows if all(r.get(short) is not None for short in scorer.short_names)),
+        "reference_parsed": sum(parse_generated_score(t) is not None for a in ref_answers.values() for t in a),
     }
+    if check:  # same model, same prompts: our shared-prefix greedy path must write the reference's answers
+        requests = [JudgeRequest(p.image, [scorer.template.render(m, p.caption) for m in metrics]) for p in pairs]
+        ours = backend.generate(requests, max_new_tokens=REFERENCE_NEW_TOKENS)
+        row["greedy_agree"] = sum(
+            ours[i][k] == ref_answers[m][i] for i in range(len(pairs)) for k, m in enumerate(metrics)
+        )
+    return row
 
 
 def print_report(rows: list[dict[str, Any]], args: argparse.Namespace, pairs: list[Pair]) -> None:
     n = len(pairs)
     load = os.getloadavg()
-    print(f"\nMLM judge, {n} Flickr8k pairs x 4 metrics, batch {args.batch_size}, torch threads {args.threads}, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    header = f"{'dtype':<6} {'reference s':>12} {'ours s':>8} {'ratio':>6} {'pairs/s ref':>12} {'pairs/s ours':>13} {'vision imgs ref/ours':>21}"
-    print(header)
+    print(
+        f"\nMLM judge, {n} Flickr8k pairs x 4 metrics, batch {args.batch_size}, torch threads {args.threads}, "
+        f"load average now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(f"{'dtype':<6} {'reference s':>12} {'ours s':>8} {'ratio':>6} {'pairs/s ref':>12} {'pairs/s ours':>13} {'vision images ref/ours':>23}")
     for r in rows:
         print(
             f"{r['dtype']:<6} {r['reference_s']:>12.1f} {r['ours_s']:>8.1f} {r['reference_s'] / r['ours_s']:>6.2f} "
-            f"{n / r['reference_s']:>12.3f} {n / r['ours_s']:>13.3f} {r['reference_images']:>10d} / {r['ours_images']:<8d}"
+            f"{n / r['reference_s']:>12.3f} {n / r['ours_s']:>13.3f} {r['reference_images']:>12d} / {r['ours_images']:<8d}"
         )
+    if len(rows) > 1:
+        base = rows[0]
+        for r in rows[1:]:
+            print(
+                f"{r['dtype']} vs {base['dtype']}: reference {base['reference_s'] / r['reference_s']:.2f}x, "
+                f"ours {base['ours_s'] / r['ours_s']:.2f}x faster"
+            )
     c: TokenCounts = rows[0]["counts"]
+    sizes: ModelSizes = rows[0]["sizes"]
     print(
-        f"tokens: reference {c.reference} (prefill {c.reference_prefill} + decode {c.reference_decode}; "
-        f"{c.reference_padded} with left padding), ours {c.ours} (shared prefix {c.shared_prefix} + suffixes "
-        f"{c.suffixes} + score trie {c.trie})"
+        f"LLM tokens: reference {c.reference} (prefill {c.reference_prefill} + 2nd new token {c.reference_decode}; "
+        f"{c.reference_padded} with left padding); ours {c.ours} = shared prefix {c.shared_prefix} "
+        f"+ 4 suffixes {c.suffixes} + score trie {c.trie}"
     )
-    print(f"token-count bound (reference / ours, LLM tokens): {c.bound:.2f}x")
+    print(f"bound from token counts (reference / (prefix + 4 suffixes)): {c.reference / c.ours_text:.2f}x")
+    print(f"bound incl. the expected readout's trie tokens:             {c.reference / c.ours:.2f}x")
+    ref_flops = sizes.flops(c.reference, REFERENCE_NEW_TOKENS * c.prompts, rows[0]["reference_images"])
+    trie_rows = c.trie + c.prompts  # logits rows read: after each branch and each trie node
+    our_flops = sizes.flops(c.ours, trie_rows, rows[0]["ours_images"])
+    print(
+        f"bound from matmul FLOPs incl. vision tower and lm_head rows: {ref_flops / 1e9:.0f} / {our_flops / 1e9:.0f} "
+        f"GFLOP = {ref_flops / our_flops:.2f}x (without the trie: "
+        f"{ref_flops / sizes.flops(c.ours_text, c.prompts, rows[0]['ours_images']):.2f}x)"
+    )
     for r in rows:
-        print(f"ratio {r['dtype']}: reference / ours wall time = {r['reference_s'] / r['ours_s']:.2f}x "
-              f"(vision passes per pair {r['reference_images'] / n:.0f} vs {r['ours_images'] / n:.0f}; "
-              f"ours failed {r['ours_failed']}, reference parsed {r['reference_parsed']}/{4 * n})")
+        agree = f", greedy answers equal to the reference {r['greedy_agree']}/{4 * n}" if "greedy_agree" in r else ""
+        print(
+            f"ratio {r['dtype']}: reference / ours wall time = {r['reference_s'] / r['ours_s']:.2f}x "
+            f"(vision passes per pair {r['reference_images'] / n:g} vs {r['ours_images'] / n:g}; "
+            f"ours scored {r['ours_scored']}/{n}{agree})"
+        )
 
 
 if __name__ == "__main__":

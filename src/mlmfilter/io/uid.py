@@ -102,10 +102,21 @@ def halves_to_uids(arr: np.ndarray) -> list[str]:
 
 
 def sort_halves(arr: np.ndarray) -> np.ndarray:
-    """Sorted copy (by f0, then f1): the order :func:`isin_sorted` needs. lexsort beats
-    sorting the structured dtype directly by several times."""
+    """Sorted copy (by f0, then f1): the order :func:`isin_sorted` and DataComp subsets need.
+
+    Sorts by f0 alone (30M uids in ~4 s, where a two-key lexsort takes ~20 s), then orders the
+    rare runs of equal f0 -- in practice repeated uids -- by f1.
+    """
     arr = np.asarray(arr, dtype=HALVES_DTYPE)
-    return arr[np.lexsort((arr["f1"], arr["f0"]))]
+    arr = arr[np.argsort(arr["f0"], kind="stable")]
+    same_f0 = arr["f0"][1:] == arr["f0"][:-1]
+    if same_f0.any():
+        in_run = np.zeros(len(arr), dtype=bool)
+        in_run[1:] |= same_f0
+        in_run[:-1] |= same_f0
+        runs = arr[in_run]  # grouped by f0 in f0 order: sorting them refills the same slots
+        arr[in_run] = runs[np.lexsort((runs["f1"], runs["f0"]))]
+    return arr
 
 
 def is_sorted_halves(arr: np.ndarray) -> bool:

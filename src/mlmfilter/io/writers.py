@@ -19,6 +19,9 @@ from typing import Any, BinaryIO, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 #: mtime stamped on every tar member, so shard bytes depend only on their contents
 FIXED_MTIME = 0
 
@@ -36,6 +39,8 @@ class AtomicFile:
     def commit(self) -> Path:
         self.file.flush()
         os.fsync(self.file.fileno())
+        # mkstemp makes 0600 files; give the result the mode a plain open() would have
+        os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
         self.file.close()
         os.replace(self.tmp_path, self.path)
         return self.path

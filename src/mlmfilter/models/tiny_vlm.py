@@ -132,8 +132,9 @@ def _with_special_tokens(tokenizer, tokens: list[str]):
 # -- models -----------------------------------------------------------------------------------------
 
 
-def _text_kwargs(tokenizer, hidden: int, layers: int) -> dict[str, Any]:
+def _text_kwargs(tokenizer, hidden: int, layers: int, init_std: float) -> dict[str, Any]:
     return dict(
+        initializer_range=init_std,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -148,7 +149,7 @@ def _text_kwargs(tokenizer, hidden: int, layers: int) -> dict[str, Any]:
     )
 
 
-def _llava(tokenizer, hidden: int, layers: int):
+def _llava(tokenizer, hidden: int, layers: int, init_std: float):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -158,7 +159,7 @@ def _llava(tokenizer, hidden: int, layers: int):
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
     )
     config = LlavaConfig(
-        text_config=LlamaConfig(**_text_kwargs(tokenizer, hidden, layers)),
+        text_config=LlamaConfig(**_text_kwargs(tokenizer, hidden, layers, init_std)),
         vision_config=vision,
         image_token_index=image_id,
         image_seq_length=4,
@@ -178,7 +179,7 @@ def _llava(tokenizer, hidden: int, layers: int):
     return LlavaForConditionalGeneration(config), processor
 
 
-def _qwen2_vl(tokenizer, hidden: int, layers: int):
+def _qwen2_vl(tokenizer, hidden: int, layers: int, init_std: float):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -187,7 +188,7 @@ def _qwen2_vl(tokenizer, hidden: int, layers: int):
     tokenizer = _with_special_tokens(tokenizer, QWEN2_VL_TOKENS)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_TOKENS}
     head_dim = hidden // 4
-    text = _text_kwargs(tokenizer, hidden, layers)
+    text = _text_kwargs(tokenizer, hidden, layers, init_std)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
     config = Qwen2VLConfig(
         text_config=text,
@@ -216,7 +217,7 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _idefics3(tokenizer, hidden: int, layers: int):
+def _idefics3(tokenizer, hidden: int, layers: int, init_std: float):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -226,7 +227,7 @@ def _idefics3(tokenizer, hidden: int, layers: int):
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14
     )
     config = Idefics3Config(
-        text_config=LlamaConfig(**_text_kwargs(tokenizer, hidden, layers)),
+        text_config=LlamaConfig(**_text_kwargs(tokenizer, hidden, layers, init_std)),
         vision_config=vision,
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -244,14 +245,20 @@ def _idefics3(tokenizer, hidden: int, layers: int):
 _BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "idefics3": _idefics3}
 
 
-def build_tiny_vlm(family: str, tokenizer=None, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """(model, processor) for ``family``, random weights drawn from ``seed`` (same in every process)."""
+def build_tiny_vlm(
+    family: str, tokenizer=None, seed: int = 0, hidden: int = 64, layers: int = 2, init_std: float = 0.02
+):
+    """(model, processor) for ``family``, random weights drawn from ``seed`` (same in every process).
+
+    ``init_std`` is the text model's initializer range: tests raise it so that every position and
+    every attention link visibly moves the logits (a wrong mask or position cannot hide in noise).
+    """
     if family not in _BUILDERS:
         raise ValueError(f"unknown tiny VLM family {family!r}; known: {', '.join(FAMILIES)}")
     tokenizer = tokenizer if tokenizer is not None else fallback_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _BUILDERS[family](tokenizer, hidden, layers)
+        model, processor = _BUILDERS[family](tokenizer, hidden, layers, init_std)
     model.eval()
     return model, processor
 

@@ -87,6 +87,12 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except ValueError as exc:  # a config transformers does not know, e.g. an original LLaVA checkpoint
+        raise ValueError(
+            f"{name_or_path!r} is not a transformers image-text-to-text model ({str(exc).splitlines()[0]}). "
+            "Original LLaVA-layout checkpoints (the MLM-Filter LLaVA judges) must first be converted: "
+            "`mlmfilter convert-llava SRC DST`."
+        ) from exc
     except OSError as exc:  # transformers' word for "not local, not cached, not downloadable"
         if not allow_random_fallback:
             raise ModelUnavailableError(unavailable_message(name_or_path, exc)) from exc
@@ -183,6 +189,43 @@ def _load_processor(name_or_path: str, spec: VlmSpec):
         return image_only_processor_class(getattr(transformers, class_name)).from_pretrained(name_or_path)
 
 
+def vlm_provenance(
+    spec: VlmSpec,
+    conversation: str,
+    answer_prefix: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_length: int | None,
+) -> dict[str, Any]:
+    """What a reader of judge scores needs: model, family, exact request format, what is shared. No weights."""
+    fmt = FORMATS.get(conversation)
+    prov: dict[str, Any] = {
+        "backend": "transformers",
+        **spec.source,
+        "family": spec.family.name,
+        "model_type": spec.model_type,
+        "architecture": spec.architecture,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "conversation": fmt.describe() if fmt else {"name": AUTO, "source": "the processor's chat template"},
+        "answer_prefix": answer_prefix,
+        "image_placeholder": spec.family.image_placeholder,
+        "tokenization": (
+            "split at the image token, chunks encoded apart (LLaVA tokenizer_image_token)" if fmt else "whole prompt"
+        ),
+        "image_encoded_once_per_pair": True,
+        "prefix_kv_shared": True,
+        "positions": "M-RoPE (3D) from get_rope_index for the prefix" if spec.family.positions == "mrope" else "1D",
+        "pixel_budget": spec.pixel_budget,
+        "image_size": spec.image_size,
+        "max_length": int(max_length or spec.max_positions),
+        "libraries": library_versions(),
+    }
+    if spec.is_random:  # "warnings" is the key the run folder collects into its own warnings
+        prov["warnings"] = [RANDOM_WEIGHTS_WARNING]
+    return prov
+
+
 # -- serving ----------------------------------------------------------------------------------------
 
 
@@ -256,33 +299,9 @@ class TransformersJudgeBackend:
         return self._serve(requests, extra_tokens=steps, run=lambda prepared: self._generate_batch(prepared, steps))
 
     def describe(self) -> dict[str, Any]:
-        spec = self.loaded.spec
-        fmt = FORMATS.get(self.conversation)
-        prov: dict[str, Any] = {
-            "backend": "transformers",
-            **spec.source,
-            "family": spec.family.name,
-            "model_type": spec.model_type,
-            "architecture": spec.architecture,
-            "device": str(self.loaded.device),
-            "dtype": dtype_name(self.loaded.dtype),
-            "conversation": fmt.describe() if fmt else {"name": AUTO, "source": "processor chat template"},
-            "answer_prefix": self.answer_prefix,
-            "image_placeholder": self.family.image_placeholder,
-            "tokenization": "prompt split at the image token, chunks encoded apart (LLaVA tokenizer_image_token)"
-            if fmt
-            else "whole prompt",
-            "image_encoded_once_per_pair": True,
-            "prefix_kv_shared": True,
-            "positions": "M-RoPE (3D) prefix from get_rope_index" if self.family.positions == "mrope" else "1D",
-            "pixel_budget": spec.pixel_budget,
-            "image_size": spec.image_size,
-            "max_length": self.max_length,
-            "libraries": library_versions(),
-        }
-        if spec.is_random:
-            prov["warnings"] = [RANDOM_WEIGHTS_WARNING]
-        return prov
+        return vlm_provenance(
+            self.loaded.spec, self.conversation, self.answer_prefix, self.loaded.device, self.loaded.dtype, self.max_length
+        )
 
     @property
     def trie(self) -> ScoreTrie:
@@ -307,14 +326,14 @@ class TransformersJudgeBackend:
             text = FORMATS[self.conversation].render(prompt, self.family.image_placeholder)
         return text + self.answer_prefix
 
-    @property
-    def _add_special_tokens(self) -> bool:
-        # a chat template writes BOS itself; the reference formats leave it to the tokenizer
-        return self.conversation != AUTO
+    def _add_special_tokens(self, text: str) -> bool:
+        """Let the tokenizer add BOS unless the text already starts with it (chat templates often write it)."""
+        bos = self.tokenizer.bos_token
+        return not (self.conversation == AUTO and bos and text.startswith(bos))
 
     def _token_ids(self, text: str) -> list[int]:
         if self.conversation == AUTO:
-            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            return list(self.tokenizer(text, add_special_tokens=self._add_special_tokens(text)).input_ids)
         # LLaVA's tokenizer_image_token: chunks around the image token are encoded apart, BOS kept once
         # (LLaVA drops a first token equal to BOS from later chunks; here only a BOS the tokenizer added,
         # so a template that starts with the BOS string, as ChatML with SmolLM2's tokenizer, is kept whole)
@@ -343,7 +362,7 @@ class TransformersJudgeBackend:
             images=[[image] for image in images],
             return_tensors="pt",
             padding=True,
-            add_special_tokens=self._add_special_tokens,
+            add_special_tokens=self._add_special_tokens(texts[0]),
         )
 
     def _prepare(self, requests: Sequence[JudgeRequest], positions: Sequence[int], extra_tokens: int) -> _Prepared:
@@ -400,7 +419,7 @@ class TransformersJudgeBackend:
         """Splice the processor's image-token expansion (checked on the first prompt) into every prompt."""
         mask = processed["attention_mask"][row].bool()
         proc_ids = processed["input_ids"][row][mask].tolist()
-        whole = list(self.tokenizer(texts[0], add_special_tokens=self._add_special_tokens).input_ids)
+        whole = list(self.tokenizer(texts[0], add_special_tokens=self._add_special_tokens(texts[0])).input_ids)
         k = _single_index(whole, self.image_token_id)
         head, tail = whole[:k], whole[k + 1 :]
         end = len(proc_ids) - len(tail)

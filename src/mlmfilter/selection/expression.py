@@ -12,6 +12,9 @@ by Python, so calls, attributes, subscripts and the like are rejected, not execu
 Missing values never pass: a row passes only when every column the expression names holds a
 value (not null, not NaN) *and* the condition is true. So ``not clip_score > 0.3`` does not keep
 rows whose clip_score is missing (errored rows), and the result is never null.
+
+A number compared directly with a float32 column is taken in float32, as numpy does, so that
+``clip_score >= 0.39`` keeps a stored 0.39; arithmetic results compare in their own precision.
 """
 
 from __future__ import annotations

@@ -44,14 +44,7 @@ from mlmfilter.io.writers import AtomicFile, atomic_write_json
 from mlmfilter.runs.folder import RunFolder
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.subset import SubsetAccumulator
-from mlmfilter.selection.topk import (
-    DEFAULT_CANDIDATE_CAP,
-    RadixTopK,
-    ScoreBatch,
-    ScoreKeys,
-    TopKThreshold,
-    top_k_mask,
-)
+from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
 
 SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
 UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
@@ -147,33 +140,15 @@ def select_run(
     tables = ScoreTables(run_dir, batch_rows)
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
     counts = _Counts()
-    subset = SubsetAccumulator()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    kept_writer = _KeptWriter(output_dir / KEPT_FILE, tables.schema, plan.output_columns)
-    try:
+    with _KeptOutputs(output_dir, tables, plan.output_columns) as outputs:
         if plan.top_fraction is None:
-            for batch in tables.batches(plan.projection(plan.output_columns, count=True)):
-                counts.add(batch)
-                kept_writer.write(batch, _expression_mask(batch, tables), subset)
-            threshold, passes, ties = None, 1, None
+            passes, threshold = _keep_passing(tables, plan, counts, outputs), None
         else:
-            threshold, passes = _find_threshold(tables, plan, counts, candidate_cap)
-            ties = _TieCount(plan.score_keys, threshold)
-            for score_batch, batch in _score_batches(tables, plan, plan.output_columns):
-                mask = top_k_mask(score_batch, threshold, plan.score_keys)
-                ties.add(score_batch, mask)
-                kept_writer.write(batch, mask, subset)
-            passes += 1
-        kept_path = kept_writer.commit()
-    except BaseException:
-        kept_writer.abort()
-        raise
-    subset_path = output_dir / SUBSET_FILE
-    unique = subset.write(subset_path)
+            passes, threshold = _keep_top_fraction(tables, plan, counts, outputs, candidate_cap)
 
     notes = []
-    if unique != kept_writer.rows:
-        notes.append(f"{kept_writer.rows - unique} kept rows repeat a uid already kept; uids.npy holds {unique} uids")
+    if outputs.unique_uids != outputs.rows:
+        notes.append(f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids")
     if plan.top_fraction is not None and counts.qualified < plan.target(counts.read):
         notes.append(
             f"only {counts.qualified} rows qualify, fewer than the target {plan.target(counts.read)} "
@@ -188,12 +163,12 @@ def select_run(
         errors=counts.errors,
         passed=counts.passed,
         qualified=counts.qualified,
-        kept=kept_writer.rows,
+        kept=outputs.rows,
         target=plan.target(counts.read) if plan.top_fraction is not None else None,
-        threshold=_threshold_info(plan, threshold, ties),
+        threshold=threshold,
         notes=notes,
         arguments=arguments,
-        paths={"subset": subset_path, "kept": kept_path, "summary": output_dir / SUMMARY_FILE},
+        paths={"subset": outputs.subset_path, "kept": outputs.kept_path, "summary": output_dir / SUMMARY_FILE},
         passes=passes,
         seconds=time.perf_counter() - started,
         files=len(tables.files),
@@ -261,13 +236,13 @@ class _Plan:
     top_fraction: float | None
     by: str | None
     score_keys: ScoreKeys | None
-    value_columns: list[str]  # columns a pass needs besides the uid: by + the expression's
-    output_columns: list[str]  # columns of kept.parquet
+    output_columns: list[str]  # uid, shard, key, by and the expression's columns
     tables: ScoreTables
 
     @classmethod
     def build(cls, tables: ScoreTables, expression: str | None, top_fraction: float | None,
               by: str | None, ascending: bool) -> "_Plan":  # fmt: skip
+        expression = expression if expression and expression.strip() else None
         if expression is None and top_fraction is None:
             raise SelectionError("nothing to select by: give an expression, a top fraction, or both")
         if top_fraction is not None:
@@ -279,17 +254,16 @@ class _Plan:
             raise SelectionError("`by` ranks rows for top_fraction; give top_fraction too, or drop `by`")
 
         passed, expression_columns = pc.scalar(True), []
-        if expression is not None and expression.strip():
+        if expression is not None:
             compiled = parse_expression(expression, tables.columns)  # raises ExpressionError
             passed, expression_columns = compiled.expression, list(compiled.columns)
         qualifies, score_keys = passed, None
         if by is not None:
             score_keys = _rank_keys(tables, by, ascending)
             qualifies = pc.and_kleene(pc.invert(pc.is_null(pc.field(by), nan_is_null=True)), passed)
-        value_columns = _unique(([by] if by else []) + expression_columns)
         identity = [c for c in IDENTITY_COLUMNS if c in tables.columns]
-        return cls(qualifies, passed, top_fraction, by, score_keys, value_columns,
-                   _unique(identity + value_columns), tables)  # fmt: skip
+        output_columns = _unique(identity + ([by] if by else []) + expression_columns)
+        return cls(qualifies, passed, top_fraction, by, score_keys, output_columns, tables)
 
     def target(self, read: int) -> int:
         return round(self.top_fraction * read)
@@ -323,7 +297,28 @@ class _Counts:
             self.scored += batch.num_rows
 
 
-def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int) -> tuple[TopKThreshold, int]:
+def _keep_passing(tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_KeptOutputs") -> int:
+    """Expression only: one pass counts and keeps. Returns the number of passes."""
+    for batch in tables.batches(plan.projection(plan.output_columns, count=True)):
+        counts.add(batch)
+        outputs.write(batch, _expression_mask(batch, tables))
+    return 1
+
+
+def _keep_top_fraction(tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_KeptOutputs",
+                       cap: int) -> tuple[int, dict[str, Any] | None]:  # fmt: skip
+    """Find the threshold, then one more pass keeps the rows at or above it.
+    Returns the number of passes and what to report about the threshold."""
+    threshold = _find_threshold(tables, plan, counts, cap)
+    ties = _TieCount(plan.score_keys, threshold)
+    for score_batch, batch in _score_batches(tables, plan, plan.output_columns):
+        mask = top_k_mask(score_batch, threshold, plan.score_keys)
+        ties.add(score_batch, mask)
+        outputs.write(batch, mask)
+    return threshold.passes + 1, _threshold_info(plan, threshold, ties)
+
+
+def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int) -> TopKThreshold:
     """Radix top-k; its first pass also counts the pool, which k depends on."""
     search = RadixTopK(plan.score_keys, candidate_cap=cap)
     for score_batch, batch in _score_batches(tables, plan, [plan.by], count=True):
@@ -336,7 +331,7 @@ def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int)
         for score_batch, _ in _score_batches(tables, plan, [plan.by] + uids):
             search.observe(score_batch)
         search.finish_pass()
-    return search.threshold, search.passes
+    return search.threshold
 
 
 def _score_batches(tables: ScoreTables, plan: _Plan, columns: list[str],
@@ -388,41 +383,38 @@ class _TieCount:
         self.kept += int(kept[tied].sum())
 
 
-class _KeptWriter:
-    """Streams kept rows to kept.parquet (atomically) and their uids to the subset."""
+class _KeptOutputs:
+    """kept.parquet and uids.npy: kept rows stream to a temp parquet file and their uids to an
+    accumulator; on a clean exit both files appear under their names, on an error neither."""
 
-    def __init__(self, path: Path, schema: pa.Schema, columns: list[str]):
+    def __init__(self, output_dir: Path, tables: ScoreTables, columns: list[str]):
         self.columns = columns
-        self.schema = pa.schema([schema.field(name) for name in columns])
-        self.file = AtomicFile(path)
-        self.writer = pq.ParquetWriter(str(self.file.tmp_path), self.schema)
-        self.rows = 0
+        self.uid_halves = tables.uid_halves
+        schema = tables.schema
+        self.kept_path, self.subset_path = output_dir / KEPT_FILE, output_dir / SUBSET_FILE
+        self.file = AtomicFile(self.kept_path)  # creates output_dir
+        self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
+        self.subset = SubsetAccumulator()
+        self.rows = self.unique_uids = 0
 
-    def write(self, batch: pa.RecordBatch, mask: np.ndarray, subset: SubsetAccumulator) -> None:
+    def write(self, batch: pa.RecordBatch, mask: np.ndarray) -> None:
         if not mask.any():
             return
         kept = batch.filter(pa.array(mask)).select(self.columns)
         self.writer.write_batch(kept)
-        subset.add(_halves_of(kept))
+        self.subset.add(self.uid_halves(kept))
         self.rows += kept.num_rows
 
-    def commit(self) -> Path:
+    def __enter__(self) -> "_KeptOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.writer.close()
-        return self.file.commit()
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.file.abort()
-
-
-def _halves_of(batch: pa.RecordBatch) -> np.ndarray:
-    names = batch.schema.names
-    if UID_COLUMN in names:
-        return uids_to_halves(batch.column(UID_COLUMN))
-    out = np.empty(batch.num_rows, dtype=HALVES_DTYPE)
-    out["f0"] = batch.column(UID_HALF_COLUMNS[0]).to_numpy(zero_copy_only=False)
-    out["f1"] = batch.column(UID_HALF_COLUMNS[1]).to_numpy(zero_copy_only=False)
-    return out
+        if exc_type is not None:
+            self.file.abort()
+            return
+        self.file.commit()
+        self.unique_uids = self.subset.write(self.subset_path)
 
 
 def _threshold_info(plan: _Plan, threshold: TopKThreshold | None, ties: "_TieCount | None") -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlmfilter.io.uid import HALVES_DTYPE, empty_halves, is_sorted_halves
+from mlmfilter.io.uid import HALVES_DTYPE, empty_halves, is_sorted_halves, sort_halves
 from mlmfilter.io.writers import AtomicFile
 
 
@@ -40,27 +40,12 @@ class SubsetAccumulator:
 
 
 def unique_sorted_halves(halves: np.ndarray) -> np.ndarray:
-    """Sorted by (f0, f1), duplicates dropped.
-
-    Sorts by f0 alone (argsort: 30M uids in ~4 s, where a two-key lexsort takes ~20 s) and then
-    orders the rare runs of equal f0 -- repeated uids -- by f1.
-    """
-    halves = np.asarray(halves, dtype=HALVES_DTYPE)
+    """Sorted by (f0, f1), duplicates dropped."""
+    halves = sort_halves(halves)
     if len(halves) < 2:
-        return halves.copy()
-    halves = halves[np.argsort(halves["f0"])]
-    same_f0 = halves["f0"][1:] == halves["f0"][:-1]
-    if same_f0.any():
-        in_run = np.zeros(len(halves), dtype=bool)
-        in_run[1:] |= same_f0
-        in_run[:-1] |= same_f0
-        runs = halves[in_run]  # still grouped by f0, in f0 order: sorting them fills the same slots
-        halves[in_run] = runs[np.lexsort((runs["f1"], runs["f0"]))]
-        first = np.ones(len(halves), dtype=bool)
-        first[1:] = ~same_f0 | (halves["f1"][1:] != halves["f1"][:-1])
-        if not first.all():
-            halves = halves[first]
-    return halves
+        return halves
+    repeated = (halves["f0"][1:] == halves["f0"][:-1]) & (halves["f1"][1:] == halves["f1"][:-1])
+    return halves[np.concatenate([[True], ~repeated])] if repeated.any() else halves
 
 
 def write_datacomp_subset(halves: np.ndarray, path: str | os.PathLike) -> int:

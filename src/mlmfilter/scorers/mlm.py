@@ -1,0 +1,225 @@
+"""The MLM judge (MLM-Filter): a vision-language model rates each pair 0..100 on up to four metrics.
+
+Metrics (columns named by the short name, so selections read ``itm >= 66 and odf >= 20``):
+``itm`` image_text_matching, ``odf`` object_detail_fulfillment, ``ctq`` caption_text_quality,
+``su`` semantic_understanding. The prompts are the reference texts character for character
+(:mod:`mlmfilter.judge.prompts`); the request format is the reference's or the model's own
+(:mod:`mlmfilter.judge.conversations`).
+
+Readouts (:mod:`mlmfilter.judge.readout`):
+
+- ``expected`` (default): the probability-weighted mean score under the model's exact distribution
+  over the numbers 0..100, columns ``<m>`` (float32), ``<m>_mass`` (probability the answer is a
+  number 0..100 at all, before renormalising) and ``<m>_std`` (spread of that distribution);
+- ``generate``: the reference's greedy answer parsed as an integer, columns ``<m>`` (float32 holding
+  an integer) and ``<m>_raw`` (the decoded text); an unparseable answer is an
+  ``unparseable_score`` error row that keeps the raw text.
+
+The model runs behind the :class:`~mlmfilter.judge.backend.JudgeBackend` interface; this module
+only builds prompts and turns distributions or texts into columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Sequence
+
+import pyarrow as pa
+from pydantic import field_validator
+
+from mlmfilter import errors
+from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
+from mlmfilter.judge.conversations import default_answer_prefix, validate_conversation
+from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
+from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
+from mlmfilter.sample import Sample
+from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
+EXPECTED_DEFINITION = (
+    "P(s) = P(canonical tokens of str(s) | prompt) * P(next token does not start with a digit); "
+    "score = sum s P(s) / mass, mass = sum P(s) over s = 0..100, std = sqrt(sum (s - score)^2 P(s) / mass)"
+)
+GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
+
+
+class MLMOptions(ScorerOptions):
+    model: str = DEFAULT_MODEL
+    #: "itm,odf", ["itm", "semantic_understanding"] or "all"
+    metrics: str | list[str] = "itm,odf,ctq,su"
+    readout: Literal["expected", "generate"] = "expected"
+    #: "v2", "v1" or a custom template string containing {caption} (and optionally {criteria}, {aspect})
+    template: str = "v2"
+    #: "auto" (the processor's chat template), "vicuna_v1", "llama3", "llava_llama3" or "qwen"
+    conversation: str = "auto"
+    #: text after the assistant cue; None: " " for the reference formats, "" for auto
+    answer_prefix: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    #: refuse (error row) prompts longer than this many tokens; None: the model's context length
+    max_length: int | None = None
+    #: generate readout: None picks enough tokens to write "100" and see it end
+    max_new_tokens: int | None = None
+    #: downscale larger images before the processor; None: the family's default budget
+    max_image_pixels: int | None = None
+    allow_random_fallback: bool = False
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value):
+        resolve_metrics(value)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, value):
+        resolve_template(value)
+        return value
+
+    @field_validator("conversation")
+    @classmethod
+    def _known_conversation(cls, value):
+        return validate_conversation(value)
+
+
+class MLMScorer(Scorer):
+    Options = MLMOptions
+    name = "mlm"
+
+    def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
+        super().__init__(options)
+        self.metrics = resolve_metrics(self.options.metrics)
+        self.short_names = [short_name(m) for m in self.metrics]
+        self.template = resolve_template(self.options.template)
+        self.backend = backend  # injected (another backend) or built in setup()
+        self.columns = self._columns()
+        if backend is not None:
+            self._ready = True
+
+    def _columns(self) -> dict[str, pa.DataType]:
+        columns: dict[str, pa.DataType] = {}
+        for short in self.short_names:
+            columns[short] = pa.float32()
+            if self.options.readout == "expected":
+                columns[f"{short}_mass"] = pa.float32()
+                columns[f"{short}_std"] = pa.float32()
+            else:
+                columns[f"{short}_raw"] = pa.string()
+        return columns
+
+    @property
+    def image_size(self) -> int | None:  # type: ignore[override]
+        """Shorter side to decode to, from the processor config (no weights are loaded)."""
+        if self.backend is not None and not hasattr(self.backend, "loaded"):
+            return getattr(self.backend, "image_size", None)
+        return self._spec().image_size
+
+    def _spec(self):
+        from mlmfilter.models.vlm import inspect_vlm
+
+        o = self.options
+        return inspect_vlm(o.model, o.allow_random_fallback, o.max_image_pixels)
+
+    def setup(self) -> None:
+        if self.backend is not None:
+            return
+        from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+
+        o = self.options
+        loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
+        self.backend = TransformersJudgeBackend(loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length)
+
+    # -- scoring --------------------------------------------------------------------------------------
+
+    def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
+        results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
+        requests, positions = [], []
+        for i, sample in enumerate(samples):
+            failure = self._check(sample)
+            if failure is not None:
+                results[i] = failure
+                continue
+            prompts = [self.template.render(metric, sample.caption) for metric in self.metrics]
+            requests.append(JudgeRequest(sample.image, prompts))
+            positions.append(i)
+        if requests:
+            if self.options.readout == "expected":
+                outputs = [self._expected_row(o) for o in self.backend.score_distributions(requests)]
+            else:
+                texts = self.backend.generate(requests, self.options.max_new_tokens)
+                outputs = [self._generated_row(t) for t in texts]
+            for i, output in zip(positions, outputs):
+                results[i] = output
+        return results  # type: ignore[return-value]
+
+    def _check(self, sample: Sample) -> ScoreFailure | None:
+        if not (sample.caption or "").strip():
+            return ScoreFailure(errors.EMPTY_CAPTION, "the caption is empty")
+        if sample.image is None and sample.image_bytes is not None:
+            from mlmfilter.imaging import DecodeSpec, decode_sample
+
+            decode_sample(sample, DecodeSpec(shorter_side=self.image_size))
+            if sample.error:
+                return ScoreFailure(sample.error, sample.error_detail or "")
+        if sample.image is None:
+            return ScoreFailure(errors.MISSING_IMAGE, "no decoded image")
+        return None
+
+    def _expected_row(self, output) -> dict[str, Any] | ScoreFailure:
+        if isinstance(output, RequestFailure):
+            return ScoreFailure(output.reason, output.detail)
+        row: dict[str, Any] = {}
+        for short, log_probs in zip(self.short_names, output):
+            summary = ExpectedScore.from_log_probs(log_probs)
+            if summary is None:
+                return ScoreFailure(errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100")
+            row[short] = summary.mean
+            row[f"{short}_mass"] = summary.mass
+            row[f"{short}_std"] = summary.std
+        return row
+
+    def _generated_row(self, output) -> dict[str, Any] | ScoreFailure:
+        if isinstance(output, RequestFailure):
+            return ScoreFailure(output.reason, output.detail)
+        row: dict[str, Any] = {}
+        bad = []
+        for short, text in zip(self.short_names, output):
+            value = parse_generated_score(text)
+            row[short] = None if value is None else float(value)
+            row[f"{short}_raw"] = text
+            if value is None:
+                bad.append(f"{short}={text!r}")
+        if bad:
+            return ScoreFailure(errors.UNPARSEABLE_SCORE, "not an integer 0..100: " + ", ".join(bad), partial=row)
+        return row
+
+    # -- provenance -----------------------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, Any]:
+        o = self.options
+        prov: dict[str, Any] = {
+            **super().provenance(),
+            "metrics": {short_name(m): m for m in self.metrics},
+            "readout": o.readout,
+            "readout_definition": EXPECTED_DEFINITION if o.readout == "expected" else GENERATE_DEFINITION,
+            "template": {"name": self.template.name, "sha256": self.template.sha256(self.metrics)},
+        }
+        if o.readout == "generate":
+            prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
+        if self.backend is not None:
+            prov["model"] = self.backend.describe()
+        else:
+            from mlmfilter.models.common import resolve_device, resolve_dtype
+            from mlmfilter.models.vlm import vlm_provenance
+
+            device = resolve_device(o.device)
+            answer_prefix = default_answer_prefix(o.conversation) if o.answer_prefix is None else o.answer_prefix
+            prov["model"] = vlm_provenance(
+                self._spec(), o.conversation, answer_prefix, device, resolve_dtype(o.dtype, device), o.max_length
+            )
+        if prov["model"].get("warnings"):
+            prov["warnings"] = list(prov["model"]["warnings"])
+        return prov
