@@ -11,7 +11,7 @@ memory, on the Flickr8k dev photos as they are (~500 px) and on the same photos 
 to ~1500 px (Lanczos, JPEG quality 90, done before timing). Prints images/s, the ratio,
 and how far the two pixel tensors are apart.
 
-    .venv/bin/python benchmarks/bench_decode.py [--repeats 5] [--batch-size 32]
+    .venv/bin/python benchmarks/bench_decode.py [--repeats 5] [--batch-size 32] [--draft-gap 1.0]
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def reference_processor():
     )
 
 
-def make_paths(batch_size: int) -> dict[str, Callable[[list[bytes]], torch.Tensor]]:
+def make_paths(batch_size: int, draft_gap: float) -> dict[str, Callable[[list[bytes]], torch.Tensor]]:
     processor = reference_processor()
-    spec = DecodeSpec(shorter_side=SIZE)
+    spec = DecodeSpec(shorter_side=SIZE, draft_gap=draft_gap)
     mean, std = processor.image_mean, processor.image_std
 
     def ours(blobs: list[bytes]) -> torch.Tensor:
@@ -130,16 +130,22 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=FLICKR_IMAGES, help="folder of real JPEG photos")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--draft-gap", type=float, default=DecodeSpec.draft_gap, help="DecodeSpec.draft_gap")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # per-core throughput
 
     photos = load_photos(args.images)
     upscaled = [upscale(b, UPSCALED_LONG_SIDE) for b in photos]
-    paths = make_paths(args.batch_size)
-    print(f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, best of {args.repeats}")
-    print("| case | images | median long side | ours (img/s) | reference (img/s) | ratio | mean abs diff | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    paths = make_paths(args.batch_size, args.draft_gap)
+    print(
+        f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, best of {args.repeats}, "
+        f"draft_gap {args.draft_gap}"
+    )
+    columns = ["case", "images", "median long side", "ours (img/s)", "reference (img/s)", "ratio",
+               "mean abs diff", "max abs diff"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for name, blobs in (("Flickr as is", photos), (f"upscaled to {UPSCALED_LONG_SIDE} px", upscaled)):
         r = run_case(name, blobs, paths, args.repeats)
         print(

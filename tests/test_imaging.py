@@ -194,10 +194,13 @@ def test_max_pixels_from_the_spec(photo, upright):
 
 
 # -- odd modes -----------------------------------------------------------------------------------
+_QUADRANT_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+
+
 def _colour_blocks() -> Image.Image:
     """64x64: red, green / blue, white quadrants."""
     image = Image.new("RGB", (64, 64))
-    for (x, y), colour in zip([(0, 0), (32, 0), (0, 32), (32, 32)], [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3]):
+    for (x, y), colour in zip([(0, 0), (32, 0), (0, 32), (32, 32)], _QUADRANT_COLOURS):
         image.paste(colour, (x, y, x + 32, y + 32))
     return image
 
@@ -207,7 +210,7 @@ def test_cmyk_jpeg_has_correct_colours():
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
     image, width, height = decode_image(data, DecodeSpec())
     assert (width, height) == (64, 64) and image.mode == "RGB"
-    for (x, y), colour in zip([(8, 8), (40, 8), (8, 40), (40, 40)], [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3]):
+    for (x, y), colour in zip([(8, 8), (40, 8), (8, 40), (40, 40)], _QUADRANT_COLOURS):
         assert np.abs(pixels(image)[y, x] - colour).max() <= 12, (x, y)
 
 
@@ -283,6 +286,13 @@ def test_exif_orientation_is_applied(upright, orientation):
     assert decoded.size == (width, height) == upright.size  # 375x500 again, not 500x375
     assert mean_abs_diff(decoded, upright) < 3
     assert mean_abs_diff(decoded, upright.transpose(Image.Transpose.ROTATE_180)) > 20
+
+
+def test_malformed_exif_is_ignored(upright):
+    data = encode(upright, "JPEG", quality=95, subsampling=0, exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xffjunk")
+    decoded, width, height = decode_image(data, DecodeSpec())
+    assert (width, height) == decoded.size == upright.size
+    assert mean_abs_diff(decoded, upright) < 3
 
 
 def test_exif_rotation_and_draft_together(upright, draft_spy):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlmfilter import api
-from mlmfilter.runs.folder import ConfigMismatch
+from mlmfilter.runs.folder import ConfigMismatch, RunFolder
 from tests.builders import flickr_shards, write_shard
 
 
@@ -110,14 +110,14 @@ def test_killed_run_resumes_to_identical_output(tmp_path, flickr_pairs):
             break
         time.sleep(0.005)
     proc.wait()
-    done_before = len(list((run / "completions").iterdir()))
+    done_before = len(RunFolder(run).done_shards())  # a killed marker write leaves only a .tmp
     assert 1 <= done_before < 6, "the kill must land mid-run for this test to mean anything"
     # a shard may have its table but not its marker yet: it is redone, never counted twice
     assert done_before <= len(list((run / "scores").glob("*.parquet"))) <= done_before + 1
 
     resumed = subprocess.run(cmd + ["-o", str(run)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert len(list((run / "completions").iterdir())) == 6
+    assert len(RunFolder(run).done_shards()) == 6
     table = read_run(run)
     assert table.num_rows == 240 and len(set(table["uid"].to_pylist())) == 240
     assert table.equals(read_run(tmp_path / "ref"))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from mlmfilter import errors
 from mlmfilter.sample import Sample
@@ -134,6 +134,11 @@ def _decode(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
             errors.DECOMPRESSION_BOMB,
             f"{stored_w}x{stored_h} = {stored_w * stored_h} pixels exceeds max_pixels={spec.max_pixels}",
         )
+    draftable = isinstance(im, JpegImagePlugin.JpegImageFile)
+    if not draftable:
+        # nothing to gain by waiting, and PIL reads a PNG's EXIF only after its pixels: load now
+        # so that a load error surfaces here rather than vanish inside the EXIF lookup
+        im.load()
     orientation = _exif_orientation(im)
     swap = orientation in _SWAPS_AXES
     width, height = (stored_h, stored_w) if swap else (stored_w, stored_h)
@@ -143,9 +148,9 @@ def _decode(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
     if swap:
         target_w, target_h = target_h, target_w
     box = None
-    if (target_w, target_h) != (stored_w, stored_h):
-        # JPEG only (a no-op elsewhere): DCT-scaled decode to the smallest 1/2^k size still
-        # >= the target; ``box`` is the original extent in drafted pixels, for exact registration
+    if draftable and (target_w, target_h) != (stored_w, stored_h):
+        # DCT-scaled decode to the smallest 1/2^k size still >= draft_gap x the target;
+        # ``box`` is the original extent in drafted pixels, for exact registration
         request = (round(target_w * spec.draft_gap), round(target_h * spec.draft_gap))
         drafted = im.draft(None, request)
         if drafted is not None:
