@@ -130,7 +130,7 @@ def print_score_summary(summary) -> None:
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     console.print(table)
     for warning in summary.provenance.get("warnings", []):
-        console.print(f"[bold red]WARNING:[/] {warning}")
+        console.print(f"[bold red]{warning}[/]")
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -33,6 +35,10 @@ DEMO_TOP_FRACTION = 0.25
 def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     output = Path(output)
+    if not _hub_reachable():
+        # fail over to the random stand-ins at once instead of after minutes of download retries
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        console.print("[yellow]The Hugging Face hub is not reachable: models load from the local cache only.[/]")
     shards = make_sample_shards(output / "shards")
     console.print(f"[bold]1/3[/] wrote {len(shards)} sample shards to {output / 'shards'}")
 
@@ -42,7 +48,7 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     console.print(f"[bold]2/3[/] scored {summary.stats['read']} pairs into {summary.run_dir} "
                   f"({summary.stats['errored']} error rows: {summary.stats['errors']})")
     for warning in summary.provenance.get("warnings", []):
-        console.print(f"[bold red]WARNING: {warning}[/]")
+        console.print(f"[bold red]{warning}[/]")
 
     selection = api.select(summary.run_dir, output / "selection", expression=DEMO_WHERE,
                            top_fraction=DEMO_TOP_FRACTION, by=by)
@@ -60,15 +66,13 @@ def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: s
     kept = set(ds.dataset(selection_dir / "kept.parquet").to_table(columns=["uid"])["uid"].to_pylist())
     rows = ds.dataset(run_dir / "scores").to_table().to_pylist()
     table = Table(title="sample pairs")
-    for col in ("key", "label", "caption", "rules_ok", "clip_score", by, "error", "kept"):
-        if col == by and by == "clip_score":
-            continue
-        table.add_column(col)
+    score_columns = ["clip_score"] + ([by] if by != "clip_score" else [])
+    for col in ["key", "label", "caption", "rules_ok", *score_columns, "error", "kept"]:
+        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=36 if col == "caption" else None)
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):
         label, caption = labels.get(row["uid"], ("?", ""))
-        values = [row["key"], label, (caption or "")[:40], str(row.get("rules_ok")), _fmt(row.get("clip_score"))]
-        if by != "clip_score":
-            values.append(_fmt(row.get(by)))
+        values = [row["key"], label, caption or "", str(row.get("rules_ok"))]
+        values += [_fmt(row.get(col)) for col in score_columns]
         values += [row["error"] or "", "yes" if row["uid"] in kept else ""]
         table.add_row(*values)
     return table
@@ -88,3 +92,13 @@ def _demo_labels(shards: list[Path]) -> dict[str, tuple[str, str]]:
                     meta = json.loads(tar.extractfile(member).read())
                     labels[meta["uid"]] = (meta.get("demo_label", "?"), meta.get("caption", ""))
     return labels
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

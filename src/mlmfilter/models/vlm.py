@@ -181,9 +181,10 @@ def _load_processor(name_or_path: str, spec: VlmSpec):
     try:
         return AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError) as exc:
-        # Qwen2-VL's processor also loads a video processor, which needs torchvision; the judge sends no video
+        # Qwen2-VL's (and SmolVLM2's) processor also loads a video processor, which needs torchvision;
+        # the judge sends no video
         class_name = PROCESSOR_MAPPING_NAMES.get(spec.model_type)
-        if spec.family.name != "qwen2_vl" or class_name is None:
+        if class_name is None or "video" not in str(exc).lower():
             raise
         log.info("loading %s without its video processor (%s)", class_name, exc)
         return image_only_processor_class(getattr(transformers, class_name)).from_pretrained(name_or_path)
@@ -397,12 +398,14 @@ class TransformersJudgeBackend:
 
     def _process_isolated(self, first_texts, images, live, failures):
         """Processor output for all live requests; a request the processor rejects fails alone."""
+        if not live:
+            return None, {}
         try:
-            processed = self._process(first_texts, images)
-            return processed, {pos: row for row, pos in enumerate(live)}
-        except Exception:
+            return self._process(first_texts, images), {pos: row for row, pos in enumerate(live)}
+        except Exception as exc:
             if len(live) == 1:
-                raise
+                failures[live[0]] = RequestFailure(errors.SCORER_ERROR, f"image preprocessing: {type(exc).__name__}: {exc}")
+                return None, {}
         keep = []
         for text, image, pos in zip(first_texts, images, live):
             try:
