@@ -109,8 +109,8 @@ def test_expected_readout_equals_brute_force(loaded, photos, family):
     # the second prompt: its own branch after the prefix shared with the first, then its score trie
     text = judge.prompt_text(request.prompts[1])
     brute = mlm_support.brute_force_log_probs(
-        judge.model, judge.processor, text, judge._fit_budget(request.image), judge.trie.sequences,
-        judge.trie.continuation_ids, add_special_tokens=judge._add_special_tokens(text),
+        judge.model, judge.processor, text, judge.encoder.fit_budget(request.image), judge.trie.sequences,
+        judge.trie.continuation_ids, add_special_tokens=judge.encoder.add_special_tokens(text),
     )
     np.testing.assert_allclose(fast[1], brute, atol=2e-4, rtol=0)
     assert np.ptp(brute) > 0.5  # the model is random but far from flat: the comparison has teeth
@@ -127,17 +127,33 @@ def test_batched_equals_single_and_greedy_equals_transformers(loaded, photos, fa
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     assert not np.allclose(batched[0], batched[1], atol=1e-3)  # different pairs really differ
     texts = judge.generate(requests)
-    assert texts == [alone.generate([r])[0] for r in requests]
-    # our prefix-cache decoding == transformers' greedy generate on the full prompt
-    model, processor = judge.model, judge.processor
-    for request, generated in zip(requests[1:2], texts[1:2]):
-        for prompt, ours in zip(request.prompts, generated):
-            text = judge.prompt_text(prompt)
-            enc = processor(text=[text], images=[[judge._fit_budget(request.image)]], return_tensors="pt",
-                            add_special_tokens=judge._add_special_tokens(text))
-            out = model.generate(**enc, max_new_tokens=judge.default_max_new_tokens, do_sample=False)
-            theirs = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            assert ours == theirs
+    assert texts[:2] == [alone.generate([r])[0] for r in requests[:2]]
+
+    # every greedy step: our logits (prefix cache + branch + step tokens) == a plain forward
+    request, model, processor = requests[1], judge.model, judge.processor
+    steps = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: steps.append(out[0].float()))
+    try:
+        ours = judge.generate([request])[0]
+    finally:
+        hook.remove()
+    assert len(steps) == judge.default_max_new_tokens  # "100" and one more: no early stop on random weights
+    chosen = torch.stack([step.argmax(-1) for step in steps], dim=-1)  # (prompts, steps)
+    for m in [1]:  # the prompt whose branch follows the prefix it shares with the first
+        text = judge.prompt_text(request.prompts[m])
+        enc = processor(text=[text], images=[[judge.encoder.fit_budget(request.image)]], return_tensors="pt",
+                        add_special_tokens=judge.encoder.add_special_tokens(text))
+        plain = dict(enc)
+        plain["input_ids"] = torch.cat([enc["input_ids"], chosen[m : m + 1, :-1]], dim=1)
+        plain["attention_mask"] = torch.ones_like(plain["input_ids"])
+        if "mm_token_type_ids" in enc:
+            plain["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(chosen[m : m + 1, :-1])], 1)
+        with torch.no_grad():
+            logits = model(**plain, logits_to_keep=len(steps)).logits[0].float()
+        torch.testing.assert_close(torch.stack([step[m] for step in steps]), logits, atol=2e-3, rtol=1e-4)
+        # and the text equals transformers' own greedy generate
+        out = model.generate(**enc, max_new_tokens=judge.default_max_new_tokens, do_sample=False)
+        assert ours[m] == processor.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_one_image_pass_and_one_prefix_pass_per_pair(loaded, photos):
@@ -186,3 +202,13 @@ def test_over_long_prompts_are_refused_not_cut(loaded, photos):
     assert out[0].shape == (1, 101)
     assert isinstance(out[1], RequestFailure) and out[1].reason == errors.CAPTION_TOO_LONG
     assert "max_length=420" in out[1].detail
+
+
+def test_bf16_weights_read_out_in_float32(cache_dir, photos):
+    """A bf16 model: masks, image features and positions follow its dtype; the trie logits are float32."""
+    folder = str(mlm_support.tiny_model_dir("llava", cache_dir))
+    request = requests_for(photos, metrics=["image_text_matching"], n=1)
+    full = TransformersJudgeBackend(load_vlm(folder, device="cpu", dtype="fp32"), "vicuna_v1")
+    half = TransformersJudgeBackend(load_vlm(folder, device="cpu", dtype="bf16"), "vicuna_v1")
+    assert half.model.dtype == torch.bfloat16
+    np.testing.assert_allclose(half.score_distributions(request)[0], full.score_distributions(request)[0], atol=0.05)

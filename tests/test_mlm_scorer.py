@@ -104,7 +104,7 @@ def test_a_judge_that_answers_100_scores_100_in_both_readouts(llava_dir, flickr_
     sample = samples_from([(path, caption)], scorer_for(llava_dir))[0]
     template = resolve_template("v2")
     texts = [judge.prompt_text(template.render(m, caption)) for m in ("image_text_matching", "object_detail_fulfillment")]
-    mlm_support.teach_answers(loaded.model, loaded.processor, texts, judge._fit_budget(sample.image), ["100\n", "7\n"])
+    mlm_support.teach_answers(loaded.model, loaded.processor, texts, judge.encoder.fit_budget(sample.image), ["100\n", "7\n"])
     loaded.model.save_pretrained(tmp_path)
     loaded.processor.save_pretrained(tmp_path)
 
@@ -166,3 +166,18 @@ def test_random_fallback_is_loud_and_marked(offline, flickr_pairs, caplog):
     rows = scorer.score(samples_from(flickr_pairs[:1], scorer))
     assert 0.0 <= rows[0]["itm"] <= 100.0
     assert RANDOM_WEIGHTS_WARNING in caplog.text
+
+
+def test_models_the_judge_cannot_load_are_named_with_the_fix(tmp_path):
+    original = tmp_path / "llava-original"
+    original.mkdir()
+    (original / "config.json").write_text('{"model_type": "llava_llama", "mm_vision_tower": "openai/clip"}')
+    with pytest.raises(ValueError, match="convert-llava"):
+        scorer_for(str(original)).image_size
+    clip = tmp_path / "clip"
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(clip)
+    (clip / "preprocessor_config.json").write_text('{"image_processor_type": "CLIPImageProcessor"}')
+    with pytest.raises(ValueError, match="not supported by the MLM judge"):
+        scorer_for(str(clip)).image_size

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,23 +23,36 @@ Position ids are explicit everywhere, so right padding and tree layout never shi
 a pair's scores do not depend on its batch mates (up to float rounding). Qwen2-VL's M-RoPE gets its
 3D prefix positions from the model's own ``get_rope_index``; text after the image advances all three
 components together, so the branches and trie use ``last prefix position + 1 + offset``.
+
+What each family gets (all checked against brute force on tiny models in tests/test_mlm_backend.py):
+
+==================  ==========================  ===============  ============  ===================
+family              model_type                  image encoded    prefix KV     positions
+==================  ==========================  ===============  ============  ===================
+llava               llava                       once per pair    shared        1D
+qwen2_vl            qwen2_vl, qwen2_5_vl        once per pair    shared        M-RoPE (3D prefix)
+idefics3            idefics3, smolvlm           once per pair    shared        1D (tiled images)
+==================  ==========================  ===============  ============  ===================
+
+SmolVLM (v1) checkpoints are ``idefics3``. ``smolvlm`` (SmolVLM2) is mapped to the same path but not
+tested here: its processor needs the ``num2words`` package.
+
+Attention runs with ``sdpa`` (tree masks need an explicit mask; flash-attention kernels take none).
+Text models with sliding-window layers are refused once a prompt reaches the window.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from mlmfilter import errors
 from mlmfilter.judge.backend import JudgeRequest, RequestFailure
-from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, render_with_chat_template, validate_conversation
+from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, validate_conversation
 from mlmfilter.judge.readout import ScoreTrie, UnsupportedTokenizerError
 from mlmfilter.models.common import (
     ModelUnavailableError,
@@ -50,6 +63,8 @@ from mlmfilter.models.common import (
     resolve_dtype,
     unavailable_message,
 )
+from mlmfilter.models.tree_attention import BranchBlock, DecodeSteps, PrefixLayout, gather_rows
+from mlmfilter.models.vlm_encoding import EncodedBatch, PromptEncoder
 from mlmfilter.models.vlm_families import VlmFamily, family_for_model_type, guess_family, image_only_processor_class
 
 log = logging.getLogger(__name__)
@@ -57,8 +72,9 @@ log = logging.getLogger(__name__)
 RANDOM_WEIGHTS_WARNING = "WARNING: random weights, MLM judge scores are meaningless"
 _RANDOM_SEED = 0
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
-#: logits rows per lm_head call when reading out the trie (bounds memory for 128k-token vocabularies)
-_LOGIT_CHUNK = 512
+#: the trie readout computes float32 logits in blocks of rows x vocabulary (bounded memory at 128k+ tokens)
+_LOGIT_ROWS = 512
+_LOGIT_VOCAB = 32768
 
 
 # -- inspecting and loading -------------------------------------------------------------------------
@@ -231,28 +247,9 @@ def vlm_provenance(
 
 
 @dataclass
-class _Encoded:
-    """One request after tokenization: full token ids per prompt (image tokens expanded)."""
-
-    position: int  # index into the caller's request list
-    row: int  # row of its image in the processor batch
-    full: list[list[int]]
-    prefix_len: int
-
-
-@dataclass
-class _Prepared:
-    items: list[_Encoded]
-    processed: Any  # the processor's BatchFeature (vision inputs of every row)
-    failures: dict[int, RequestFailure] = field(default_factory=dict)
-
-
-@dataclass
-class _PrefixState:
-    cache: Any
-    prefix_lens: list[int]
-    next_positions: list[int]  # position of the first token after each row's prefix
-    width: int  # padded prefix length (cache columns before the block)
+class _CachedPrefix:
+    cache: Any  # the transformers KV cache, grown by every later block
+    layout: PrefixLayout
 
 
 class TransformersJudgeBackend:
@@ -275,16 +272,13 @@ class TransformersJudgeBackend:
         self.answer_prefix = default_answer_prefix(self.conversation) if answer_prefix is None else answer_prefix
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length or loaded.spec.max_positions)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
-        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {self.family.image_token!r} token")
+        self.encoder = PromptEncoder(
+            self.processor, self.family, self.conversation, self.answer_prefix, loaded.spec.pixel_budget, self.max_length
+        )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.text_config = self.model.config.get_text_config()
         self.eos_ids = self._eos_ids()
         self._trie: ScoreTrie | None = None
-        probe = list(self.tokenizer("a").input_ids)
-        bos = self.tokenizer.bos_token_id
-        self._tokenizer_adds_bos = bos is not None and bool(probe) and probe[0] == bos
 
     # -- JudgeBackend -------------------------------------------------------------------------------
 
@@ -297,12 +291,17 @@ class TransformersJudgeBackend:
         self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None
     ) -> list[list[str] | RequestFailure]:
         steps = int(max_new_tokens or self.default_max_new_tokens)
-        return self._serve(requests, extra_tokens=steps, run=lambda prepared: self._generate_batch(prepared, steps))
+        return self._serve(requests, extra_tokens=steps, run=lambda batch: self._generate_batch(batch, steps))
 
     def describe(self) -> dict[str, Any]:
         return vlm_provenance(
             self.loaded.spec, self.conversation, self.answer_prefix, self.loaded.device, self.loaded.dtype, self.max_length
         )
+
+    @property
+    def image_size(self) -> int:
+        """Shorter side the pipeline should decode images to for this model."""
+        return self.loaded.spec.image_size
 
     @property
     def trie(self) -> ScoreTrie:
@@ -317,138 +316,9 @@ class TransformersJudgeBackend:
         except UnsupportedTokenizerError:
             return 4
 
-    # -- request preparation ------------------------------------------------------------------------
-
     def prompt_text(self, prompt: str) -> str:
         """The exact text the model reads for one prompt (image placeholder not yet expanded)."""
-        if self.conversation == AUTO:
-            text = render_with_chat_template(self.processor, prompt)
-        else:
-            text = FORMATS[self.conversation].render(prompt, self.family.image_placeholder)
-        return text + self.answer_prefix
-
-    def _add_special_tokens(self, text: str) -> bool:
-        """Let the tokenizer add BOS unless the text already starts with it (chat templates often write it)."""
-        bos = self.tokenizer.bos_token
-        return not (self.conversation == AUTO and bos and text.startswith(bos))
-
-    def _token_ids(self, text: str) -> list[int]:
-        if self.conversation == AUTO:
-            return list(self.tokenizer(text, add_special_tokens=self._add_special_tokens(text)).input_ids)
-        # LLaVA's tokenizer_image_token: chunks around the image token are encoded apart, BOS kept once
-        # (LLaVA drops a first token equal to BOS from later chunks; here only a BOS the tokenizer added,
-        # so a template that starts with the BOS string, as ChatML with SmolLM2's tokenizer, is kept whole)
-        chunks = [list(self.tokenizer(chunk).input_ids) for chunk in text.split(self.family.image_token)]
-        offset = 1 if self._tokenizer_adds_bos else 0
-        ids = [chunks[0][0]] if offset else []
-        for i, chunk in enumerate(chunks):
-            if i:
-                ids.append(self.image_token_id)
-            ids.extend(chunk[offset:])
-        return ids
-
-    def _fit_budget(self, image: Image.Image) -> Image.Image:
-        image = image if image.mode == "RGB" else image.convert("RGB")
-        budget = self.loaded.spec.pixel_budget
-        width, height = image.size
-        if budget and width * height > budget:
-            scale = math.sqrt(budget / (width * height))
-            size = (max(1, int(width * scale)), max(1, int(height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        return image
-
-    def _process(self, texts: list[str], images: list[Image.Image]):
-        return self.processor(
-            text=texts,
-            images=[[image] for image in images],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=self._add_special_tokens(texts[0]),
-        )
-
-    def _prepare(self, requests: Sequence[JudgeRequest], positions: Sequence[int], extra_tokens: int) -> _Prepared:
-        failures: dict[int, RequestFailure] = {}
-        texts: list[list[str]] = []
-        images: list[Image.Image] = []
-        live: list[int] = []
-        for pos, request in zip(positions, requests):
-            try:
-                if not request.prompts:
-                    raise ValueError("a request needs at least one prompt")
-                if any(self.family.image_token in p for p in request.prompts):
-                    raise ValueError(f"the prompt contains the image token {self.family.image_token!r}")
-                texts.append([self.prompt_text(p) for p in request.prompts])
-                images.append(self._fit_budget(request.image))
-                live.append(pos)
-            except Exception as exc:
-                failures[pos] = RequestFailure(errors.SCORER_ERROR, f"{type(exc).__name__}: {exc}")
-        processed, rows = self._process_isolated([t[0] for t in texts], images, live, failures)
-        items = []
-        for row, (pos, prompt_texts) in enumerate(zip(live, texts)):
-            if pos in failures:
-                continue
-            try:
-                full = self._expand(processed, rows[pos], prompt_texts)
-                items.append(self._encoded(pos, rows[pos], full, extra_tokens))
-            except _TooLong as exc:
-                failures[pos] = RequestFailure(errors.CAPTION_TOO_LONG, str(exc))
-            except Exception as exc:
-                failures[pos] = RequestFailure(errors.SCORER_ERROR, f"{type(exc).__name__}: {exc}")
-        return _Prepared(items, processed, failures)
-
-    def _process_isolated(self, first_texts, images, live, failures):
-        """Processor output for all live requests; a request the processor rejects fails alone."""
-        if not live:
-            return None, {}
-        try:
-            return self._process(first_texts, images), {pos: row for row, pos in enumerate(live)}
-        except Exception as exc:
-            if len(live) == 1:
-                failures[live[0]] = RequestFailure(errors.SCORER_ERROR, f"image preprocessing: {type(exc).__name__}: {exc}")
-                return None, {}
-        keep = []
-        for text, image, pos in zip(first_texts, images, live):
-            try:
-                self._process([text], [image])
-                keep.append((text, image, pos))
-            except Exception as exc:
-                failures[pos] = RequestFailure(errors.SCORER_ERROR, f"image preprocessing: {type(exc).__name__}: {exc}")
-        if not keep:
-            return None, {}
-        processed = self._process([k[0] for k in keep], [k[1] for k in keep])
-        return processed, {pos: row for row, (_, _, pos) in enumerate(keep)}
-
-    def _expand(self, processed, row: int, texts: list[str]) -> list[list[int]]:
-        """Splice the processor's image-token expansion (checked on the first prompt) into every prompt."""
-        mask = processed["attention_mask"][row].bool()
-        proc_ids = processed["input_ids"][row][mask].tolist()
-        whole = list(self.tokenizer(texts[0], add_special_tokens=self._add_special_tokens(texts[0])).input_ids)
-        k = _single_index(whole, self.image_token_id)
-        head, tail = whole[:k], whole[k + 1 :]
-        end = len(proc_ids) - len(tail)
-        if proc_ids[:k] != head or proc_ids[end:] != tail or end <= k:
-            raise RuntimeError("the processor's output does not match the tokenizer's around the image")
-        block = proc_ids[k:end]
-        full = []
-        for text in texts:
-            ids = self._token_ids(text)
-            j = _single_index(ids, self.image_token_id)
-            full.append(ids[:j] + block + ids[j + 1 :])
-        return full
-
-    def _encoded(self, pos: int, row: int, full: list[list[int]], extra_tokens: int) -> _Encoded:
-        longest = max(len(ids) for ids in full)
-        if longest + extra_tokens > self.max_length:
-            raise _TooLong(
-                f"prompt of {longest} tokens + {extra_tokens} answer tokens exceeds max_length={self.max_length} "
-                "(refused rather than cutting off the assistant cue)"
-            )
-        common = _common_prefix_length(full)
-        prefix_len = min(common, min(len(ids) for ids in full) - 1)  # every prompt keeps >= 1 token of its own
-        last_image = max(i for i, t in enumerate(full[0]) if t == self.image_token_id)
-        if prefix_len <= last_image:
-            raise RuntimeError("the prompts do not share the image: put the image before the prompt text")
-        return _Encoded(pos, row, full, prefix_len)
+        return self.encoder.prompt_text(prompt)
 
     # -- running ------------------------------------------------------------------------------------
 
@@ -458,32 +328,33 @@ class TransformersJudgeBackend:
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompts[0]) if requests[i].prompts else 0)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            prepared = self._prepare([requests[i] for i in chunk], chunk, extra_tokens)
-            for pos, failure in prepared.failures.items():
+            batch = self.encoder.encode([requests[i] for i in chunk], chunk, extra_tokens)
+            for pos, failure in batch.failures.items():
                 results[pos] = failure
-            if prepared.items:
+            if batch.items:
                 with torch.inference_mode():
-                    outputs = run(prepared)
-                for item, output in zip(prepared.items, outputs):
+                    outputs = run(batch)
+                for item, output in zip(batch.items, outputs):
                     results[item.position] = output
         return results
 
-    def _vision_features(self, prepared: _Prepared) -> list[torch.Tensor]:
+    def _vision_features(self, batch: EncodedBatch) -> list[torch.Tensor]:
         """Encode every processed image once; per item (in item order) its image features."""
         inputs = {}
-        for key, value in prepared.processed.items():
+        for key, value in batch.processed.items():
             if key in _TEXT_KEYS or not isinstance(value, torch.Tensor):
                 continue
             value = value.to(self.loaded.device)
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
         features = self.model.get_image_features(**inputs, return_dict=True).pooler_output
-        return [features[item.row] for item in prepared.items]
+        return [features[item.row] for item in batch.items]
 
-    def _run_prefix(self, prepared: _Prepared) -> _PrefixState:
+    def _run_prefix(self, batch: EncodedBatch) -> _CachedPrefix:
+        """The shared prefixes (right-padded), image features scattered in; their KV cache."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         device = self.loaded.device
-        items = prepared.items
+        items = batch.items
         prefixes = [item.full[0][: item.prefix_len] for item in items]
         width = max(len(p) for p in prefixes)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
@@ -493,101 +364,110 @@ class TransformersJudgeBackend:
             attention[i, : len(prefix)] = 1
         ids, attention = ids.to(device), attention.to(device)
         if self.family.positions == "mrope":
-            grid = prepared.processed["image_grid_thw"][[item.row for item in items]].to(device)
+            grid = batch.processed["image_grid_thw"][[item.row for item in items]].to(device)
+            image_tokens = (ids == self.encoder.image_token_id).int()
             positions, _ = self.model.model.get_rope_index(
-                ids, mm_token_type_ids=(ids == self.image_token_id).int(), image_grid_thw=grid, attention_mask=attention
+                ids, mm_token_type_ids=image_tokens, image_grid_thw=grid, attention_mask=attention
             )
+            # text after the image advances all three M-RoPE components together
             next_positions = [int(positions[0, i, len(p) - 1]) + 1 for i, p in enumerate(prefixes)]
         else:
             positions = torch.arange(width, device=device).unsqueeze(0).expand(len(items), -1)
             next_positions = [len(p) for p in prefixes]
-        features = self._vision_features(prepared)
         out = self.model.model(
             input_ids=ids,
             attention_mask=attention,
             position_ids=positions,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=self._vision_features(batch))},
             use_cache=True,
         )
-        return _PrefixState(out.past_key_values, [len(p) for p in prefixes], next_positions, width)
+        return _CachedPrefix(out.past_key_values, PrefixLayout([len(p) for p in prefixes], next_positions, width))
 
-    def _forward_block(self, state: _PrefixState, block: "_Block"):
-        """Run tokens after the prefix with the block's tree mask and positions; returns hidden states."""
-        self._check_window(max(block.max_position, 0))
+    def _forward_block(self, prefix: _CachedPrefix, block: BranchBlock) -> torch.Tensor:
+        """Run a block after the cached prefix with its tree mask and positions; its hidden states."""
+        self._check_window(block.max_position)
         device = self.loaded.device
-        allowed = block.allowed_with_past(state)  # (B, Lb, cache length + Lb) bool
-        if allowed.shape[-1] != state.cache.get_seq_length() + block.ids.shape[1]:
+        mask = block.attention_mask(prefix.layout, self.loaded.dtype, device)
+        if mask.shape[-1] != prefix.cache.get_seq_length() + block.ids.shape[1]:
             raise RuntimeError("attention mask and KV cache disagree on the number of columns")
-        mask = torch.zeros(allowed.shape, dtype=self.loaded.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.loaded.dtype).min)
         positions = block.positions.to(device)
         if self.family.positions == "mrope":
             positions = positions.unsqueeze(0).expand(3, -1, -1)
         out = self.model.model(
             input_ids=block.ids.to(device),
-            attention_mask=mask.unsqueeze(1).to(device),
+            attention_mask=mask,
             position_ids=positions,
-            past_key_values=state.cache,
+            past_key_values=prefix.cache,
             use_cache=True,
         )
         return out.last_hidden_state
 
-    def _expected_batch(self, prepared: _Prepared) -> list[np.ndarray]:
+    @staticmethod
+    def _branches(batch: EncodedBatch) -> list[list[list[int]]]:
+        return [[ids[item.prefix_len :] for ids in item.full] for item in batch.items]
+
+    def _expected_batch(self, batch: EncodedBatch) -> list[np.ndarray]:
         trie = self.trie
-        state = self._run_prefix(prepared)
-        block = _Block.build(prepared.items, state, trie, self.pad_id)
-        hidden = self._forward_block(state, block)
-        index = block.contexts.to(hidden.device)  # (B, M_max, K) columns; -1 where a row has fewer prompts
-        rows = hidden.gather(1, index.clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        lse, log_continue, token_logits = self._reduce(rows.flatten(0, 1), trie)
-        shape = index.shape
-        lse, log_continue = lse.view(shape), log_continue.view(shape)
-        token_logits = token_logits.view(*shape, -1)
-        ctx = torch.as_tensor(trie.edge_contexts, device=lse.device)
-        col = torch.as_tensor(block.token_columns, device=lse.device)
-        edge_logits = token_logits[:, :, ctx, col]  # (B, M, N)
-        log_probs = trie.combine(lse, log_continue, edge_logits).double().cpu().numpy()
-        return [log_probs[i, : len(item.full)] for i, item in enumerate(prepared.items)]
+        prefix = self._run_prefix(batch)
+        block = BranchBlock.build(self._branches(batch), prefix.layout, trie, self.pad_id)
+        hidden = gather_rows(self._forward_block(prefix, block), block.contexts)  # (B, M, K, H)
+        lse, log_continue, token_logits = self._reduce(hidden.flatten(0, 2), trie)
+        shape = block.contexts.shape
+        unique = sorted(set(trie.edge_tokens))
+        columns = torch.as_tensor([unique.index(t) for t in trie.edge_tokens], device=lse.device)
+        contexts = torch.as_tensor(trie.edge_contexts, device=lse.device)
+        edge_logits = token_logits.view(*shape, -1)[:, :, contexts, columns]  # (B, M, N)
+        log_probs = trie.combine(lse.view(shape), log_continue.view(shape), edge_logits).double().cpu().numpy()
+        return [log_probs[i, : len(item.full)] for i, item in enumerate(batch.items)]
 
     def _reduce(self, hidden: torch.Tensor, trie: ScoreTrie):
-        """lm_head in chunks -> per row: logsumexp, log P(next starts with a digit), logits of trie tokens."""
+        """lm_head in float32 -> per row: logsumexp, log P(next starts with a digit), logits of trie tokens.
+
+        Chunked over rows and vocabulary, so a bf16 model's logits are never rounded to bf16 and no
+        (rows x vocab) matrix of a 128k vocabulary is ever whole.
+        """
         head = self.model.get_output_embeddings()
-        cont = torch.as_tensor(trie.continuation_ids, device=hidden.device)
-        tokens = torch.as_tensor(sorted(set(trie.edge_tokens)), device=hidden.device)
+        weight, bias = head.weight, getattr(head, "bias", None)
+        device = hidden.device
+        cont_mask = torch.zeros(weight.shape[0], dtype=torch.bool, device=device)
+        cont_mask[torch.as_tensor(trie.continuation_ids, device=device)] = True
+        tokens = torch.as_tensor(sorted(set(trie.edge_tokens)), device=device)
         parts = []
-        for start in range(0, hidden.shape[0], _LOGIT_CHUNK):
-            logits = head(hidden[start : start + _LOGIT_CHUNK]).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            parts.append((lse, torch.logsumexp(logits.index_select(-1, cont), dim=-1) - lse, logits.index_select(-1, tokens)))
+        for r0 in range(0, hidden.shape[0], _LOGIT_ROWS):
+            h = hidden[r0 : r0 + _LOGIT_ROWS].float()
+            lse = torch.full((h.shape[0],), -torch.inf, device=device)
+            cont = torch.full((h.shape[0],), -torch.inf, device=device)
+            for v0 in range(0, weight.shape[0], _LOGIT_VOCAB):
+                logits = h @ weight[v0 : v0 + _LOGIT_VOCAB].float().T
+                if bias is not None:
+                    logits += bias[v0 : v0 + _LOGIT_VOCAB].float()
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                digits = cont_mask[v0 : v0 + _LOGIT_VOCAB]
+                if bool(digits.any()):
+                    cont = torch.logaddexp(cont, torch.logsumexp(logits[:, digits], dim=-1))
+            token_logits = h @ weight[tokens].float().T
+            if bias is not None:
+                token_logits += bias[tokens].float()
+            parts.append((lse, cont - lse, token_logits))
         return tuple(torch.cat(p) for p in zip(*parts))
 
-    def _generate_batch(self, prepared: _Prepared, steps: int) -> list[list[str]]:
-        state = self._run_prefix(prepared)
-        block = _Block.build(prepared.items, state, None, self.pad_id)
-        hidden = self._forward_block(state, block)
+    def _generate_batch(self, batch: EncodedBatch, steps: int) -> list[list[str]]:
+        prefix = self._run_prefix(batch)
+        block = BranchBlock.build(self._branches(batch), prefix.layout, None, self.pad_id)
         head = self.model.get_output_embeddings()
-        index = block.contexts[:, :, 0].to(hidden.device)  # (B, M): last token of each branch
-        last = head(hidden.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))).argmax(-1)
-        n_rows, n_prompts = index.shape
-        live = (index >= 0).cpu()
-        tokens = [[[int(last[i, m])] for m in range(n_prompts)] for i in range(n_rows)]
-        done = torch.tensor([[int(last[i, m]) in self.eos_ids for m in range(n_prompts)] for i in range(n_rows)]) | ~live
-        step_block = _StepBlock(block, state)
+        ends = block.contexts[:, :, 0]  # (B, M): last token of each branch; -1 where a row has fewer prompts
+        last = head(gather_rows(self._forward_block(prefix, block), ends)).argmax(-1).cpu()
+        tokens = [[[int(t)] for t in row] for row in last]
+        done = (ends < 0) | torch.isin(last, torch.tensor(sorted(self.eos_ids)))
+        decode = DecodeSteps(block)
         for _ in range(1, steps):
             if bool(done.all()):
                 break
-            hidden = self._forward_block(state, step_block.next(last.cpu()))
-            last = head(hidden).argmax(-1)
-            for i in range(n_rows):
-                for m in range(n_prompts):
-                    if not done[i, m]:
-                        token = int(last[i, m])
-                        tokens[i][m].append(token)
-                        done[i, m] = token in self.eos_ids
-        texts = []
-        for i, item in enumerate(prepared.items):
-            texts.append([self._decode(tokens[i][m]) for m in range(len(item.full))])
-        return texts
+            last = head(self._forward_block(prefix, decode.next(last))).argmax(-1).cpu()
+            for i, m in torch.nonzero(~done).tolist():
+                tokens[i][m].append(int(last[i, m]))
+            done |= torch.isin(last, torch.tensor(sorted(self.eos_ids)))
+        return [[self._decode(tokens[i][m]) for m in range(len(item.full))] for i, item in enumerate(batch.items)]
 
     def _decode(self, ids: list[int]) -> str:
         for n, token in enumerate(ids):
@@ -610,160 +490,3 @@ class TransformersJudgeBackend:
         layer_types = getattr(self.text_config, "layer_types", None) or []
         if window and any("sliding" in t for t in layer_types) and max_position >= window:
             raise RuntimeError(f"prompt reaches position {max_position}, beyond the sliding window {window}: not supported")
-
-
-class _TooLong(ValueError):
-    pass
-
-
-def _single_index(ids: list[int], token: int) -> int:
-    hits = [i for i, t in enumerate(ids) if t == token]
-    if len(hits) != 1:
-        raise ValueError(f"expected one image token in the prompt, found {len(hits)}")
-    return hits[0]
-
-
-def _common_prefix_length(seqs: list[list[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
-
-
-@dataclass
-class _Block:
-    """Tokens after the prefix for a batch: per row, per prompt, its branch then (optionally) the trie.
-
-    ``allowed[i, q, k]``: block token q of row i may attend to block column k (besides the prefix):
-    a branch token sees its branch up to itself, a trie node the whole branch and its trie ancestors
-    and itself. ``contexts[i, m, k]``: block column whose logits are context k of prompt m (k = 0:
-    the branch's last token, k >= 1: trie node k - 1), -1 for absent prompts.
-    """
-
-    ids: torch.Tensor  # (B, Lb)
-    positions: torch.Tensor  # (B, Lb)
-    allowed: torch.Tensor  # (B, Lb, Lb) bool, block-to-block visibility
-    contexts: torch.Tensor  # (B, M_max, K)
-    segments: list[list[tuple[int, int]]]  # per row, per prompt: (start, end) block columns of the branch
-    token_columns: list[int]  # per trie node, its token's column in the reduced logits
-    max_position: int
-
-    @classmethod
-    def build(cls, items: list[_Encoded], state: _PrefixState, trie: ScoreTrie | None, pad_id: int) -> "_Block":
-        n_nodes = len(trie.nodes) if trie else 0
-        n_prompts = max(len(item.full) for item in items)
-        if trie:
-            depth = torch.tensor([node.depth for node in trie.nodes])
-            trie_ids = torch.tensor([node.token_id for node in trie.nodes])
-            ancestor = torch.zeros((n_nodes, n_nodes), dtype=torch.bool)  # [n, a]: a is n or above n
-            for n in range(n_nodes):
-                ancestor[n, trie.ancestors(n)] = True
-            unique = sorted(set(trie.edge_tokens))
-            token_columns = [unique.index(t) for t in trie.edge_tokens]
-        else:
-            token_columns = []
-        rows = []
-        for item, start_pos in zip(items, state.next_positions):
-            ids, pos, seg, index, is_trie, segs = [], [], [], [], [], []
-            ctx = torch.full((n_prompts, 1 + n_nodes), -1, dtype=torch.long)
-            length = 0
-            for m, full in enumerate(item.full):
-                branch = torch.tensor(full[item.prefix_len :])
-                b = len(branch)
-                ids.append(branch)
-                pos.append(start_pos + torch.arange(b))
-                seg.append(torch.full((b,), m))
-                index.append(torch.arange(b))
-                is_trie.append(torch.zeros(b, dtype=torch.bool))
-                segs.append((length, length + b))
-                ctx[m, 0] = length + b - 1
-                length += b
-                if trie:
-                    ids.append(trie_ids)
-                    pos.append(start_pos + b + depth - 1)
-                    seg.append(torch.full((n_nodes,), m))
-                    index.append(torch.arange(n_nodes))
-                    is_trie.append(torch.ones(n_nodes, dtype=torch.bool))
-                    ctx[m, 1:] = length + torch.arange(n_nodes)
-                    length += n_nodes
-            rows.append((torch.cat(ids), torch.cat(pos), torch.cat(seg), torch.cat(index), torch.cat(is_trie), ctx, segs))
-        width = max(len(r[0]) for r in rows)
-        ids_t = torch.full((len(items), width), pad_id, dtype=torch.long)
-        pos_t = torch.zeros((len(items), width), dtype=torch.long)
-        allowed = torch.zeros((len(items), width, width), dtype=torch.bool)
-        for i, (ids, pos, seg, index, is_trie, _, _) in enumerate(rows):
-            n = len(ids)
-            ids_t[i, :n], pos_t[i, :n] = ids, pos
-            same = seg[:, None] == seg[None, :]
-            branch_q, branch_k = ~is_trie[:, None], ~is_trie[None, :]
-            causal_branch = branch_q & branch_k & (index[None, :] <= index[:, None])
-            trie_sees_branch = is_trie[:, None] & branch_k
-            visible = causal_branch | trie_sees_branch
-            if trie:
-                node_q = torch.where(is_trie, index, 0)
-                trie_sees_ancestors = is_trie[:, None] & is_trie[None, :] & ancestor[node_q][:, node_q]
-                visible = visible | trie_sees_ancestors
-            allowed[i, :n, :n] = same & visible
-            pad = torch.arange(n, width)
-            allowed[i, pad, pad] = True  # padding sees itself only (no empty softmax rows)
-        return cls(
-            ids=ids_t,
-            positions=pos_t,
-            allowed=allowed,
-            contexts=torch.stack([r[5] for r in rows]),
-            segments=[r[6] for r in rows],
-            token_columns=token_columns,
-            max_position=int(pos_t.max()) if pos_t.numel() else 0,
-        )
-
-    def allowed_with_past(self, state: _PrefixState) -> torch.Tensor:
-        """Visibility over all cache columns: a row's real prefix, then the block area's own pattern."""
-        n_rows, width = self.ids.shape
-        prefix = torch.zeros((n_rows, width, state.width), dtype=torch.bool)
-        for i, n in enumerate(state.prefix_lens):
-            prefix[i, :, :n] = True
-        return torch.cat([prefix, self.allowed], dim=-1)
-
-
-class _StepBlock:
-    """Greedy steps after a branch-only block: one new token per prompt per step, on the same cache."""
-
-    def __init__(self, block: _Block, state: _PrefixState):
-        self.block = block
-        self.state = state
-        self.step = 0
-        self.generated_columns: list[int] = []  # cache columns of earlier steps (relative to the block start)
-        n_rows = block.ids.shape[0]
-        self.n_prompts = block.contexts.shape[1]
-        self.next_pos = torch.zeros((n_rows, self.n_prompts), dtype=torch.long)
-        for i, segs in enumerate(block.segments):
-            for m, (s, e) in enumerate(segs):
-                self.next_pos[i, m] = block.positions[i, e - 1] + 1
-
-    def next(self, last_tokens: torch.Tensor) -> "_Block":
-        n_rows, width = self.block.ids.shape
-        m_count = self.n_prompts
-        offset = width + self.step * m_count  # block columns used so far (branches + earlier steps)
-        # visibility of the new M tokens over [branch block | earlier steps | these M tokens]
-        allowed = torch.zeros((n_rows, m_count, offset + m_count), dtype=torch.bool)
-        for i, segs in enumerate(self.block.segments):
-            for m in range(m_count):
-                if m < len(segs):
-                    s, e = segs[m]
-                    allowed[i, m, s:e] = True
-                for t in range(self.step):
-                    allowed[i, m, width + t * m_count + m] = True
-                allowed[i, m, offset + m] = True
-        positions = self.next_pos + self.step
-        self.step += 1
-        return _Block(
-            ids=last_tokens.reshape(n_rows, m_count).long(),
-            positions=positions,
-            allowed=allowed,
-            contexts=self.block.contexts,
-            segments=self.block.segments,
-            token_columns=[],
-            max_position=int(positions.max()),
-        )

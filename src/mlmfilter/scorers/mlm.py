@@ -21,7 +21,6 @@ only builds prompts and turns distributions or texts into columns.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal, Sequence
 
 import pyarrow as pa
@@ -35,8 +34,7 @@ from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.sample import Sample
 from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
 
-log = logging.getLogger(__name__)
-
+#: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
 EXPECTED_DEFINITION = (
     "P(s) = P(canonical tokens of str(s) | prompt) * P(next token does not start with a digit); "
@@ -113,8 +111,8 @@ class MLMScorer(Scorer):
     @property
     def image_size(self) -> int | None:  # type: ignore[override]
         """Shorter side to decode to, from the processor config (no weights are loaded)."""
-        if self.backend is not None and not hasattr(self.backend, "loaded"):
-            return getattr(self.backend, "image_size", None)
+        if self.backend is not None and hasattr(self.backend, "image_size"):
+            return self.backend.image_size
         return self._spec().image_size
 
     def _spec(self):
