@@ -63,9 +63,8 @@ def build_benchmark_model(dst: str | Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
     language_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
     text_config = language_model.config
-    text_config.quantization_config = None  # the weights are dequantised: plain fp32 from here on
-    if hasattr(text_config, "quantization_config"):
-        del text_config.quantization_config
+    if getattr(text_config, "quantization_config", None) is not None:
+        del text_config.quantization_config  # dequantised on load: plain fp32 weights from here on
 
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     vision_config = CLIPVisionConfig(
