@@ -14,16 +14,19 @@ from rich.table import Table
 
 from mlmfilter import api
 from mlmfilter.demo_data import make_sample_shards
+from mlmfilter.models.common import use_offline_hub
 
 #: what the demo scores with: real hub models when they can be had, loud random stand-ins otherwise
 DEMO_SCORERS = [
     {"name": "rules"},
     {"name": "clip", "options": {"model": "openai/clip-vit-base-patch32", "allow_random_fallback": True}},
 ]
+# a small VLM that transformers loads as it is, used zero-shot as the judge; the released
+# MLM-Filter checkpoints are 8-13B and in the original LLaVA layout (`mlmfilter convert-llava`)
 DEMO_MLM = {
     "name": "mlm",
     "options": {
-        "model": "weizhiwang/mlm-filter-llama-3-8b-gpt4v",
+        "model": "HuggingFaceTB/SmolVLM-256M-Instruct",
         "metrics": "itm,odf",
         "allow_random_fallback": True,
     },
@@ -37,7 +40,7 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     output = Path(output)
     if not _hub_reachable():
         # fail over to the random stand-ins at once instead of after minutes of download retries
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        use_offline_hub()
         console.print("[yellow]The Hugging Face hub is not reachable: models load from the local cache only.[/]")
     shards = make_sample_shards(output / "shards")
     console.print(f"[bold]1/3[/] wrote {len(shards)} sample shards to {output / 'shards'}")

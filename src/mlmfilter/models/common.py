@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,15 @@ def unavailable_message(name_or_path: str, cause: BaseException | None = None) -
         f"(HF_HOME) here, then run with HF_HUB_OFFLINE=1 so no network is tried; or pass the path of a "
         f"local directory holding config.json, the weights and the tokenizer/preprocessor files."
     )
+
+
+def use_offline_hub() -> None:
+    """Load models from the local cache only, from now on in this process.
+
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so setting the variable alone is not
+    enough once transformers is loaded.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
