@@ -318,19 +318,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del bare, pipeline
 
         fp32_cos, best_cos = run_cosines(run_dirs["fp32"]), run_cosines(run_dirs[best])
-        diff = np.abs(np.array([best_cos[k] - fp32_cos[k] for k in keys]))
+        best_arr, fp32_arr = np.array([best_cos[k] for k in keys]), np.array([fp32_cos[k] for k in keys])
+        diff = np.abs(best_arr - fp32_arr)
+        ranks = [np.argsort(np.argsort(a)) for a in (best_arr, fp32_arr)]  # Spearman = Pearson of ranks
+        spearman = float(np.corrcoef(*ranks)[0, 1])
         ref_diff = np.abs(np.array(reference_cosines) - np.array([fp32_cos[k] for k in keys[:8]]))
         results.update(
             {
                 f"{best}_vs_fp32_max_abs_cos_diff": float(diff.max()),
                 f"{best}_vs_fp32_mean_abs_cos_diff": float(diff.mean()),
                 "reference_vs_b_fp32_max_abs_cos_diff_first8": float(ref_diff.max()),
-                "fp32_cosine_spread": float(np.std(list(fp32_cos.values()))),
+                f"{best}_vs_fp32_spearman": spearman,
+                "fp32_cosine_spread": float(np.std(fp32_arr)),
             }
         )
         print(
             f"{best} vs fp32 |clip_cosine diff| over {len(keys)} pairs: max {diff.max():.2e}, mean {diff.mean():.2e} "
-            f"(std of the fp32 cosines: {results['fp32_cosine_spread']:.2e}); "
+            f"(std of the fp32 cosines: {results['fp32_cosine_spread']:.2e}, rank correlation {spearman:.4f}); "
             f"(a) vs (b fp32) on 8 pairs: max {ref_diff.max():.2e}"
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,8 +12,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors():
+    """Mistakes in the input or the flags end with one clear line (exit 2), not a traceback."""
+    from mlmfilter.models.common import ModelUnavailableError
+    from mlmfilter.runs.folder import ConfigMismatch
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ConfigMismatch, ModelUnavailableError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
 
 #: flags shared by the scorers; each goes to every requested scorer whose Options has that field
 SHARED_SCORER_FLAGS = (
@@ -113,7 +127,8 @@ def score(
         fields["allow_pipe"] = True
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
-    summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, show_progress=True)
+    with user_errors():
+        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, show_progress=True)
     print_score_summary(summary)
     if not summary.ok:
         raise typer.Exit(1)
@@ -146,7 +161,8 @@ def select(
     """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
     from mlmfilter import api
 
-    result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by)
+    with user_errors():
+        result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by)
     console.print(result.summary() if hasattr(result, "summary") else result)
 
 
@@ -167,7 +183,8 @@ def reshard(
 
         table = pq.read_table(captions, columns=["uid", caption_column])
         replacement = dict(zip(table["uid"].to_pylist(), table[caption_column].to_pylist()))
-    stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement)
+    with user_errors():
+        stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement)
     console.print_json(json.dumps(stats, default=str))
 
 
@@ -194,7 +211,8 @@ def convert_llava(
     from mlmfilter.models.convert_llava import convert_llava_checkpoint
 
     _setup_logging(False)
-    out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
+    with user_errors():
+        out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
     console.print(f"converted checkpoint written to {out}")
 
 
