@@ -11,15 +11,19 @@ photos with their first caption and the reference v2 prompt of each metric:
 * reference: what the MLM-Filter scoring scripts do: one pass per metric over the data, batches of
   8 pairs, the processor re-run and the image re-encoded for every metric, left padding,
   ``generate`` with 2 new tokens, greedy;
-* ours: ``MLMScorer`` (``readout="expected"``): per pair the image is processed and encoded once,
-  the shared prefix (system, image, caption) runs once, then the 4 metric suffixes plus the score
-  trie in one forward over the prefix's KV cache.
+* ours, expected: ``MLMScorer(readout="expected")``: per pair the image is processed and encoded
+  once, the shared prefix (chat header, image, caption) runs once, then the 4 metric suffixes plus
+  the score trie in one forward over the prefix's KV cache;
+* ours, generate: the same scorer and backend with ``readout="generate", max_new_tokens=2`` (the
+  reference's readout on our shared path); its answers are checked against the reference's.
 
-Printed: wall time of each, their ratio, vision-encoder passes (a forward hook on the vision tower
-counts images), the token-count bound (LLM tokens the reference processes / tokens ours processes:
-shared prefix once + 4 suffixes + the score-trie tokens), and the same for bf16.
+Printed: wall time of each (best of ``--repeats``, with the worst), ratios, vision-encoder passes
+(a forward hook on the vision tower counts images), the bounds from the real token counts
+(reference tokens / (shared prefix once + 4 suffixes), and with the expected readout's trie
+tokens) and from matmul FLOPs including the vision tower, per dtype (fp32, bf16).
 
-    .venv/bin/python benchmarks/bench_judge.py [--pairs 16] [--batch-size 8] [--dtypes fp32,bf16] [--threads 2]
+    .venv/bin/python benchmarks/bench_judge.py [--pairs 16] [--batch-size 8] [--dtypes fp32,bf16]
+                                               [--threads 2] [--repeats 1] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -40,8 +44,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _smollm2 import build_benchmark_model  # noqa: E402
-
-from mlmfilter.judge.prompts import METRICS, resolve_template  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k_dev"
 REFERENCE_NEW_TOKENS = 2
@@ -68,21 +70,17 @@ def load_pairs(folder: Path, n: int) -> list[Pair]:
 
 
 class VisionPassCounter:
-    """Counts images through the vision tower (a forward hook: batch size of each call)."""
+    """Counts images through the vision tower (a forward hook adds the batch size of each call)."""
 
     def __init__(self, model: Any):
         self.images = 0
-        self.calls = 0
         self._handle = model.model.vision_tower.register_forward_hook(self._hook)
 
-    def _hook(self, module, args, kwargs_or_output, *rest) -> None:
-        pixel_values = args[0] if args else None
-        self.calls += 1
-        self.images += int(pixel_values.shape[0]) if pixel_values is not None else 0
+    def _hook(self, module: Any, args: tuple, output: Any) -> None:
+        self.images += int(args[0].shape[0])  # pixel_values
 
     def reset(self) -> None:
         self.images = 0
-        self.calls = 0
 
     def close(self) -> None:
         self._handle.remove()
