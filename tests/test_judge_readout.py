@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mlmfilter.judge.readout import (
+    AdaptiveTrieReadout,
     ExpectedScore,
     ScoreTrie,
     UnsupportedTokenizerError,
@@ -73,6 +74,48 @@ def test_trie_combines_exactly_like_walking_each_number():
             context = index[tuple(seq[: depth + 1])]
         total += math.log1p(-float(logp[context, cont].exp().sum()))
         assert fast[score] == pytest.approx(total, abs=1e-5)
+
+
+def _adaptive(trie, logits, threshold, eager_first_level):
+    """Drive AdaptiveTrieReadout like a backend does, reading contexts from full logits (rows, K, V)."""
+    rows = logits.shape[0]
+    readout = AdaptiveTrieReadout(trie, rows, threshold)
+    first = [1 + n for n, node in enumerate(trie.nodes) if node.depth == 1] if eager_first_level else []
+    wanted = [[0, *first] for _ in range(rows)]
+    computed = 0
+    while any(wanted):
+        r = [i for i, ctx in enumerate(wanted) for _ in ctx]
+        k = [c for ctx in wanted for c in ctx]
+        picked = logits[r, k].float()
+        lse = torch.logsumexp(picked, -1)
+        cont = torch.logsumexp(picked[:, trie.continuation_ids], -1) - lse
+        readout.add(r, k, lse, cont, picked[:, readout.tokens])
+        computed += len(k)
+        wanted = [[1 + n for n in nodes] for nodes in readout.to_expand()]
+    return readout.log_probs().double(), computed
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2", "multi_digit"])
+def test_adaptive_trie_is_exact_at_zero_and_within_the_threshold_above(tokenizer, smollm2):
+    tok = smollm2 if tokenizer == "smollm2" else _multi_digit_tokenizer()
+    trie = ScoreTrie.from_tokenizer(tok)
+    generator = torch.Generator().manual_seed(1)
+    vocab = max(max(trie.continuation_ids), max(trie.edge_tokens)) + 50
+    logits = torch.randn(3, trie.n_contexts, vocab, generator=generator) * 4
+    digits = torch.tensor(sorted(set(trie.edge_tokens)))
+    logits[..., digits] += 6.0  # an answer that is mostly a number, as a judge's should be
+    exact = torch.stack([trie.score_log_probs(row) for row in logits]).double()
+    eager = tokenizer == "smollm2"
+    full, computed = _adaptive(trie, logits, 0.0, eager)
+    torch.testing.assert_close(full, exact, atol=1e-5, rtol=0)
+    assert computed == 3 * trie.n_contexts
+    for threshold in (1e-4, 1e-2):
+        approx, computed = _adaptive(trie, logits, threshold, eager)
+        error = (approx.exp() - exact.exp()).abs().max()
+        assert float(error) < threshold
+        assert computed < 3 * trie.n_contexts  # fewer contexts than the whole trie
+    assert computed < 3 * trie.n_contexts / 2  # at 1e-2 most of the trie is skipped
+    assert float(error) > 0  # ... and it shows: the bound is what holds, not exactness
 
 
 def test_fallback_tokenizer_spells_every_score():

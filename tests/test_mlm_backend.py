@@ -102,7 +102,7 @@ def test_exact_request_text_reaches_the_model(loaded, photos, reference_prompts,
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_expected_readout_equals_brute_force(loaded, photos, family):
-    judge = backend(loaded, family)
+    judge = backend(loaded, family, trie_threshold=0.0)  # the whole trie: exact
     request = requests_for(photos, metrics=["semantic_understanding", "image_text_matching"], n=1)[0]
     fast = judge.score_distributions([request])[0]
     assert fast.shape == (2, 101)
@@ -114,6 +114,20 @@ def test_expected_readout_equals_brute_force(loaded, photos, family):
     )
     np.testing.assert_allclose(fast[1], brute, atol=2e-4, rtol=0)
     assert np.ptp(brute) > 0.5  # the model is random but far from flat: the comparison has teeth
+
+    # adaptive trie: thresholds that expand none, some, or all of the two-digit nodes; every P(s)
+    # stays within the threshold of brute force, and what was expanded is exact
+    two_digit = np.exp(brute[10:100])
+    for threshold in (1e-4, float(np.median(two_digit)), float(two_digit.min()) / 2):
+        adaptive = backend(loaded, family, trie_threshold=threshold).score_distributions([request])[0][1]
+        rounding = 2e-4 * np.exp(brute)  # the float tolerance of the exact comparison above, in P units
+        assert (np.abs(np.exp(adaptive) - np.exp(brute)) < threshold + rounding).all()
+        np.testing.assert_allclose(adaptive[:10], brute[:10], atol=2e-4, rtol=0)  # first level: always exact
+        expanded = np.abs(adaptive - brute) < 2e-4
+        if threshold == float(np.median(two_digit)):  # some expanded, some not: the bound is what holds
+            assert 0 < expanded[10:100].sum() < 90
+        if threshold < two_digit.min():  # every path is above it: exact
+            np.testing.assert_allclose(adaptive, brute, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
@@ -176,8 +190,12 @@ def test_one_image_pass_and_one_prefix_pass_per_pair(loaded, photos):
         del model.get_image_features
     assert all(o.shape == (4, 101) for o in out)
     assert seen_images == [len(photos)]  # one vision pass, every image once, for 4 metrics each
-    assert len(recorder.calls) == 2  # the shared prefixes, then all branches + score tries
+    # the shared prefixes; then, per group of prompts of similar length, one row per prompt (branch +
+    # first digits) and deeper trie levels only where a path is likely enough (<= 2 more for 0..100)
     assert recorder.calls[0]["input_ids"].shape[0] == len(photos)
+    rows = [call["input_ids"].shape[0] for call in recorder.calls[1:]]
+    assert 1 <= len(rows) <= 4 * judge.trie.max_depth
+    assert all(r <= 4 * len(photos) for r in rows) and sum(rows) >= 4 * len(photos)
 
 
 def test_failures_stay_with_their_request(loaded, photos):

@@ -129,6 +129,8 @@ def test_options_are_validated():
         MLMOptions(conversation="chatml")
     with pytest.raises(ValidationError):
         MLMOptions(readout="logits")
+    with pytest.raises(ValidationError):
+        MLMOptions(trie_threshold=-0.1)
     options = MLMOptions(metrics=["semantic_understanding", "itm"], template="{caption} -> {aspect}?")
     scorer = MLMScorer(options)
     assert [c for c in scorer.columns if "_" not in c] == ["su", "itm"]
@@ -144,7 +146,9 @@ def test_provenance_names_model_prompts_and_format_without_loading(llava_dir):
     assert model["family"] == "llava" and model["local_path"] and model["dtype"] == "fp32"
     assert model["conversation"]["name"] == "vicuna_v1" and model["answer_prefix"] == " "
     assert model["libraries"]["transformers"] and "warnings" not in prov
+    assert prov["trie_threshold"] == 1e-4 and "within 0.0001" in prov["readout_bound"]
     scorer.ensure_setup()
+    assert scorer.backend.trie_threshold == 1e-4  # the option reaches the backend
     assert scorer.provenance()["model"] == model | {"libraries": scorer.provenance()["model"]["libraries"]}
 
 

@@ -14,8 +14,14 @@ are not counted. The P(s) sum to ``mass`` <= 1, the probability that the answer 
 number in range; the score is the mean of s under P(s) / mass, ``std`` its spread. A tokenizer
 with one token per number (Llama-3: 0..999 are single tokens) needs the logits after the
 prompt plus one step per number; a digit-by-digit tokenizer (SmolLM2, Qwen) needs the logits
-after each node of the token trie {first digit, 90 second digits under 1..9, "1" "0" "0"}. The
-backend computes all of them in one forward over the trie (see ``ScoreTrie``).
+after each node of the token trie {first digit, 90 second digits under 1..9, "1" "0" "0"}.
+
+Adaptive trie (``trie_threshold``, default 1e-4, :class:`AdaptiveTrieReadout`): the backend computes
+the root and the first digits, then expands a deeper node only if its path probability
+P(t_1 .. t_k | prompt) >= threshold. An unexpanded node is taken to stop there (P(stop) = 1) and the
+numbers under it get P = 0, so EVERY P(s) IS WITHIN ``trie_threshold`` OF THE EXACT VALUE (both
+errors are bounded by the unexpanded node's path probability). ``trie_threshold=0`` computes the
+whole trie: exact.
 
 ``generate`` (reference-compatible). Greedy decoding with enough new tokens to write "100" and
 see it end; the first line of the stripped text is parsed with ``int()``; a value outside 0..100
@@ -24,6 +30,7 @@ or an unparseable line is a failure (``errors.UNPARSEABLE_SCORE``) and the raw t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -135,7 +142,36 @@ class ScoreTrie:
         edge = edge_logits.float() - lse.float().index_select(-1, ctx)  # log P(token | parent context)
         stop = log1mexp(log_continue.float()[..., 1:])  # per node: log P(no digit follows)
         terminal = torch.as_tensor(self.terminal, device=device)
-        return edge @ self.path_matrix(device).T + stop.index_select(-1, terminal)
+        return self.node_log_paths(edge).index_select(-1, terminal) + stop.index_select(-1, terminal)
+
+    def node_log_paths(self, edge_log_probs: "torch.Tensor") -> "torch.Tensor":
+        """Per node, log P(its tokens | prompt): the sum of the edge log-probs from the first token down.
+
+        A gather-sum rather than a matmul with the 0/1 path matrix, so -inf edges (never computed) give
+        -inf paths, not NaN.
+        """
+        import torch
+
+        index = torch.as_tensor(self._ancestor_index, device=edge_log_probs.device)  # (N, depth), N = "none"
+        padded = torch.cat([edge_log_probs, torch.zeros_like(edge_log_probs[..., :1])], dim=-1)
+        return padded[..., index].sum(-1)
+
+    @functools.cached_property
+    def _ancestor_index(self) -> np.ndarray:
+        n_nodes = len(self.nodes)
+        index = np.full((n_nodes, self.max_depth), n_nodes, dtype=np.int64)
+        for n in range(n_nodes):
+            chain = self.ancestors(n)
+            index[n, : len(chain)] = chain
+        return index
+
+    def descendants_closure(self, selected: "torch.Tensor") -> "torch.Tensor":
+        """``selected`` (..., N) bool, plus every node under a selected node."""
+        out = selected.clone()
+        for n, node in enumerate(self.nodes):  # parents first
+            if node.parent >= 0:
+                out[..., n] |= out[..., node.parent]
+        return out
 
     def score_log_probs(self, logits: "torch.Tensor") -> "torch.Tensor":
         """log P(s) for s in 0..100 from one logit row per context, shape (n_contexts, vocab)."""
@@ -148,6 +184,68 @@ class ScoreTrie:
         for s, end in enumerate(self.terminal):
             path[s, self.ancestors(end)] = 1.0
         return path
+
+
+class AdaptiveTrieReadout:
+    """log P(s) for many rows (one per prompt) from trie contexts computed a level at a time.
+
+    A backend first computes the root context (the logits after the prompt) and usually the first
+    level; then, round by round, :meth:`to_expand` names the nodes worth a forward: those whose parent
+    is computed and whose path probability P(t_1 .. t_k | prompt) is >= ``threshold`` (with every node
+    under them, so "100" rides along with "10"). A node never computed counts as "the number stops
+    here" (P(stop) = 1) and nodes under it get P = 0. Hence every P(s) is off by LESS than
+    ``threshold`` (the unexpanded node's path probability bounds both errors); ``threshold`` 0
+    computes the whole trie and is exact.
+    """
+
+    def __init__(self, trie: ScoreTrie, n_rows: int, threshold: float, device: Any = None):
+        import torch
+
+        self.trie = trie
+        self.threshold = float(threshold)
+        self.tokens = sorted(set(trie.edge_tokens))  # columns of the token logits a backend supplies
+        k = trie.n_contexts
+        self.lse = torch.zeros((n_rows, k), device=device)
+        self.log_continue = torch.full((n_rows, k), -torch.inf, device=device)
+        self.token_logits = torch.full((n_rows, k, len(self.tokens)), -torch.inf, device=device)
+        self.done = torch.zeros((n_rows, k), dtype=torch.bool, device=device)
+        self._columns = torch.as_tensor([self.tokens.index(t) for t in trie.edge_tokens], device=device)
+        self._edge_contexts = torch.as_tensor(trie.edge_contexts, device=device)
+
+    def add(self, rows, contexts, lse, log_continue, token_logits) -> None:
+        """Reductions of computed contexts: ``rows``/``contexts`` (n,), lse/log_continue (n,), token_logits (n, T)."""
+        rows = _long_tensor(rows, self.lse.device)
+        contexts = _long_tensor(contexts, self.lse.device)
+        self.lse[rows, contexts] = lse.float()
+        self.log_continue[rows, contexts] = log_continue.float()
+        self.token_logits[rows, contexts] = token_logits.float()
+        self.done[rows, contexts] = True
+
+    def edge_logits(self) -> "torch.Tensor":
+        """(rows, N) logit of each node's token at its parent's context; -inf where that is not computed."""
+        return self.token_logits[:, self._edge_contexts, self._columns]
+
+    def to_expand(self) -> list[list[int]]:
+        """Per row, the node indices (parents first) the next forward should compute; empty: finished."""
+        import torch
+
+        edge = self.edge_logits() - self.lse[:, self._edge_contexts]
+        paths = self.trie.node_log_paths(edge)
+        bound = math.log(self.threshold) if self.threshold > 0 else -math.inf
+        pending = ~self.done[:, 1:]
+        wanted = pending & self.done[:, self._edge_contexts] & (paths >= bound)
+        wanted = self.trie.descendants_closure(wanted) & pending
+        return [torch.nonzero(row).flatten().tolist() for row in wanted.cpu()]
+
+    def log_probs(self) -> "torch.Tensor":
+        """(rows, 101) log P(s), within ``threshold`` of the exact values (see the class docstring)."""
+        return self.trie.combine(self.lse, self.log_continue, self.edge_logits())
+
+
+def _long_tensor(values: Any, device: Any) -> "torch.Tensor":
+    import torch
+
+    return torch.as_tensor(values, dtype=torch.long, device=device)
 
 
 def log1mexp(x: "torch.Tensor") -> "torch.Tensor":

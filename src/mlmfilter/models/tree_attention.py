@@ -11,9 +11,14 @@ out side by side in one sequence per pair, with
   the prefix), a trie node of depth d ``p + len(branch) + d - 1``, as if each branch and each path of
   the trie were the only continuation.
 
-So each prompt is computed exactly as alone, the prefix KV cache is never copied, and the trie costs
-101 extra tokens per prompt (not 101 forward passes). Greedy decoding continues on the same cache with
-:class:`DecodeSteps`: one new token per prompt per step.
+So each prompt is computed exactly as alone and the prefix KV cache is never copied. Greedy decoding
+(the ``generate`` readout) uses this layout and continues on the same cache with :class:`DecodeSteps`:
+one new token per prompt per step.
+
+The ``expected`` readout uses :class:`PromptRows` instead: the prefix cache copied once per prompt,
+one row per prompt (its branch, then trie levels grown on demand). Measured on SmolLM2 layers on CPU,
+that is ~2x faster than the side-by-side row: attention over one long tree-masked row grows with the
+square of 4 branches + 4 tries.
 """
 
 from __future__ import annotations
@@ -117,6 +122,70 @@ class BranchBlock:
         return mask.unsqueeze(1)
 
 
+class PromptRows:
+    """One row per prompt over the prefix cache expanded to (pair, prompt) rows; the score trie grown
+    a level at a time on the same cache.
+
+    :meth:`block` lays out one forward: with ``with_branch``, each row's branch (right-padded, causal)
+    then the trie nodes named for it; later calls add only trie nodes. A trie node sees its row's prefix
+    and branch, its ancestors (wherever they were computed) and itself, at position
+    ``p + len(branch) + depth - 1``; padding sees itself only. ``contexts[r, 0, k]`` is the block
+    column holding context k of row r (0: the branch's last token, 1 + n: node n), -1 if not here.
+    Only this row's small trie block needs a tree mask; the prompts' branches no longer share a row.
+    """
+
+    def __init__(self, branches: Sequence[Sequence[int]], next_positions: Sequence[int], trie: ScoreTrie, pad_id: int):
+        self.branches = [list(b) for b in branches]
+        self.starts = list(next_positions)
+        self.trie = trie
+        self.pad_id = pad_id
+        self.columns = np.full((len(self.branches), len(trie.nodes)), -1, dtype=np.int64)  # block-area column of a node
+        self.branch_columns = [(0, 0)] * len(self.branches)
+        self.width = 0  # block-area columns (branches + trie nodes + padding) already in the cache
+
+    def block(self, nodes: Sequence[Sequence[int]], with_branch: bool = False) -> BranchBlock | None:
+        n_rows, n_nodes = len(self.branches), len(self.trie.nodes)
+        lengths = [(len(b) if with_branch else 0) + len(ns) for b, ns in zip(self.branches, nodes)]
+        n_queries = max(lengths, default=0)
+        if n_queries == 0:
+            return None
+        w0 = self.width
+        total = w0 + n_queries
+        ids = np.full((n_rows, n_queries), self.pad_id, dtype=np.int64)
+        positions = np.zeros((n_rows, n_queries), dtype=np.int64)
+        allowed = np.zeros((n_rows, n_queries, total), dtype=bool)
+        contexts = np.full((n_rows, 1, 1 + n_nodes), -1, dtype=np.int64)
+        for r, (branch, row_nodes) in enumerate(zip(self.branches, nodes)):
+            q = 0
+            if with_branch:
+                b = len(branch)
+                ids[r, :b] = branch
+                positions[r, :b] = self.starts[r] + np.arange(b)
+                allowed[r, :b, w0 : w0 + b] = np.tril(np.ones((b, b), dtype=bool))
+                self.branch_columns[r] = (w0, w0 + b)
+                contexts[r, 0, 0] = b - 1
+                q = b
+            b0, b1 = self.branch_columns[r]
+            for n in sorted(row_nodes):  # parents first
+                node = self.trie.nodes[n]
+                self.columns[r, n] = w0 + q
+                ids[r, q] = node.token_id
+                positions[r, q] = self.starts[r] + (b1 - b0) + node.depth - 1
+                allowed[r, q, b0:b1] = True
+                seen = self.columns[r, self.trie.ancestors(n)]
+                if (seen < 0).any():
+                    raise ValueError(f"trie node {n} is laid out before its parent")
+                allowed[r, q, seen] = True
+                contexts[r, 0, 1 + n] = q
+                q += 1
+            pad = np.arange(q, n_queries)
+            allowed[r, pad, w0 + pad] = True  # padding sees itself only (no empty softmax rows)
+        self.width = total
+        return BranchBlock(
+            torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed), torch.from_numpy(contexts), []
+        )
+
+
 class DecodeSteps:
     """Greedy steps after a branch-only block: one new token per prompt per step, on the same cache."""
 
@@ -151,6 +220,19 @@ class DecodeSteps:
         )
 
 
+def length_groups(lengths: Sequence[int], slack: float = 0.15, extra: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length (sorted): a group's longest is at most ``(1 + slack) x`` its
+    shortest ``+ extra``, so right padding wastes little. One forward per group."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= lengths[groups[-1][0]] * (1 + slack) + extra:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def gather_rows(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, H) at block columns (B, ...) -> (B, ..., H); negative columns read column 0."""
     flat = columns.clamp(min=0).flatten(1).to(hidden.device)
@@ -158,4 +240,4 @@ def gather_rows(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return picked.view(*columns.shape, hidden.shape[-1])
 
 
-__all__ = ["PrefixLayout", "BranchBlock", "DecodeSteps", "gather_rows"]
+__all__ = ["PrefixLayout", "BranchBlock", "PromptRows", "DecodeSteps", "gather_rows", "length_groups"]

@@ -14,10 +14,13 @@ this package), per micro-batch of pairs:
 2. the image is encoded ONCE (``get_image_features``) and its features are reused for all prompts;
 3. the shared prefix (the longest common prefix of the token ids of the pair's prompts: system,
    image, caption ...) is run ONCE and its KV cache is reused by every prompt;
-4. one more forward runs, for every prompt, the tokens after the prefix followed by the score trie
-   (``expected``: every node whose logits P(s) needs) with a 4D attention mask (each token sees the
-   prefix, its own branch and its trie ancestors) and explicit position ids; ``generate`` runs the
-   branches and then greedy steps, one token per prompt per step, on the same cache.
+4. ``expected``: the prefix cache is copied once per prompt (rows = (pair, prompt)); one forward runs
+   every prompt's own tokens (right-padded, causal) plus the first level of the score trie (the 10
+   first digits) under a small tree mask; further trie levels (two-digit numbers, "100") run in one
+   more forward each, only for nodes whose path probability reaches ``trie_threshold``
+   (:class:`~mlmfilter.judge.readout.AdaptiveTrieReadout`: every P(s) within the threshold; 0 =
+   the whole trie, exact). ``generate`` runs all branches of a pair side by side in one row with a
+   4D mask, then greedy steps, one token per prompt per step, on the same cache.
 
 Position ids are explicit everywhere, so right padding and tree layout never shift a pair's positions:
 a pair's scores do not depend on its batch mates (up to float rounding). Qwen2-VL's M-RoPE gets its
@@ -53,7 +56,7 @@ import torch
 
 from mlmfilter.judge.backend import JudgeRequest, RequestFailure
 from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, validate_conversation
-from mlmfilter.judge.readout import ScoreTrie, UnsupportedTokenizerError
+from mlmfilter.judge.readout import SCORES, AdaptiveTrieReadout, ScoreTrie, UnsupportedTokenizerError
 from mlmfilter.models.common import (
     ModelUnavailableError,
     dtype_name,
@@ -63,7 +66,7 @@ from mlmfilter.models.common import (
     resolve_dtype,
     unavailable_message,
 )
-from mlmfilter.models.tree_attention import BranchBlock, DecodeSteps, PrefixLayout, gather_rows
+from mlmfilter.models.tree_attention import BranchBlock, DecodeSteps, PrefixLayout, PromptRows, gather_rows, length_groups
 from mlmfilter.models.vlm_encoding import EncodedBatch, PromptEncoder
 from mlmfilter.models.vlm_families import VlmFamily, family_for_model_type, guess_family, image_only_processor_class
 
@@ -75,6 +78,11 @@ _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "tok
 #: the trie readout computes float32 logits in blocks of rows x vocabulary (bounded memory at 128k+ tokens)
 _LOGIT_ROWS = 512
 _LOGIT_VOCAB = 32768
+#: a trie's first level is computed with the branches when it is this small (digit tokenizers: 10);
+#: larger first levels (one token per number) are expanded by probability like deeper ones
+_EAGER_FIRST_LEVEL = 16
+#: default of ``trie_threshold``: trie nodes below this path probability are not expanded
+DEFAULT_TRIE_THRESHOLD = 1e-4
 
 
 # -- inspecting and loading -------------------------------------------------------------------------
@@ -252,6 +260,14 @@ class _CachedPrefix:
     layout: PrefixLayout
 
 
+def _select_rows(cache: Any, rows: list[int], device: torch.device) -> Any:
+    """A new DynamicCache holding the given batch rows of ``cache`` (rows may repeat: one copy per prompt)."""
+    from transformers import DynamicCache
+
+    index = torch.as_tensor(rows, device=device)
+    return DynamicCache([(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+
+
 class TransformersJudgeBackend:
     """The JudgeBackend for Hugging Face models (see the module docstring for what is shared)."""
 
@@ -262,8 +278,12 @@ class TransformersJudgeBackend:
         answer_prefix: str | None = None,
         batch_size: int = 8,
         max_length: int | None = None,
+        trie_threshold: float = DEFAULT_TRIE_THRESHOLD,
     ):
         self.loaded = loaded
+        if not 0.0 <= float(trie_threshold) < 1.0:
+            raise ValueError(f"trie_threshold must be in [0, 1), got {trie_threshold}")
+        self.trie_threshold = float(trie_threshold)
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
@@ -407,18 +427,42 @@ class TransformersJudgeBackend:
         return [[ids[item.prefix_len :] for ids in item.full] for item in batch.items]
 
     def _expected_batch(self, batch: EncodedBatch) -> list[np.ndarray]:
-        trie = self.trie
+        """Prefix once per pair; then one row per prompt over a copy of its pair's prefix cache, rows of
+        similar length together (a metric's prompts have near-equal suffixes, metrics differ 2x)."""
         prefix = self._run_prefix(batch)
-        block = BranchBlock.build(self._branches(batch), prefix.layout, trie, self.pad_id)
-        hidden = gather_rows(self._forward_block(prefix, block), block.contexts)  # (B, M, K, H)
-        lse, log_continue, token_logits = self._reduce(hidden.flatten(0, 2), trie)
-        shape = block.contexts.shape
-        unique = sorted(set(trie.edge_tokens))
-        columns = torch.as_tensor([unique.index(t) for t in trie.edge_tokens], device=lse.device)
-        contexts = torch.as_tensor(trie.edge_contexts, device=lse.device)
-        edge_logits = token_logits.view(*shape, -1)[:, :, contexts, columns]  # (B, M, N)
-        log_probs = trie.combine(lse.view(shape), log_continue.view(shape), edge_logits).double().cpu().numpy()
-        return [log_probs[i, : len(item.full)] for i, item in enumerate(batch.items)]
+        owner = [i for i, item in enumerate(batch.items) for _ in item.full]  # row -> pair
+        branches = [ids[item.prefix_len :] for item in batch.items for ids in item.full]
+        log_probs = np.zeros((len(owner), len(SCORES)))
+        for group in length_groups([len(b) for b in branches]):
+            pairs = [owner[r] for r in group]
+            layout = PrefixLayout(
+                [prefix.layout.lengths[i] for i in pairs], [prefix.layout.next_positions[i] for i in pairs], prefix.layout.width
+            )
+            rows = _CachedPrefix(_select_rows(prefix.cache, pairs, self.loaded.device), layout)
+            log_probs[group] = self._expected_rows(rows, [branches[r] for r in group])
+        out, row = [], 0
+        for item in batch.items:
+            out.append(log_probs[row : row + len(item.full)])
+            row += len(item.full)
+        return out
+
+    def _expected_rows(self, rows: _CachedPrefix, branches: list[list[int]]) -> np.ndarray:
+        """Branches (one per cache row) with the trie's first level, then deeper trie levels only where
+        their path probability reaches ``trie_threshold``; (rows, 101) log P(s)."""
+        trie = self.trie
+        grower = PromptRows(branches, rows.layout.next_positions, trie, self.pad_id)
+        readout = AdaptiveTrieReadout(trie, len(branches), self.trie_threshold, self.loaded.device)
+        first = [n for n, node in enumerate(trie.nodes) if node.depth == 1]
+        eager = first if len(first) <= _EAGER_FIRST_LEVEL else []  # digit tokenizers: 10 first digits up front
+        block = grower.block([eager] * len(branches), with_branch=True)
+        while block is not None:
+            contexts = block.contexts[:, 0]  # (R, K) block column per context, -1 where not computed here
+            row_ids, ctx_ids = torch.nonzero(contexts >= 0, as_tuple=True)
+            hidden = self._forward_block(rows, block)
+            picked = hidden[row_ids.to(hidden.device), contexts[row_ids, ctx_ids].to(hidden.device)]
+            readout.add(row_ids, ctx_ids, *self._reduce(picked, trie))
+            block = grower.block(readout.to_expand())
+        return readout.log_probs().double().cpu().numpy()
 
     def _reduce(self, hidden: torch.Tensor, trie: ScoreTrie):
         """lm_head in float32 -> per row: logsumexp, log P(next starts with a digit), logits of trie tokens.

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from mlmfilter import errors
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
@@ -64,6 +64,9 @@ class MLMOptions(ScorerOptions):
     #: downscale larger images before the processor; None: the family's default budget
     max_image_pixels: int | None = None
     allow_random_fallback: bool = False
+    #: expected readout: a score-trie node whose path probability P(t_1 .. t_k) is below this is not
+    #: expanded (counted as "stops here"), so every P(s) is within this of its exact value; 0 = exact
+    trie_threshold: float = Field(default=1e-4, ge=0.0, lt=1.0)
 
     @field_validator("metrics")
     @classmethod
@@ -128,7 +131,9 @@ class MLMScorer(Scorer):
 
         o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
-        self.backend = TransformersJudgeBackend(loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length)
+        self.backend = TransformersJudgeBackend(
+            loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold
+        )
 
     # -- scoring --------------------------------------------------------------------------------------
 
@@ -205,6 +210,14 @@ class MLMScorer(Scorer):
             "readout_definition": EXPECTED_DEFINITION if o.readout == "expected" else GENERATE_DEFINITION,
             "template": {"name": self.template.name, "sha256": self.template.sha256(self.metrics)},
         }
+        if o.readout == "expected":
+            prov["trie_threshold"] = o.trie_threshold
+            prov["readout_bound"] = (
+                "exact: the whole score trie is computed"
+                if o.trie_threshold == 0
+                else f"trie nodes whose path probability is below {o.trie_threshold:g} are not expanded "
+                f"(P(stop) taken as 1, nodes under them 0): every P(s) is within {o.trie_threshold:g} of exact"
+            )
         if o.readout == "generate":
             prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
         if self.backend is not None:
