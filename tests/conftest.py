@@ -41,3 +41,9 @@ def reference_prompts() -> dict:
     import json
 
     return json.loads(shared_path("reference", "mlm_filter_prompts.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir(tmp_path_factory) -> str:
+    """Where the SmolLM2 tokenizer, converted once from its GGUF, is kept for the session."""
+    return str(tmp_path_factory.mktemp("smollm2-tokenizer"))

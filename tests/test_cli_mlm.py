@@ -21,8 +21,8 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def llava_dir(request) -> str:
-    return str(mlm_support.tiny_model_dir("llava", str(request.config.cache.mkdir("smollm2-tokenizer"))))
+def llava_dir(smollm2_cache_dir) -> str:
+    return str(mlm_support.tiny_model_dir("llava", smollm2_cache_dir))
 
 
 @pytest.fixture()

@@ -22,8 +22,8 @@ from tests import mlm_support
 
 
 @pytest.fixture(scope="module")
-def smollm2(request):
-    return mlm_support.tokenizer(str(request.config.cache.mkdir("smollm2-tokenizer")))
+def smollm2(smollm2_cache_dir):
+    return mlm_support.tokenizer(smollm2_cache_dir)
 
 
 def test_digit_by_digit_tokenizer_gives_the_101_node_trie(smollm2):

@@ -23,8 +23,8 @@ CONVERSATION = {"llava": "vicuna_v1", "qwen2_vl": "qwen", "idefics3": "auto"}
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request) -> str:
-    return str(request.config.cache.mkdir("smollm2-tokenizer"))
+def cache_dir(smollm2_cache_dir) -> str:
+    return smollm2_cache_dir
 
 
 @pytest.fixture(scope="module")

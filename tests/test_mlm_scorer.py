@@ -22,8 +22,8 @@ from tests import mlm_support
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request) -> str:
-    return str(request.config.cache.mkdir("smollm2-tokenizer"))
+def cache_dir(smollm2_cache_dir) -> str:
+    return smollm2_cache_dir
 
 
 @pytest.fixture(scope="module")
