@@ -104,8 +104,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, flickr_pairs):
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        done = list((run / "completions").glob("*")) if (run / "completions").exists() else []
-        if done:
+        if RunFolder(run).done_shards():
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
