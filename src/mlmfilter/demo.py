@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.dataset as ds
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -68,13 +69,15 @@ def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: s
     labels = _demo_labels(shards)
     kept = set(ds.dataset(selection_dir / "kept.parquet").to_table(columns=["uid"])["uid"].to_pylist())
     rows = ds.dataset(run_dir / "scores").to_table().to_pylist()
-    table = Table(title="sample pairs")
+    table = Table(title="sample pairs", box=box.SIMPLE_HEAD, pad_edge=False)
     score_columns = ["clip_score"] + ([by] if by != "clip_score" else [])
-    for col in ["key", "label", "caption", "rules_ok", *score_columns, "error", "kept"]:
-        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=36 if col == "caption" else None)
+    widths = {"label": 14, "caption": 22, "rules": 6, "clip_score": 6, by: 7, "error": 17, "kept": 6}
+    for col in ["label", "caption", "rules", *score_columns, "error", "kept"]:
+        table.add_column(col.replace("_score", ""), no_wrap=True, overflow="ellipsis", width=widths[col])
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):
         label, caption = labels.get(row["uid"], ("?", ""))
-        values = [row["key"], label, caption or "", str(row.get("rules_ok"))]
+        rules = {True: "pass", False: "fail"}.get(row.get("rules_ok"), "")
+        values = [label, caption or "", rules]
         values += [_fmt(row.get(col)) for col in score_columns]
         values += [row["error"] or "", "yes" if row["uid"] in kept else ""]
         table.add_row(*values)
@@ -82,7 +85,7 @@ def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: s
 
 
 def _fmt(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+    return "" if value is None else f"{value:.2f}"
 
 
 def _demo_labels(shards: list[Path]) -> dict[str, tuple[str, str]]:
