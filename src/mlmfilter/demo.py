@@ -71,12 +71,12 @@ def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: s
     rows = ds.dataset(run_dir / "scores").to_table().to_pylist()
     table = Table(title="sample pairs", box=box.SIMPLE_HEAD, pad_edge=False)
     score_columns = ["clip_score"] + ([by] if by != "clip_score" else [])
-    widths = {"label": 14, "caption": 22, "rules": 6, "clip_score": 6, by: 7, "error": 17, "kept": 6}
+    widths = {"label": 14, "caption": 23, "rules": 5, "clip_score": 6, by: 7, "error": 17, "kept": 6}
     for col in ["label", "caption", "rules", *score_columns, "error", "kept"]:
         table.add_column(col.replace("_score", ""), no_wrap=True, overflow="ellipsis", width=widths[col])
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):
         label, caption = labels.get(row["uid"], ("?", ""))
-        rules = {True: "pass", False: "fail"}.get(row.get("rules_ok"), "")
+        rules = {True: "ok", False: "no"}.get(row.get("rules_ok"), "")
         values = [label, caption or "", rules]
         values += [_fmt(row.get(col)) for col in score_columns]
         values += [row["error"] or "", "yes" if row["uid"] in kept else ""]
