@@ -66,10 +66,8 @@ def score(
     if skipped:
         log.info("resuming: %d of %d shards already done", len(skipped), len(sources))
 
-    # built here too: provenance and fallback warnings must exist before any worker starts
+    # built here for their provenance (read from config files: no weights load until a batch needs them)
     scorers_built = build_scorers(config.scorers)
-    for scorer in scorers_built:
-        scorer.ensure_setup()
     provenance = {
         "mlmfilter": __version__,
         "python": platform.python_version(),
