@@ -28,7 +28,7 @@ class ScoreConfig(BaseModel):
     read: dict[str, Any] = Field(default_factory=dict)  # mlmfilter.io.readers.ReadOptions fields
     workers: int = 1  # shards scored in parallel, one process each
     decode_workers: int = 1  # image-decoding processes feeding each shard worker (0: decode inline)
-    chunk_size: int = 256  # samples decoded and handed to the scorers at a time
+    chunk_size: int = 64  # samples handed to the scorers at a time (decoding runs a chunk ahead)
     max_pixels: int = 89_478_485  # decompression-bomb limit on the source image
     allow_pipe: bool = False  # let `pipe:` input specs run shell commands
 

@@ -33,7 +33,7 @@ class ShardTask:
     run_dir: str
     read_options: dict[str, Any] = field(default_factory=dict)
     decode_workers: int = 1
-    chunk_size: int = 256
+    chunk_size: int = 64
     max_pixels: int = 89_478_485
 
 
@@ -70,7 +70,9 @@ def process_shard(task: ShardTask, scorers: Sequence[Scorer], progress: Progress
     scorer_stats_before = {s.name: s.stats.as_dict() for s in scorers}
     schema = table_schema(scorers)
     samples = read_shard(task.source, ReadOptions(**task.read_options))
-    decoded = decode_stream(samples, decode_spec(scorers, task.max_pixels), workers=task.decode_workers)
+    # keep the decoders a whole chunk ahead of the scorers, so the model never waits on them
+    spec = decode_spec(scorers, task.max_pixels)
+    decoded = decode_stream(samples, spec, workers=task.decode_workers, prefetch=2 * task.chunk_size)
 
     batches: list[pa.RecordBatch] = []
     errors: Counter = Counter()
