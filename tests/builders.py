@@ -44,3 +44,47 @@ def flickr_shards(pairs: list[tuple[Path, str]], out_dir: Path, n_shards: int, p
         ]
         paths.append(write_shard(out_dir / f"{s:08d}.tar", samples))
     return paths
+
+
+def scores_dataset(run_dir, stage: str = "score"):
+    """The completed shards' tables of a run's stage, through the run layer's read API."""
+    from mlmfilter.runs.read import RunReader
+
+    return RunReader(run_dir).dataset(stage)
+
+
+def build_tiny_clip(folder: Path, seed: int = 1) -> Path:
+    """A randomly initialised CLIPModel of the real architecture (real CLIP BPE tokenizer from
+    ../shared), saved as a user's checkpoint would be."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    from tests.conftest import shared_path
+
+    vocab = shared_path("models", "clip-tokenizer")
+    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=224, patch_size=32,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil().save_pretrained(folder)  # shortest edge 224, center crop 224, OpenAI mean/std
+    return folder
+
+
+def dying_initializer() -> None:
+    """A pool initializer that kills its worker: a decode pool that cannot work at all."""
+    import os
+
+    os._exit(3)

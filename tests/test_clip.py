@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.builders import build_tiny_clip
 from tests.conftest import shared_path
 from mlmfilter import errors
 from mlmfilter.imaging import DecodeSpec, decode_image
@@ -34,27 +35,7 @@ def _clip_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A randomly initialised CLIPModel of the real architecture, saved as a user's checkpoint would be."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    tokenizer = _clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=224, patch_size=32,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(1)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil().save_pretrained(folder)  # shortest edge 224, center crop 224, OpenAI mean/std
-    return folder
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")

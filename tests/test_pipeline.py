@@ -16,11 +16,11 @@ import pytest
 
 from mlmfilter import api
 from mlmfilter.runs.folder import ConfigMismatch, RunFolder
-from tests.builders import flickr_shards, write_shard
+from tests.builders import scores_dataset, flickr_shards, write_shard
 
 
 def read_run(run_dir: Path):
-    return ds.dataset(run_dir / "scores").to_table().sort_by("uid")
+    return scores_dataset(run_dir).to_table().sort_by("uid")
 
 
 @pytest.fixture()
@@ -53,11 +53,11 @@ def test_rules_run_writes_table_stats_and_error_rows(tmp_path, broken_shard):
     assert by_key["latin1"]["error"] == "caption_not_utf8"
     for key in ("cut", "zero", "empty", "nocap"):
         assert by_key[key]["rules_ok"] is None  # errored rows carry no scores
-    stats = json.loads((summary.run_dir / "stats.json").read_text())
+    stats = json.loads((summary.run_dir / "score" / "stats.json").read_text())
     assert stats["read"] == 6 and stats["ok"] == 1 and stats["errored"] == 5
     assert stats["errors"]["truncated_image"] == 1
-    assert (summary.run_dir / "completions" / "broken").exists()
-    assert (summary.run_dir / "provenance.json").exists()
+    assert (summary.run_dir / "score" / "completions" / "broken.json").exists()
+    assert (summary.run_dir / "score" / "provenance.json").exists()
 
 
 def test_truncated_tar_keeps_members_before_the_break(tmp_path, flickr_pairs):
@@ -104,21 +104,21 @@ def test_killed_run_resumes_to_identical_output(tmp_path, flickr_pairs):
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if RunFolder(run).done_shards():
+        if RunFolder(run).stage("score").done_shards():
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
     proc.wait()
-    done_before = len(RunFolder(run).done_shards())  # a killed marker write leaves only a .tmp
+    done_before = len(RunFolder(run).stage("score").done_shards())  # a killed marker write leaves only a .tmp
     assert 1 <= done_before < 6, "the kill must land mid-run for this test to mean anything"
     # a shard may have its table but not its marker yet: it is redone, never counted twice
-    assert done_before <= len(list((run / "scores").glob("*.parquet"))) <= done_before + 1
+    assert done_before <= len(list((run / "score" / "tables").glob("*.parquet"))) <= done_before + 1
 
     resumed = subprocess.run(cmd + ["-o", str(run)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert len(RunFolder(run).done_shards()) == 6
+    assert len(RunFolder(run).stage("score").done_shards()) == 6
     table = read_run(run)
     assert table.num_rows == 240 and len(set(table["uid"].to_pylist())) == 240
     assert table.equals(read_run(tmp_path / "ref"))
-    for path in (run / "scores").glob("*.parquet"):
+    for path in (run / "score" / "tables").glob("*.parquet"):
         pq.read_table(path)  # every file is whole

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mlmfilter.runs.runner import write_tables
 import pytest
 
 from mlmfilter.selection import ExpressionError, SelectionError, select_run
@@ -28,7 +30,7 @@ def write_run(root: Path, seed: int = 0) -> list[dict]:
     """A run folder with several shards: tied scores, errored rows with null scores, a NaN."""
     rng = np.random.default_rng(seed)
     rows = []
-    (root / "scores").mkdir(parents=True)
+    tables = {}
     for shard in range(SHARDS):
         shard_rows = []
         for i in range(ROWS_PER_SHARD):
@@ -51,8 +53,9 @@ def write_run(root: Path, seed: int = 0) -> list[dict]:
             ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("clip_score", pa.float32()),
             ("rules_words", pa.int64()), ("rules_ok", pa.bool_()), ("error", pa.string()), ("error_detail", pa.string()),
         ]))  # fmt: skip
-        pq.write_table(table, root / "scores" / f"{shard:08d}.parquet", row_group_size=64)
+        tables[f"{shard:08d}"] = table
         rows += table.to_pylist()  # float32 values as stored
+    write_tables(root, "score", tables)
     return rows
 
 
@@ -148,14 +151,15 @@ def test_uid_halves_columns_give_the_same_selection(run, tmp_path):
     """Large tables may store uids as two uint64 columns; the selection must not change."""
     run_dir, rows = run
     halves_run = tmp_path / "halves_run"
-    (halves_run / "scores").mkdir(parents=True)
-    for path in sorted((run_dir / "scores").glob("*.parquet")):
+    tables = {}
+    for path in sorted((run_dir / "score" / "tables").glob("*.parquet")):
         table = pq.read_table(path)
         uids = table["uid"].to_pylist()
         table = table.drop_columns(["uid"])
         table = table.append_column("uid_f0", pa.array([int(u[:16], 16) for u in uids], pa.uint64()))
         table = table.append_column("uid_f1", pa.array([int(u[16:], 16) for u in uids], pa.uint64()))
-        pq.write_table(table, halves_run / "scores" / path.name)
+        tables[path.stem] = table
+    write_tables(halves_run, "score", tables)
     select_run(run_dir, tmp_path / "a", top_fraction=0.4, by="clip_score", candidate_cap=20)
     select_run(halves_run, tmp_path / "b", top_fraction=0.4, by="clip_score", candidate_cap=20)
     a, b = np.load(tmp_path / "a" / "uids.npy"), np.load(tmp_path / "b" / "uids.npy")
@@ -165,7 +169,7 @@ def test_uid_halves_columns_give_the_same_selection(run, tmp_path):
 
 def test_clear_errors(run, tmp_path):
     run_dir, _ = run
-    with pytest.raises(SelectionError, match="no score files"):
+    with pytest.raises(SelectionError, match="not a run folder"):
         select_run(tmp_path / "empty", tmp_path / "sel", top_fraction=0.5, by="clip_score")
     for bad in (0, -0.1, 1.5, float("nan")):
         with pytest.raises(SelectionError, match=r"top_fraction must be in \(0, 1\]"):

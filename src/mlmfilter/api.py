@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import platform
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from mlmfilter import __version__
 from mlmfilter.config import ScoreConfig, ScorerSpec
 
 log = logging.getLogger(__name__)
@@ -16,18 +15,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreSummary:
-    run_dir: Path
+    run_dir: Path | str  # a local path, or the fsspec URL of a run folder on object storage
+    stage: str
     shards_total: int
     shards_completed: list[str]
     shards_skipped: list[str]
     shards_failed: dict[str, str]
-    stats: dict[str, Any]  # merged stats of every completed shard in the run folder
+    stats: dict[str, Any]  # merged stats of every completed shard of the stage
     provenance: dict[str, Any]
     seconds: float
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.shards_failed
+        return not self.shards_failed and not self.interrupted
 
 
 def score(
@@ -37,6 +39,7 @@ def score(
     *,
     config: ScoreConfig | None = None,
     overwrite: bool = False,
+    allow_pipe: bool = False,
     show_progress: bool = False,
     **settings: Any,
 ) -> ScoreSummary:
@@ -45,69 +48,68 @@ def score(
     ``inputs``: paths, globs, brace patterns or fsspec URLs of WebDataset tars, parquet files
     or image folders. ``scorers``: registry names (``"rules"``, ``"clip"``, ``"mlm"``) or
     ``{"name": ..., "options": {...}}``. Other ``settings`` are :class:`ScoreConfig` fields.
+    Scoring more inputs into an existing run extends it. ``overwrite`` discards the earlier run.
+    ``allow_pipe`` lets ``pipe:CMD`` inputs run shell commands (never read from a recipe).
     """
     from mlmfilter.io.sources import expand_inputs
-    from mlmfilter.runs.executor import LocalExecutor, build_scorers
-    from mlmfilter.runs.folder import RunFolder
-    from mlmfilter.runs.pipeline import ShardTask
+    from mlmfilter.processes import unguarded_main_call
+    from mlmfilter.runs.executor import LocalExecutor
+    from mlmfilter.runs.runner import run_stage
+    from mlmfilter.runs.scoring import ScoringOptions, ScoringStage
 
     if config is None:
         if inputs is None or output is None:
             raise ValueError("score() needs inputs and output, or a config")
         config = ScoreConfig(inputs=inputs, output=str(output), scorers=list(_as_specs(scorers)), **settings)
-    folder = RunFolder(config.output).create()
-    if overwrite:
-        folder.clear()
-    folder.check_or_write_config(config.model_dump(), config.fingerprint(), overwrite=overwrite)
-
-    sources = expand_inputs(config.inputs, allow_pipe=config.allow_pipe)
-    todo = [s for s in sources if not folder.is_done(s.id)]
-    skipped = [s.id for s in sources if folder.is_done(s.id)]
-    if skipped:
-        log.info("resuming: %d of %d shards already done", len(skipped), len(sources))
-
-    # built here for their provenance (read from config files: no weights load until a batch needs them)
-    scorers_built = build_scorers(config.scorers)
-    provenance = {
-        "mlmfilter": __version__,
-        "python": platform.python_version(),
-        "fingerprint": config.fingerprint(),
-        "scorers": {s.name: s.provenance() for s in scorers_built},
-    }
-    warnings = [w for p in provenance["scorers"].values() for w in p.get("warnings", [])]
-    if warnings:
-        provenance["warnings"] = warnings
-    folder.write_provenance(provenance)
-
-    tasks = [
-        ShardTask(
-            source=s,
-            run_dir=str(folder.path),
-            read_options=config.read,
-            decode_workers=config.decode_workers,
-            chunk_size=config.chunk_size,
-            max_pixels=config.max_pixels,
+    notes: list[str] = []
+    workers, decode_workers = config.workers, config.decode_workers
+    script = unguarded_main_call()
+    if script and (workers > 1 or decode_workers > 0):
+        # worker processes would re-run the script's top level and die while starting
+        notes.append(
+            f"{script} calls mlmfilter at its top level without `if __name__ == \"__main__\":`; "
+            "running without worker processes (add the guard to decode and score in parallel)"
         )
-        for s in todo
-    ]
-    executor = LocalExecutor(workers=config.workers, show_progress=show_progress)
-    if config.workers > 1 and len(tasks) > 1:
-        scorers_built = None  # each worker loads its own; don't hold a model copy idle here
-    report = executor.run(tasks, config.scorers, scorers=scorers_built)
-    stats = folder.merged_stats()
-    from mlmfilter.io.writers import atomic_write_json
-
-    atomic_write_json(folder.path / "stats.json", stats)
-    return ScoreSummary(
-        run_dir=folder.path,
-        shards_total=len(sources),
-        shards_completed=report.completed,
-        shards_skipped=skipped,
-        shards_failed=report.failed,
-        stats=stats,
-        provenance=provenance,
-        seconds=report.seconds,
+        log.warning(notes[-1])
+        workers, decode_workers = 1, 0
+    # everything is validated before the run folder is touched: sources, scorers, options
+    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
+    options = ScoringOptions(
+        scorers=config.scorers, decode_workers=decode_workers, chunk_size=config.chunk_size, max_pixels=config.max_pixels
     )
+    stage = ScoringStage(options, name=config.stage)
+    summary = run_stage(
+        config.output,
+        stage,
+        sources=sources,
+        inputs=[_absolute_spec(spec) for spec in config.inputs],
+        read_options=config.read_options(),
+        executor=LocalExecutor(workers=workers),
+        overwrite="run" if overwrite else False,
+        show_progress=show_progress,
+    )
+    stats = {"shards_done": summary.stats.shards, **summary.stats.to_json()}
+    run_dir: Path | str = Path(summary.run_url) if "://" not in summary.run_url else summary.run_url
+    return ScoreSummary(
+        run_dir=run_dir,
+        stage=summary.stage,
+        shards_total=summary.shards_total,
+        shards_completed=summary.shards_completed,
+        shards_skipped=summary.shards_skipped,
+        shards_failed=summary.shards_failed,
+        stats=stats,
+        provenance=summary.provenance,
+        seconds=summary.seconds,
+        interrupted=summary.interrupted,
+        notes=notes,
+    )
+
+
+def _absolute_spec(spec: str) -> str:
+    """Local specs are recorded absolute, so the run reads the same inputs from any directory."""
+    if "://" in spec or spec.startswith("pipe:"):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def _as_specs(scorers: Iterable[str | ScorerSpec | Mapping[str, Any]]) -> Iterable[ScorerSpec]:
@@ -123,12 +125,16 @@ def _as_specs(scorers: Iterable[str | ScorerSpec | Mapping[str, Any]]) -> Iterab
 def select(run: str | Path, output: str | Path | None = None, **kwargs: Any):
     """Select pairs of a scored run by an expression and/or a global top fraction.
 
-    See :func:`mlmfilter.selection.select.select_run` for the arguments. Output defaults to
-    ``RUN/selection``.
+    See :func:`mlmfilter.selection.select.select_run` for the arguments (``stage``,
+    ``allow_incomplete`` among them). Output defaults to ``RUN/selection``.
     """
     from mlmfilter.selection.select import select_run
 
-    return select_run(run, output if output is not None else Path(run) / "selection", **kwargs)
+    if output is None:
+        if "://" in str(run):
+            raise ValueError("a run folder on object storage needs an explicit selection output folder")
+        output = Path(run) / "selection"
+    return select_run(run, output, **kwargs)
 
 
 def reshard(
@@ -137,41 +143,104 @@ def reshard(
     *,
     samples_per_shard: int = 10_000,
     captions: Mapping[str, str] | None = None,
+    captions_stage: str | None = None,
+    overwrite: bool = False,
+    allow_pipe: bool = False,
 ) -> dict[str, Any]:
-    """Write new WebDataset shards that hold only the pairs a selection kept.
+    """Write new WebDataset shards that hold exactly the rows a selection kept.
 
-    ``selection`` is a selection folder (written by :func:`select`); its run's config names
-    the input shards. ``captions`` maps uid -> replacement caption (the enhancement stage).
+    ``selection`` is a selection folder (written by :func:`select`); the run it names holds the
+    input shards. New captions come from ``captions`` (uid -> caption) or from an enhancement
+    stage of the run (``captions_stage``: its tables' ``caption`` column, read shard by shard;
+    null keeps the original). ``allow_pipe`` is this call's permission for ``pipe:`` inputs
+    (a run folder can never grant it). Stats include ``kept_uids_not_found``: non-zero means
+    the selection names pairs the shards no longer hold.
     """
-    from mlmfilter.io.reshard import reshard as reshard_shards
     from mlmfilter.io.readers import ReadOptions
-    from mlmfilter.io.sources import expand_inputs
-    from mlmfilter.runs.folder import RunFolder
-    from mlmfilter.selection.subset import read_datacomp_subset
+    from mlmfilter.io.reshard import ReshardError, reshard_selected
+    from mlmfilter.runs.read import RunReader
 
     selection = Path(selection)
-    run_dir = _selection_run_dir(selection)
-    config = ScoreConfig(**{k: v for k, v in RunFolder(run_dir).read_config().items() if k != "fingerprint"})
-    sources = expand_inputs(config.inputs, allow_pipe=config.allow_pipe)
-    keep = read_datacomp_subset(selection / "uids.npy")
-    return reshard_shards(
+    run = RunReader(selection_run_dir(selection))
+    sources = run.sources()
+    piped = [s.url for s in sources.values() if s.is_pipe]
+    if piped and not allow_pipe:
+        raise ReshardError(
+            f"the run reads 'pipe:' inputs, which run shell commands ({piped[0]!r}); "
+            "pass --allow-pipe on this command line to run them"
+        )
+    if captions_stage is not None:
+        run.settings(captions_stage)  # refuse an unknown stage before writing anything
+
+    def captions_for(shard_id: str, uid_of_key: Mapping[str, str]) -> Mapping[str, str]:
+        out: dict[str, str] = {}
+        if captions:
+            out.update({key: captions[uid] for key, uid in uid_of_key.items() if uid in captions})
+        if captions_stage is not None:
+            table = run.table(shard_id, captions_stage, columns=["key", "caption"])
+            if table is not None:
+                out.update({k: c for k, c in zip(table["key"].to_pylist(), table["caption"].to_pylist()) if c})
+        return out
+
+    groups = _kept_groups(selection / "kept.parquet")
+    uid_maps: dict[str, dict[str, str]] = {}
+
+    def kept() -> Iterator[tuple[str, set[str]]]:
+        for shard_id, uid_of_key in groups:
+            uid_maps[shard_id] = uid_of_key
+            yield shard_id, set(uid_of_key)
+
+    def captions_lookup(shard_id: str) -> Mapping[str, str]:
+        return captions_for(shard_id, uid_maps.pop(shard_id, {}))
+
+    stats = reshard_selected(
         sources,
-        keep,
+        kept(),
         output,
         samples_per_shard=samples_per_shard,
-        captions=captions,
-        read_options=ReadOptions(**config.read),
+        captions_for=captions_lookup if (captions or captions_stage) else None,
+        read_options=ReadOptions(**run.read_options()),
+        overwrite=overwrite,
     )
+    stats["selection"] = str(selection.resolve())
+    return stats
 
 
-def _selection_run_dir(selection: Path) -> Path:
+def _kept_groups(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """(shard id, {key: uid}) for each run of kept rows of one shard (kept.parquet is in shard order)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; re-run `mlmfilter select`")
+    current: str | None = None
+    keys: dict[str, str] = {}
+    seen: set[str] = set()
+    for batch in pq.ParquetFile(path).iter_batches(columns=["uid", "shard", "key"], batch_size=65_536):
+        for uid, shard, key in zip(*(batch.column(c).to_pylist() for c in ("uid", "shard", "key"))):
+            if shard != current:
+                if current is not None:
+                    yield current, keys
+                if shard in seen:
+                    raise ValueError(f"{path} is not in shard order (shard {shard!r} appears twice)")
+                seen.add(shard)
+                current, keys = shard, {}
+            keys[key] = uid
+    if current is not None:
+        yield current, keys
+
+
+def selection_run_dir(selection: Path) -> str:
+    """The run a selection was made from: beside it if the two moved together, else where it was."""
     import json
 
     info_path = selection / "selection.json"
     if not info_path.exists():
         raise FileNotFoundError(f"{selection} is not a selection folder (no selection.json); run `mlmfilter select` first")
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    relative = info.get("run_dir_relative")
+    if relative and (selection / relative / "run.yaml").exists():
+        return str((selection / relative).resolve())
     run_dir = info.get("run_dir") or info.get("arguments", {}).get("run_dir")
     if not run_dir:
         raise ValueError(f"{info_path} does not name the run it selected from")
-    return Path(run_dir)
+    return run_dir

@@ -19,13 +19,13 @@ console = Console(stderr=True)
 @contextmanager
 def user_errors():
     """Mistakes in the input or the flags end with one clear line (exit 2), not a traceback."""
-    from mlmfilter.models.common import ModelUnavailableError
-    from mlmfilter.runs.folder import ConfigMismatch
+    from mlmfilter.errors import ModelUnavailableError
 
     try:
         yield
-    except (ValueError, FileNotFoundError, ConfigMismatch, ModelUnavailableError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+    except (ValueError, FileNotFoundError, ModelUnavailableError) as exc:
+        logging.getLogger("mlmfilter").debug("user error", exc_info=True)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from exc
 
 #: flags shared by the scorers; each goes to every requested scorer whose Options has that field
@@ -99,6 +99,7 @@ def score(
     option: list[str] = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable)."),
     workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
+    stage: Optional[str] = typer.Option(None, help="Stage name in the run folder (default score); another name adds a second scoring."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -120,16 +121,18 @@ def score(
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
         fields["scorers"] = build_scorer_specs(names, shared, option or [])
-    for key, value in (("workers", workers), ("decode_workers", decode_workers)):
+    for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage)):
         if value is not None:
             fields[key] = value
-    if allow_pipe:
-        fields["allow_pipe"] = True
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     with user_errors():
-        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, show_progress=True)
+        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True)
     print_score_summary(summary)
+    if summary.interrupted:
+        console.print(f"interrupted: {summary.stats['shards_done']} of {summary.shards_total} shards done; "
+                      "re-run the same command to resume")
+        raise typer.Exit(130)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -137,8 +140,12 @@ def score(
 def print_score_summary(summary) -> None:
     stats = summary.stats
     table = Table(title=f"run {summary.run_dir}", show_header=False)
-    table.add_row("shards", f"{stats['shards_done']}/{summary.shards_total} done "
+    if summary.shards_skipped and not summary.shards_completed and not summary.shards_failed:
+        shards = f"{len(summary.shards_skipped)} of {summary.shards_total} already done"
+    else:
+        shards = (f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
                   f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)")
+    table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
     table.add_row("scored", str(stats["ok"]))
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in stats["errors"].items()) or "none")
@@ -146,6 +153,8 @@ def print_score_summary(summary) -> None:
     console.print(table)
     for warning in summary.provenance.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")
+    for note in summary.notes:
+        console.print(f"[yellow]{note}[/]")
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
 
@@ -157,12 +166,15 @@ def select(
     top_fraction: Optional[float] = typer.Option(None, help="Keep this fraction of all pairs, best first."),
     by: Optional[str] = typer.Option(None, help="Column ranked by --top-fraction."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Selection folder (default RUN/selection)."),
+    stage: str = typer.Option("score", help="Scoring stage of the run to select from."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Select although some shards are not done."),
 ) -> None:
     """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
     from mlmfilter import api
 
     with user_errors():
-        result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by)
+        result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by, stage=stage,
+                            allow_incomplete=allow_incomplete)  # fmt: skip
     console.print(result.summary() if hasattr(result, "summary") else result)
 
 
@@ -173,19 +185,27 @@ def reshard(
     samples_per_shard: int = typer.Option(10_000, help="Pairs per output shard."),
     captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
     caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
+    captions_stage: Optional[str] = typer.Option(None, help="Take new captions from this enhancement stage of the run."),
+    overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty output folder."),
+    allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."),
 ) -> None:
     """Write new WebDataset shards holding only the kept pairs (optionally with new captions)."""
     from mlmfilter import api
 
-    replacement = None
-    if captions:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(captions, columns=["uid", caption_column])
-        replacement = dict(zip(table["uid"].to_pylist(), table[caption_column].to_pylist()))
     with user_errors():
-        stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement)
-    console.print_json(json.dumps(stats, default=str))
+        replacement = None
+        if captions:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(captions, columns=["uid", caption_column])
+            replacement = {u: c for u, c in zip(table["uid"].to_pylist(), table[caption_column].to_pylist()) if c}
+        stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement,
+                            captions_stage=captions_stage, overwrite=overwrite, allow_pipe=allow_pipe)  # fmt: skip
+    console.print_json(json.dumps({k: v for k, v in stats.items() if k != "shards"}, default=str))
+    if stats["kept_uids_not_found"]:
+        console.print(f"[bold red]error:[/] {stats['kept_uids_not_found']} kept pairs were not found in the shards "
+                      f"({'; '.join(stats['not_found'][:3])})")  # fmt: skip
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -215,6 +235,20 @@ def convert_llava(
         out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
     console.print(f"converted checkpoint written to {out}")
 
+
+#: modules under mlmfilter.commands that add their commands to `app` (each has ``register(app)``);
+#: a command module's import must stay cheap: heavy imports go inside the command functions
+COMMAND_MODULES: list[str] = ["report", "checkpoints", "train", "enhance", "teach", "evaluate"]
+
+
+def _register_command_modules() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"mlmfilter.commands.{name}").register(app)
+
+
+_register_command_modules()
 
 if __name__ == "__main__":
     app()

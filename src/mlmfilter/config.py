@@ -1,22 +1,22 @@
-"""Run configuration: one pydantic model, filled from CLI flags or a YAML recipe with the same fields."""
+"""Run configuration: one pydantic model, filled from CLI flags or a YAML recipe with the same fields.
+
+Every field is validated when the model is built (read options and scorer options included), so
+a typo in a recipe is refused before anything is written or any shard is read.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlmfilter.imaging import DEFAULT_MAX_PIXELS
+from mlmfilter.io.readers import ReadOptions
+from mlmfilter.runs.scoring import ScorerSpec
 
-class ScorerSpec(BaseModel):
-    """A scorer by registry name plus its options (validated by the scorer's own Options model)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+__all__ = ["ScoreConfig", "ScorerSpec", "load_recipe"]
 
 
 class ScoreConfig(BaseModel):
@@ -25,12 +25,12 @@ class ScoreConfig(BaseModel):
     inputs: list[str]
     output: str
     scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="rules")])
-    read: dict[str, Any] = Field(default_factory=dict)  # mlmfilter.io.readers.ReadOptions fields
+    read: ReadOptions = Field(default_factory=ReadOptions)
+    stage: str = "score"  # the stage's folder in the run: a second scoring with other scorers takes another name
     workers: int = 1  # shards scored in parallel, one process each
     decode_workers: int = 1  # image-decoding processes feeding each shard worker (0: decode inline)
     chunk_size: int = 64  # samples handed to the scorers at a time (decoding runs a chunk ahead)
-    max_pixels: int = 89_478_485  # decompression-bomb limit on the source image
-    allow_pipe: bool = False  # let `pipe:` input specs run shell commands
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit on the source image
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -45,14 +45,16 @@ class ScoreConfig(BaseModel):
     def _one_input(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the scores; a resumed run must have the same one."""
-        relevant = self.model_dump(include={"scorers", "read", "max_pixels"})
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    def read_options(self) -> dict[str, Any]:
+        """The read options that differ from the defaults (what run.yaml records)."""
+        return self.read.model_dump(mode="json", exclude_defaults=True)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of ScoreConfig fields")
     return data

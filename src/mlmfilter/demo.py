@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlmfilter import api
+from mlmfilter.runs.read import RunReader
 from mlmfilter.demo_data import make_sample_shards
 from mlmfilter.models.common import use_offline_hub
 
@@ -68,7 +69,7 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
 def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: str) -> Table:
     labels = _demo_labels(shards)
     kept = set(ds.dataset(selection_dir / "kept.parquet").to_table(columns=["uid"])["uid"].to_pylist())
-    rows = ds.dataset(run_dir / "scores").to_table().to_pylist()
+    rows = RunReader(run_dir).dataset().to_table().to_pylist()
     table = Table(title="sample pairs", box=box.SIMPLE_HEAD, pad_edge=False)
     score_columns = ["clip_score"] + ([by] if by != "clip_score" else [])
     widths = {"label": 14, "caption": 23, "rules": 5, "clip_score": 6, by: 7, "error": 17, "kept": 6}

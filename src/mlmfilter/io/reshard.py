@@ -1,13 +1,21 @@
 """Write new WebDataset shards holding only the kept pairs.
 
-Reads the original shards (any format :func:`read_shard` knows), tests each batch of uids
-against the sorted ``keep`` halves with one vectorized binary search, and streams kept pairs to
-:class:`TarShardWriter`. Memory: one batch of samples plus one byte per kept uid (to write a
-uid only once when the input repeats it).
+Two ways to say what is kept:
+
+- :func:`reshard_selected`: the rows a selection kept, as ``(shard id, keys)`` groups in shard
+  order (``kept.parquet`` is written in that order). Exactly those rows are written, also when a
+  uid repeats in the inputs. Memory: the keys of one shard.
+- :func:`reshard`: a set of uids (a DataComp subset ``.npy`` from elsewhere), tested per batch
+  with one vectorized binary search; a uid repeated in the inputs is written once (first seen).
 
 Output sample ``KEY`` is the pair's uid (unique across all input shards, unlike per-shard keys):
-``KEY.<original image ext>``, ``KEY.txt`` (the caption, or its replacement from ``captions``) and
-``KEY.json`` (the original json plus ``"uid"``, plus ``"original_caption"`` when replaced).
+``KEY.<image ext>``, ``KEY.txt`` (the caption, or its replacement) and ``KEY.json`` (the
+original json plus ``"uid"``; with a replacement caption, ``"caption"`` is updated too and the
+old text kept as ``"original_caption"``). The image member's extension is always an image
+format, so a source named ``x.json`` can never overwrite the sample's metadata.
+
+The output folder is checked first: never a folder holding input shards, never a non-empty
+folder unless ``overwrite`` (which removes what it does not rewrite).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import json
 import os
 from collections import Counter
 from itertools import islice
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +35,61 @@ from mlmfilter.io.writers import TarShardWriter
 from mlmfilter.sample import Sample
 
 BATCH_SIZE = 512
+#: extensions a written image member may have; anything else is sniffed from the bytes
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+
+#: captions for one shard: key -> replacement caption
+CaptionsForShard = Callable[[str], Mapping[str, str]]
+
+
+class ReshardError(ValueError):
+    """The output folder or the inputs make a reshard unsafe; nothing was written."""
+
+
+def reshard_selected(
+    sources: Mapping[str, ShardSource],
+    kept: Iterable[tuple[str, set[str]]],
+    output_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 10_000,
+    captions_for: CaptionsForShard | None = None,
+    read_options: ReadOptions | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the rows named by ``kept`` (``(shard id, keys)`` in any shard order)."""
+    output_dir = os.path.abspath(output_dir)
+    prepare_output(output_dir, list(sources.values()), overwrite)
+    counts: Counter = Counter()
+    skipped_errors: Counter = Counter()
+    missing: list[str] = []
+    with TarShardWriter(output_dir, samples_per_shard=samples_per_shard) as writer:
+        for shard_id, keys in kept:
+            source = sources.get(shard_id)
+            if source is None:
+                counts["kept_not_found"] += len(keys)
+                missing.append(f"{shard_id}: shard not registered in the run")
+                continue
+            replacements = captions_for(shard_id) if captions_for else {}
+            remaining = set(keys)
+            for sample in read_shard(source, read_options):
+                counts["read"] += 1
+                if sample.key not in remaining:
+                    counts["not_selected"] += 1
+                    continue
+                if not sample.ok:  # selected by an expression over error rows: nothing to write
+                    skipped_errors[sample.error] += 1
+                    remaining.discard(sample.key)
+                    continue
+                remaining.discard(sample.key)
+                replacement = replacements.get(sample.key)
+                counts["captions_replaced"] += replacement is not None
+                writer.write(sample.uid, output_files(sample, replacement))
+                counts["kept"] += 1
+            if remaining:
+                counts["kept_not_found"] += len(remaining)
+                missing.append(f"{shard_id}: {len(remaining)} kept keys not in the shard (e.g. {sorted(remaining)[0]!r})")
+        shards = writer.close()
+    return _finish(output_dir, counts, skipped_errors, shards, overwrite, missing)
 
 
 def reshard(
@@ -36,6 +99,7 @@ def reshard(
     samples_per_shard: int = 10_000,
     captions: Mapping[str, str] | None = None,
     read_options: ReadOptions | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Copy the pairs whose uid is in ``keep`` into new shards under ``output_dir``.
 
@@ -45,6 +109,8 @@ def reshard(
     ``duplicates``, ``captions_replaced``, ``skipped_errors`` (code -> count),
     ``kept_uids_not_found``, ``written_shards`` and ``shards`` (paths).
     """
+    output_dir = os.path.abspath(output_dir)
+    prepare_output(output_dir, sources, overwrite)
     keep = np.asarray(keep, dtype=HALVES_DTYPE)
     if not is_sorted_halves(keep):
         keep = sort_halves(keep)
@@ -76,36 +142,83 @@ def reshard(
                     written[pos] = True
                     replacement = captions.get(sample.uid)
                     counts["captions_replaced"] += replacement is not None
-                    writer.write(sample.uid, _output_files(sample, replacement))
+                    writer.write(sample.uid, output_files(sample, replacement))
                     counts["kept"] += 1
         shards = writer.close()
+    counts["kept_not_found"] = int(len(keep) - written.sum())
+    return _finish(output_dir, counts, skipped_errors, shards, overwrite, [])
 
+
+def prepare_output(output_dir: str, sources: Sequence[ShardSource], overwrite: bool) -> None:
+    """Refuse an output folder that holds (or is inside) inputs, or that is not empty."""
+    real_out = os.path.realpath(output_dir)
+    for source in sources:
+        if "://" in source.url or source.is_pipe:
+            continue
+        real_src = os.path.realpath(source.url)
+        holder = real_src if source.format == "folder" else os.path.dirname(real_src)
+        if real_out == holder or _inside(real_out, real_src) or _inside(real_src, real_out):
+            raise ReshardError(
+                f"output folder {output_dir} holds or is inside input {source.url}: writing there "
+                "could destroy the inputs; choose a folder of its own"
+            )
+    if os.path.isdir(output_dir):
+        entries = [e for e in os.listdir(output_dir) if not e.startswith(".")]
+        if entries and not overwrite:
+            raise ReshardError(
+                f"output folder {output_dir} is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]}); "
+                "old shards would be mixed with new ones. Choose an empty folder, or --overwrite to replace its contents"
+            )
+        if overwrite and any(os.path.isdir(os.path.join(output_dir, e)) for e in entries):
+            raise ReshardError(f"output folder {output_dir} holds subfolders; --overwrite only replaces files")
+
+
+def output_files(sample: Sample, replacement: str | None) -> dict[str, bytes | str]:
+    meta = dict(sample.meta)
+    meta["uid"] = sample.uid
+    caption = sample.caption
+    if replacement is not None:
+        meta["original_caption"] = caption
+        if "caption" in meta:
+            meta["caption"] = replacement
+        caption = replacement
+    ext = (sample.image_format or "").lower()
+    if ext not in IMAGE_EXTS:
+        ext = sniff_image_format(sample.image_bytes) or "img"
     return {
+        ext: sample.image_bytes,
+        "txt": caption,
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str),
+    }
+
+
+def _finish(output_dir: str, counts: Counter, skipped_errors: Counter, shards: list, overwrite: bool, missing: list[str]) -> dict[str, Any]:
+    written = {os.path.basename(str(p)) for p in shards}
+    removed = []
+    if overwrite:
+        for name in sorted(os.listdir(output_dir)):
+            path = os.path.join(output_dir, name)
+            if name not in written and not name.startswith(".") and os.path.isfile(path):
+                os.remove(path)
+                removed.append(name)
+    stats = {
         "read": counts["read"],
         "kept": counts["kept"],
         "not_selected": counts["not_selected"],
         "duplicates": counts["duplicates"],
         "captions_replaced": counts["captions_replaced"],
         "skipped_errors": dict(skipped_errors),
-        "kept_uids_not_found": int(len(keep) - written.sum()),
+        "kept_uids_not_found": counts["kept_not_found"],
+        "not_found": missing[:20],
         "written_shards": len(shards),
+        "removed_old_files": removed,
         "shards": [str(path) for path in shards],
     }
+    return stats
 
 
-def _output_files(sample: Sample, replacement: str | None) -> dict[str, bytes | str]:
-    meta = dict(sample.meta)
-    meta["uid"] = sample.uid
-    caption = sample.caption
-    if replacement is not None:
-        meta["original_caption"] = caption
-        caption = replacement
-    image_ext = sample.image_format or sniff_image_format(sample.image_bytes) or "bin"
-    return {
-        image_ext: sample.image_bytes,
-        "txt": caption,
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str),
-    }
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _batches(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:

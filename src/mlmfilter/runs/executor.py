@@ -1,8 +1,13 @@
-"""Executors run shard tasks; blocks (scorers) know nothing of them.
+"""Executors decide where shard tasks run; stages know nothing of them.
 
-`LocalExecutor` scores shards in parallel processes on one machine. Each worker builds its
-scorers once (models load once per process) and reports progress through a queue so the
-parent can draw one progress bar.
+:func:`execute_task` is the unit of work every executor runs: one stage on one shard, then its
+table, stats and completion marker (marker last). Any failure of the shard as a whole (a dead
+decode pool, out of memory, a full disk, a bug) raises out of it: the shard is reported failed,
+gets no marker, and the next run retries it. Per-sample problems never get here: they are rows.
+
+:class:`LocalExecutor` runs shards inline (``workers=1``) or in worker processes that each build
+the stage once (models load once per process) and die with the parent. A worker that dies takes
+its pool down; the shards it held are retried once in a fresh pool.
 """
 
 from __future__ import annotations
@@ -11,151 +16,226 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
+import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+import pyarrow as pa
 
-from mlmfilter.config import ScorerSpec
-from mlmfilter.runs.pipeline import ShardTask, process_shard
-from mlmfilter.scorers import Scorer, build_scorer
+from mlmfilter.processes import worker_initializer
+from mlmfilter.runs.folder import RunFolder, now_iso
+from mlmfilter.runs.progress import RunProgress
+from mlmfilter.runs.stage import ProgressCallback, Stage, StageSpec, StageTask
+from mlmfilter.runs.stats import Stopwatch
 
 log = logging.getLogger(__name__)
 
-
-def build_scorers(specs: Sequence[ScorerSpec]) -> list[Scorer]:
-    return [build_scorer(spec.name, spec.options) for spec in specs]
+LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
-def _attach_log_file(run_dir: str, name: str) -> None:
-    path = Path(run_dir) / "logs" / f"{name}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+def execute_task(stage: Stage, task: StageTask, fingerprint: str, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Run ``stage`` on one shard and write its table, stats and marker; returns the stats."""
+    stats = task.stats
+    with Stopwatch(stats):
+        schema = stage.schema()
+        batches = [batch for batch in stage.process(task, progress)]
+        table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+        stats.add_rows(table.column("error").to_pylist())
+    stats.shards = 1
+    folder = RunFolder(task.run_url).stage(task.stage_name)
+    marker = {
+        "shard": task.shard_id,
+        "source": task.source_identity,
+        "fingerprint": fingerprint,
+        "finished": now_iso(),
+        "host": os.uname().nodename if hasattr(os, "uname") else "",
+    }
+    folder.finish_shard(task.shard_id, table, stats, marker)
+    return stats.to_json()
 
 
-# -- worker side ------------------------------------------------------------------------------
-_worker_scorers: list[Scorer] | None = None
-_worker_queue: Any = None
-
-
-def _init_worker(specs: list[ScorerSpec], run_dir: str, progress_queue: Any, torch_threads: int | None) -> None:
-    global _worker_scorers, _worker_queue
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    _attach_log_file(run_dir, f"worker-{os.getpid()}")
-    _worker_scorers = build_scorers(specs)
-    _worker_queue = progress_queue
-
-
-def _run_task(task: ShardTask) -> tuple[str, dict | None, str | None]:
-    assert _worker_scorers is not None
-    try:
-        stats = process_shard(task, _worker_scorers, lambda n, e: _worker_queue.put((n, e)))
-        return task.source.id, stats, None
-    except Exception as exc:  # a shard that fails as a whole is reported, not fatal: a rerun retries it
-        log.exception("shard %s failed", task.source.id)
-        return task.source.id, None, f"{type(exc).__name__}: {exc}"
-
-
-# -- parent side ------------------------------------------------------------------------------
 @dataclass
 class ExecutionReport:
     completed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # already done by an earlier run
-    failed: dict[str, str] = field(default_factory=dict)
-    pairs: int = 0
-    errors: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # shard id -> one-line reason
+    interrupted: bool = False
     seconds: float = 0.0
 
 
-class LocalExecutor:
-    def __init__(self, workers: int = 1, show_progress: bool = True):
-        self.workers = max(1, workers)
-        self.show_progress = show_progress
+class Executor(Protocol):
+    def run(self, tasks: Sequence[StageTask], stage: Stage, fingerprint: str, progress: RunProgress) -> ExecutionReport:
+        """Run every task; never raises for a failed shard (it is in the report)."""
 
-    def run(self, tasks: Sequence[ShardTask], specs: Sequence[ScorerSpec], scorers: Sequence[Scorer] | None = None) -> ExecutionReport:
-        """Run tasks; `scorers` (already built, in this process) are used when workers == 1."""
+
+def attach_log_file(folder: RunFolder, name: str) -> logging.Handler | None:
+    """``RUN/logs/<name>.log`` for this process (local run folders; object stores log locally only)."""
+    logs_dir = folder.logs_dir()
+    if logs_dir is None:
+        return None
+    os.makedirs(logs_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(logs_dir, f"{name}.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _failure_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _limit_threads(threads: int) -> None:
+    # set before torch is imported (it reads these once); if it already is, tell it directly
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+# -- worker side (pool) ---------------------------------------------------------------------------
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(spec_json: dict, run_url: str, stage_name: str, progress_queue: Any, threads: int) -> None:
+    _limit_threads(threads)
+    folder = RunFolder(run_url)
+    attach_log_file(folder, f"{stage_name}-worker-{os.getpid()}")
+    stage = StageSpec(**spec_json).build()
+    _worker.update(stage=stage, queue=progress_queue)
+    # close the stage (its decode pool) when the worker exits; threading's exit hooks run
+    # before concurrent.futures joins pools, which would otherwise wait on our decoders forever
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(stage.close)
+
+
+def _run_in_worker(task: StageTask, fingerprint: str) -> tuple[str, dict | None, str | None]:
+    stage: Stage = _worker["stage"]
+    report = _worker["queue"]
+    try:
+        stage.setup()
+        stats = execute_task(stage, task, fingerprint, lambda n, e: report.put((n, e)))
+        return task.shard_id, stats, None
+    except Exception as exc:  # the shard fails as a whole; a rerun retries it
+        log.error("shard %s failed:\n%s", task.shard_id, traceback.format_exc())
+        return task.shard_id, None, _failure_line(exc)
+
+
+# -- parent side ----------------------------------------------------------------------------------
+class LocalExecutor:
+    """Shards in this process (``workers=1``) or in ``workers`` processes on this machine."""
+
+    def __init__(self, workers: int = 1, retries: int = 1):
+        self.workers = max(1, workers)
+        self.retries = retries
+
+    def run(self, tasks: Sequence[StageTask], stage: Stage, fingerprint: str, progress: RunProgress) -> ExecutionReport:
         report = ExecutionReport()
         started = time.perf_counter()
-        with self._progress(len(tasks)) as bar:
-            task_id = bar.add_task("scoring", total=len(tasks), pairs=0, rate=0.0, errors=0)
-
-            def on_pairs(n: int, e: int) -> None:
-                report.pairs += n
-                report.errors += e
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.update(task_id, pairs=report.pairs, rate=report.pairs / elapsed, errors=report.errors)
-
-            def on_done(shard_id: str, stats: dict | None, error: str | None) -> None:
-                if error:
-                    report.failed[shard_id] = error
-                else:
-                    report.completed.append(shard_id)
-                bar.advance(task_id)
-
+        try:
             if self.workers == 1 or len(tasks) <= 1:
-                self._run_inline(tasks, scorers or build_scorers(specs), on_pairs, on_done)
+                self._run_inline(tasks, stage, fingerprint, progress, report)
             else:
-                self._run_pool(tasks, specs, on_pairs, on_done)
+                self._run_pool(list(tasks), stage, fingerprint, progress, report)
+        except KeyboardInterrupt:
+            report.interrupted = True
         report.seconds = time.perf_counter() - started
         return report
 
-    def _run_inline(self, tasks, scorers, on_pairs, on_done) -> None:
-        for task in tasks:
-            try:
-                on_done(task.source.id, process_shard(task, scorers, on_pairs), None)
-            except Exception as exc:
-                log.exception("shard %s failed", task.source.id)
-                on_done(task.source.id, None, f"{type(exc).__name__}: {exc}")
+    def _run_inline(self, tasks, stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport) -> None:
+        if not tasks:
+            return
+        folder = RunFolder(tasks[0].run_url)
+        handler = attach_log_file(folder, f"{tasks[0].stage_name}-main-{os.getpid()}")
+        try:
+            stage.setup()
+            for task in tasks:
+                try:
+                    execute_task(stage, task, fingerprint, progress.rows_done)
+                    report.completed.append(task.shard_id)
+                    progress.shard_done(True)
+                except Exception as exc:
+                    log.error("shard %s failed:\n%s", task.shard_id, traceback.format_exc())
+                    report.failed[task.shard_id] = _failure_line(exc)
+                    progress.shard_done(False)
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
 
-    def _run_pool(self, tasks, specs, on_pairs, on_done) -> None:
-        # ProcessPoolExecutor workers are not daemonic, so each may run its own decode pool;
-        # spawn because torch and fork do not mix
+    def _run_pool(self, tasks: list[StageTask], stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport) -> None:
+        # spawn: torch and fork do not mix; each worker is a fresh interpreter building the stage
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager:
-            progress_queue = manager.Queue()
-            # split the cores between shard workers so torch does not oversubscribe them
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
-            init_args = (list(specs), tasks[0].run_dir, progress_queue, threads)
-            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
-                pending = {pool.submit(_run_task, task): task.source.id for task in tasks}
-                while pending:
-                    done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    self._drain(progress_queue, on_pairs)
-                    for future in done:
-                        shard_id = pending.pop(future)
-                        try:
-                            on_done(*future.result())
-                        except Exception as exc:  # the worker process itself died
-                            on_done(shard_id, None, f"{type(exc).__name__}: {exc}")
-                self._drain(progress_queue, on_pairs)
+        progress_queue = ctx.Queue()
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        init = (_init_worker, (stage.spec().model_dump(), tasks[0].run_url, tasks[0].stage_name, progress_queue, threads))
+        attempts = {task.shard_id: 0 for task in tasks}
+        todo = tasks
+        try:
+            while todo:
+                retry: list[StageTask] = []
+                pool = ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=ctx,
+                                           initializer=worker_initializer, initargs=(init,))  # fmt: skip
+                finished = False
+                try:
+                    pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}
+                    while pending:
+                        done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        self._drain(progress_queue, progress)
+                        for future in done:
+                            task = pending.pop(future)
+                            try:
+                                shard_id, _, error = future.result()
+                            except BrokenProcessPool as exc:  # a worker process died (OOM killer, segfault)
+                                attempts[task.shard_id] += 1
+                                if attempts[task.shard_id] <= self.retries:
+                                    retry.append(task)
+                                    continue
+                                shard_id, error = task.shard_id, f"worker process died: {exc}"
+                            if error:
+                                report.failed[shard_id] = error
+                            else:
+                                report.completed.append(shard_id)
+                            progress.shard_done(error is None)
+                    self._drain(progress_queue, progress)
+                    finished = not retry
+                finally:
+                    _stop_pool(pool, grace=30.0 if finished else 0.0)
+                if retry:
+                    log.warning("a worker process died; retrying %d shard(s) in a fresh pool", len(retry))
+                todo = retry
+        finally:
+            progress_queue.close()
 
     @staticmethod
-    def _drain(progress_queue, on_pairs) -> None:
+    def _drain(progress_queue, progress: RunProgress) -> None:
         while True:
             try:
-                on_pairs(*progress_queue.get_nowait())
-            except queue.Empty:
+                progress.rows_done(*progress_queue.get_nowait())
+            except (queue.Empty, OSError, EOFError):
                 return
 
-    def _progress(self, total: int) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("shards"),
-            TextColumn("{task.fields[pairs]} pairs"),
-            TextColumn("{task.fields[rate]:.1f} pairs/s"),
-            TextColumn("[red]{task.fields[errors]} errors"),
-            TimeElapsedColumn(),
-            disable=not self.show_progress,
-            transient=False,
-        )
+
+def _stop_pool(pool: ProcessPoolExecutor, grace: float = 0.0) -> None:
+    """Shut a pool down; workers get ``grace`` seconds to exit on their own, then are terminated.
+
+    Every wait is bounded: a worker stuck at exit (or busy after Ctrl-C) never hangs the run, and
+    a finished shard's files are complete before its result was sent, so nothing is lost.
+    """
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)

@@ -1,108 +1,451 @@
 """The run folder: everything a run leaves behind, inspectable and resumable without a database.
 
-    RUN/config.yaml           resolved config (+ fingerprint) of the first run into this folder
-    RUN/provenance.json       what produced the scores: models, preprocessing, versions, warnings
-    RUN/scores/<shard>.parquet one table per input shard, keyed by uid
-    RUN/stats/<shard>.json    per-shard counts and timings
-    RUN/completions/<shard>   written last: a shard with a marker is done and is skipped on resume
-    RUN/logs/                 one log per process
-    RUN/stats.json            merged stats of all completed shards
+    RUN/run.yaml                        every input source ever added (id -> url, format, size, mtime/etag)
+                                        and the read options all stages share
+    RUN/<stage>/stage.yaml              the stage's kind, options, identity and fingerprint
+    RUN/<stage>/provenance.json         models, preprocessing, versions, warnings of the stage
+    RUN/<stage>/tables/<shard>.parquet  one table per input shard, one row per input pair
+    RUN/<stage>/stats/<shard>.json      per-shard counts and timings
+    RUN/<stage>/completions/<shard>.json  written last: the shard's source identity, fingerprint, rows
+    RUN/<stage>/stats.json              sum of the completed shards' stats
+    RUN/logs/                           one log per process
+    RUN/.lock                           held by the process running a stage (local folders)
+
+Shard ids are given once per source url and never change: a run's inputs may grow (a second
+``score`` with more shards extends it), and a new source whose file name is already taken gets
+the name plus a short hash of its url. A marker is trusted only after checking what it promises:
+the table is there with the row count it names, and the source is still the file it was made
+from.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
-from collections import Counter
-from pathlib import Path
-from typing import Any
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mlmfilter.io.writers import atomic_write, atomic_write_json
+from mlmfilter import __version__
+from mlmfilter.io.sources import ShardSource, shard_stem
+from mlmfilter.runs.stats import ShardStats
+from mlmfilter.runs.storage import RunStorage
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.yaml"
+LOGS_DIR = "logs"
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+#: folder names inside a run that are not stages
+RESERVED_NAMES = frozenset({LOGS_DIR, "selection"})
 
 
-class ConfigMismatch(RuntimeError):
-    pass
+class RunError(ValueError):
+    """A run folder cannot be used as asked; the message says why and what to do."""
+
+
+class ConfigMismatch(RunError):
+    """A stage is resumed (or a run extended) with settings other than the ones it was made with."""
+
+
+class SourceChanged(RunError):
+    """An input shard changed on disk after a stage finished it."""
+
+
+class RunLocked(RunError):
+    """Another process is running a stage in this folder."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def source_identity(source: ShardSource) -> dict[str, Any]:
+    """What makes a source the same file later: size and mtime (local) or etag/size (object stores)."""
+    identity: dict[str, Any] = {"url": source.url, "format": source.format}
+    if source.is_pipe:
+        return identity
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source.url)
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return identity
+    if info.get("type") == "directory":
+        return identity  # an image folder: its files are checked by the reader, not here
+    identity["size"] = info.get("size")
+    for key in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is not None:
+            identity[key.lower() if key != "LastModified" else "last_modified"] = (
+                value if isinstance(value, (int, float, str)) else str(value)
+            )
+            break
+    return identity
+
+
+def _same_file(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    keys = (set(recorded) & set(current)) - {"url", "format"}
+    return all(recorded[k] == current[k] for k in keys)
+
+
+@dataclass(frozen=True)
+class Completeness:
+    done: int
+    total: int
+    missing: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        return self.total > 0 and not self.missing
+
+    def to_json(self) -> dict[str, Any]:
+        return {"complete": self.complete, "shards_done": self.done, "shards_total": self.total,
+                "missing": list(self.missing[:20])}  # fmt: skip
+
+
+class StageFolder:
+    """``RUN/<stage>/``: one stage's tables, markers and stats."""
+
+    def __init__(self, storage: RunStorage, name: str):
+        if not _STAGE_NAME.match(name) or name in RESERVED_NAMES:
+            raise RunError(f"invalid stage name {name!r} (letters, digits, - and _; not {sorted(RESERVED_NAMES)})")
+        self.storage = storage
+        self.name = name
+
+    def rel(self, *parts: str) -> str:
+        return "/".join((self.name, *parts))
+
+    def table_rel(self, shard_id: str) -> str:
+        return self.rel("tables", f"{shard_id}.parquet")
+
+    def marker_rel(self, shard_id: str) -> str:
+        return self.rel("completions", f"{shard_id}.json")
+
+    def stats_rel(self, shard_id: str) -> str:
+        return self.rel("stats", f"{shard_id}.json")
+
+    @property
+    def exists(self) -> bool:
+        return self.storage.exists(self.rel("stage.yaml"))
+
+    def create(self) -> None:
+        for sub in ("tables", "stats", "completions"):
+            self.storage.makedirs(self.rel(sub))
+
+    # -- stage settings ---------------------------------------------------------------------------
+    def read_settings(self) -> dict[str, Any] | None:
+        if not self.storage.exists(self.rel("stage.yaml")):
+            return None
+        return yaml.safe_load(self.storage.read_text(self.rel("stage.yaml"))) or {}
+
+    def check_or_write_settings(self, settings: dict[str, Any]) -> None:
+        """The first run writes the settings; a resume must produce the same table, or it would mix."""
+        previous = self.read_settings()
+        if previous is not None and self.done_shards():
+            if previous.get("fingerprint") != settings["fingerprint"]:
+                changed = _changed_keys(previous.get("identity", {}), settings["identity"])
+                raise ConfigMismatch(
+                    f"stage {self.name!r} of {self.storage.url} was made with other settings "
+                    f"(changed: {', '.join(changed) or 'fingerprint'}; fingerprint {previous.get('fingerprint')} "
+                    f"vs {settings['fingerprint']}); mixing them would mix incomparable scores. "
+                    "Use another output folder, another stage name (--stage NAME), or --overwrite to redo the stage"
+                )
+            return  # keep the record of the first run
+        self.storage.write_bytes(self.rel("stage.yaml"), yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+
+    def read_provenance(self) -> dict[str, Any]:
+        if not self.storage.exists(self.rel("provenance.json")):
+            return {}
+        return json.loads(self.storage.read_text(self.rel("provenance.json")))
+
+    def write_provenance(self, provenance: dict[str, Any]) -> None:
+        self.storage.write_bytes(self.rel("provenance.json"), _json(provenance))
+
+    # -- markers ----------------------------------------------------------------------------------
+    def done_shards(self) -> list[str]:
+        return [n[: -len(".json")] for n in self.storage.list_names(self.rel("completions"), ".json")]
+
+    def read_marker(self, shard_id: str) -> dict[str, Any] | None:
+        rel = self.marker_rel(shard_id)
+        if not self.storage.exists(rel):
+            return None
+        try:
+            return json.loads(self.storage.read_text(rel))
+        except ValueError:
+            return {}  # a damaged marker promises nothing
+
+    def finish_shard(self, shard_id: str, table, stats: ShardStats, marker: dict[str, Any]) -> None:
+        """Table, then stats, then the marker: only a shard with all three is done."""
+        self.storage.write_parquet(self.table_rel(shard_id), table)
+        self.storage.write_bytes(self.stats_rel(shard_id), _json({"shard": shard_id, **stats.to_json()}))
+        self.storage.write_bytes(self.marker_rel(shard_id), _json({**marker, "rows": table.num_rows}))
+
+    def verify(self, shard_id: str, source: ShardSource, fingerprint: str) -> bool:
+        """True when the shard is done and its marker's promises hold; a broken promise is redone.
+
+        Raises SourceChanged when the source file is no longer the one the table was made from.
+        """
+        marker = self.read_marker(shard_id)
+        if marker is None:
+            return False
+        problem = None
+        if marker.get("fingerprint") != fingerprint:
+            problem = f"its marker has fingerprint {marker.get('fingerprint')}, the stage {fingerprint}"
+        elif not self.storage.exists(self.table_rel(shard_id)):
+            problem = "its table is missing"
+        else:
+            try:
+                rows = self.storage.parquet_rows(self.table_rel(shard_id))
+            except Exception as exc:  # truncated or overwritten: unreadable footer
+                problem = f"its table is unreadable ({type(exc).__name__}: {exc})"
+            else:
+                if rows != marker.get("rows"):
+                    problem = f"its table has {rows} rows, the marker promises {marker.get('rows')}"
+        if problem is None:
+            recorded = marker.get("source") or {}
+            if not _same_file(recorded, source_identity(source)):
+                raise SourceChanged(
+                    f"input {source.url} changed after stage {self.name!r} finished it "
+                    f"(recorded {_describe(recorded)}, now {_describe(source_identity(source))}); "
+                    "its rows would no longer match the shard. Use another output folder, or --overwrite"
+                )
+            return True
+        log.warning("stage %s, shard %s: %s; redoing the shard", self.name, shard_id, problem)
+        self.storage.remove(self.marker_rel(shard_id))
+        return False
+
+    def merged_stats(self) -> ShardStats:
+        parts = []
+        for shard_id in self.done_shards():
+            rel = self.stats_rel(shard_id)
+            if self.storage.exists(rel):
+                parts.append(ShardStats.from_json(json.loads(self.storage.read_text(rel))))
+        return ShardStats.total(parts)
+
+    def write_merged_stats(self) -> ShardStats:
+        stats = self.merged_stats()
+        self.storage.write_bytes(self.rel("stats.json"), _json(stats.to_json()))
+        return stats
+
+    def clear(self) -> None:
+        self.storage.remove_tree(self.name)
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.scores_dir = self.path / "scores"
-        self.stats_dir = self.path / "stats"
-        self.completions_dir = self.path / "completions"
-        self.logs_dir = self.path / "logs"
-        self.config_path = self.path / "config.yaml"
-        self.provenance_path = self.path / "provenance.json"
+    """A run: its registered sources, shared read options, stages and logs."""
 
-    def create(self) -> "RunFolder":
-        for d in (self.scores_dir, self.stats_dir, self.completions_dir, self.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        return self
+    def __init__(self, path: str | os.PathLike):
+        self.storage = RunStorage(path)
+        self.url = self.storage.url
 
-    # -- per shard ----------------------------------------------------------------------------
-    def score_path(self, shard_id: str) -> Path:
-        return self.scores_dir / f"{shard_id}.parquet"
+    @property
+    def path(self):
+        """The local path (pathlib) of a local run folder."""
+        from pathlib import Path
 
-    def is_done(self, shard_id: str) -> bool:
-        return (self.completions_dir / shard_id).exists()
+        local = self.storage.local_path()
+        if local is None:
+            raise RunError(f"{self.url} is not a local folder")
+        return Path(local)
 
-    def mark_done(self, shard_id: str, stats: dict[str, Any]) -> None:
-        atomic_write_json(self.stats_dir / f"{shard_id}.json", stats)
-        atomic_write(self.completions_dir / shard_id, "done\n")
+    @property
+    def is_run(self) -> bool:
+        return self.storage.exists(RUN_FILE)
 
-    def done_shards(self) -> list[str]:
-        if not self.completions_dir.exists():
-            return []
-        return sorted(p.name for p in self.completions_dir.iterdir() if not p.name.startswith("."))
+    def stage(self, name: str) -> StageFolder:
+        return StageFolder(self.storage, name)
 
-    # -- whole run ----------------------------------------------------------------------------
-    def check_or_write_config(self, config_dump: dict[str, Any], fingerprint: str, overwrite: bool = False) -> None:
-        """First run writes the config; a resume must score the same way, or it would mix scores."""
-        if self.config_path.exists() and not overwrite:
-            previous = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
-            if previous.get("fingerprint") != fingerprint and self.done_shards():
-                raise ConfigMismatch(
-                    f"{self.path} holds a run with different scorer settings "
-                    f"(fingerprint {previous.get('fingerprint')} vs {fingerprint}); "
-                    "use another output folder, or --overwrite to start it afresh"
-                )
-        atomic_write(self.config_path, yaml.safe_dump({**config_dump, "fingerprint": fingerprint}, sort_keys=False))
+    def stages(self) -> list[str]:
+        return [d for d in self.storage.list_dirs() if d not in RESERVED_NAMES and self.storage.exists(f"{d}/stage.yaml")]
+
+    def logs_dir(self) -> str | None:
+        return self.storage.local_path(LOGS_DIR)
+
+    # -- run record -------------------------------------------------------------------------------
+    def read_record(self) -> dict[str, Any]:
+        if not self.is_run:
+            raise RunError(f"{self.url} is not a run folder (no {RUN_FILE}); make one with `mlmfilter score`")
+        return yaml.safe_load(self.storage.read_text(RUN_FILE)) or {}
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        self.storage.write_bytes(RUN_FILE, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+
+    def sources(self) -> dict[str, ShardSource]:
+        record = self.read_record()
+        return {sid: ShardSource(id=sid, url=s["url"], format=s["format"]) for sid, s in record.get("sources", {}).items()}
+
+    def read_options(self) -> dict[str, Any]:
+        return dict(self.read_record().get("read") or {})
+
+    def open(self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]) -> list[ShardSource]:
+        """Create or extend the run with ``sources``; returns them with their run-wide ids.
+
+        The run's read options are part of what every table means: extending a run with other
+        read options is refused.
+        """
+        self.storage.makedirs(LOGS_DIR)
+        record = self.read_record() if self.is_run else {
+            "mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": dict(read_options), "sources": {},
+        }  # fmt: skip
+        if (record.get("read") or {}) != dict(read_options):
+            raise ConfigMismatch(
+                f"{self.url} was read with read options {record.get('read') or {}}, not {dict(read_options)}; "
+                "use another output folder or --overwrite"
+            )
+        registered: dict[str, dict[str, Any]] = record.setdefault("sources", {})
+        by_url = {entry["url"]: sid for sid, entry in registered.items()}
+        taken = set(registered)
+        out: list[ShardSource] = []
+        changed = False
+        for source in sources:
+            identity = source_identity(source)
+            sid = by_url.get(source.url)
+            if sid is None:
+                sid = _new_id(source.url, taken)
+                taken.add(sid)
+                registered[sid] = {**identity, "added": now_iso()}
+                by_url[source.url] = sid
+                changed = True
+            elif not _same_file(registered[sid], identity):
+                self._check_unchanged(sid, source, registered[sid], identity)
+                registered[sid] = {**identity, "added": registered[sid].get("added")}
+                changed = True
+            out.append(ShardSource(id=sid, url=source.url, format=source.format))
+        for spec in inputs:
+            if spec not in record["inputs"]:
+                record["inputs"].append(spec)
+                changed = True
+        if changed or not self.is_run:
+            self._write_record(record)
+        return out
+
+    def _check_unchanged(self, sid: str, source: ShardSource, recorded: dict, current: dict) -> None:
+        finished = [name for name in self.stages() if self.stage(name).read_marker(sid) is not None]
+        if finished:
+            raise SourceChanged(
+                f"input {source.url} changed since stage(s) {', '.join(finished)} finished it "
+                f"(recorded {_describe(recorded)}, now {_describe(current)}); "
+                "use another output folder, or --overwrite"
+            )
+
+    def completeness(self, stage: str) -> Completeness:
+        sources = self.sources()
+        done = set(self.stage(stage).done_shards()) if self.storage.exists(stage) else set()
+        missing = tuple(sorted(sid for sid in sources if sid not in done))
+        return Completeness(done=len(set(sources) & done), total=len(sources), missing=missing)
 
     def clear(self) -> None:
-        for d in (self.scores_dir, self.stats_dir, self.completions_dir):
-            if d.exists():
-                for p in d.iterdir():
-                    p.unlink()
+        """Remove everything of an earlier run (``--overwrite``), keeping the folder itself."""
+        for name in self.storage.list_dirs():
+            if name != LOGS_DIR:
+                self.storage.remove_tree(name)
+        for name in self.storage.list_names(""):
+            self.storage.remove(name)
 
-    def write_provenance(self, provenance: dict[str, Any]) -> None:
-        atomic_write_json(self.provenance_path, provenance)
 
-    def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+# -- locking --------------------------------------------------------------------------------------
 
-    def merged_stats(self) -> dict[str, Any]:
-        """Sum of the per-shard stats of every completed shard."""
-        totals: Counter = Counter()
-        errors: Counter = Counter()
-        scorers: dict[str, Counter] = {}
-        seconds = 0.0
-        for shard_id in self.done_shards():
-            path = self.stats_dir / f"{shard_id}.json"
-            if not path.exists():
-                continue
-            stats = json.loads(path.read_text(encoding="utf-8"))
-            totals.update({k: stats[k] for k in ("read", "ok", "errored")})
-            errors.update(stats.get("errors", {}))
-            seconds += stats.get("seconds", 0.0)
-            for name, s in stats.get("scorers", {}).items():
-                scorers.setdefault(name, Counter()).update(
-                    {k: v for k, v in s.items() if isinstance(v, (int, float)) and k != "pairs_per_second"}
-                )
-        return {
-            "shards_done": len(self.done_shards()),
-            **{k: totals.get(k, 0) for k in ("read", "ok", "errored")},
-            "errors": dict(sorted(errors.items())),
-            "shard_seconds": round(seconds, 3),
-            "scorers": {k: dict(v) for k, v in scorers.items()},
-        }
+
+class RunLock:
+    """One process at a time runs stages in a run folder; a second one is refused, not queued.
+
+    Local folders use ``flock`` on ``RUN/.lock`` (released by the kernel when the holder dies,
+    so a killed run never leaves a stale lock). Object stores have no locks: ``RUN/lock.json``
+    is written and checked, and a lock older than ``stale_after`` seconds is taken over.
+    """
+
+    def __init__(self, folder: RunFolder, stale_after: float = 3600.0):
+        self.folder = folder
+        self.stale_after = stale_after
+        self._fd: int | None = None
+
+    def holder(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+
+    def acquire(self) -> "RunLock":
+        storage = self.folder.storage
+        if storage.is_local:
+            import fcntl
+
+            os.makedirs(storage.root, exist_ok=True)
+            path = storage.path(".lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = os.read(fd, 4096).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise RunLocked(
+                    f"{storage.url} is in use by another mlmfilter process ({info or 'unknown holder'}); "
+                    "wait for it to finish or stop it, or use another output folder"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.holder()).encode())
+            self._fd = fd
+            return self
+        if storage.exists("lock.json"):
+            info = json.loads(storage.read_text("lock.json"))
+            since = _dt.datetime.fromisoformat(info.get("since", "1970-01-01T00:00:00+00:00"))
+            age = (_dt.datetime.now(_dt.timezone.utc) - since).total_seconds()
+            if age < self.stale_after:
+                raise RunLocked(f"{storage.url} is in use by another mlmfilter process ({info}); "
+                                "wait for it, or delete lock.json if that process is gone")  # fmt: skip
+            log.warning("taking over a stale lock of %s (%s)", storage.url, info)
+        storage.write_bytes("lock.json", json.dumps(self.holder()))
+        return self
+
+    def release(self) -> None:
+        storage = self.folder.storage
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+        elif not storage.is_local:
+            storage.remove("lock.json")
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _new_id(url: str, taken: set[str]) -> str:
+    import hashlib
+
+    stem = _UNSAFE_ID_CHARS.sub("_", shard_stem(url)).strip("._") or "shard"
+    if stem not in taken:
+        return stem
+    return f"{stem}-{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}"
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += _changed_keys(a, b, f"{prefix}{i}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _describe(identity: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in identity.items() if k not in ("url", "format", "added")) or "no size/mtime"
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"

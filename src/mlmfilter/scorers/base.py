@@ -18,6 +18,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from mlmfilter import errors
+from mlmfilter.runs.identity import options_identity, stable_identity
+from mlmfilter.runs.stats import BlockStats
 from mlmfilter.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -32,25 +34,20 @@ class ScoreFailure:
     partial: dict[str, Any] = field(default_factory=dict)  # columns worth keeping anyway (e.g. raw text)
 
 
-@dataclass
-class ScorerStats:
-    seen: int = 0
-    scored: int = 0
-    skipped: int = 0  # arrived already in error
-    failed: Counter = field(default_factory=Counter)
-    batches: int = 0
-    seconds: float = 0.0
+#: a scorer's lifetime counters (seen / done / skipped / failed by reason / batches / seconds)
+ScorerStats = BlockStats
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "seen": self.seen,
-            "scored": self.scored,
-            "skipped": self.skipped,
-            "failed": dict(self.failed),
-            "batches": self.batches,
-            "seconds": round(self.seconds, 4),
-            "pairs_per_second": round(self.scored / self.seconds, 3) if self.seconds else None,
-        }
+
+class InfrastructureError(RuntimeError):
+    """The machine failed, not the sample (out of memory, a dead device): the shard fails and is retried."""
+
+
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    """Memory exhaustion and device loss are never a sample's fault; they must not become error rows."""
+    return isinstance(exc, (MemoryError, InfrastructureError)) or type(exc).__name__ in (
+        "OutOfMemoryError",  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
+        "AcceleratorError",
+    )
 
 
 class ScorerOptions(BaseModel):
@@ -92,6 +89,15 @@ class Scorer(ABC):
         """What a reader of the scores needs to trust or reproduce them."""
         return {"scorer": self.name, "columns": list(self.columns)}
 
+    def identity(self) -> dict[str, Any]:
+        """Settings, resolved model (hub commit or content hash, random or not) and library versions:
+        what a resumed run must share with the first one. Derived from :meth:`provenance`."""
+        return {
+            "scorer": self.name,
+            "options": options_identity(self.options.model_dump(mode="json")),
+            "provenance": stable_identity(self.provenance()),
+        }
+
     # -- owned by the base --------------------------------------------------------------------
     def ensure_setup(self) -> None:
         if not self._ready:
@@ -107,12 +113,18 @@ class Scorer(ABC):
     def wants(self, sample: Sample) -> bool:
         return sample.error is None or sample.error in self.accepts_errors
 
-    def score(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
-        """Score samples in batches; one row per sample, in order. Never raises for one bad sample."""
+    def score(self, samples: Sequence[Sample], stats: BlockStats | None = None) -> list[dict[str, Any]]:
+        """Score samples in batches; one row per sample, in order. Never raises for one bad sample.
+
+        Counts go to the scorer's lifetime ``self.stats`` and, when given, to ``stats`` (a shard's).
+        Infrastructure failures (out of memory, device loss) do raise: they are not the sample's.
+        """
+        shard = stats if stats is not None else BlockStats()
         rows = [self.empty_row() for _ in samples]
         todo = [i for i, s in enumerate(samples) if self.wants(s)]
-        self.stats.seen += len(samples)
-        self.stats.skipped += len(samples) - len(todo)
+        for target in (self.stats, shard):
+            target.seen += len(samples)
+            target.skipped += len(samples) - len(todo)
         if not todo:
             return rows
         self.ensure_setup()
@@ -121,16 +133,20 @@ class Scorer(ABC):
             batch = [samples[i] for i in idx]
             t0 = time.perf_counter()
             results = self._score_isolated(batch)
-            self.stats.seconds += time.perf_counter() - t0
-            self.stats.batches += 1
+            elapsed = time.perf_counter() - t0
+            for target in (self.stats, shard):
+                target.seconds += elapsed
+                target.batches += 1
             for i, result in zip(idx, results):
                 if isinstance(result, ScoreFailure):
                     rows[i].update(result.partial)
                     samples[i].fail(result.reason, f"{self.name}: {result.detail}")
                     self.stats.failed[result.reason] += 1
+                    shard.failed[result.reason] += 1
                 else:
                     rows[i].update(result)
-                    self.stats.scored += 1
+                    self.stats.done += 1
+                    shard.done += 1
         return rows
 
     def _score_isolated(self, batch: list[Sample]) -> list[dict[str, Any] | ScoreFailure]:
@@ -140,6 +156,8 @@ class Scorer(ABC):
                 raise RuntimeError(f"{self.name} returned {len(results)} results for {len(batch)} samples")
             return results
         except Exception as exc:  # one bad sample must not sink its batch: retry one by one
+            if is_infrastructure_failure(exc):
+                raise
             if len(batch) == 1:
                 log.debug("%s failed on %s", self.name, batch[0].uid, exc_info=True)
                 return [ScoreFailure(errors.SCORER_ERROR, f"{type(exc).__name__}: {exc}")]

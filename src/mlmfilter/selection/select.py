@@ -2,7 +2,10 @@
 
 Semantics (DataComp style):
 
-* The pool is every row of ``RUN/scores/*.parquet``, errored rows included.
+* The pool is every row of the run's scoring stage (``RUN/score/tables/*.parquet`` of the
+  completed shards), errored rows included. A run whose stage is not complete (shards without
+  a completion marker, e.g. still running or failed) is refused unless ``allow_incomplete``:
+  "the top 30%" of a third of the data is not what anyone asked for. Completeness is recorded.
 * ``expression`` keeps rows where it is true; rows missing a value it reads never pass
   (see :mod:`mlmfilter.selection.expression`).
 * ``top_fraction`` keeps ``k = round(top_fraction * rows read)`` rows -- a fraction of the whole
@@ -41,7 +44,7 @@ import pyarrow.parquet as pq
 from mlmfilter import __version__
 from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
 from mlmfilter.io.writers import AtomicFile, atomic_write_json
-from mlmfilter.runs.folder import RunFolder
+from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.subset import SubsetAccumulator
 from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
@@ -64,7 +67,7 @@ class SelectionError(ValueError):
 
 @dataclass
 class SelectionResult:
-    run_dir: Path
+    run_dir: Path | str
     output_dir: Path
     read: int  # every row of the run: the pool
     scored: int  # rows without an error
@@ -80,12 +83,16 @@ class SelectionResult:
     passes: int  # streaming reads of the score files
     seconds: float
     files: int = 0
+    completeness: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "mlmfilter": __version__,
             "run_dir": str(self.run_dir),
+            # a selection inside its run folder finds the run again wherever the two are moved
+            "run_dir_relative": _relative(self.run_dir, self.output_dir),
             "arguments": self.arguments,
+            "completeness": self.completeness,
             "counts": {
                 "read": self.read,
                 "scored": self.scored,
@@ -125,19 +132,32 @@ def select_run(
     by: str | None = None,
     ascending: bool = False,
     *,
+    stage: str = DEFAULT_STAGE,
+    allow_incomplete: bool = False,
     candidate_cap: int = DEFAULT_CANDIDATE_CAP,
     batch_rows: int = BATCH_ROWS,
 ) -> SelectionResult:
     """Select rows of a run's score tables and write uids.npy, kept.parquet and selection.json.
 
     ``ascending=True`` keeps the lowest ``by`` values instead of the highest. ``candidate_cap``
-    bounds the rows the exact top-k holds in memory for its final sort.
+    bounds the rows the exact top-k holds in memory for its final sort. ``stage`` names the
+    scoring stage to read; ``allow_incomplete`` selects from a run some of whose shards are not
+    done (the result records it).
     """
     started = time.perf_counter()
-    run_dir, output_dir = Path(run_dir), Path(output_dir)
-    arguments = {"run_dir": str(run_dir), "expression": expression, "top_fraction": top_fraction,
-                 "by": by, "ascending": ascending}  # fmt: skip
-    tables = ScoreTables(run_dir, batch_rows)
+    output_dir = Path(output_dir)
+    tables = ScoreTables(run_dir, batch_rows, stage)
+    run_dir = tables.run_dir
+    completeness = tables.completeness.to_json()
+    if not tables.completeness.complete and not allow_incomplete:
+        missing = ", ".join(tables.completeness.missing[:5]) + (" ..." if len(tables.completeness.missing) > 5 else "")
+        raise SelectionError(
+            f"stage {stage!r} of {run_dir} is incomplete: {tables.completeness.done} of {tables.completeness.total} "
+            f"shards done (missing: {missing}); finish it (re-run `mlmfilter score`, it resumes) "
+            "or pass --allow-incomplete to select from the done shards only"
+        )
+    arguments = {"run_dir": str(run_dir), "stage": stage, "expression": expression, "top_fraction": top_fraction,
+                 "by": by, "ascending": ascending, "allow_incomplete": allow_incomplete}  # fmt: skip
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
     counts = _Counts()
     with _KeptOutputs(output_dir, tables, plan.output_columns) as outputs:
@@ -154,7 +174,8 @@ def select_run(
             f"only {counts.qualified} rows qualify, fewer than the target {plan.target(counts.read)} "
             f"({top_fraction} of {counts.read}): all of them are kept"
         )
-    notes += tables.completion_notes()
+    if not tables.completeness.complete:
+        notes.append(f"incomplete run: selected from {tables.completeness.done} of {tables.completeness.total} shards")
     result = SelectionResult(
         run_dir=run_dir,
         output_dir=output_dir,
@@ -172,24 +193,27 @@ def select_run(
         passes=passes,
         seconds=time.perf_counter() - started,
         files=len(tables.files),
+        completeness=completeness,
     )
     atomic_write_json(output_dir / SUMMARY_FILE, result.to_json())
     return result
 
 
 class ScoreTables:
-    """A run's score files as one arrow dataset, streamed batch by batch in a fixed order."""
+    """A run's score tables (completed shards) as one arrow dataset, streamed in a fixed order."""
 
-    def __init__(self, run_dir: Path, batch_rows: int = BATCH_ROWS):
-        self.folder = RunFolder(run_dir)
-        scores_dir = self.folder.scores_dir
-        # hidden names are temp files of writes in progress
-        self.files = sorted(p for p in scores_dir.glob("*.parquet") if not p.name.startswith(".")) if scores_dir.is_dir() else []
+    def __init__(self, run_dir: str | Path, batch_rows: int = BATCH_ROWS, stage: str = DEFAULT_STAGE):
+        try:
+            self.run = RunReader(run_dir)
+            self.files = self.run.table_files(stage)
+        except ValueError as exc:  # not a run, no such stage
+            raise SelectionError(str(exc)) from None
+        self.run_dir: Path | str = Path(self.run.url) if "://" not in self.run.url else self.run.url
         if not self.files:
-            raise SelectionError(f"no score files in {scores_dir} (expected {scores_dir}/<shard>.parquet from `mlmfilter score`)")
-        # shards may disagree on a type (a column all null in one shard): unify, widening as needed
-        self.schema = pa.unify_schemas([pq.read_schema(p) for p in self.files], promote_options="permissive")
-        self.dataset = ds.dataset([str(p) for p in self.files], schema=self.schema, format="parquet")
+            raise SelectionError(f"stage {stage!r} of {self.run.url} has no completed shard to select from")
+        self.completeness = self.run.completeness(stage)
+        self.dataset = self.run.dataset(stage)
+        self.schema = self.dataset.schema
         self.batch_rows = batch_rows
         self.columns = {f.name: f.type for f in self.schema}
         if UID_COLUMN in self.columns:
@@ -217,14 +241,13 @@ class ScoreTables:
         out["f0"], out["f1"] = (f0, f1) if rows is None else (f0[rows], f1[rows])
         return out
 
-    def completion_notes(self) -> list[str]:
-        done = set(self.folder.done_shards())
-        if not done:
-            return []
-        unfinished = [p.stem for p in self.files if p.stem not in done]
-        if not unfinished:
-            return []
-        return [f"{len(unfinished)} score files have no completion marker (is a run still writing?): {unfinished[:5]}"]
+
+def _relative(run_dir: Path | str, output_dir: Path) -> str | None:
+    import os
+
+    if "://" in str(run_dir):
+        return None
+    return os.path.relpath(os.path.abspath(run_dir), os.path.abspath(output_dir))
 
 
 @dataclass

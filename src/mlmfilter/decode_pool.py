@@ -1,0 +1,165 @@
+"""Image decoding in worker processes: ordered, bounded, and honest about what failed.
+
+:class:`ImageDecoder` keeps one pool for its whole life (a shard worker decodes every shard
+through the same processes, instead of paying a pool start per shard). Three kinds of failure
+are told apart:
+
+- the image's own fault: the decoder raises -> an error row (in :func:`imaging.decode_sample`);
+- a worker dies or hangs on one image (a decoder crash on a hostile file): that image alone is
+  retried in a fresh pool and, if it kills or hangs that one too, becomes an error row;
+- the pool itself cannot work (workers die on a known-good image: a script without a
+  ``__main__`` guard, no memory, no processes left): :class:`DecodePoolError`, so the shard
+  fails and is retried later. Good images are never recorded as undecodable.
+
+Every wait is bounded by ``timeout`` seconds per image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import Iterable, Iterator
+
+from mlmfilter import errors
+from mlmfilter.imaging import DecodeSpec, decode_sample
+from mlmfilter.processes import worker_initializer
+from mlmfilter.sample import Sample
+
+log = logging.getLogger(__name__)
+
+#: seconds one image may take in a worker before the worker is presumed hung
+DEFAULT_TIMEOUT = 120.0
+
+
+class DecodePoolError(RuntimeError):
+    """Decoding worker processes cannot run at all; the shard fails (it is not the images' fault)."""
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # not fork: the parent may hold torch threads and CUDA state that a fork would copy broken
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _probe_image() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class ImageDecoder:
+    """Decodes samples in order; ``workers=0`` decodes inline. Call :meth:`close` when done."""
+
+    def __init__(self, spec: DecodeSpec, workers: int = 1, prefetch: int = 64, timeout: float = DEFAULT_TIMEOUT):
+        self.spec = spec
+        self.workers = workers
+        self.prefetch = max(prefetch, workers)
+        self.timeout = timeout
+        self._pool: ProcessPoolExecutor | None = None
+        self._generation = 0  # bumped on every pool restart
+
+    def decode(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        """Decoded samples in input order; at most ``prefetch`` in flight."""
+        if self.workers <= 0:
+            for sample in samples:
+                yield decode_sample(sample, self.spec)
+            return
+        pending: deque[tuple[Sample, Future | None, int]] = deque()
+        try:
+            for sample in samples:
+                pending.append(self._submit(sample))
+                if len(pending) >= self.prefetch:
+                    yield self._collect(*pending.popleft())
+            while pending:
+                yield self._collect(*pending.popleft())
+        except BaseException:
+            # an abandoned stream (error, generator closed) leaves futures we will never read
+            for _, future, _ in pending:
+                if future is not None:
+                    future.cancel()
+            raise
+
+    def close(self) -> None:
+        self._shutdown()
+
+    def __enter__(self) -> "ImageDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _submit(self, sample: Sample) -> tuple[Sample, Future | None, int]:
+        if not sample.ok:  # nothing to decode: keep its place in the order
+            return sample, None, self._generation
+        try:
+            return sample, self._ensure_pool().submit(decode_sample, sample, self.spec), self._generation
+        except BrokenProcessPool:  # a worker died since the last collect
+            self._restart()
+            return sample, self._ensure_pool().submit(decode_sample, sample, self.spec), self._generation
+
+    def _collect(self, sample: Sample, future: Future | None, generation: int) -> Sample:
+        if future is None:
+            return sample
+        try:
+            return future.result(timeout=self.timeout)
+        except (BrokenProcessPool, FutureTimeout):
+            return self._retry_alone(sample, generation)
+
+    def _retry_alone(self, sample: Sample, generation: int) -> Sample:
+        if generation == self._generation:
+            self._restart()
+        try:
+            return self._ensure_pool().submit(decode_sample, sample, self.spec).result(timeout=self.timeout)
+        except (BrokenProcessPool, FutureTimeout) as exc:
+            self._restart()
+            self._check_pool_works(cause=exc)
+            how = "hung" if isinstance(exc, FutureTimeout) else "died"
+            code = errors.DECODE_TIMEOUT if isinstance(exc, FutureTimeout) else errors.UNDECODABLE_IMAGE
+            return sample.fail(code, f"the decoder process {how} on this image twice (timeout {self.timeout:.0f} s)")
+
+    def _check_pool_works(self, cause: BaseException) -> None:
+        """A fresh pool must decode a known-good image; if not, the pool is what is broken."""
+        probe = Sample(uid="0" * 32, shard="probe", key="probe", image_bytes=_probe_image())
+        try:
+            result = self._ensure_pool().submit(decode_sample, probe, self.spec).result(timeout=self.timeout)
+            if result.ok:
+                return
+            detail = f"{result.error}: {result.error_detail}"
+        except (BrokenProcessPool, FutureTimeout, OSError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+        self._restart()
+        raise DecodePoolError(
+            "image-decoding worker processes fail on a known-good image "
+            f"({detail}; first failure: {type(cause).__name__}: {cause}). If this is a Python script, put "
+            'the mlmfilter call under `if __name__ == "__main__":`, or decode inline (decode_workers=0)'
+        )
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=_pool_context(), initializer=worker_initializer
+            )
+        return self._pool
+
+    def _restart(self) -> None:
+        self._shutdown()
+        self._generation += 1
+
+    def _shutdown(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # a hung worker would keep running after shutdown(wait=False): end it
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()

@@ -1,0 +1,97 @@
+"""One read API for a run's tables: selection, reports, evaluation and later stages use it.
+
+Only completed shards are read (a table without its marker may still be being written or be
+left from a killed run). Tables of a stage are one pyarrow dataset with a unified schema (a
+column that is all null in one shard widens to the others' type).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from mlmfilter.io.sources import ShardSource
+from mlmfilter.runs.folder import Completeness, RunError, RunFolder
+
+DEFAULT_STAGE = "score"
+
+
+class RunReader:
+    def __init__(self, run: str | os.PathLike | RunFolder):
+        self.folder = run if isinstance(run, RunFolder) else RunFolder(run)
+        if not self.folder.is_run:
+            raise RunError(f"{self.folder.url} is not a run folder (no run.yaml); make one with `mlmfilter score`")
+        self.url = self.folder.url
+
+    def stages(self) -> list[str]:
+        return self.folder.stages()
+
+    def sources(self) -> dict[str, ShardSource]:
+        return self.folder.sources()
+
+    def read_options(self) -> dict[str, Any]:
+        return self.folder.read_options()
+
+    def _stage(self, stage: str):
+        folder = self.folder.stage(stage)
+        if not folder.exists:
+            known = ", ".join(self.stages()) or "none"
+            raise RunError(f"{self.url} has no stage {stage!r} (stages: {known})")
+        return folder
+
+    def table_files(self, stage: str = DEFAULT_STAGE) -> list[str]:
+        """Tables of the completed shards, in shard-id order (full paths or object keys)."""
+        folder = self._stage(stage)
+        rels = [folder.table_rel(sid) for sid in folder.done_shards()]
+        return [self.folder.storage.path(rel) for rel in rels if self.folder.storage.exists(rel)]
+
+    def table(self, shard_id: str, stage: str = DEFAULT_STAGE, columns: list[str] | None = None) -> pa.Table | None:
+        """One completed shard's table, or None if the shard is not done."""
+        folder = self._stage(stage)
+        if folder.read_marker(shard_id) is None:
+            return None
+        storage = self.folder.storage
+        with storage.fs.open(storage.path(folder.table_rel(shard_id)), "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def schema(self, stage: str = DEFAULT_STAGE) -> pa.Schema:
+        files = self.table_files(stage)
+        if not files:
+            raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
+        fs = None if self.folder.storage.is_local else self.folder.storage.fs
+        schemas = [pq.read_schema(f, filesystem=fs) if fs else pq.read_schema(f) for f in files]
+        return pa.unify_schemas(schemas, promote_options="permissive")
+
+    def dataset(self, stage: str = DEFAULT_STAGE) -> ds.Dataset:
+        files = self.table_files(stage)
+        if not files:
+            raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
+        fs = None if self.folder.storage.is_local else self.folder.storage.fs
+        return ds.dataset(files, schema=self.schema(stage), format="parquet", filesystem=fs)
+
+    def provenance(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+        return self._stage(stage).read_provenance()
+
+    def settings(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+        return self._stage(stage).read_settings() or {}
+
+    def stats(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+        return self._stage(stage).merged_stats().to_json()
+
+    def completeness(self, stage: str = DEFAULT_STAGE) -> Completeness:
+        self._stage(stage)
+        return self.folder.completeness(stage)
+
+    def marker(self, shard_id: str, stage: str = DEFAULT_STAGE) -> dict[str, Any] | None:
+        return self._stage(stage).read_marker(shard_id)
+
+    def warnings(self) -> list[str]:
+        """Warnings of every stage's provenance (e.g. random weights), for reports and summaries."""
+        out: list[str] = []
+        for stage in self.stages():
+            out += [w for w in self.provenance(stage).get("warnings", []) if w not in out]
+        return out

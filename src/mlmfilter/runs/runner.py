@@ -1,0 +1,169 @@
+"""Run one stage over a run's shards: the orchestration every stage shares.
+
+lock the folder -> register the sources (ids never change, inputs may grow) -> check the stage's
+fingerprint -> verify completion markers -> execute the shards still to do -> merge stats.
+Nothing is written before every setting has been validated (stage and scorer options are
+pydantic models checked when the stage is built).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from mlmfilter import __version__
+from mlmfilter.io.sources import ShardSource
+from mlmfilter.runs.executor import ExecutionReport, Executor, LocalExecutor
+from mlmfilter.runs.folder import RunFolder, RunLock, now_iso, source_identity
+from mlmfilter.runs.progress import RunProgress
+from mlmfilter.runs.stage import Stage, StageTask
+from mlmfilter.runs.stats import ShardStats
+
+log = logging.getLogger(__name__)
+
+Overwrite = Literal[False, "stage", "run"]
+
+
+@dataclass
+class StageSummary:
+    run_url: str
+    stage: str
+    shards_total: int  # shards this invocation was asked to cover
+    shards_completed: list[str]
+    shards_skipped: list[str]  # already done by an earlier run (markers verified)
+    shards_failed: dict[str, str]
+    stats: ShardStats  # every completed shard of the stage, this run and earlier ones
+    provenance: dict[str, Any]
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.shards_failed and not self.interrupted
+
+    @property
+    def run_dir(self):
+        from pathlib import Path
+
+        return Path(self.run_url)
+
+
+def run_stage(
+    run: str | RunFolder,
+    stage: Stage,
+    *,
+    sources: Sequence[ShardSource] | None = None,
+    inputs: Sequence[str] = (),
+    read_options: dict[str, Any] | None = None,
+    executor: Executor | None = None,
+    overwrite: Overwrite = False,
+    show_progress: bool = False,
+) -> StageSummary:
+    """Run ``stage`` on ``sources`` (new ones are added to the run) or on all of the run's sources."""
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    executor = executor or LocalExecutor()
+    with RunLock(folder):
+        if overwrite == "run":
+            folder.clear()
+        elif overwrite == "stage":
+            folder.stage(stage.name).clear()
+        if sources is None:
+            record = folder.read_record()
+            registered = list(folder.sources().values())
+            read = dict(record.get("read") or {})
+        else:
+            read = dict(read_options or {})
+            registered = folder.open(inputs, list(sources), read)
+        stage_folder = folder.stage(stage.name)
+        stage_folder.create()
+        fingerprint = stage.fingerprint()
+        stage_folder.check_or_write_settings({
+            "kind": stage.kind,
+            "name": stage.name,
+            "options": stage.options.model_dump(mode="json"),
+            "identity": stage.identity(),
+            "fingerprint": fingerprint,
+            "created": now_iso(),
+        })  # fmt: skip
+        provenance = stage_folder.read_provenance()
+        if not provenance:  # the first run's record stays: a resume has the same fingerprint
+            provenance = {"mlmfilter": __version__, "python": platform.python_version(),
+                          "fingerprint": fingerprint, "stage": stage.name, **stage.provenance()}  # fmt: skip
+            stage_folder.write_provenance(provenance)
+
+        todo, skipped = [], []
+        for source in registered:
+            (skipped if stage_folder.verify(source.id, source, fingerprint) else todo).append(source)
+        if skipped:
+            log.info("stage %s: %d of %d shards already done", stage.name, len(skipped), len(registered))
+        tasks = [
+            StageTask(shard_id=s.id, source=s, run_url=folder.url, stage_name=stage.name, read_options=read,
+                      source_identity=source_identity(s))  # fmt: skip
+            for s in todo
+        ]
+        with RunProgress(stage.name, len(tasks), enabled=show_progress) as progress:
+            report: ExecutionReport = executor.run(tasks, stage, fingerprint, progress)
+        stats = stage_folder.write_merged_stats()
+    return StageSummary(
+        run_url=folder.url,
+        stage=stage.name,
+        shards_total=len(registered),
+        shards_completed=report.completed,
+        shards_skipped=[s.id for s in skipped],
+        shards_failed=report.failed,
+        stats=stats,
+        provenance=provenance,
+        seconds=report.seconds,
+        interrupted=report.interrupted,
+    )
+
+
+def write_tables(
+    run: str | RunFolder,
+    stage_name: str,
+    tables: dict[str, "pa.Table"],
+    *,
+    sources: Sequence[ShardSource] | None = None,
+    identity: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> RunFolder:
+    """Put ready-made tables into a run as a completed stage (imported score dumps, synthetic runs).
+
+    ``tables`` maps shard id -> table (with uid, shard, key, ..., error, error_detail; or uid_f0/uid_f1).
+    ``sources`` are the input shards the tables describe (registered under the same ids, so that
+    ``reshard`` can read them); without them the shards are registered as ``imported:<id>``.
+    """
+    import pyarrow as pa  # noqa: F401  (type of ``tables``)
+
+    from mlmfilter.runs.stage import fingerprint_of
+
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    by_id = {s.id: s for s in sources or []}
+    with RunLock(folder):
+        record = folder.read_record() if folder.is_run else {
+            "mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": {}, "sources": {}}  # fmt: skip
+        for shard_id in tables:
+            if shard_id not in record["sources"]:
+                source = by_id.get(shard_id)
+                entry = source_identity(source) if source else {"url": f"imported:{shard_id}", "format": "parquet"}
+                record["sources"][shard_id] = {**entry, "added": now_iso()}
+        folder.storage.makedirs("logs")
+        folder._write_record(record)
+        stage_folder = folder.stage(stage_name)
+        stage_folder.create()
+        identity = identity or {"kind": "imported", "stage": stage_name}
+        fingerprint = fingerprint_of(identity)
+        stage_folder.check_or_write_settings({"kind": identity.get("kind", "imported"), "name": stage_name, "options": {},
+                                              "identity": identity, "fingerprint": fingerprint, "created": now_iso()})  # fmt: skip
+        stage_folder.write_provenance({"mlmfilter": __version__, "fingerprint": fingerprint, **(provenance or {})})
+        for shard_id, table in tables.items():
+            stats = ShardStats(shards=1)
+            errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
+            stats.add_rows(errors)
+            marker = {"shard": shard_id, "source": record["sources"][shard_id], "fingerprint": fingerprint,
+                      "finished": now_iso()}  # fmt: skip
+            stage_folder.finish_shard(shard_id, table, stats, marker)
+        stage_folder.write_merged_stats()
+    return folder
