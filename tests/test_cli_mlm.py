@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from mlmfilter.cli import app
 from mlmfilter.runs.folder import RunFolder
 from tests import mlm_support
-from tests.builders import flickr_shards, write_shard
+from tests.builders import scores_dataset, flickr_shards, write_shard
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_score_with_mlm_then_select_on_its_columns(tmp_path, shards, llava_dir):
     score_args = ["score", shards, "-o", run, "--scorer", "mlm", "--model", llava_dir, "--metrics", "itm,odf",
                   "--conversation", "vicuna_v1", "--dtype", "fp32"]
     invoke(*score_args)
-    table = ds.dataset(run / "scores").to_table()
+    table = scores_dataset(run).to_table()
     rows = {r["key"]: r for r in table.to_pylist()}
     assert len(rows) == 8
     assert {"itm", "odf", "itm_mass", "odf_std"} <= set(table.column_names)
@@ -60,13 +60,13 @@ def test_score_with_mlm_then_select_on_its_columns(tmp_path, shards, llava_dir):
     assert kept == expected and 0 < len(kept) < 6
 
     # resume: forget one shard; the rerun redoes exactly that one and reproduces its scores
-    folder = RunFolder(run)
-    before = ds.dataset(run / "scores").to_table().sort_by("uid")
-    (folder.completions_dir / "00000001").unlink()
+    folder = RunFolder(run).stage("score")
+    before = scores_dataset(run).to_table().sort_by("uid")
+    (run / "score" / "completions" / "00000001.json").unlink()
     result = invoke(*score_args)
     assert "2 resumed" in result.output  # the two untouched shards were skipped
     assert folder.done_shards() == ["00000000", "00000001", "00000002"]
-    after = ds.dataset(run / "scores").to_table().sort_by("uid")
+    after = scores_dataset(run).to_table().sort_by("uid")
     assert after.column("uid").equals(before.column("uid"))
     for col in ("itm", "odf"):
         a, b = after[col].to_numpy(zero_copy_only=False), before[col].to_numpy(zero_copy_only=False)

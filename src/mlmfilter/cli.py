@@ -12,8 +12,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mlmfilter import __version__
+
+        print(f"mlmfilter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Score, select and repair image-text pairs for vision-language pretraining."""
 
 
 @contextmanager
@@ -25,7 +41,9 @@ def user_errors():
         yield
     except (ValueError, FileNotFoundError, ModelUnavailableError) as exc:
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from exc
 
 #: flags shared by the scorers; each goes to every requested scorer whose Options has that field
@@ -101,6 +119,9 @@ def score(
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
     stage: Optional[str] = typer.Option(None, help="Stage name in the run folder (default score); another name adds a second scoring."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
+    allow_absolute_paths: bool = typer.Option(
+        False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
+    ),
     overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -124,6 +145,8 @@ def score(
     for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage)):
         if value is not None:
             fields[key] = value
+    if allow_absolute_paths:
+        fields["read"] = {**(fields.get("read") or {}), "allow_absolute_paths": True}
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     with user_errors():
@@ -218,6 +241,26 @@ def demo(
 
     _setup_logging(False)
     run_demo(output, with_mlm=mlm, console=console)
+
+
+@app.command("scorers")
+def list_scorers() -> None:
+    """List every scorer with its options (defaults) and output columns."""
+    from mlmfilter.scorers import REGISTRY, scorer_class
+
+    table = Table(show_lines=True)
+    for col in ("scorer", "options (default)", "columns"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(REGISTRY):
+        try:
+            cls = scorer_class(name)
+        except ImportError as exc:  # an optional extra is missing
+            table.add_row(name, f"unavailable: {exc}", "")
+            continue
+        options = "\n".join(f"{k} = {f.default!r}" for k, f in cls.Options.model_fields.items())
+        columns = ", ".join(getattr(cls, "columns", {}) or {}) if isinstance(getattr(cls, "columns", None), dict) else "(depend on options)"
+        table.add_row(name, options, columns or "(depend on options)")
+    Console().print(table)
 
 
 @app.command("convert-llava")

@@ -63,7 +63,15 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     if summary.provenance.get("warnings"):
         console.print("[bold red]Model scores above come from RANDOM stand-in weights (no model hub here): "
                       "they mean nothing. Rule scores and errors are real.[/]")
-    return {"summary": summary, "selection": selection}
+    report = None
+    try:
+        from mlmfilter.report import write_report
+
+        report = write_report(summary.run_dir, output / "report.html", selection_dir=output / "selection")
+        console.print(f"report: {report} (open it in a browser; it works offline)")
+    except ImportError as exc:  # the report needs matplotlib (the `report` extra)
+        console.print(f"[yellow]no report written: {exc}[/]")
+    return {"summary": summary, "selection": selection, "report": report}
 
 
 def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: str) -> Table:

@@ -120,6 +120,8 @@ class StageSpec(BaseModel):
 #: kind -> "module:Class"; imported lazily so that a rules-only run never imports torch
 STAGE_REGISTRY: dict[str, str] = {
     "score": "mlmfilter.runs.scoring:ScoringStage",
+    "enhance": "mlmfilter.enhance.stage:EnhanceStage",
+    "teach_label": "mlmfilter.teach.stage:TeachLabelStage",
 }
 
 

@@ -12,6 +12,8 @@ REGISTRY: dict[str, str] = {
     "rules": "mlmfilter.scorers.rules:RulesScorer",
     "clip": "mlmfilter.scorers.clip:ClipScorer",
     "mlm": "mlmfilter.scorers.mlm:MLMScorer",
+    "ocr": "mlmfilter.scorers.ocr:OcrScorer",
+    "aitqe": "mlmfilter.scorers.aitqe:AITQEScorer",
 }
 
 
@@ -19,15 +21,33 @@ def scorer_class(name: str) -> type[Scorer]:
     try:
         target = REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown scorer {name!r}{hint}; known: {', '.join(sorted(REGISTRY))}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def build_scorer(name: str, options: dict[str, Any] | None = None) -> Scorer:
     """Build a scorer from its registry name and a dict of options (validated by its Options model)."""
+    import difflib
+
+    from pydantic import ValidationError
+
     cls = scorer_class(name)
-    opts = cls.Options(**(options or {}))
+    unknown = sorted(set(options or {}) - set(cls.Options.model_fields))
+    if unknown:
+        valid = sorted(cls.Options.model_fields)
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"scorer {name!r} has no option {unknown[0]!r}{hint}; its options: {', '.join(valid)}")
+    try:
+        opts = cls.Options(**(options or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"scorer {name!r}: {problems}") from None
     return cls(opts)
 
 
