@@ -344,3 +344,23 @@ def test_a_run_folder_on_object_storage_works_like_a_local_one(tmp_path, flickr_
     result = api.select("memory://runs/r1", tmp_path / "sel", top_fraction=0.5, by="rules_words")
     assert result.kept == 3 and np.load(tmp_path / "sel" / "uids.npy").shape == (3,)
     assert pq.read_table(tmp_path / "sel" / "kept.parquet").num_rows == 3
+
+
+def test_partition_jobs_score_disjoint_shares_into_one_run_side_by_side(tmp_path, flickr_pairs):
+    from mlmfilter.runs.runner import partition_sources
+    from mlmfilter.io.sources import expand_inputs
+
+    flickr_shards(flickr_pairs, tmp_path / "in", n_shards=6, per_shard=2)
+    inputs = [str(tmp_path / "in" / "*.tar")]
+    shares = [partition_sources(expand_inputs(inputs), f"{i}/3") for i in range(3)]
+    assert sorted(s.url for share in shares for s in share) == sorted(s.url for s in expand_inputs(inputs))
+    run = tmp_path / "run"
+    with RunLock(RunFolder(run), partition="1/3"):  # job 1 is still running ...
+        api.score(inputs, run, ["rules"], decode_workers=0, partition="0/3")  # ... job 0 runs beside it
+        with pytest.raises(RunLocked):
+            api.score(inputs, run, ["rules"], decode_workers=0, partition="1/3")
+        with pytest.raises(RunLocked):
+            api.score(inputs, run, ["rules"], decode_workers=0)  # a whole-run job waits for the partitions
+    for i in (1, 2):
+        api.score(inputs, run, ["rules"], decode_workers=0, partition=f"{i}/3")
+    assert RunFolder(run).completeness("score").complete and len(uids_of(run)) == 12

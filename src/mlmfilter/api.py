@@ -41,6 +41,7 @@ def score(
     overwrite: bool = False,
     allow_pipe: bool = False,
     show_progress: bool = False,
+    partition: str | None = None,
     **settings: Any,
 ) -> ScoreSummary:
     """Score image-text pairs into a run folder; re-running the same call resumes it.
@@ -50,11 +51,13 @@ def score(
     ``{"name": ..., "options": {...}}``. Other ``settings`` are :class:`ScoreConfig` fields.
     Scoring more inputs into an existing run extends it. ``overwrite`` discards the earlier run.
     ``allow_pipe`` lets ``pipe:CMD`` inputs run shell commands (never read from a recipe).
+    ``partition="i/N"`` scores only job i's share of the inputs, so N jobs (a Slurm array) can
+    score into one run folder side by side; ``select`` then sees one run.
     """
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.processes import unguarded_main_call
     from mlmfilter.runs.executor import LocalExecutor
-    from mlmfilter.runs.runner import run_stage
+    from mlmfilter.runs.runner import partition_sources, run_stage
     from mlmfilter.runs.scoring import ScoringOptions, ScoringStage
 
     if config is None:
@@ -74,6 +77,8 @@ def score(
         workers, decode_workers = 1, 0
     # everything is validated before the run folder is touched: sources, scorers, options
     sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
+    if partition is not None:
+        sources = partition_sources(sources, partition)
     options = ScoringOptions(
         scorers=config.scorers, decode_workers=decode_workers, chunk_size=config.chunk_size, max_pixels=config.max_pixels
     )
@@ -87,6 +92,7 @@ def score(
         executor=LocalExecutor(workers=workers),
         overwrite="run" if overwrite else False,
         show_progress=show_progress,
+        partition=partition,
     )
     stats = {"shards_done": summary.stats.shards, **summary.stats.to_json()}
     run_dir: Path | str = Path(summary.run_url) if "://" not in summary.run_url else summary.run_url

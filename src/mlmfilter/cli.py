@@ -123,6 +123,9 @@ def score(
         False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
     ),
     overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
+    partition: Optional[str] = typer.Option(
+        None, help="i/N: score job i's share of the inputs; N such jobs (a Slurm array) fill one run folder."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Score image-text pairs into a run folder. Re-running the same command resumes."""
@@ -150,7 +153,8 @@ def score(
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     with user_errors():
-        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True)
+        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True,
+                            partition=partition)  # fmt: skip
     print_score_summary(summary)
     if summary.interrupted:
         console.print(f"interrupted: {summary.stats['shards_done']} of {summary.shards_total} shards done; "

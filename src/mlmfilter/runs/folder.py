@@ -292,6 +292,10 @@ class RunFolder:
         read options is refused.
         """
         self.storage.makedirs(LOGS_DIR)
+        with _RecordLock(self):
+            return self._open_locked(inputs, sources, read_options)
+
+    def _open_locked(self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]) -> list[ShardSource]:
         record = self.read_record() if self.is_run else {
             "mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": dict(read_options), "sources": {},
         }  # fmt: skip
@@ -358,63 +362,100 @@ class RunLock:
     """One process at a time runs stages in a run folder; a second one is refused, not queued.
 
     Local folders use ``flock`` on ``RUN/.lock`` (released by the kernel when the holder dies,
-    so a killed run never leaves a stale lock). Object stores have no locks: ``RUN/lock.json``
-    is written and checked, and a lock older than ``stale_after`` seconds is taken over.
+    so a killed run never leaves a stale lock). ``partition="i/N"`` jobs (e.g. a Slurm array
+    scoring disjoint shards into one folder) share that lock and each holds its own
+    ``RUN/.lock-i-of-N`` exclusively: partitions run side by side, a whole-run job excludes them
+    all. Object stores have no locks: ``RUN/lock.json`` is written and checked, and a lock older
+    than ``stale_after`` seconds is taken over.
     """
 
-    def __init__(self, folder: RunFolder, stale_after: float = 3600.0):
+    def __init__(self, folder: RunFolder, stale_after: float = 3600.0, partition: str | None = None):
         self.folder = folder
         self.stale_after = stale_after
-        self._fd: int | None = None
+        self.partition = partition
+        self._fds: list[int] = []
 
     def holder(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "partition": self.partition}
 
     def acquire(self) -> "RunLock":
         storage = self.folder.storage
         if storage.is_local:
-            import fcntl
-
             os.makedirs(storage.root, exist_ok=True)
-            path = storage.path(".lock")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                info = os.read(fd, 4096).decode("utf-8", "replace").strip()
-                os.close(fd)
-                raise RunLocked(
-                    f"{storage.url} is in use by another mlmfilter process ({info or 'unknown holder'}); "
-                    "wait for it to finish or stop it, or use another output folder"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(self.holder()).encode())
-            self._fd = fd
+            if self.partition is None:
+                self._flock(".lock", shared=False)
+            else:
+                self._flock(".lock", shared=True)
+                self._flock(".lock-" + self.partition.replace("/", "-of-"), shared=False)
             return self
-        if storage.exists("lock.json"):
-            info = json.loads(storage.read_text("lock.json"))
+        name = "lock.json" if self.partition is None else f"lock-{self.partition.replace('/', '-of-')}.json"
+        if storage.exists(name):
+            info = json.loads(storage.read_text(name))
             since = _dt.datetime.fromisoformat(info.get("since", "1970-01-01T00:00:00+00:00"))
             age = (_dt.datetime.now(_dt.timezone.utc) - since).total_seconds()
             if age < self.stale_after:
                 raise RunLocked(f"{storage.url} is in use by another mlmfilter process ({info}); "
-                                "wait for it, or delete lock.json if that process is gone")  # fmt: skip
+                                f"wait for it, or delete {name} if that process is gone")  # fmt: skip
             log.warning("taking over a stale lock of %s (%s)", storage.url, info)
-        storage.write_bytes("lock.json", json.dumps(self.holder()))
+        storage.write_bytes(name, json.dumps(self.holder()))
+        self._remote_name = name
         return self
+
+    def _flock(self, name: str, shared: bool) -> None:
+        import fcntl
+
+        path = self.folder.storage.path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            os.close(fd)
+            self.release()
+            raise RunLocked(
+                f"{self.folder.url} is in use by another mlmfilter process ({info or 'a partition job'}); "
+                "wait for it to finish or stop it, or use another output folder"
+            ) from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.holder()).encode())
+        self._fds.append(fd)
 
     def release(self) -> None:
         storage = self.folder.storage
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-        elif not storage.is_local:
-            storage.remove("lock.json")
+        while self._fds:
+            os.close(self._fds.pop())  # closing drops the flock
+        if not storage.is_local and getattr(self, "_remote_name", None):
+            storage.remove(self._remote_name)
+            self._remote_name = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class _RecordLock:
+    """Held for the moment run.yaml is read, changed and written (partition jobs register concurrently)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self._fd: int | None = None
+
+    def __enter__(self) -> "_RecordLock":
+        if self.folder.storage.is_local:
+            import fcntl
+
+            os.makedirs(self.folder.storage.root, exist_ok=True)
+            self._fd = os.open(self.folder.storage.path(".lock-record"), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for milliseconds: waiting is right here
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # -- helpers --------------------------------------------------------------------------------------

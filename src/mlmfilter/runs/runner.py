@@ -60,11 +60,18 @@ def run_stage(
     executor: Executor | None = None,
     overwrite: Overwrite = False,
     show_progress: bool = False,
+    partition: str | None = None,
 ) -> StageSummary:
-    """Run ``stage`` on ``sources`` (new ones are added to the run) or on all of the run's sources."""
+    """Run ``stage`` on ``sources`` (new ones are added to the run) or on all of the run's sources.
+
+    ``partition="i/N"``: this job is one of N scoring disjoint shards into the same folder at once
+    (the sources passed are already its share, see :func:`partition_sources`).
+    """
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     executor = executor or LocalExecutor()
-    with RunLock(folder):
+    if partition is not None and overwrite:
+        raise ValueError("--overwrite cannot be combined with --partition (the other partitions share the folder)")
+    with RunLock(folder, partition=partition):
         if overwrite == "run":
             folder.clear()
         elif overwrite == "stage":
@@ -167,3 +174,23 @@ def write_tables(
             stage_folder.finish_shard(shard_id, table, stats, marker)
         stage_folder.write_merged_stats()
     return folder
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    index, _, total = text.partition("/")
+    try:
+        i, n = int(index), int(total)
+    except ValueError:
+        raise ValueError(f"--partition takes i/N (e.g. 0/8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--partition {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def partition_sources(sources: Sequence[ShardSource], partition: str) -> list[ShardSource]:
+    """The share of job i of N: a stable hash of each url, so the split does not depend on the
+    other inputs, their order, or on which machine lists them."""
+    import hashlib
+
+    i, n = parse_partition(partition)
+    return [s for s in sources if int(hashlib.blake2b(s.url.encode(), digest_size=8).hexdigest(), 16) % n == i]
