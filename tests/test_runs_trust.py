@@ -364,3 +364,25 @@ def test_partition_jobs_score_disjoint_shares_into_one_run_side_by_side(tmp_path
     for i in (1, 2):
         api.score(inputs, run, ["rules"], decode_workers=0, partition=f"{i}/3")
     assert RunFolder(run).completeness("score").complete and len(uids_of(run)) == 12
+
+
+def test_a_cascade_scores_only_the_survivors_and_marks_the_rest_skipped(tmp_path, flickr_pairs):
+    photo = flickr_pairs[0][0].read_bytes()
+    write_shard(tmp_path / "in" / "c.tar", [
+        {"key": "good", "jpg": photo, "txt": flickr_pairs[0][1]},
+        {"key": "lazy", "jpg": photo, "txt": "img"},
+        {"key": "good2", "jpg": flickr_pairs[1][0].read_bytes(), "txt": flickr_pairs[1][1]},
+    ])  # fmt: skip
+    inputs = [str(tmp_path / "in" / "c.tar")]
+    run = tmp_path / "run"
+    api.score(inputs, run, ["rules"], decode_workers=0)
+    with pytest.raises(ValueError, match="rules_okk"):
+        api.score(inputs, run, ["rules"], decode_workers=0, stage="judge", only="rules_okk")
+    judged = api.score(inputs, run, [{"name": "rules", "options": {"min_words": 1}}], decode_workers=0,
+                       stage="judge", only="rules_ok")  # fmt: skip
+    assert judged.stats["counters"]["skipped_by_cascade"] == 1
+    rows = {r["key"]: r for r in scores_dataset(run, "judge").to_table().to_pylist()}
+    assert rows["lazy"]["skipped"] is True and rows["lazy"]["error"] is None and rows["lazy"]["rules_words"] is None
+    assert rows["good"]["skipped"] is False and rows["good"]["rules_words"] > 3
+    kept = api.select(run, tmp_path / "sel", expression="rules_words >= 0", stage="judge")
+    assert kept.kept == 2  # a skipped pair never passes

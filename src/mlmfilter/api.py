@@ -79,9 +79,12 @@ def score(
     sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
     if partition is not None:
         sources = partition_sources(sources, partition)
+    if config.only is not None:
+        _check_cascade(config)
     options = ScoringOptions(
-        scorers=config.scorers, decode_workers=decode_workers, chunk_size=config.chunk_size, max_pixels=config.max_pixels
-    )
+        scorers=config.scorers, decode_workers=decode_workers, chunk_size=config.chunk_size,
+        max_pixels=config.max_pixels, only=config.only, only_stage=config.only_stage,
+    )  # fmt: skip
     stage = ScoringStage(options, name=config.stage)
     summary = run_stage(
         config.output,
@@ -109,6 +112,17 @@ def score(
         interrupted=summary.interrupted,
         notes=notes,
     )
+
+
+def _check_cascade(config: ScoreConfig) -> None:
+    """A cascade reads an earlier stage of the same run: it must exist and know the columns."""
+    from mlmfilter.runs.read import RunReader
+    from mlmfilter.selection.expression import parse_expression
+
+    if config.only_stage == config.stage:
+        raise ValueError(f"--only reads stage {config.only_stage!r}: give this scoring another --stage name")
+    schema = RunReader(config.output).schema(config.only_stage)
+    parse_expression(config.only, {f.name: f.type for f in schema})
 
 
 def _absolute_spec(spec: str) -> str:

@@ -118,6 +118,10 @@ def score(
     workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
     stage: Optional[str] = typer.Option(None, help="Stage name in the run folder (default score); another name adds a second scoring."),
+    only: Optional[str] = typer.Option(
+        None, help="Cascade: score only pairs passing this expression over --only-stage (others are marked skipped)."
+    ),
+    only_stage: Optional[str] = typer.Option(None, help="Stage whose columns --only reads (default score)."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     allow_absolute_paths: bool = typer.Option(
         False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
@@ -145,7 +149,8 @@ def score(
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
         fields["scorers"] = build_scorer_specs(names, shared, option or [])
-    for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage)):
+    for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage), ("only", only),
+                       ("only_stage", only_stage)):  # fmt: skip
         if value is not None:
             fields[key] = value
     if allow_absolute_paths:

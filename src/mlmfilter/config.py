@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlmfilter.imaging import DEFAULT_MAX_PIXELS
 from mlmfilter.io.readers import ReadOptions
-from mlmfilter.runs.scoring import ScorerSpec
+from mlmfilter.runs.scoring import ScorerSpec, names_to_specs
 
 __all__ = ["ScoreConfig", "ScorerSpec", "load_recipe"]
 
@@ -31,14 +31,10 @@ class ScoreConfig(BaseModel):
     decode_workers: int = 1  # image-decoding processes feeding each shard worker (0: decode inline)
     chunk_size: int = 64  # samples handed to the scorers at a time (decoding runs a chunk ahead)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit on the source image
+    only: str | None = None  # cascade: score only pairs passing this expression over `only_stage`
+    only_stage: str = "score"
 
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _names_to_specs(cls, value: Any) -> Any:
-        # a recipe may list plain names: `scorers: [rules, clip]`
-        if isinstance(value, (list, tuple)):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
 
     @field_validator("inputs", mode="before")
     @classmethod

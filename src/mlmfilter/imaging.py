@@ -19,11 +19,7 @@ decoded images into the normalised tensor a vision encoder takes.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import warnings
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -61,14 +57,18 @@ _EXIF_ORIENTATION_TAG = 0x0112
 _WHITE = (255, 255, 255)
 
 
+#: decompression-bomb limit (width * height from the header): PIL's default
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
     """What the scorers need from the decoder."""
 
     #: resize so the shorter side equals this (never upscale); None keeps the decoded size
     shorter_side: int | None = None
-    #: decompression-bomb limit (width * height from the header), PIL's default
-    max_pixels: int = 89_478_485
+    #: decompression-bomb limit (width * height from the header)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     #: resampling filter for the one resize (CLIP preprocessing uses bicubic)
     resample: Image.Resampling = Image.Resampling.BICUBIC
     #: big non-JPEG images (PNG, WebP) first shrink by an integer box filter to within this factor
@@ -221,7 +221,7 @@ def decode_sample(sample: Sample, spec: DecodeSpec) -> Sample:
     Samples already in error pass through untouched; a sample that already holds a
     decoded image and no bytes is left as it is.
     """
-    if not sample.ok:
+    if not sample.ok or sample.skipped:
         return sample
     if sample.image_bytes is None:
         if sample.image is None:
@@ -239,90 +239,16 @@ def decode_sample(sample: Sample, spec: DecodeSpec) -> Sample:
 def decode_stream(
     samples: Iterable[Sample], spec: DecodeSpec, workers: int = 1, prefetch: int = 64
 ) -> Iterator[Sample]:
-    """Decode samples in order. ``workers=0`` decodes inline; otherwise a process pool does.
+    """Decode samples in order. ``workers=0`` decodes inline; otherwise a process pool does
+    (see :class:`mlmfilter.decode_pool.ImageDecoder`, which a long-lived caller keeps open).
 
     At most ``prefetch`` samples are in flight, so memory stays bounded however long the
     input is. Closing the generator early shuts the pool down.
     """
-    if workers <= 0:
-        for sample in samples:
-            yield decode_sample(sample, spec)
-        return
-    yield from _OrderedPoolDecoder(spec, workers, prefetch).run(samples)
+    from mlmfilter.decode_pool import ImageDecoder
 
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # not fork: the parent may hold torch threads and CUDA state that a fork would copy broken
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
-
-
-class _OrderedPoolDecoder:
-    """Bounded, order-preserving decoding in worker processes.
-
-    If a worker dies (a decoder crash on a hostile file), every in-flight future fails;
-    those samples are retried one at a time in a fresh pool, so only the sample that
-    kills a worker again is marked undecodable.
-    """
-
-    def __init__(self, spec: DecodeSpec, workers: int, prefetch: int):
-        self.spec = spec
-        self.workers = workers
-        self.prefetch = max(prefetch, workers)
-        self._pool: ProcessPoolExecutor | None = None
-        self._generation = 0  # bumped on every pool restart
-
-    def run(self, samples: Iterable[Sample]) -> Iterator[Sample]:
-        pending: deque[tuple[Sample, Future | None, int]] = deque()
-        try:
-            for sample in samples:
-                pending.append(self._submit(sample))
-                if len(pending) >= self.prefetch:
-                    yield self._collect(*pending.popleft())
-            while pending:
-                yield self._collect(*pending.popleft())
-        finally:
-            self._shutdown()
-
-    def _submit(self, sample: Sample) -> tuple[Sample, Future | None, int]:
-        if not sample.ok:  # nothing to decode: keep its place in the order
-            return sample, None, self._generation
-        try:
-            return sample, self._ensure_pool().submit(decode_sample, sample, self.spec), self._generation
-        except BrokenProcessPool:  # a worker died since the last collect
-            self._restart()
-            return sample, self._ensure_pool().submit(decode_sample, sample, self.spec), self._generation
-
-    def _collect(self, sample: Sample, future: Future | None, generation: int) -> Sample:
-        if future is None:
-            return sample
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            return self._retry_alone(sample, generation)
-
-    def _retry_alone(self, sample: Sample, generation: int) -> Sample:
-        if generation == self._generation:
-            self._restart()
-        try:
-            return self._ensure_pool().submit(decode_sample, sample, self.spec).result()
-        except BrokenProcessPool as exc:
-            self._restart()
-            return sample.fail(errors.UNDECODABLE_IMAGE, f"decoder process died on this image: {exc}")
-
-    def _ensure_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context())
-        return self._pool
-
-    def _restart(self) -> None:
-        self._shutdown()
-        self._generation += 1
-
-    def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    with ImageDecoder(spec, workers, prefetch) as decoder:
+        yield from decoder.decode(samples)
 
 
 def to_pixel_values(

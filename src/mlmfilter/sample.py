@@ -27,6 +27,7 @@ class Sample:
     height: int | None = None
     error: str | None = None
     error_detail: str | None = None
+    skipped: bool = False  # left out by a cascade (`--only`): no scores, and not an error
 
     @property
     def ok(self) -> bool:

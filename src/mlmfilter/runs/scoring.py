@@ -31,23 +31,29 @@ class ScorerSpec(StageOptions):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def names_to_specs(value: Any) -> Any:
+    """A recipe may list plain names (`scorers: [rules, clip]`): make them specs."""
+    if isinstance(value, (list, tuple)):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class ScoringOptions(StageOptions):
     scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="rules")])
     decode_workers: int = 1  # image-decoding processes per shard worker (0: decode inline)
     chunk_size: int = 64  # samples handed to the scorers at a time (decoding runs a chunk ahead)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit on the source image
+    #: cascade: score only the pairs passing this expression over ``only_stage``'s columns of the
+    #: same run (e.g. "rules_ok and clip_cosine >= 0.2"); the others keep a row marked ``skipped``
+    only: str | None = None
+    only_stage: str = "score"
 
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _names_to_specs(cls, value: Any) -> Any:
-        # a recipe may list plain names: `scorers: [rules, clip]`
-        if isinstance(value, (list, tuple)):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
 
 
-def table_schema(scorers: Sequence[Scorer]) -> pa.Schema:
-    return identity_schema([f for scorer in scorers for f in scorer.schema_fields()])
+def table_schema(scorers: Sequence[Scorer], cascade: bool = False) -> pa.Schema:
+    fields = [f for scorer in scorers for f in scorer.schema_fields()]
+    return identity_schema(fields + ([pa.field("skipped", pa.bool_())] if cascade else []))
 
 
 def decode_spec(scorers: Sequence[Scorer], max_pixels: int) -> DecodeSpec:
@@ -66,6 +72,8 @@ def score_chunk(samples: list[Sample], scorers: Sequence[Scorer], stats=None) ->
     for row, sample in zip(rows, samples):
         row["error"] = sample.error
         row["error_detail"] = sample.error_detail
+        if sample.skipped:
+            row["skipped"] = True
     return rows
 
 
@@ -81,14 +89,17 @@ class ScoringStage(Stage):
         self._decoder = None
 
     def schema(self) -> pa.Schema:
-        return table_schema(self.scorers)
+        return table_schema(self.scorers, cascade=self.options.only is not None)
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "kind": self.kind,
             "scorers": [s.identity() for s in self.scorers],
             "max_pixels": self.options.max_pixels,
         }
+        if self.options.only is not None:
+            identity["only"] = {"expression": self.options.only, "stage": self.options.only_stage}
+        return identity
 
     def provenance(self) -> dict[str, Any]:
         provenance = {"kind": self.kind, "scorers": {s.name: s.provenance() for s in self.scorers}}
@@ -113,15 +124,42 @@ class ScoringStage(Stage):
     def process(self, task: StageTask, progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
         samples = read_shard(task.source, ReadOptions(**task.read_options))
+        if self.options.only is not None:
+            samples = self._mark_skipped(samples, self._passing_keys(task), task)
         decoded = self._image_decoder().decode(samples)
         for chunk in iter_batches(decoded, self.options.chunk_size):
             for sample in chunk:
                 sample.image_bytes = None  # decoded or failed: the bytes are no longer needed
             rows = score_chunk(chunk, self.scorers, task.stats)
+            if self.options.only is not None:
+                for row in rows:
+                    row.setdefault("skipped", False)
             errored = sum(1 for r in rows if r["error"])
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             if progress:
                 progress(len(rows), errored)
+
+    def _passing_keys(self, task: StageTask) -> set[str]:
+        """Keys of this shard passing the cascade expression over the earlier stage's table."""
+        from mlmfilter.selection.expression import parse_expression
+
+        table = task.run.table(task.shard_id, self.options.only_stage)
+        if table is None:  # a shard-level failure: the cascade cannot be decided yet
+            raise RuntimeError(f"stage {self.options.only_stage!r} has not finished shard {task.shard_id!r}; run it first")
+        columns = {f.name: f.type for f in table.schema}
+        condition = parse_expression(self.options.only, columns).expression
+        import pyarrow.dataset as ds
+
+        return set(ds.dataset(table).to_table(columns=["key"], filter=condition)["key"].to_pylist())
+
+    @staticmethod
+    def _mark_skipped(samples, passing: set[str], task: StageTask):
+        for sample in samples:
+            if sample.ok and sample.key not in passing:
+                sample.skipped = True
+                sample.image_bytes = None
+                task.stats.count("skipped_by_cascade")
+            yield sample
 
     def close(self) -> None:
         if self._decoder is not None:

@@ -111,6 +111,8 @@ class Scorer(ABC):
         return {name: None for name in self.columns}
 
     def wants(self, sample: Sample) -> bool:
+        if sample.skipped:
+            return False
         return sample.error is None or sample.error in self.accepts_errors
 
     def score(self, samples: Sequence[Sample], stats: BlockStats | None = None) -> list[dict[str, Any]]:
