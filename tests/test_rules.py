@@ -8,7 +8,7 @@ import pyarrow.dataset as ds
 from PIL import Image
 
 from mlmfilter import api
-from tests.builders import write_shard
+from tests.builders import scores_dataset, write_shard
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -30,7 +30,7 @@ def test_each_rule_trips_on_its_own(tmp_path, flickr_pairs):
         {"key": "wide", "jpg": jpeg(wide), "txt": caption},
     ])
     run = api.score([str(tmp_path / "in" / "rules.tar")], tmp_path / "run", ["rules"])
-    rows = {r["key"]: r for r in ds.dataset(run.run_dir / "scores").to_table().to_pylist()}
+    rows = {r["key"]: r for r in scores_dataset(run.run_dir).to_table().to_pylist()}
 
     assert rows["good"]["rules_ok"] is True
     assert rows["good"]["rules_lang"] == "en" and rows["good"]["rules_lang_prob"] > 0.9
@@ -50,5 +50,20 @@ def test_thresholds_are_options(tmp_path, flickr_pairs):
     strict = api.score([str(tmp_path / "in" / "t.tar")], tmp_path / "a", ["rules"])
     lenient = api.score([str(tmp_path / "in" / "t.tar")], tmp_path / "b",
                         [{"name": "rules", "options": {"min_words": 2, "min_language_prob": 0.0}}])
-    get = lambda r: ds.dataset(r.run_dir / "scores").to_table()["rules_ok"][0].as_py()  # noqa: E731
+    get = lambda r: scores_dataset(r.run_dir).to_table()["rules_ok"][0].as_py()  # noqa: E731
     assert get(strict) is False and get(lenient) is True
+
+
+def test_rules_failed_names_every_failed_rule():
+    from mlmfilter.sample import Sample
+    from mlmfilter.scorers import build_scorer
+
+    scorer = build_scorer("rules")
+    lazy, good = scorer.score([
+        Sample(uid="0" * 32, shard="s", key="a", caption="img", width=100, height=600),
+        Sample(uid="1" * 32, shard="s", key="b", caption="A dog runs across a grassy field with a red ball .",
+               width=500, height=375),
+    ])  # fmt: skip
+    assert lazy["rules_ok"] is False
+    assert set(lazy["rules_failed"].split(",")) == {"min_words", "min_chars", "min_side", "max_aspect_ratio", "language"}
+    assert good["rules_ok"] is True and good["rules_failed"] == ""

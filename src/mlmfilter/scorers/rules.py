@@ -37,6 +37,7 @@ class RulesScorer(Scorer):
         "rules_lang": pa.string(),
         "rules_lang_prob": pa.float32(),
         "rules_ok": pa.bool_(),
+        "rules_failed": pa.string(),  # the failed rules, comma-separated ("" when rules_ok)
     }
     image_size = None  # needs only the original size, which the decoder records
 
@@ -65,13 +66,14 @@ class RulesScorer(Scorer):
         width, height = sample.width or 0, sample.height or 0
         min_side = min(width, height)
         aspect = max(width, height) / min_side if min_side else float("inf")
-        ok = (
-            words >= opts.min_words
-            and chars >= opts.min_chars
-            and min_side >= opts.min_side
-            and aspect < opts.max_aspect_ratio
-            and lang_prob >= opts.min_language_prob
-        )
+        checks = {
+            "min_words": words >= opts.min_words,
+            "min_chars": chars >= opts.min_chars,
+            "min_side": min_side >= opts.min_side,
+            "max_aspect_ratio": aspect < opts.max_aspect_ratio,
+            "language": lang_prob >= opts.min_language_prob,
+        }
+        failed = [name for name, passed in checks.items() if not passed]
         return {
             "rules_words": words,
             "rules_chars": chars,
@@ -79,7 +81,8 @@ class RulesScorer(Scorer):
             "rules_aspect_ratio": aspect,
             "rules_lang": lang,
             "rules_lang_prob": lang_prob,
-            "rules_ok": ok,
+            "rules_ok": not failed,
+            "rules_failed": ",".join(failed),
         }
 
     def _prob_of(self, text: str, language: str) -> float:
