@@ -83,7 +83,7 @@ def build_tiny_clip(folder: Path, seed: int = 1) -> Path:
     return folder
 
 
-def dying_initializer() -> None:
+def dying_initializer(*_args) -> None:
     """A pool initializer that kills its worker: a decode pool that cannot work at all."""
     import os
 

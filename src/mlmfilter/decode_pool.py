@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -41,9 +42,11 @@ class DecodePoolError(RuntimeError):
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # not fork: the parent may hold torch threads and CUDA state that a fork would copy broken
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    # not fork: the parent may hold torch threads and CUDA state that a fork would copy broken.
+    # Not forkserver either: its server outlives a killed parent and keeps its children (and the
+    # parent's stdout) alive; spawned workers are the parent's own children and die with it.
+    # The pool lives as long as its decoder, so the spawn start-up is paid once per worker.
+    return multiprocessing.get_context("spawn")
 
 
 def _probe_image() -> bytes:
@@ -145,7 +148,8 @@ class ImageDecoder:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=_pool_context(), initializer=worker_initializer
+                max_workers=self.workers, mp_context=_pool_context(), initializer=worker_initializer,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

@@ -22,14 +22,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def die_with_parent(poll_seconds: float = 1.0) -> None:
+def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> None:
     """Make this process exit within ``poll_seconds`` of its parent's death.
 
     A watcher thread, not PR_SET_PDEATHSIG: that signal fires when the *thread* that started the
     child ends, which would kill workers of an API call made from a short-lived thread. A
     forkserver child's parent is the server, which itself exits when the main process dies.
     """
-    parent = os.getppid()
+    parent = parent if parent is not None else os.getppid()
+    if os.getppid() != parent:  # the parent died before this worker got going
+        os._exit(1)
 
     def watch() -> None:
         import time
@@ -42,9 +44,9 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="mlmfilter-parent-watch", daemon=True).start()
 
 
-def worker_initializer(*callables_and_args: Any) -> None:
-    """Pool initializer: die with the parent, then run ``(fn, args)`` pairs."""
-    die_with_parent()
+def worker_initializer(parent: int, *callables_and_args: Any) -> None:
+    """Pool initializer: die with ``parent`` (the pid that made the pool), then run ``(fn, args)`` pairs."""
+    die_with_parent(parent)
     for fn, args in callables_and_args:
         fn(*args)
 
@@ -57,8 +59,10 @@ def unguarded_main_call() -> str | None:
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if main is None or not path or not os.path.isfile(path):
+    if main is None or not path:
         return None  # REPL, notebook, python -c: workers do not re-run anything
+    if not os.path.isfile(path):
+        return path  # a script read from stdin ("<stdin>"): spawned workers cannot re-import it
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):

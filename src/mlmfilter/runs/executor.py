@@ -184,7 +184,7 @@ class LocalExecutor:
             while todo:
                 retry: list[StageTask] = []
                 pool = ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=ctx,
-                                           initializer=worker_initializer, initargs=(init,))  # fmt: skip
+                                           initializer=worker_initializer, initargs=(os.getpid(), init))  # fmt: skip
                 finished = False
                 try:
                     pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}
@@ -209,7 +209,9 @@ class LocalExecutor:
                     self._drain(progress_queue, progress)
                     finished = not retry
                 finally:
-                    _stop_pool(pool, grace=30.0 if finished else 0.0)
+                    # every finished shard's files are complete before its result was sent, so a
+                    # worker that does not exit at once (its own pools winding down) is just ended
+                    _stop_pool(pool, grace=2.0 if finished else 0.0)
                 if retry:
                     log.warning("a worker process died; retrying %d shard(s) in a fresh pool", len(retry))
                 todo = retry
