@@ -71,6 +71,16 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
         console.print(f"report: {report} (open it in a browser; it works offline)")
     except ImportError as exc:  # the report needs matplotlib (the `report` extra)
         console.print(f"[yellow]no report written: {exc}[/]")
+    run_dir = summary.run_dir
+    console.print(
+        "[bold]next steps[/]\n"
+        f"  mlmfilter stats {run_dir}                          # score distributions, to pick thresholds\n"
+        f"  mlmfilter inspect {run_dir} --where 'not rules_ok'  # the pairs the rules dropped\n"
+        f"  mlmfilter select {run_dir} --where 'rules_ok and clip_cosine >= 0.2'\n"
+        f"  mlmfilter reshard {output / 'selection'} {output / 'kept-shards'}  # new shards with the kept pairs\n"
+        f"  files: {run_dir}/run.yaml, {run_dir}/score/ (tables, stats, provenance), {output / 'selection'}/uids.npy",
+        highlight=False,
+    )
     return {"summary": summary, "selection": selection, "report": report}
 
 
