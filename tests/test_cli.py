@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 from typer.testing import CliRunner
 
 from mlmfilter.cli import app
-from tests.builders import flickr_shards, write_shard
+from tests.builders import scores_dataset, flickr_shards, write_shard
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def test_score_select_reshard(tmp_path, flickr_pairs):
     ])
     run = tmp_path / "run"
     invoke("score", tmp_path / "in" / "{00000000..00000002}.tar", "-o", run, "--scorer", "rules")
-    scores = ds.dataset(run / "scores").to_table()
+    scores = scores_dataset(run).to_table()
     assert scores.num_rows == 14
 
     invoke("select", run, "--where", "rules_ok and rules_words >= 8", "-o", tmp_path / "sel")

@@ -109,3 +109,17 @@ def test_pipe_inputs_are_refused_unless_opted_in(shard_dir):
     assert sample.ok and sample.key == "000000000"
     (failed,) = list(read_shard(ShardSource("x", f"pipe:cat {shard_dir}/missing.tar", "tar")))
     assert failed.error == errors.UNREADABLE_SHARD
+
+
+def test_a_spec_naming_an_existing_file_is_taken_literally_not_globbed(tmp_path, flickr_pairs):
+    image_path, caption = flickr_pairs[0]
+    (tmp_path / "shard[1].tar").write_bytes(small_tar(image_path.read_bytes(), "the literal one"))
+    (tmp_path / "shard1.tar").write_bytes(small_tar(image_path.read_bytes(), caption))
+    (tmp_path / "{a,b}.tar").write_bytes(small_tar(image_path.read_bytes(), "braces, literally"))
+    (literal,) = expand_inputs([str(tmp_path / "shard[1].tar")])
+    assert literal.url == str(tmp_path / "shard[1].tar")
+    assert [s.caption for s in read_shard(literal)] == ["the literal one"]
+    (braces,) = expand_inputs([str(tmp_path / "{a,b}.tar")])
+    assert braces.url.endswith("{a,b}.tar")
+    # a pattern that names no file still expands
+    assert [s.url for s in expand_inputs([str(tmp_path / "shard?.tar")])] == [str(tmp_path / "shard1.tar")]

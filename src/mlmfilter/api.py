@@ -56,7 +56,6 @@ def score(
     """
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.processes import unguarded_main_call
-    from mlmfilter.runs.executor import LocalExecutor
     from mlmfilter.runs.runner import partition_sources, run_stage
     from mlmfilter.runs.scoring import ScoringOptions, ScoringStage
 
@@ -92,7 +91,7 @@ def score(
         sources=sources,
         inputs=[_absolute_spec(spec) for spec in config.inputs],
         read_options=config.read_options(),
-        executor=LocalExecutor(workers=workers),
+        executor=_executor(config, workers),
         overwrite="run" if overwrite else False,
         show_progress=show_progress,
         partition=partition,
@@ -112,6 +111,17 @@ def score(
         interrupted=summary.interrupted,
         notes=notes,
     )
+
+
+def _executor(config: ScoreConfig, workers: int):
+    """The local executor, or Ray's (``ray.num_actors`` defaults to ``workers``)."""
+    if config.executor == "ray":
+        from mlmfilter.runs.ray_executor import RayExecutor
+
+        return RayExecutor.from_options(config.ray, workers=workers)
+    from mlmfilter.runs.executor import LocalExecutor
+
+    return LocalExecutor(workers=workers)
 
 
 def _check_cascade(config: ScoreConfig) -> None:

@@ -130,6 +130,8 @@ def score(
     partition: Optional[str] = typer.Option(
         None, help="i/N: score job i's share of the inputs; N such jobs (a Slurm array) fill one run folder."
     ),
+    executor: Optional[str] = typer.Option(None, help="local (default) or ray: shards over a Ray cluster's actors."),
+    ray_address: Optional[str] = typer.Option(None, help="With --executor ray: join this cluster (auto, ray://host:10001); else a local Ray starts."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Score image-text pairs into a run folder. Re-running the same command resumes."""
@@ -153,6 +155,10 @@ def score(
                        ("only_stage", only_stage)):  # fmt: skip
         if value is not None:
             fields[key] = value
+    if executor is not None:
+        fields["executor"] = executor
+    if ray_address is not None:
+        fields["ray"] = {**(fields.get("ray") or {}), "address": ray_address}
     if allow_absolute_paths:
         fields["read"] = {**(fields.get("read") or {}), "allow_absolute_paths": True}
     if "inputs" not in fields or "output" not in fields:

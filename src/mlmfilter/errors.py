@@ -6,6 +6,10 @@ UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
 MISSING_IMAGE = "missing_image"
 MISSING_CAPTION = "missing_caption"
 BAD_METADATA = "bad_metadata"  # the sample's json does not parse
+MEMBER_TOO_LARGE = "member_too_large"  # a tar member / image file / bytes value over ReadOptions.max_member_bytes
+NOT_A_REGULAR_FILE = "not_a_regular_file"  # a folder entry that is a FIFO, device or socket: never opened
+UNSAFE_MEMBER = "unsafe_member"  # a tar member with an absolute or ``..`` name, or a link/device/FIFO member
+UNSAFE_PATH = "unsafe_path"  # an image path or symlink leading outside the dataset root (or a URL), not allowed
 # captions
 EMPTY_CAPTION = "empty_caption"
 CAPTION_ENCODING = "caption_not_utf8"  # decoded with replacement characters; scored anyway
@@ -15,6 +19,11 @@ EMPTY_IMAGE = "empty_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 TRUNCATED_IMAGE = "truncated_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
+DECODE_TIMEOUT = "decode_timeout"  # a decoder process hung on this image twice
 # scoring
 SCORER_ERROR = "scorer_error"  # an exception inside a scorer, isolated to this sample
 UNPARSEABLE_SCORE = "unparseable_score"  # a generated answer that is not a number
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model can be neither found locally nor downloaded (torch-free, so the CLI can catch it cheaply)."""

@@ -5,6 +5,10 @@ A spec is a local path, a glob (``shards/*.tar``), a brace pattern
 ``s3://bucket/shards/*.tar`` ...; globs go through fsspec too). Braces are expanded first,
 then globs. A directory is an image folder (see :mod:`mlmfilter.io.readers`).
 
+A spec naming a path that exists is taken literally, before any brace or glob expansion
+(``shard[1].tar`` is that file, not ``shard1.tar``). FIFOs and devices (also behind symlinks)
+are refused with a ValueError naming the path: they would hang or never end a reader.
+
 ``pipe:CMD`` specs (WebDataset style: the shard is the stdout of a shell command) run an
 arbitrary command, so they are refused unless the caller opts in with ``allow_pipe=True``.
 """
@@ -14,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import fsspec
 from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
 
 ShardFormat = Literal["tar", "parquet", "folder"]
 
@@ -99,6 +105,9 @@ def shard_stem(url: str) -> str:
 def _expand_spec(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
     if spec.startswith(PIPE_PREFIX):
         return _expand_pipe(spec, allow_pipe)
+    fs, path = fsspec.core.url_to_fs(spec)
+    if fs.exists(path):  # a name that exists is taken literally: `shard[1].tar` is not a glob for shard1.tar
+        return [_classify(fs, path, spec)]
     matches: list[tuple[str, ShardFormat]] = []
     for pattern in braceexpand(spec):
         fs, path = fsspec.core.url_to_fs(pattern)
@@ -134,12 +143,24 @@ def _expand_glob(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, Sh
 
 def _classify(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> tuple[str, ShardFormat]:
     url = _to_url(fs, path)
+    _refuse_special_file(fs, path, spec)
     if fs.isdir(path):
         return url.rstrip("/"), "folder"
     fmt = format_of_name(path)
     if fmt is None:
         raise ValueError(f"input {spec!r}: cannot tell the format of {path!r} (expected .tar, .parquet or a folder)")
     return url, fmt
+
+
+def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> None:
+    """A FIFO would hang the reader and a device (``/dev/zero``) stream forever: refuse them here,
+    links followed, before anything opens them."""
+    if not isinstance(fs, LocalFileSystem):
+        return
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        raise ValueError(f"input {spec!r}: {os.path.realpath(path)!r} is a {kind}, not a regular file or folder")
 
 
 def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:

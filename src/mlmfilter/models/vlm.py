@@ -33,6 +33,7 @@ What each family gets (all checked against brute force on tiny models in tests/t
 family              model_type                  image encoded    prefix KV     positions
 ==================  ==========================  ===============  ============  ===================
 llava               llava                       once per pair    shared        1D
+llava (pooled)      mlmfilter_pooled_llava      once per pair    shared        1D
 qwen2_vl            qwen2_vl, qwen2_5_vl        once per pair    shared        M-RoPE (3D prefix)
 idefics3            idefics3, smolvlm           once per pair    shared        1D (tiled images)
 ==================  ==========================  ===============  ============  ===================
@@ -62,8 +63,11 @@ from mlmfilter.models.common import (
     dtype_name,
     library_versions,
     model_source,
+    refuse_pickle_only_folder,
     resolve_device,
     resolve_dtype,
+    safe_pretrained_kwargs,
+    safe_weights_kwargs,
     unavailable_message,
 )
 from mlmfilter.models.tree_attention import BranchBlock, DecodeSteps, PrefixLayout, PromptRows, gather_rows, length_groups
@@ -108,9 +112,11 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
     """Read config files only (cached per process). Raises ModelUnavailableError unless falling back."""
     from transformers import AutoConfig, AutoImageProcessor
 
+    import mlmfilter.models.pooled_llava  # noqa: F401  (registers the aapool_mlp LLaVA with the Auto classes)
+
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **safe_pretrained_kwargs())
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, **safe_pretrained_kwargs())
     except ValueError as exc:  # a config transformers does not know, e.g. an original LLaVA checkpoint
         raise ValueError(
             f"{name_or_path!r} is not a transformers image-text-to-text model ({str(exc).splitlines()[0]}). "
@@ -188,8 +194,11 @@ def load_vlm(
     else:
         from transformers import AutoModelForImageTextToText
 
+        refuse_pickle_only_folder(name_or_path)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation="sdpa")
+            model = AutoModelForImageTextToText.from_pretrained(
+                name_or_path, **safe_weights_kwargs(dtype=torch_dtype, attn_implementation="sdpa")
+            )
         except OSError as exc:
             raise ModelUnavailableError(unavailable_message(name_or_path, exc)) from exc
         processor = _load_processor(name_or_path, spec)
@@ -203,7 +212,7 @@ def _load_processor(name_or_path: str, spec: VlmSpec):
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path)
+        return AutoProcessor.from_pretrained(name_or_path, **safe_pretrained_kwargs())
     except (OSError, ValueError, ImportError) as exc:
         # Qwen2-VL's (and SmolVLM2's) processor also loads a video processor, which needs torchvision;
         # the judge sends no video
@@ -211,7 +220,8 @@ def _load_processor(name_or_path: str, spec: VlmSpec):
         if class_name is None or "video" not in str(exc).lower():
             raise
         log.info("loading %s without its video processor (%s)", class_name, exc)
-        return image_only_processor_class(getattr(transformers, class_name)).from_pretrained(name_or_path)
+        processor_class = image_only_processor_class(getattr(transformers, class_name))
+        return processor_class.from_pretrained(name_or_path, **safe_pretrained_kwargs())
 
 
 def vlm_provenance(
@@ -279,8 +289,11 @@ class TransformersJudgeBackend:
         batch_size: int = 8,
         max_length: int | None = None,
         trie_threshold: float = DEFAULT_TRIE_THRESHOLD,
+        stop_strings: Sequence[str] = (),
     ):
         self.loaded = loaded
+        #: generate stops a prompt once its text contains one of these (AITQE's "<Overall>")
+        self.stop_strings = tuple(s for s in stop_strings if s)
         if not 0.0 <= float(trie_threshold) < 1.0:
             raise ValueError(f"trie_threshold must be in [0, 1), got {trie_threshold}")
         self.trie_threshold = float(trie_threshold)
@@ -297,6 +310,8 @@ class TransformersJudgeBackend:
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.text_config = self.model.config.get_text_config()
+        # converted LLaVA-Unified judges score over the trained vocabulary only (rows after it were added)
+        self.scored_vocab = getattr(self.model.config, "mlmfilter_scored_vocab_size", None)
         self.eos_ids = self._eos_ids()
         self._trie: ScoreTrie | None = None
 
@@ -472,6 +487,9 @@ class TransformersJudgeBackend:
         """
         head = self.model.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
+        if self.scored_vocab:
+            weight = weight[: self.scored_vocab]
+            bias = bias[: self.scored_vocab] if bias is not None else None
         device = hidden.device
         cont_mask = torch.zeros(weight.shape[0], dtype=torch.bool, device=device)
         cont_mask[torch.as_tensor(trie.continuation_ids, device=device)] = True
@@ -511,6 +529,10 @@ class TransformersJudgeBackend:
             for i, m in torch.nonzero(~done).tolist():
                 tokens[i][m].append(int(last[i, m]))
             done |= torch.isin(last, torch.tensor(sorted(self.eos_ids)))
+            if self.stop_strings:
+                for i, m in torch.nonzero(~done).tolist():
+                    text = self.tokenizer.decode(tokens[i][m][-8:])  # a stop string spans few tokens
+                    done[i, m] = any(stop in text for stop in self.stop_strings)
         return [[self._decode(tokens[i][m]) for m in range(len(item.full))] for i, item in enumerate(batch.items)]
 
     def _decode(self, ids: list[int]) -> str:

@@ -92,13 +92,27 @@ class PromptEncoder:
         # LLaVA's tokenizer_image_token: chunks around the image token are encoded apart, BOS kept once.
         # LLaVA drops a first token equal to BOS from later chunks; here only a BOS the tokenizer added,
         # so a template that starts with the BOS string (ChatML with SmolLM2's tokenizer) stays whole.
-        chunks = [list(self.tokenizer(chunk).input_ids) for chunk in text.split(self.family.image_token)]
+        fmt = FORMATS[self.conversation]
+        forced = fmt.force_answer_token and bool(self.answer_prefix) and text.endswith(self.answer_prefix)
+        if forced:  # the scripts append tokenizer(" ").input_ids[-1] after the encoded prompt
+            text = text[: -len(self.answer_prefix)]
+        pieces = text.split(self.family.image_token)
+        apart = fmt.split_after_image
+        chunks = [list(self.tokenizer(pieces[0]).input_ids)]
+        for piece in pieces[1:]:
+            if apart and piece.startswith(apart):  # AITQE: its processor's newline is encoded on its own
+                head = list(self.tokenizer(apart).input_ids)
+                chunks.append(head + list(self.tokenizer(piece[len(apart) :]).input_ids)[1 if self._tokenizer_adds_bos else 0 :])
+            else:
+                chunks.append(list(self.tokenizer(piece).input_ids))
         offset = 1 if self._tokenizer_adds_bos else 0
         ids = [chunks[0][0]] if offset else []
         for i, chunk in enumerate(chunks):
             if i:
                 ids.append(self.image_token_id)
             ids.extend(chunk[offset:])
+        if forced:
+            ids.append(list(self.tokenizer(self.answer_prefix, add_special_tokens=False).input_ids)[-1])
         return ids
 
     def fit_budget(self, image: Image.Image) -> Image.Image:

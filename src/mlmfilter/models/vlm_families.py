@@ -55,7 +55,7 @@ class VlmFamily:
 QWEN2_VL_DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 FAMILIES: dict[str, VlmFamily] = {
-    "llava": VlmFamily("llava", ("llava",), "<image>", "<image>", "1d", False),
+    "llava": VlmFamily("llava", ("llava", "mlmfilter_pooled_llava"), "<image>", "<image>", "1d", False),
     "qwen2_vl": VlmFamily(
         "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>", "mrope", True
     ),

@@ -19,15 +19,16 @@ import pyarrow as pa
 from mlmfilter import errors
 from mlmfilter.sample import Sample
 from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
+from mlmfilter.scorers.text_mask import TextMaskOptions, TextMasking
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021, for OpenAI CLIP ViT-B/32
 CLIPSCORE_FORMULA = f"clip_score = {CLIPSCORE_WEIGHT} * max(clip_cosine, 0)  (Hessel et al. 2021)"
 
 
-class ClipScorer(Scorer):
+class ClipScorer(TextMasking, Scorer):
     """Scores each pair with one image forward and one text forward per batch."""
 
-    class Options(ScorerOptions):
+    class Options(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.py
         model: str = "openai/clip-vit-base-patch32"
         device: str = "cpu"
         #: auto = bf16 on a CPU with native bf16 (avx512_bf16/amx) or a bf16 GPU, fp16 on older GPUs, else fp32
@@ -83,7 +84,7 @@ class ClipScorer(Scorer):
             clip = self.loaded
             pre = clip.preprocessing
             pixels = to_pixel_values(
-                [samples[i].image for i in todo], pre.crop_size, pre.mean, pre.std, crop=pre.center_crop
+                [self.masked(samples[i].image) for i in todo], pre.crop_size, pre.mean, pre.std, crop=pre.center_crop
             )
             with torch.inference_mode():
                 image_emb = clip.image_embeddings(pixels)
@@ -108,6 +109,7 @@ class ClipScorer(Scorer):
             **model_prov,
             "requested_dtype": self.options.dtype,
             "clip_score_formula": CLIPSCORE_FORMULA,
+            **self.text_mask_provenance(),
         }
 
 

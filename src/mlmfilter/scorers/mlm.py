@@ -31,8 +31,10 @@ from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.conversations import default_answer_prefix, validate_conversation
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
+from mlmfilter.judge.trained_format import apply_recorded_format
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
+from mlmfilter.scorers.base import Scorer, ScoreFailure
+from mlmfilter.scorers.text_mask import TextMaskOptions, TextMasking
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
@@ -43,7 +45,7 @@ EXPECTED_DEFINITION = (
 GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
 
 
-class MLMOptions(ScorerOptions):
+class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.py
     model: str = DEFAULT_MODEL
     #: "itm,odf", ["itm", "semantic_understanding"] or "all"
     metrics: str | list[str] = "itm,odf,ctq,su"
@@ -67,6 +69,9 @@ class MLMOptions(ScorerOptions):
     #: expected readout: a score-trie node whose path probability P(t_1 .. t_k) is below this is not
     #: expanded (counted as "stops here"), so every P(s) is within this of its exact value; 0 = exact
     trie_threshold: float = Field(default=1e-4, ge=0.0, lt=1.0)
+    #: a released judge (identified from its config.json, judge/registry.py) is asked as it was trained,
+    #: or as its released scoring script asks ("released-script"); options set explicitly win (warned)
+    checkpoint_settings: Literal["trained", "released-script", "off"] = "trained"
 
     @field_validator("metrics")
     @classmethod
@@ -86,12 +91,17 @@ class MLMOptions(ScorerOptions):
         return validate_conversation(value)
 
 
-class MLMScorer(Scorer):
+class MLMScorer(TextMasking, Scorer):
     Options = MLMOptions
     name = "mlm"
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options)
+        # a judge trained by `mlmfilter train` records its request format: options the user left unset follow it
+        self.options = apply_recorded_format(self.options)
+        from mlmfilter.judge.registry import apply_released_settings
+
+        self.options, self.released = apply_released_settings(self.options)
         self.metrics = resolve_metrics(self.options.metrics)
         self.short_names = [short_name(m) for m in self.metrics]
         self.template = resolve_template(self.options.template)
@@ -131,6 +141,8 @@ class MLMScorer(Scorer):
 
         o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
+        if self.released is not None and hasattr(loaded.processor.image_processor, "do_pad"):
+            loaded.processor.image_processor.do_pad = self.released.settings.pad_to_square
         self.backend = TransformersJudgeBackend(
             loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold
         )
@@ -146,7 +158,7 @@ class MLMScorer(Scorer):
                 results[i] = failure
                 continue
             prompts = [self.template.render(metric, sample.caption) for metric in self.metrics]
-            requests.append(JudgeRequest(sample.image, prompts))
+            requests.append(JudgeRequest(self.masked(sample.image), prompts))
             positions.append(i)
         if requests:
             if self.options.readout == "expected":
@@ -231,6 +243,12 @@ class MLMScorer(Scorer):
             prov["model"] = vlm_provenance(
                 self._spec(), o.conversation, answer_prefix, device, resolve_dtype(o.dtype, device), o.max_length
             )
+        prov.update(self.text_mask_provenance())
+        if self.released is not None:
+            prov["checkpoint"] = self.released.describe()
+            prov.setdefault("warnings", []).extend(self.released.warnings)
         if prov["model"].get("warnings"):
-            prov["warnings"] = list(prov["model"]["warnings"])
+            prov["warnings"] = list(prov.get("warnings", [])) + list(prov["model"]["warnings"])
+        if not prov.get("warnings"):
+            prov.pop("warnings", None)
         return prov

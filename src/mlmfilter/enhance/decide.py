@@ -1,0 +1,226 @@
+"""Acceptance, never blind replacement: re-score, compare with a margin, keep the best passing candidate.
+
+:class:`Rescorer` scores the original caption and every candidate that passed the checks with the
+same judge scorers (any registered scorer: ``mlm``, ``clip``, the AITQE scorer ...) on the same
+decoded image, in one call per scorer, so before and after come from identical settings.
+
+:class:`Decider` compares on the ``compare`` columns: the objective is their mean, and a candidate
+is better when its objective beats the original's by at least ``margin`` (and, when
+``max_metric_drop`` is set, no compared column falls by more than that). Among better candidates
+the highest objective wins (ties: the first). The pair's reason is ``accepted``, or why the most
+promising candidate failed: the first candidate's check reason (:mod:`mlmfilter.enhance.checks`)
+when every candidate failed a check, ``not_better`` when one was scored but did not win,
+``rescore_failed`` when the judge could not score, else why there was no candidate at all.
+The original is re-scored only when some candidate passed the checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlmfilter.enhance.checks import CaptionChecker, OriginalFacts
+from mlmfilter.models.generation import Generated
+from mlmfilter.runs.stats import BlockStats
+from mlmfilter.sample import Sample
+from mlmfilter.scorers.base import Scorer
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+# reasons beyond the check reasons
+REASON_ACCEPTED = "accepted"
+NOT_BETTER = "not_better"
+NO_CANDIDATE = "no_candidate"  # the mode wrote nothing (AITQE: the caption was judged fine)
+GENERATION_FAILED = "generation_failed"
+RESCORE_FAILED = "rescore_failed"  # the judge could not score the original (or any passing candidate)
+# per-candidate outcome when it passed the checks
+OUTCOME_ACCEPTED = "accepted"
+OUTCOME_OUTSCORED = "outscored"  # better than the original, but another candidate was better still
+
+
+class DecisionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: judge columns compared (their mean is the objective); None: the columns the selection reads
+    compare: list[str] | None = None
+    #: a candidate's objective must beat the original's by at least this much
+    margin: float = Field(default=5.0, ge=0.0)
+    #: None: not checked; else no compared column may fall by more than this
+    max_metric_drop: float | None = Field(default=None, ge=0.0)
+
+
+@dataclass
+class Candidate:
+    text: str
+    reason: str | None = None  # a check reason, NOT_BETTER, OUTCOME_ACCEPTED / OUTCOME_OUTSCORED
+    detail: str = ""
+    scores: dict[str, float | None] | None = None
+    gain: float | None = None
+
+
+@dataclass
+class Decision:
+    decision: str
+    reason: str
+    detail: str
+    caption: str | None  # the accepted rewrite
+    before: dict[str, float | None]
+    after: dict[str, float | None]  # of the accepted candidate, else of the best scored one (or empty)
+    gain: float | None
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision == ACCEPTED
+
+
+class Rescorer:
+    """Scores captions of one image with the judge scorers; a failed score gives a reason, not a raise."""
+
+    def __init__(self, scorers: Sequence[Scorer]):
+        self.scorers = list(scorers)
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        return {name: dtype for scorer in self.scorers for name, dtype in scorer.columns.items()}
+
+    @property
+    def image_size(self) -> int | None:
+        sizes = [s.image_size for s in self.scorers if s.image_size]
+        return max(sizes) if sizes else None
+
+    def setup(self) -> None:
+        for scorer in self.scorers:
+            scorer.ensure_setup()
+
+    def score(
+        self, pairs: Sequence[tuple[Sample, str]], stats: Mapping[str, BlockStats] | None = None
+    ) -> list[dict[str, Any] | str]:
+        """Per (decoded sample, caption): the merged score columns, or the first error as ``reason: detail``."""
+        samples = [dataclasses.replace(sample, caption=caption, error=None, error_detail=None) for sample, caption in pairs]
+        rows: list[dict[str, Any]] = [{} for _ in samples]
+        for scorer in self.scorers:
+            for row, scored in zip(rows, scorer.score(samples, (stats or {}).get(scorer.name))):
+                row.update(scored)
+        return [row if s.error is None else f"{s.error}: {s.error_detail}" for row, s in zip(rows, samples)]
+
+
+class Decider:
+    def __init__(self, options: DecisionOptions, compare: Sequence[str]):
+        if not compare:
+            raise ValueError("no score columns to compare: name them with compare")
+        self.options = options
+        self.compare = list(compare)
+
+    def objective(self, scores: dict[str, Any]) -> float | None:
+        values = [scores.get(c) for c in self.compare]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            return None
+        return float(sum(values)) / len(values)
+
+    def decide(self, before: dict[str, Any] | None, candidates: list[Candidate], failure: str | None = None) -> Decision:
+        """``candidates`` carry their check reason, and scores where they passed; ``failure``: why there are none."""
+        before_scores = {c: (before or {}).get(c) for c in self.compare}
+        if failure is not None:
+            return Decision(REJECTED, GENERATION_FAILED, failure, None, before_scores, {}, None, candidates)
+        if not candidates:
+            return Decision(REJECTED, NO_CANDIDATE, "the mode wrote no candidate", None, before_scores, {}, None, candidates)
+        if all(c.reason is not None for c in candidates):  # every candidate failed a check
+            first = candidates[0]
+            return Decision(REJECTED, first.reason, first.detail, None, before_scores, {}, None, candidates)
+        base = self.objective(before_scores) if before is not None else None
+        scored = [c for c in candidates if c.reason is None and c.scores is not None]
+        if base is None:
+            for c in candidates:
+                if c.reason is None:
+                    c.reason = RESCORE_FAILED
+            detail = "the judge could not score the original" if before is None else "the original has no score"
+            return Decision(REJECTED, RESCORE_FAILED, detail, None, before_scores, {}, None, candidates)
+        winners = []
+        for c in scored:
+            value = self.objective(c.scores)
+            c.gain = None if value is None else value - base
+            if value is None:
+                c.reason, c.detail = NOT_BETTER, "not all compared scores present"
+                continue
+            drop = self._largest_drop(before_scores, c.scores)
+            if c.gain < self.options.margin or c.gain <= 0:
+                c.reason, c.detail = NOT_BETTER, f"gain {c.gain:+.2f} < margin {self.options.margin:g}"
+            elif self.options.max_metric_drop is not None and drop[1] > self.options.max_metric_drop:
+                c.reason, c.detail = NOT_BETTER, f"{drop[0]} falls by {drop[1]:.2f} > {self.options.max_metric_drop:g}"
+            else:
+                winners.append(c)
+        for c in candidates:  # those not scored although they passed: the judge failed on them
+            if c.reason is None and all(c is not w for w in winners):
+                c.reason = RESCORE_FAILED
+        if winners:
+            best = max(winners, key=lambda c: c.gain)  # max keeps the first of equal gains
+            for c in winners:
+                c.reason = OUTCOME_ACCEPTED if c is best else OUTCOME_OUTSCORED
+            after = {k: best.scores.get(k) for k in self.compare}
+            detail = f"gain {best.gain:+.2f} >= margin {self.options.margin:g}"
+            return Decision(ACCEPTED, REASON_ACCEPTED, detail, best.text, before_scores, after, best.gain, candidates)
+        gains = [c for c in scored if c.gain is not None]
+        if gains:
+            best = max(gains, key=lambda c: c.gain)
+            after = {k: best.scores.get(k) for k in self.compare}
+            return Decision(REJECTED, NOT_BETTER, best.detail, None, before_scores, after, best.gain, candidates)
+        return Decision(REJECTED, RESCORE_FAILED, "the judge could not score any candidate", None, before_scores, {}, None, candidates)
+
+    def _largest_drop(self, before: dict[str, Any], after: dict[str, Any]) -> tuple[str, float]:
+        drops = [(c, float(before[c]) - float(after[c])) for c in self.compare]
+        return max(drops, key=lambda d: d[1])
+
+
+def judge_pairs(
+    checker: CaptionChecker,
+    rescorer: Rescorer,
+    decider: Decider,
+    samples: Sequence[Sample],
+    written: Sequence[list[Generated] | str],
+    stats: Mapping[str, BlockStats] | None = None,
+) -> list[Decision]:
+    """Check, re-score and decide for decoded samples and what the mode wrote (texts, or why it failed).
+
+    Every original and every candidate that passed its checks go to the judge in one call.
+    """
+    facts: list[OriginalFacts] = checker.facts([s.caption or "" for s in samples])
+    per_pair: list[list[Candidate]] = []
+    jobs: list[tuple[Sample, str]] = []
+    owners: list[tuple[int, Candidate | None]] = []
+    for i, (sample, texts) in enumerate(zip(samples, written)):
+        candidates = []
+        if not isinstance(texts, str):
+            seen: set[str] = set()
+            for generated in texts:
+                text = generated.text
+                if text in seen:  # identical samples are one candidate
+                    continue
+                seen.add(text)
+                result = checker.check(facts[i], text, generated.truncated)
+                candidate = Candidate(text, result.reason, result.detail)
+                candidates.append(candidate)
+                if result.passed:
+                    jobs.append((sample, text))
+                    owners.append((i, candidate))
+            if any(c.reason is None for c in candidates):  # the original is scored only when it is needed
+                jobs.append((sample, sample.caption or ""))
+                owners.append((i, None))
+        per_pair.append(candidates)
+    befores: dict[int, dict[str, Any] | None] = {}
+    for (i, candidate), result in zip(owners, rescorer.score(jobs, stats) if jobs else []):
+        scores = result if isinstance(result, dict) else None
+        if candidate is None:
+            befores[i] = scores
+        elif scores is not None:
+            candidate.scores = scores
+        else:
+            candidate.detail = result  # type: ignore[assignment]
+    return [
+        decider.decide(befores.get(i), per_pair[i], written[i] if isinstance(written[i], str) else None)
+        for i in range(len(samples))
+    ]

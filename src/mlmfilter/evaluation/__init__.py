@@ -1,0 +1,1 @@
+"""Evaluations that run on real data here: each measures a scorer against a known truth."""

@@ -1,0 +1,73 @@
+"""Score evaluation pairs with the same scorers, decoder and chunking a run uses.
+
+Evaluation pairs are not shards: a human-judgement set names image files and captions, a
+corruption check makes several captions for one image. Both become :class:`~mlmfilter.sample.Sample`
+objects scored by :func:`mlmfilter.runs.scoring.score_chunk`, after the one decode path
+(:func:`mlmfilter.imaging.decode_sample`) at the size :func:`mlmfilter.runs.scoring.decode_spec`
+picks for the scorers. An image is decoded once and shared by all the captions scored against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Iterator, Sequence
+
+import pyarrow as pa
+
+from mlmfilter.imaging import DEFAULT_MAX_PIXELS, decode_sample
+from mlmfilter.sample import Sample
+
+
+def pair_uid(*parts: str) -> str:
+    """A stable uid for an evaluation pair (no shard to derive it from)."""
+    return hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def numeric_columns(scorers) -> list[str]:
+    """The score columns a correlation or a win rate can be computed on (numbers and booleans)."""
+    wanted = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+    return [name for s in scorers for name, dtype in s.columns.items() if any(test(dtype) for test in wanted)]
+
+
+class PairScorer:
+    """Scorers built from ``mlmfilter score``-style specs, scoring decoded samples chunk by chunk."""
+
+    def __init__(self, specs: Sequence[dict[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS, chunk_size: int = 64):
+        from mlmfilter.runs.scoring import decode_spec
+        from mlmfilter.scorers import build_scorer
+
+        if not specs:
+            raise ValueError("give at least one scorer (--scorer rules,clip ...)")
+        self.scorers = [build_scorer(s["name"], s.get("options")) for s in specs]
+        self.decode = decode_spec(self.scorers, max_pixels)
+        self.chunk_size = chunk_size
+
+    @property
+    def columns(self) -> list[str]:
+        return numeric_columns(self.scorers)
+
+    def decoded(self, sample: Sample) -> Sample:
+        return decode_sample(sample, self.decode)
+
+    def score(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, dict[str, Any]]]:
+        """(sample, row) in input order; a sample that fails (decode or scorer) has ``error`` set in its row."""
+        from mlmfilter.runs.scoring import score_chunk
+        from mlmfilter.scorers.base import iter_batches
+
+        for chunk in iter_batches(samples, self.chunk_size):
+            for sample in chunk:
+                self.decoded(sample)
+            yield from zip(chunk, score_chunk(chunk, self.scorers))
+
+    def provenance(self) -> dict[str, Any]:
+        scorers = {s.name: s.provenance() for s in self.scorers}
+        return {"scorers": scorers, "warnings": [w for p in scorers.values() for w in p.get("warnings", [])]}
+
+    @staticmethod
+    def share_image(source: Sample, uid: str, key: str, caption: str) -> Sample:
+        """A sample with another caption for an already decoded image (the decoder leaves it as is)."""
+        sample = Sample(uid=uid, shard=source.shard, key=key, caption=caption, image_format=source.image_format,
+                        image=source.image, width=source.width, height=source.height)  # fmt: skip
+        if not source.ok:
+            sample.fail(source.error, source.error_detail or "")
+        return sample

@@ -1,0 +1,218 @@
+"""Image folders: images plus a captions table, or WebDataset-style sidecar files.
+
+Every file is read through :class:`DatasetFiles`: a FIFO or device named like an image is a
+``not_a_regular_file`` row, a symlink leading out of the folder an ``unsafe_path`` row, and a
+captions row naming a path outside the folder (or a URL) an ``unsafe_path`` row, unless the user
+allows paths outside. Symlinked directories are not descended into."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+from collections import defaultdict
+from typing import Any, Iterator, Mapping
+
+import fsspec
+
+from mlmfilter import errors
+from mlmfilter.io.readers.files import DatasetFiles, is_local, open_regular_file
+from mlmfilter.io.readers.options import CAPTION_COLUMNS, CAPTIONS_FILES, IMAGE_PATH_COLUMNS, ReadOptions
+from mlmfilter.io.readers.samples import SampleBuilder, SampleProblem, extension, split_member_name
+from mlmfilter.io.sources import ShardSource
+from mlmfilter.sample import Sample
+
+
+def read_folder(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
+    builder = SampleBuilder(source, options)
+    try:
+        fs, root = fsspec.core.url_to_fs(source.url)
+        root = root.rstrip("/")
+        files = _list_files(fs, root)
+        table = _find_captions_table(files, options)
+        rows = _parse_captions_table(_read_table(fs, f"{root}/{table}"), table) if table else None
+    except Exception as exc:
+        yield builder.broken("__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}")
+        return
+    dataset = DatasetFiles(fs, root, options)
+    if rows is None:
+        yield from _sidecar_samples(dataset, files, builder)
+    else:
+        exts = set(options.image_exts)
+        images = [f for f in files if (extension(f) or "") in exts]
+        yield from _table_samples(dataset, images, rows, table, builder)
+
+
+def _list_files(fs: Any, root: str) -> list[str]:
+    """Sorted paths relative to ``root`` of everything that is not a directory."""
+    if is_local(fs):  # os.walk does not follow symlinked directories (fsspec's find does, loops included)
+        found = [
+            posixpath.relpath(posixpath.join(d.replace(os.sep, "/"), name), root)
+            for d, _, names in os.walk(root, onerror=_raise, followlinks=False)
+            for name in names
+        ]
+    else:
+        found = [posixpath.relpath(p, root) if root else p for p in fs.find(root)]
+    return sorted(found)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc  # an unlistable subfolder must not silently lose its pairs
+
+
+def _read_table(fs: Any, path: str) -> bytes:
+    if is_local(fs):
+        with open_regular_file(path) as fh:
+            return fh.read()
+    return fs.cat_file(path)
+
+
+def _find_captions_table(files: list[str], options: ReadOptions) -> str | None:
+    if options.captions_file is not None:
+        if options.captions_file not in files:
+            raise FileNotFoundError(f"captions file {options.captions_file!r} not in the folder")
+        return options.captions_file
+    return next((name for name in CAPTIONS_FILES if name in files), None)
+
+
+def _parse_captions_table(raw: bytes, name: str) -> list[dict[str, Any] | str]:
+    """Rows as dicts; a jsonl line that does not parse stays a str (reported per row).
+
+    Decoded with surrogateescape so one non-UTF-8 caption does not spoil the whole file."""
+    text = raw.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+    if name.endswith(".jsonl"):
+        rows: list[dict[str, Any] | str] = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = line
+            rows.append(row if isinstance(row, dict) else line)
+        return rows
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if name.endswith(".tsv") else ","))
+
+
+def _sidecar_samples(dataset: DatasetFiles, files: list[str], builder: SampleBuilder) -> Iterator[Sample]:
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for rel in files:
+        parts = split_member_name(rel)
+        if parts:
+            groups[parts[0]][parts[1]] = rel
+    wanted = builder.wanted_extensions()
+    for key in sorted(groups):
+        members: dict[str, bytes] = {}
+        problem = None
+        for ext, rel in groups[key].items():
+            if ext not in wanted:
+                continue
+            try:
+                members[ext] = dataset.read(rel)
+            except SampleProblem as exc:
+                problem = problem or exc
+            except Exception as exc:  # vanished or a broken symlink: that part is missing
+                problem = problem or SampleProblem(_missing_reason(ext, builder.options), f"{rel!r} cannot be read: {exc}")
+        yield builder.from_members(key, members, problem, tuple(groups[key]))
+
+
+def _missing_reason(ext: str, options: ReadOptions) -> str:
+    if ext == options.caption_key:
+        return errors.MISSING_CAPTION
+    return errors.BAD_METADATA if ext == options.metadata_key else errors.MISSING_IMAGE
+
+
+def _table_samples(
+    dataset: DatasetFiles, images: list[str], rows: list[dict[str, Any] | str], table: str, builder: SampleBuilder
+) -> Iterator[Sample]:
+    options = builder.options
+    by_path = set(images)
+    by_basename: dict[str, list[str]] = defaultdict(list)
+    for rel in images:
+        by_basename[posixpath.basename(rel)].append(rel)
+
+    def resolve(value: str) -> str | None:
+        """The folder file a row names: its path, or a unique file of that name; refused outside the folder."""
+        value = value.replace("\\", "/")
+        value = value[2:] if value.startswith("./") else value
+        if value in by_path:
+            return value
+        _, path = dataset.locate(value)  # SampleProblem(unsafe_path) for paths outside / URLs not allowed
+        if dataset.is_inside(value):
+            rel = dataset.relative(path)
+            if rel in by_path:
+                return rel
+            same_name = by_basename.get(posixpath.basename(value), [])
+            return same_name[0] if len(same_name) == 1 else None
+        return value  # outside the folder, and the user allows it: read as named
+
+    # (key stem, image name or None, row, problem) for every row; then keys made unique per image.
+    entries: list[tuple[str, str | None, dict[str, Any] | str, SampleProblem | None]] = []
+    captioned: set[str] = set()
+    image_field = caption_field = None
+    for line_no, row in enumerate(rows, start=1):
+        if isinstance(row, str):
+            entries.append((f"{table}:{line_no}", None, row, None))
+            continue
+        image_field = image_field or _first_field(row, (options.image_path_column,) + IMAGE_PATH_COLUMNS)
+        caption_field = caption_field or _first_field(row, (options.caption_column,) + CAPTION_COLUMNS)
+        value = str(row.get(image_field) or "") if image_field else ""
+        rel, problem = None, None
+        try:
+            rel = resolve(value) if value else None
+        except SampleProblem as exc:
+            problem = exc
+        if rel in by_path:
+            captioned.add(rel)
+        stem_source = f"{table}:{line_no}" if problem else rel or value or f"{table}:{line_no}"
+        entries.append((_strip_extension(stem_source), rel, row, problem))
+    entries.extend((_strip_extension(rel), rel, {}, None) for rel in images if rel not in captioned)
+
+    per_stem: dict[str, int] = defaultdict(int)
+    for stem, *_ in entries:
+        per_stem[stem] += 1
+    seen: dict[str, int] = defaultdict(int)
+    keyed = []
+    for stem, rel, row, problem in entries:
+        key = stem if per_stem[stem] == 1 else f"{stem}#{seen[stem]}"
+        seen[stem] += 1
+        keyed.append((key, rel, row, problem))
+    keyed.sort(key=lambda item: item[0])
+
+    for key, rel, row, problem in keyed:
+        if isinstance(row, str):
+            yield builder.broken(key, errors.BAD_METADATA, f"{key}: captions row does not parse: {row[:200]!r}")
+            continue
+        has_row = bool(row)
+        image_bytes = None
+        missing = f"{key}: image {row.get(image_field)!r} listed in {table} is not in the folder" if has_row else ""
+        if rel and problem is None:
+            try:
+                image_bytes = dataset.read(rel)
+            except SampleProblem as exc:
+                problem = exc
+            except Exception as exc:  # missing, unreachable, no filesystem for its protocol: this row only
+                missing = f"{key}: image {rel!r} cannot be read: {type(exc).__name__}: {exc}"
+        meta = {k: v for k, v in row.items() if k not in (image_field, caption_field, options.uid_column or "uid")}
+        yield builder.build(
+            key,
+            image_bytes=image_bytes,
+            image_format=extension(rel) if rel else None,
+            caption=row.get(caption_field) if has_row and caption_field else None,
+            meta=meta,
+            uid=row.get(options.uid_column or "uid") if has_row else None,
+            missing_image_detail=missing,
+            problem=problem,
+        )
+
+
+def _first_field(row: Mapping[str, Any], candidates: tuple[str | None, ...]) -> str | None:
+    return next((c for c in candidates if c and c in row), None)
+
+
+def _strip_extension(path: str) -> str:
+    directory, _, basename = path.rpartition("/")
+    stem = basename.split(".", 1)[0] or basename
+    return f"{directory}/{stem}" if directory else stem

@@ -1,0 +1,57 @@
+"""See and trust the scores: an offline HTML report of a run, contact sheets and score stats.
+
+- :mod:`.scan` / :mod:`.profile` / :mod:`.gather`: which pairs to show and the distributions,
+  from streaming passes over the run's tables (bounded memory, any run size);
+- :mod:`.thumbnails` + :mod:`mlmfilter.io.lookup`: captions and thumbnails read back from the shards;
+- :mod:`.plots` / :mod:`.render`: matplotlib plots and Jinja2 templates -> one self-contained page.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlmfilter.report.gather import ReportData, ReportOptions, gather_report
+
+
+def open_run(run_dir: str | os.PathLike):
+    """The run's reader (:class:`mlmfilter.runs.read.RunReader`); a clear error for a non-run."""
+    from mlmfilter.runs.read import RunReader
+
+    return RunReader(run_dir)
+
+
+class MissingExtra(ImportError):
+    """An optional dependency the command needs is not installed; the message says what to install."""
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra("the report draws its plots with matplotlib: pip install 'mlmfilter[report]'") from exc
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    output_html: str | os.PathLike,
+    selection_dir: str | os.PathLike | None = None,
+    options: ReportOptions | None = None,
+) -> Path:
+    """Write the run's report to ``output_html`` (one self-contained file) and return its path.
+
+    ``selection_dir`` defaults to ``RUN/selection`` when that holds a selection."""
+    from mlmfilter.io.writers import atomic_write
+    from mlmfilter.report.render import render_report
+
+    options = options or ReportOptions()
+    require_matplotlib()
+    run = open_run(run_dir)
+    data = gather_report(run, run.url, None if selection_dir is None else os.fspath(selection_dir), options)
+    output = Path(output_html)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(output, render_report(data, options))
+    return output
+
+
+__all__ = ["MissingExtra", "ReportData", "ReportOptions", "gather_report", "open_run", "write_report"]

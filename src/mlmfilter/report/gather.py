@@ -1,0 +1,455 @@
+"""What a report shows, gathered from a run without rendering anything.
+
+A few streaming passes over the score tables (see :mod:`mlmfilter.report.scan`) pick the pairs to
+show: per column the top, bottom and borderline ones; per column pair the ones the two scorers
+disagree on most; per error reason a few examples; with a selection, the kept pairs nearest the
+cut and the dropped ones just below it; with an enhancement stage, accepted and rejected
+rewrites. Only then are those pairs read back from their shards (:mod:`mlmfilter.io.lookup`), one
+pass per shard, for captions and thumbnails.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlmfilter.io.lookup import lookup_samples
+from mlmfilter.io.readers import ReadOptions
+from mlmfilter.io.uid import isin_sorted, sort_halves, uids_to_halves
+from mlmfilter.report.profile import ColumnProfile, profile_columns
+from mlmfilter.report.scan import (
+    BestRows,
+    DisagreementCollector,
+    ErrorCollector,
+    ExtremesCollector,
+    FlagCollector,
+    NearestRows,
+    PairRef,
+    ReservoirCollector,
+    flag_columns,
+    numeric_columns,
+    scan,
+)
+from mlmfilter.report.thumbnails import ShownSample, ThumbnailMaker
+
+SCORE_STAGE = "score"
+#: rule measurements (word counts, sizes, language probability) get histograms but no galleries:
+#: their extremes say little about pairs; the rule flag's failures are shown instead
+MEASUREMENT_PREFIX = "rules_"
+#: column pairs whose sampled ranks agree this well are one ranking in two units (clip_cosine and
+#: clip_score): their scatter plot and disagreements would show nothing
+SAME_RANKING = 0.99
+#: the scores people threshold on, shown first when present (then the others, in table order)
+PRIMARY_SCORES = ("clip_score", "itm", "odf", "ctq", "su")
+ENHANCE_COLUMNS = ("original_caption", "decision")
+
+
+class ReportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    columns: list[str] | None = None  # score columns to show; None: every numeric score column
+    gallery_size: int = Field(8, ge=0, le=100)  # pairs per gallery
+    error_examples: int = Field(3, ge=0, le=50)  # pairs shown per error reason
+    scatter_points: int = Field(3000, ge=10)  # uniform sample of rows in each scatter plot
+    max_column_pairs: int = Field(6, ge=0)  # scatter plots / disagreement galleries
+    thumbnail_side: int = Field(160, ge=16, le=1024)
+    seed: int = 0
+
+
+class RunLike(Protocol):
+    """The part of :class:`mlmfilter.runs.read.RunReader` the report reads."""
+
+    def stages(self) -> list[str]: ...
+    def sources(self) -> dict: ...
+    def dataset(self, stage: str = SCORE_STAGE) -> ds.Dataset: ...
+    def provenance(self, stage: str = SCORE_STAGE) -> dict: ...
+    def completeness(self, stage: str = SCORE_STAGE) -> Any: ...
+    def read_options(self) -> dict: ...
+
+
+@dataclass
+class ColumnSection:
+    profile: ColumnProfile
+    threshold: float | None  # the cut drawn on the plots
+    threshold_label: str
+    same_ranking_as: str | None = None  # an earlier column that orders the pairs the same way
+    top: list[PairRef] = field(default_factory=list)
+    bottom: list[PairRef] = field(default_factory=list)
+    borderline: list[PairRef] = field(default_factory=list)
+    gallery: bool = True
+
+
+@dataclass
+class PairSection:
+    a: str
+    b: str
+    x: np.ndarray  # sampled values of a
+    y: np.ndarray
+    rank_correlation: float | None  # Spearman on the sample
+    a_over_b: list[PairRef]  # ranked high by a, low by b
+    b_over_a: list[PairRef]
+
+
+@dataclass
+class FlagSection:
+    name: str
+    counts: dict[str, int]
+    failing: list[PairRef]
+
+
+@dataclass
+class SelectionSection:
+    path: str
+    summary: dict[str, Any]
+    kept: int
+    rows: int
+    by: str | None
+    cut: float | None
+    kept_lowest: list[PairRef]
+    dropped_highest: list[PairRef]  # passed the expression, fell below the cut
+    kept_sample: list[PairRef]
+    dropped_sample: list[PairRef]  # failed the expression (all dropped ones without an expression)
+    expression: str | None = None
+
+
+@dataclass
+class Rewrite:
+    ref: PairRef
+    before: str | None
+    after: str | None
+    decision: str | None
+    reason: str | None
+
+
+@dataclass
+class EnhanceSection:
+    stage: str
+    decisions: dict[str, int]
+    reasons: dict[str, int]
+    accepted: list[Rewrite]
+    rejected: list[Rewrite]
+
+
+@dataclass
+class ReportData:
+    run: str
+    generated: str
+    rows: int
+    card_columns: list[str]  # the values printed on each pair's card: scores and flags, not measurements
+    completeness: dict[str, Any]
+    provenance: dict[str, dict]
+    warnings: list[str]
+    columns: list[ColumnSection]
+    pairs: list[PairSection]
+    flags: list[FlagSection]
+    errors: list[tuple[str, int, list[PairRef]]]
+    selection: SelectionSection | None
+    enhancement: EnhanceSection | None
+    shown: dict[tuple[str, str], ShownSample] = field(default_factory=dict)
+    not_found: list[tuple[str, str]] = field(default_factory=list)
+
+    def sample(self, ref: PairRef) -> ShownSample | None:
+        return self.shown.get(ref.where)
+
+
+def gather_report(
+    run: RunLike, run_url: str, selection_dir: str | None = None, options: ReportOptions | None = None
+) -> ReportData:
+    options = options or ReportOptions()
+    dataset = run.dataset(SCORE_STAGE)
+    schema = dataset.schema
+    numeric = _chosen_columns(numeric_columns(schema), options.columns)
+    flags = flag_columns(schema)
+    shown_values = [*numeric, *flags]  # what the galleries' rows carry
+    k = options.gallery_size
+
+    profiles = profile_columns(dataset, numeric)
+    rows = next(iter(profiles.values())).rows if profiles else dataset.count_rows()
+    gallery_columns = sorted(
+        (c for c in numeric if not c.startswith(MEASUREMENT_PREFIX) and not profiles[c].empty),
+        key=lambda c: PRIMARY_SCORES.index(c) if c in PRIMARY_SCORES else len(PRIMARY_SCORES),
+    )
+    selection = _read_selection(run_url, selection_dir)
+    cut_column = selection["by"] if selection and selection.get("by") in profiles else None
+
+    # pass: extremes, errors, flags, a sample for the scatter plots
+    extremes = ExtremesCollector(gallery_columns, k, shown_values)
+    error_rows = ErrorCollector(options.error_examples, shown_values)
+    flag_rows = FlagCollector(flags, k, shown_values)
+    reservoir = ReservoirCollector(gallery_columns, options.scatter_points, options.seed)
+    scan(dataset, [extremes, error_rows, flag_rows, reservoir], shown_values)
+
+    thresholds, labels = {}, {}
+    for name in gallery_columns:
+        if name == cut_column and selection.get("cut") is not None:
+            thresholds[name], labels[name] = selection["cut"], "the selection's cut"
+        else:
+            thresholds[name], labels[name] = profiles[name].quantile(0.5), "the median"
+    sample = reservoir.values()
+    aliases = _same_rankings(gallery_columns, sample)
+    column_pairs = _distinct_pairs([c for c in gallery_columns if c not in aliases], sample)[: options.max_column_pairs]
+
+    # pass: borderline pairs, disagreements, the selection's edges
+    nearest = NearestRows(thresholds, k, shown_values)
+    disagreement = DisagreementCollector(
+        [(a, b) for a, b, _ in column_pairs], {n: profiles[n].percentile_rank for n in gallery_columns}, k, shown_values
+    )
+    collectors: list = [nearest, disagreement]
+    edges = _SelectionEdges(selection, schema, k, shown_values, options.seed) if selection else None
+    if edges:
+        collectors.append(edges)
+    scan(dataset, collectors, shown_values, extra_columns=edges.columns if edges else ())
+
+    columns = []
+    for name in [*gallery_columns, *(n for n in numeric if n not in gallery_columns)]:  # measurements last
+        section = ColumnSection(profiles[name], thresholds.get(name), labels.get(name, ""), aliases.get(name))
+        if name in thresholds and name not in aliases:
+            section.top, section.bottom = extremes.top[name].rows(), extremes.bottom[name].rows()
+            section.borderline = sorted(nearest.nearest[name].rows(), key=lambda r: r.values.get(name) or 0.0)
+        else:
+            section.gallery = False
+        columns.append(section)
+    pairs = [
+        PairSection(a, b, sample[a], sample[b], rho,
+                    disagreement.first_higher[(a, b)].rows(), disagreement.second_higher[(a, b)].rows())
+        for a, b, rho in column_pairs
+    ]  # fmt: skip
+    enhancement = _gather_enhancement(run, k)
+    provenance = {stage: _safe(run.provenance, stage) for stage in run.stages()}
+    data = ReportData(
+        run=run_url,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        rows=rows,
+        card_columns=[*(c for c in gallery_columns if c not in aliases), *flags],
+        completeness=_completeness(run),
+        provenance=provenance,
+        warnings=_warnings(provenance),
+        columns=columns,
+        pairs=pairs,
+        flags=[FlagSection(n, flag_rows.counts[n], flag_rows.false_examples[n]) for n in flags],
+        errors=sorted(((r, c, error_rows.examples[r]) for r, c in error_rows.counts.items()), key=lambda e: -e[1]),
+        selection=edges.section(selection, rows) if edges else None,
+        enhancement=enhancement,
+    )
+    _look_up(run, data, options)
+    return data
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _chosen_columns(available: list[str], wanted: list[str] | None) -> list[str]:
+    if wanted is None:
+        return available
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise ValueError(f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})")
+    return list(wanted)
+
+
+def _same_rankings(columns: list[str], sample: dict[str, np.ndarray]) -> dict[str, str]:
+    """column -> the earlier column it ranks the same as (e.g. clip_cosine and clip_score)."""
+    aliases: dict[str, str] = {}
+    for i, name in enumerate(columns):
+        for earlier in columns[:i]:
+            rho = _spearman(sample[earlier], sample[name])
+            if earlier not in aliases and rho is not None and rho >= SAME_RANKING:
+                aliases[name] = earlier
+                break
+    return aliases
+
+
+def _distinct_pairs(columns: list[str], sample: dict[str, np.ndarray]) -> list[tuple[str, str, float | None]]:
+    """Column pairs worth comparing, least agreeing first, with their sampled rank correlation."""
+    pairs = []
+    for a, b in itertools.combinations(columns, 2):
+        rho = _spearman(sample[a], sample[b])
+        if rho is not None and rho >= SAME_RANKING:
+            continue
+        pairs.append((a, b, rho))
+    return sorted(pairs, key=lambda p: 2.0 if p[2] is None else p[2])
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    both = ~np.isnan(x) & ~np.isnan(y)
+    if both.sum() < 3:
+        return None
+    rx, ry = x[both].argsort().argsort(), y[both].argsort().argsort()
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _read_selection(run_url: str, selection_dir: str | None) -> dict[str, Any] | None:
+    """The selection's summary and its sorted uid halves, or None when there is none."""
+    folder = str(selection_dir) if selection_dir is not None else posixpath.join(str(run_url), "selection")
+    fs, root = fsspec.core.url_to_fs(folder)
+    summary_path, uids_path = posixpath.join(root, "selection.json"), posixpath.join(root, "uids.npy")
+    if not fs.exists(summary_path) or not fs.exists(uids_path):
+        if selection_dir is not None:
+            raise FileNotFoundError(f"{folder} is not a selection folder (needs selection.json and uids.npy)")
+        return None
+    summary = json.loads(fs.cat_file(summary_path))
+    with fs.open(uids_path, "rb") as fh:
+        halves = sort_halves(np.load(fh))
+    threshold = summary.get("threshold") or {}
+    by = (summary.get("arguments") or {}).get("by")
+    cut = threshold.get("score") if isinstance(threshold, dict) else None
+    return {"path": folder, "summary": summary, "halves": halves, "by": by, "cut": cut}
+
+
+class _SelectionEdges:
+    """Kept pairs nearest the cut, dropped ones just below it (they passed the expression), and
+    random kept pairs and pairs the expression dropped."""
+
+    def __init__(self, selection: dict[str, Any], schema, k: int, shown: list[str], seed: int):
+        from mlmfilter.selection.expression import parse_expression
+
+        self.halves = selection["halves"]
+        self.by = selection.get("by")
+        text = (selection["summary"].get("arguments") or {}).get("expression")
+        self.expression = parse_expression(text, {f.name: f.type for f in schema}) if text else None
+        self.columns = list(self.expression.columns) if self.expression else []
+        self.kept_lowest, self.dropped_highest = BestRows(k, shown), BestRows(k, shown)
+        self.kept_sample, self.dropped_sample = BestRows(k, shown), BestRows(k, shown)
+        self.kept = 0
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, batch) -> None:
+        kept = isin_sorted(self.halves, uids_to_halves(batch.arrow.column("uid")))
+        self.kept += int(kept.sum())
+        passed = self._passed(batch.arrow)
+        random = self._rng.random(batch.num_rows)
+        self.kept_sample.offer(batch, np.where(kept, random, np.nan))
+        self.dropped_sample.offer(batch, np.where(~kept & ~passed, random, np.nan))
+        if self.by in batch.values:
+            values = batch.values[self.by]
+            self.kept_lowest.offer(batch, np.where(kept, -values, np.nan))
+            self.dropped_highest.offer(batch, np.where(~kept & passed, values, np.nan))
+
+    def _passed(self, arrow_batch) -> np.ndarray:
+        if self.expression is None:
+            return np.ones(arrow_batch.num_rows, dtype=bool)
+        scanner = ds.Scanner.from_batches(
+            iter([arrow_batch]), schema=arrow_batch.schema, columns={"passed": self.expression.expression}
+        )
+        return scanner.to_table()["passed"].to_numpy(zero_copy_only=False).astype(bool)
+
+    def section(self, selection: dict[str, Any], rows: int) -> SelectionSection:
+        return SelectionSection(
+            path=selection["path"],
+            summary=selection["summary"],
+            kept=self.kept,
+            rows=rows,
+            by=self.by,
+            cut=selection.get("cut"),
+            kept_lowest=self.kept_lowest.rows(),
+            dropped_highest=self.dropped_highest.rows(),
+            kept_sample=self.kept_sample.rows(),
+            dropped_sample=self.dropped_sample.rows(),
+            expression=self.expression.text if self.expression else None,
+        )
+
+
+def _gather_enhancement(run: RunLike, k: int) -> EnhanceSection | None:
+    """The first stage whose table holds rewrites (original_caption + decision), summarised."""
+    for stage in run.stages():
+        if stage == SCORE_STAGE:
+            continue
+        try:
+            dataset = run.dataset(stage)
+        except ValueError:  # a stage without completed shards has nothing to show yet
+            continue
+        names = dataset.schema.names
+        if not set(ENHANCE_COLUMNS) <= set(names):
+            continue
+        # the scores before and after each rewrite, and the gain, shown on its card
+        shown = [n for n in names if n.endswith(("_before", "_after")) or n == "gain"]
+        collector = _RewriteCollector(k, shown)
+        extra = [c for c in ("original_caption", "decision", "reason", "caption", "candidates") if c in names]
+        scan(dataset, [collector], shown, extra_columns=extra)
+        return EnhanceSection(stage, collector.decisions, collector.reasons, collector.accepted, collector.rejected)
+    return None
+
+
+class _RewriteCollector:
+    def __init__(self, k: int, shown: list[str]):
+        self.k, self.shown = k, shown
+        self.decisions: dict[str, int] = {}
+        self.reasons: dict[str, int] = {}
+        self.accepted: list[Rewrite] = []
+        self.rejected: list[Rewrite] = []
+
+    def update(self, batch) -> None:
+        for entry in pc.value_counts(batch.arrow.column("decision")).to_pylist():
+            name = entry["values"] or "none"
+            self.decisions[name] = self.decisions.get(name, 0) + entry["counts"]
+        for i in range(batch.num_rows):
+            decision, reason = batch.scalar("decision", i), batch.scalar("reason", i)
+            if decision != "accepted" and reason:
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            bucket = self.accepted if decision == "accepted" else self.rejected
+            if len(bucket) >= self.k:
+                continue
+            after = batch.scalar("caption", i)
+            if after is None:  # rejected: show the best candidate that was turned down
+                after = next(iter(batch.scalar("candidates", i) or []), None)
+            bucket.append(Rewrite(batch.ref(i, self.shown), batch.scalar("original_caption", i), after, decision, reason))
+
+
+def _completeness(run: RunLike) -> dict[str, Any]:
+    c = run.completeness(SCORE_STAGE)
+    return {"done": c.done, "total": c.total, "missing": list(c.missing), "complete": c.complete}
+
+
+def _safe(read, stage: str) -> dict:
+    try:
+        return read(stage) or {}
+    except FileNotFoundError:
+        return {}
+
+
+def _warnings(provenance: dict[str, dict]) -> list[str]:
+    """Every warning any stage recorded (e.g. random weights), once each, in stage order."""
+    found: dict[str, None] = {}
+    for prov in provenance.values():
+        for warning in prov.get("warnings", []):
+            found[str(warning)] = None
+        for part in (prov.get("scorers") or {}).values():
+            for warning in part.get("warnings", []) if isinstance(part, dict) else []:
+                found[str(warning)] = None
+    return list(found)
+
+
+def _look_up(run: RunLike, data: ReportData, options: ReportOptions) -> None:
+    """Captions and thumbnails of every pair the report shows, one pass per shard."""
+    refs: list[PairRef] = []
+    for column in data.columns:
+        refs += column.top + column.bottom + column.borderline
+    for pair in data.pairs:
+        refs += pair.a_over_b + pair.b_over_a
+    for flag in data.flags:
+        refs += flag.failing
+    for _, _, examples in data.errors:
+        refs += examples
+    if data.selection:
+        s = data.selection
+        refs += s.kept_lowest + s.dropped_highest + s.kept_sample + s.dropped_sample
+    if data.enhancement:
+        refs += [r.ref for r in data.enhancement.accepted + data.enhancement.rejected]
+    wanted = {ref.where for ref in refs if ref.in_shard}
+    found = lookup_samples(
+        run.sources(), wanted, ThumbnailMaker(options.thumbnail_side), ReadOptions(**run.read_options())
+    )
+    data.shown = dict(found)
+    data.not_found = found.missing

@@ -1,0 +1,59 @@
+"""`mlmfilter inspect`: the pairs matching an expression, with captions read back from the shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlmfilter.io.lookup import lookup_samples
+from mlmfilter.io.readers import ReadOptions
+from mlmfilter.report.gather import SCORE_STAGE, RunLike
+from mlmfilter.report.scan import MatchCollector, PairRef, flag_columns, numeric_columns, scan
+from mlmfilter.report.thumbnails import ShownSample, ThumbnailMaker
+
+
+@dataclass
+class Matches:
+    matched: int  # every matching row of the run
+    rows: list[PairRef]  # the first `limit` of them, in table order
+    shown: dict[tuple[str, str], ShownSample]
+    columns: list[str]  # score columns shown beside each pair
+    not_found: list[tuple[str, str]]
+
+    def sample(self, ref: PairRef) -> ShownSample | None:
+        return self.shown.get(ref.where)
+
+
+def find_pairs(
+    run: RunLike,
+    where: str | None,
+    limit: int = 20,
+    *,
+    columns: list[str] | None = None,
+    thumbnails: bool = False,
+    thumbnail_side: int = 160,
+    stage: str = SCORE_STAGE,
+) -> Matches:
+    """The first ``limit`` rows where ``where`` holds (all rows without it), looked up in their shards.
+
+    Raises :class:`mlmfilter.selection.expression.ExpressionError` (a ValueError) for a bad expression."""
+    from mlmfilter.selection.expression import parse_expression
+
+    dataset = run.dataset(stage)
+    schema = dataset.schema
+    shown_columns = columns or [*numeric_columns(schema), *flag_columns(schema)]
+    unknown = [c for c in shown_columns if c not in schema.names]
+    if unknown:
+        raise ValueError(f"no column {', '.join(map(repr, unknown))} (columns: {', '.join(schema.names)})")
+    condition = None
+    if where:
+        condition = parse_expression(where, {f.name: f.type for f in schema}).expression
+    collector = MatchCollector(limit, shown_columns)
+    scan(dataset, [collector], shown_columns, filter=condition)
+    keep = ThumbnailMaker(thumbnail_side) if thumbnails else _caption_only
+    found = lookup_samples(run.sources(), {r.where for r in collector.rows if r.in_shard}, keep, ReadOptions(**run.read_options()))
+    return Matches(collector.matched, collector.rows, dict(found), shown_columns, found.missing)
+
+
+def _caption_only(sample) -> ShownSample:
+    problem = f"{sample.error}: {sample.error_detail}" if sample.error else None
+    return ShownSample(sample.caption, None, problem)

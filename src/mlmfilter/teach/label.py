@@ -1,0 +1,238 @@
+"""Teacher labels: one request per pair and metric, answered as a score line followed by a rationale.
+
+The request is the judge's own: the metric's MLM-Filter prompt (:mod:`mlmfilter.judge.prompts`, which
+asks for "a single line containing the value" and then an explanation), with the image as a base64
+data URL of the pair's ORIGINAL bytes placed before the text, as the reference puts ``<image>\\n``
+before the prompt. The text-only variant (the paper's GPT-4 teacher) first asks a VLM, through the
+same client, for a detailed description of the image, and then shows the teacher that description
+in place of the image.
+
+A reply parses when its first non-empty line is an integer 0..100 (optionally ``Score: 85``,
+``**85**`` or ``85/100``); the rest is the rationale. Anything else is an error row that keeps the
+raw reply: never dropped, never guessed.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlmfilter import errors
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, message_text
+from mlmfilter.io.readers import sniff_image_format
+from mlmfilter.judge.conversations import reference_user_turn
+from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
+from mlmfilter.teach.pairs import TeachPair
+
+DESCRIBE_PROMPT = (
+    "Describe this image in detail: every visible object with its color, size, shape, material and position, "
+    "the people and what they do, any text in the image, the setting and the overall scene."
+)
+#: what the text-only teacher reads instead of the image (the paper's prompt is not published)
+TEXT_ONLY_TEMPLATE = "Image Description: {description}\n\n{prompt}"
+MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+        "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
+_SCORE_LINE = re.compile(r"^\W*(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*/\s*100)?\W*$", re.IGNORECASE)
+
+LABEL_SCHEMA = pa.schema([
+    pa.field("uid", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("metric", pa.string()),  # short name: itm, odf, ctq, su
+    pa.field("score", pa.int16()),
+    pa.field("rationale", pa.string()),
+    pa.field("reply", pa.string()),  # the teacher's raw text, also for rows that did not parse
+    pa.field("description", pa.string()),  # text-only mode: what the teacher saw instead of the image
+    pa.field("teacher", pa.string()),
+    pa.field("mode", pa.string()),
+    pa.field("parent_uid", pa.string()),
+    pa.field("corruption", pa.string()),
+    pa.field("request_key", pa.string()),
+    pa.field("cached", pa.bool_()),
+    pa.field("error", pa.string()),
+    pa.field("error_detail", pa.string()),
+])  # fmt: skip
+
+
+class LabelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str  # the teacher, as the endpoint names it
+    metrics: list[str] = Field(default_factory=lambda: ["all"])
+    template: str = "v2"
+    mode: str = Field("image", pattern="^(image|text)$")
+    describer_model: str | None = None  # text mode: the VLM that writes the description (default: ``model``)
+    describe_prompt: str = DESCRIBE_PROMPT
+    text_only_template: str = TEXT_ONLY_TEMPLATE
+    max_tokens: int = Field(512, ge=1)
+    describe_max_tokens: int = Field(512, ge=1)
+    temperature: float = 0.0
+    seed: int | None = None
+
+    def resolved_metrics(self) -> list[str]:
+        return resolve_metrics(self.metrics)
+
+
+class ReplyParseError(ValueError):
+    pass
+
+
+def parse_reply(text: str | None) -> tuple[int, str]:
+    """``"85\\nThe caption ..."`` -> (85, "The caption ..."); raises ReplyParseError otherwise."""
+    lines = (text or "").strip().splitlines()
+    if not lines:
+        raise ReplyParseError("empty reply")
+    match = _SCORE_LINE.match(lines[0].strip())
+    if not match:
+        raise ReplyParseError(f"first line is not a score: {lines[0][:100]!r}")
+    score = int(match.group(1))
+    if not 0 <= score <= 100:
+        raise ReplyParseError(f"score {score} is outside 0..100")
+    return score, "\n".join(lines[1:]).strip()
+
+
+def image_data_url(data: bytes, image_format: str | None) -> str:
+    fmt = (sniff_image_format(data) or image_format or "jpeg").lower()
+    return f"data:{MIME.get(fmt, 'image/' + fmt)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@dataclass(frozen=True)
+class PendingLabel:
+    pair: TeachPair
+    metric: str  # long name
+    description: str | None = None
+
+
+class TeacherRequests:
+    """The exact request bodies: a pair's image + the metric prompt, a description request, or text-only."""
+
+    def __init__(self, options: LabelOptions):
+        self.options = options
+        self.template = resolve_template(options.template)
+        self.metrics = options.resolved_metrics()
+
+    def prompt(self, metric: str, caption: str) -> str:
+        return self.template.render(metric, caption)
+
+    def judge_turn(self, metric: str, caption: str) -> str:
+        """The student's request text (human turn of the export): ``<image>\\n`` + the prompt."""
+        return reference_user_turn(self.prompt(metric, caption))
+
+    def _params(self, max_tokens: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": self.options.temperature}
+        if self.options.seed is not None:
+            params["seed"] = self.options.seed
+        return params
+
+    def label(self, pending: PendingLabel) -> ChatRequest:
+        prompt = self.prompt(pending.metric, pending.pair.caption)
+        if self.options.mode == "text":
+            text = self.options.text_only_template.format(description=pending.description, prompt=prompt)
+            content: list[dict] = [{"type": "text", "text": text}]
+        else:
+            url = image_data_url(pending.pair.image, pending.pair.image_format)
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+        body = {"model": self.options.model, "messages": [{"role": "user", "content": content}],
+                **self._params(self.options.max_tokens)}  # fmt: skip
+        return ChatRequest(body, tag=pending)
+
+    def describe(self, pair: TeachPair) -> ChatRequest:
+        url = image_data_url(pair.image, pair.image_format)
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": self.options.describe_prompt}]
+        body = {"model": self.options.describer_model or self.options.model,
+                "messages": [{"role": "user", "content": content}], **self._params(self.options.describe_max_tokens)}  # fmt: skip
+        return ChatRequest(body, tag=pair)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "options": self.options.model_dump(mode="json"),
+            "metrics": self.metrics,
+            "template": self.template.name,
+            "prompt_sha256": self.template.sha256(self.metrics),
+        }
+
+
+class Labeler:
+    """Labels pairs through a :class:`ChatClient`; yields one row (:data:`LABEL_SCHEMA`) per pair and metric."""
+
+    def __init__(self, options: LabelOptions, client: ChatClient):
+        self.options = options
+        self.client = client
+        self.requests = TeacherRequests(options)
+
+    def plan(self, pairs: Iterable[TeachPair]) -> Iterator[ChatRequest]:
+        """The requests a live run would send next, for a batch file. Text mode goes in two rounds:
+        descriptions not in the cache yet, then the label requests of pairs whose description is."""
+        cache = self.client.cache
+        for pair in pairs:
+            if not pair.image:
+                continue
+            if self.options.mode == "text":
+                describe = self.requests.describe(pair)
+                answer = cache.get(describe.key) if cache is not None else None
+                text = (message_text(answer) or "").strip() if answer else ""
+                if not text:
+                    yield describe
+                    continue
+                yield from (self.requests.label(PendingLabel(pair, m, text)) for m in self.requests.metrics)
+            else:
+                yield from (self.requests.label(PendingLabel(pair, m)) for m in self.requests.metrics)
+
+    def label(self, pairs: Iterable[TeachPair]) -> Iterator[dict[str, Any]]:
+        pairs = list(pairs)
+        metrics = self.requests.metrics
+        usable = []
+        for pair in pairs:
+            if pair.image:
+                usable.append(pair)
+            else:  # no image: nothing to show the teacher; every metric is an error row
+                for metric in metrics:
+                    yield self._row(PendingLabel(pair, metric), None, errors.MISSING_IMAGE, "the pair has no image bytes")
+        if self.options.mode == "text":
+            pending: list[PendingLabel] = []
+            for result in self.client.complete_many(self.requests.describe(p) for p in usable):
+                pair: TeachPair = result.tag
+                if result.ok and (result.text or "").strip():
+                    pending.extend(PendingLabel(pair, m, result.text.strip()) for m in metrics)
+                else:
+                    reason = result.error or errors.SCORER_ERROR
+                    detail = f"describing the image: {result.error_detail or 'empty description'}"
+                    for metric in metrics:
+                        yield self._row(PendingLabel(pair, metric), result, reason, detail)
+        else:
+            pending = [PendingLabel(p, m) for p in usable for m in metrics]
+        for result in self.client.complete_many(self.requests.label(p) for p in pending):
+            if not result.ok:
+                yield self._row(result.tag, result, result.error, result.error_detail)
+                continue
+            try:
+                score, rationale = parse_reply(result.text)
+            except ReplyParseError as exc:
+                yield self._row(result.tag, result, errors.UNPARSEABLE_SCORE, str(exc))
+                continue
+            yield self._row(result.tag, result, None, None, score=score, rationale=rationale)
+
+    def _row(self, pending: PendingLabel, result: ChatResult | None, error: str | None, detail: str | None,
+             score: int | None = None, rationale: str | None = None) -> dict[str, Any]:  # fmt: skip
+        pair = pending.pair
+        return {
+            "uid": pair.uid, "shard": pair.shard, "key": pair.key, "metric": short_name(pending.metric),
+            "score": score, "rationale": rationale, "reply": result.text if result is not None else None,
+            "description": pending.description, "teacher": self.options.model, "mode": self.options.mode,
+            "parent_uid": pair.parent_uid, "corruption": pair.corruption,
+            "request_key": result.key if result is not None else None,
+            "cached": bool(result.cached) if result is not None else False,
+            "error": error, "error_detail": detail,
+        }  # fmt: skip
+
+
+def sort_label_rows(rows: list[dict[str, Any]], pairs: list[TeachPair], metrics: list[str]) -> list[dict[str, Any]]:
+    """Pair order, then metric order: the table does not depend on which answer came back first."""
+    pair_index = {p.uid: i for i, p in enumerate(pairs)}
+    metric_index = {short_name(m): i for i, m in enumerate(metrics)}
+    return sorted(rows, key=lambda r: (pair_index.get(r["uid"], len(pairs)), metric_index.get(r["metric"], 99)))

@@ -1,0 +1,45 @@
+"""`mlmfilter export --format mlm-filter`: a real run's MLM scores in the released scripts' file layout."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests import mlm_support
+from tests.builders import write_shard
+
+
+@pytest.mark.slow
+def test_export_writes_what_the_released_scripts_write(tmp_path, flickr_pairs, smollm2_cache_dir):
+    from typer.testing import CliRunner
+
+    from mlmfilter import api
+    from mlmfilter.cli import app
+
+    samples = [
+        {"key": f"0000{i:04d}", "jpg": path.read_bytes(), "txt": caption,
+         "json": {"uid": f"{i:032x}", "caption": caption, "status": "success", "original_width": 500}}
+        for i, (path, caption) in enumerate(flickr_pairs[:3])
+    ]  # fmt: skip
+    samples.append({"key": "00000099", "jpg": b"not a jpeg", "txt": "broken", "json": {"uid": "f" * 32, "status": "success"}})
+    shard = write_shard(tmp_path / "shards" / "00000000.tar", samples)
+    model = mlm_support.tiny_model_dir("llava", smollm2_cache_dir)
+    options = {"model": str(model), "metrics": "itm,su", "readout": "generate", "max_new_tokens": 2, "device": "cpu",
+               "conversation": "vicuna_v1"}  # fmt: skip
+    api.score([str(shard)], tmp_path / "run", [{"name": "mlm", "options": options}])
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "dumps")])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "dumps").iterdir())
+    assert files == ["00000000_image_text_matching.parquet", "00000000_semantic_understanding.parquet"]
+    table = pq.read_table(tmp_path / "dumps" / "00000000_image_text_matching.parquet").to_pylist()
+    assert len(table) == 4
+    by_uid = {row["uid"]: row for row in table}
+    for i, (_, caption) in enumerate(flickr_pairs[:3]):
+        row = by_uid[f"{i:032x}"]
+        assert row["caption"] == caption and row["status"] == "success" and row["original_width"] == 500
+        assert isinstance(row["image_text_matching_score"], str)  # the decoded answer, as the script wrote it
+    assert by_uid["f" * 32]["image_text_matching_score"] == ""  # the broken image: int() rejects it downstream
+
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "x"), "--format", "csv"])
+    assert refused.exit_code == 2
