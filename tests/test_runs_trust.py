@@ -386,3 +386,22 @@ def test_a_cascade_scores_only_the_survivors_and_marks_the_rest_skipped(tmp_path
     assert rows["good"]["skipped"] is False and rows["good"]["rules_words"] > 3
     kept = api.select(run, tmp_path / "sel", expression="rules_words >= 0", stage="judge")
     assert kept.kept == 2  # a skipped pair never passes
+
+
+def test_an_image_path_ending_in_json_never_overwrites_the_metadata(tmp_path, flickr_pairs):
+    import pyarrow as pa
+
+    from mlmfilter.io.readers import read_shard
+    from mlmfilter.io.sources import expand_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "photo.json").write_bytes(flickr_pairs[0][0].read_bytes())  # a JPEG behind a misleading name
+    pq.write_table(pa.table({"image_path": ["photo.json"], "caption": [flickr_pairs[0][1]],
+                             "uid": ["cd" * 16], "source": ["crawl-7"]}), folder / "part.parquet")  # fmt: skip
+    run = tmp_path / "run"
+    api.score([str(folder / "part.parquet")], run, ["rules"], decode_workers=0)
+    api.select(run, expression="rules_words >= 0")
+    api.reshard(run / "selection", tmp_path / "out")
+    (written,) = [s for src in expand_inputs([str(tmp_path / "out" / "*.tar")]) for s in read_shard(src)]
+    assert written.image_format == "jpg" and written.meta["source"] == "crawl-7" and written.meta["uid"] == "cd" * 16
