@@ -43,3 +43,29 @@ def test_export_writes_what_the_released_scripts_write(tmp_path, flickr_pairs, s
 
     refused = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "x"), "--format", "csv"])
     assert refused.exit_code == 2
+
+
+def test_import_turns_published_score_files_into_a_run_that_select_and_reshard_read(tmp_path, flickr_pairs):
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    from mlmfilter import api
+    from mlmfilter.cli import app
+
+    samples = [{"key": f"0000{i:04d}", "jpg": p.read_bytes(), "txt": c, "json": {"uid": f"{i:032x}", "key": f"0000{i:04d}"}}
+               for i, (p, c) in enumerate(flickr_pairs[:4])]  # fmt: skip
+    shard = write_shard(tmp_path / "shards" / "00000000.tar", samples)
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    itm = ["90", "40", "85\nbecause the caption matches", "The score is high"]  # as the released script wrote them
+    odf = ["70", "10", "30", "60"]
+    for metric, values in (("image_text_matching", itm), ("object_detail_fulfillment", odf)):
+        pq.write_table(pa.table({"uid": [f"{i:032x}" for i in range(4)], "key": [f"0000{i:04d}" for i in range(4)],
+                                 f"{metric}_score": values}), dumps / f"00000000_{metric}.parquet")  # fmt: skip
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["import", str(dumps), "-o", str(run), "--shards", str(shard)])
+    assert result.exit_code == 0, result.output
+    selection = api.select(run, expression="itm >= 85 and odf >= 20")
+    assert selection.read == 4 and selection.kept == 2 and selection.errors == {"unparseable_score": 1}
+    stats = api.reshard(run / "selection", tmp_path / "out")
+    assert stats["kept"] == 2 and stats["kept_uids_not_found"] == 0

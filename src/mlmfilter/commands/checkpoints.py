@@ -115,6 +115,20 @@ def register(app: typer.Typer) -> None:
             written = export_mlm_filter(run, output)
         console.print(f"{len(written)} score files written to {output}")
 
+    @app.command("import")
+    def import_dumps(
+        dumps: Path = typer.Argument(..., help="Folder of published MLM-Filter score files ({shard}_{metric}.parquet)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Run folder to create (select reads it)."),
+        shards: list[str] = typer.Option(None, "--shards", help="The tar shards the scores describe (for reshard)."),
+    ) -> None:
+        """Turn MLM-Filter score dumps into a run: `mlmfilter select RUN --where 'itm >= 85'` then works on them."""
+        with user_errors():
+            from mlmfilter.io.mlm_filter_dumps import import_mlm_filter
+
+            counts = import_mlm_filter(dumps, output, shards=shards or None)
+        console.print(f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
+                      f"({counts['unparseable']} unparseable scores kept as error rows)")  # fmt: skip
+
     @app.command("judges")
     def judges() -> None:
         """The released judges this tool knows and how each is asked (trained vs released-script settings)."""
