@@ -234,6 +234,21 @@ def test_adapter_save_loads_through_transformers_and_equals_the_merged_save(tmp_
     assert torch.allclose(a, b, atol=1e-4) and torch.allclose(a, d, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3)  # training changed it
 
+    # the judge loads the adapter folder as it is and scores like the merged save
+    from PIL import Image as PILImage
+
+    from mlmfilter.sample import Sample
+    from mlmfilter.scorers import build_scorer
+
+    photo = PILImage.open(flickr_pairs[0][0]).convert("RGB")
+    scores = []
+    for model in (out, tmp_path / "merged"):
+        scorer = build_scorer("mlm", {"model": str(model), "metrics": "itm", "device": "cpu", "dtype": "fp32"})
+        sample = Sample(uid="0" * 32, shard="s", key="k", caption=flickr_pairs[0][1], image=photo, width=500, height=375)
+        (row,) = scorer.score([sample])
+        scores.append(row["itm"])
+    assert scores[0] is not None and abs(scores[0] - scores[1]) < 1e-3
+
 
 def test_train_refuses_a_folder_it_did_not_make_and_other_settings(tmp_path, smollm2_cache_dir, flickr_pairs):
     from mlmfilter.training.train import TrainOptions, _check_output

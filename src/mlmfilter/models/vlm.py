@@ -114,9 +114,10 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
 
     import mlmfilter.models.pooled_llava  # noqa: F401  (registers the aapool_mlp LLaVA with the Auto classes)
 
+    config_source, processor_source = _adapter_sources(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **safe_pretrained_kwargs())
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path, **safe_pretrained_kwargs())
+        config = AutoConfig.from_pretrained(config_source, **safe_pretrained_kwargs())
+        image_processor = AutoImageProcessor.from_pretrained(processor_source, **safe_pretrained_kwargs())
     except ValueError as exc:  # a config transformers does not know, e.g. an original LLaVA checkpoint
         raise ValueError(
             f"{name_or_path!r} is not a transformers image-text-to-text model ({str(exc).splitlines()[0]}). "
@@ -134,6 +135,25 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
         return _random_spec(name_or_path, max_image_pixels)
     family = family_for_model_type(config.model_type)
     return _spec(name_or_path, config, image_processor, family, model_source(name_or_path), max_image_pixels)
+
+
+def _adapter_sources(name_or_path: str) -> tuple[str, str]:
+    """(config source, processor source): a PEFT adapter folder (``mlmfilter train --save adapter``)
+    has no config.json; its config is the base model's, named in adapter_config.json. transformers
+    loads base + adapter from the folder itself (with peft installed)."""
+    import json
+    import os
+
+    folder = os.path.expanduser(name_or_path)
+    adapter = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(adapter) or os.path.isfile(os.path.join(folder, "config.json")):
+        return name_or_path, name_or_path
+    with open(adapter, encoding="utf-8") as fh:
+        base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter} does not name its base model (base_model_name_or_path)")
+    has_processor = os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
+    return base, (name_or_path if has_processor else base)
 
 
 def _spec(name, config, image_processor, family: VlmFamily, source, max_image_pixels, is_random=False) -> VlmSpec:
