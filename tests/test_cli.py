@@ -63,3 +63,19 @@ def test_bad_expression_is_a_clear_error(tmp_path, flickr_pairs):
     result = runner.invoke(app, ["select", str(tmp_path / "run"), "--where", "rules_okk"])
     assert result.exit_code != 0
     assert "rules_ok" in str(result.exception) + result.output  # suggests the close match
+
+
+def test_a_model_path_that_does_not_exist_is_one_clear_line(tmp_path, flickr_pairs):
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli import app
+    from tests.builders import flickr_shards
+
+    (shard,) = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=1)
+    for scorer in ("clip", "mlm"):
+        result = CliRunner().invoke(app, ["score", str(shard), "-o", str(tmp_path / scorer), "--scorer", scorer,
+                                          "--model", str(tmp_path / "no" / "such-model")])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "does not exist" in result.output and "hf download" not in result.output
+    result = CliRunner().invoke(app, ["score", str(shard), "-o", str(tmp_path / "r"), "--scorer", "rulez"])
+    assert result.exit_code == 2 and "did you mean 'rules'" in result.output

@@ -39,7 +39,8 @@ def user_errors():
 
     try:
         yield
-    except (ValueError, FileNotFoundError, ModelUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, ModelUnavailableError, ImportError) as exc:
+        # ImportError: an optional extra or an fsspec backend (s3fs, gcsfs) is missing; its message says which
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
         from rich.markup import escape
 
@@ -139,7 +140,8 @@ def score(
     from mlmfilter.config import ScoreConfig, load_recipe
 
     _setup_logging(verbose)
-    fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    with user_errors():  # a missing recipe file
+        fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
     if inputs:
         fields["inputs"] = inputs
     if output:
@@ -150,7 +152,8 @@ def score(
     )
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
-        fields["scorers"] = build_scorer_specs(names, shared, option or [])
+        with user_errors():  # an unknown scorer name
+            fields["scorers"] = build_scorer_specs(names, shared, option or [])
     for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage), ("only", only),
                        ("only_stage", only_stage)):  # fmt: skip
         if value is not None:

@@ -24,6 +24,7 @@ import torch
 
 from mlmfilter.models.common import (
     ModelUnavailableError,
+    check_model_path,
     dtype_name,
     library_versions,
     model_source,
@@ -152,6 +153,7 @@ def inspect_clip(name_or_path: str, allow_random_fallback: bool = False) -> Clip
     if name_or_path.startswith(OPEN_CLIP_PREFIX):
         return _inspect_open_clip(name_or_path)
     try:
+        check_model_path(name_or_path)
         config = _hf_config(name_or_path)
     except ModelUnavailableError as exc:
         if not allow_random_fallback:

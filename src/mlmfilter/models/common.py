@@ -176,3 +176,11 @@ def use_offline_hub() -> None:
     import huggingface_hub.constants
 
     huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A name written as a path (``/x``, ``./x``, ``../x``, ``~/x``, ``a/b/c``) must exist here;
+    it is never sent to the hub as a repo id, where it would fail slowly and confusingly."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") >= 2
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelUnavailableError(f"model path {name_or_path!r} does not exist")

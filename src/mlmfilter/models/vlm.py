@@ -60,6 +60,7 @@ from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, 
 from mlmfilter.judge.readout import SCORES, AdaptiveTrieReadout, ScoreTrie, UnsupportedTokenizerError
 from mlmfilter.models.common import (
     ModelUnavailableError,
+    check_model_path,
     dtype_name,
     library_versions,
     model_source,
@@ -114,8 +115,9 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
 
     import mlmfilter.models.pooled_llava  # noqa: F401  (registers the aapool_mlp LLaVA with the Auto classes)
 
-    config_source, processor_source = _adapter_sources(name_or_path)
     try:
+        check_model_path(name_or_path)
+        config_source, processor_source = _adapter_sources(name_or_path)
         config = AutoConfig.from_pretrained(config_source, **safe_pretrained_kwargs())
         image_processor = AutoImageProcessor.from_pretrained(processor_source, **safe_pretrained_kwargs())
     except ValueError as exc:  # a config transformers does not know, e.g. an original LLaVA checkpoint
@@ -124,8 +126,10 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
             "Original LLaVA-layout checkpoints (the MLM-Filter LLaVA judges) must first be converted: "
             "`mlmfilter convert-llava SRC DST`."
         ) from exc
-    except OSError as exc:  # transformers' word for "not local, not cached, not downloadable"
+    except (OSError, ModelUnavailableError) as exc:  # transformers' word for "not local, not cached, not downloadable"
         if not allow_random_fallback:
+            if isinstance(exc, ModelUnavailableError):  # a path that does not exist: say just that
+                raise
             raise ModelUnavailableError(unavailable_message(name_or_path, exc)) from exc
         log.warning(
             "%s -- allow_random_fallback is set: using a tiny RANDOM %s judge instead",
