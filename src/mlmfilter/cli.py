@@ -166,6 +166,11 @@ def score(
         fields["read"] = {**(fields.get("read") or {}), "allow_absolute_paths": True}
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
+    if _names_a_hub_model(fields.get("scorers") or []):
+        from mlmfilter.hub import go_offline_if_unreachable
+
+        if go_offline_if_unreachable():
+            logging.getLogger("mlmfilter").info("the Hugging Face hub is not reachable: models load from the local cache only")
     with user_errors():
         summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True,
                             partition=partition)  # fmt: skip
@@ -176,6 +181,17 @@ def score(
         raise typer.Exit(130)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _names_a_hub_model(scorers: list) -> bool:
+    """True when a model scorer is asked for (by default or by a name that is not a local folder)."""
+    model_scorers = {"clip", "mlm", "aitqe"}
+    for spec in scorers:
+        name = spec if isinstance(spec, str) else spec.get("name")
+        model = None if isinstance(spec, str) else (spec.get("options") or {}).get("model")
+        if name in model_scorers and not (model and Path(str(model)).expanduser().exists()):
+            return True
+    return False
 
 
 def print_score_summary(summary) -> None:

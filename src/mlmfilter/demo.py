@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tarfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.table import Table
 from mlmfilter import api
 from mlmfilter.runs.read import RunReader
 from mlmfilter.demo_data import make_sample_shards
-from mlmfilter.models.common import use_offline_hub
+from mlmfilter.hub import hub_reachable, use_offline_hub
 
 #: what the demo scores with: real hub models when they can be had, loud random stand-ins otherwise
 DEMO_SCORERS = [
@@ -40,7 +39,7 @@ DEMO_TOP_FRACTION = 0.25
 def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     output = Path(output)
-    if not _hub_reachable():
+    if not hub_reachable(timeout=3.0):
         # fail over to the random stand-ins at once instead of after minutes of download retries
         use_offline_hub()
         console.print("[yellow]The Hugging Face hub is not reachable: models load from the local cache only.[/]")
@@ -118,12 +117,3 @@ def _demo_labels(shards: list[Path]) -> dict[str, tuple[str, str]]:
                     labels[meta["uid"]] = (meta.get("demo_label", "?"), meta.get("caption", ""))
     return labels
 
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False

@@ -166,16 +166,7 @@ def unavailable_message(name_or_path: str, cause: BaseException | None = None) -
     )
 
 
-def use_offline_hub() -> None:
-    """Load models from the local cache only, from now on in this process.
-
-    huggingface_hub reads HF_HUB_OFFLINE once at import, so setting the variable alone is not
-    enough once transformers is loaded.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
+from mlmfilter.hub import use_offline_hub  # noqa: E402,F401  (kept importable from here)
 
 
 def check_model_path(name_or_path: str) -> None:
