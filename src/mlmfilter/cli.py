@@ -44,7 +44,8 @@ def user_errors():
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # soft_wrap: one line whatever the terminal width, so logs and greps see it whole
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
 
 #: flags shared by the scorers; each goes to every requested scorer whose Options has that field
