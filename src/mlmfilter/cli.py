@@ -59,6 +59,7 @@ SHARED_SCORER_FLAGS = (
     "template",
     "conversation",
     "allow_random_fallback",
+    "backend",
 )
 
 
@@ -110,6 +111,7 @@ def score(
     readout: Optional[str] = typer.Option(None, help="MLM readout: expected (default) or generate."),
     template: Optional[str] = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string."),
     conversation: Optional[str] = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen."),
+    backend: Optional[str] = typer.Option(None, help="MLM judge backend: transformers (default) or vllm (GPU)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
     dtype: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
     batch_size: Optional[int] = typer.Option(None, help="Scorer batch size."),
@@ -149,7 +151,7 @@ def score(
         fields["output"] = str(output)
     shared = dict(
         model=model, metrics=metrics, readout=readout, template=template, conversation=conversation,
-        device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback,
+        device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback, backend=backend,
     )
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlmfilter import errors
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
@@ -72,6 +72,16 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
     #: a released judge (identified from its config.json, judge/registry.py) is asked as it was trained,
     #: or as its released scoring script asks ("released-script"); options set explicitly win (warned)
     checkpoint_settings: Literal["trained", "released-script", "off"] = "trained"
+    #: what runs the judge (models/backends); its own settings go in backend_options, checked by its model
+    backend: Literal["transformers", "vllm"] = "transformers"
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_backend_options(self):
+        from mlmfilter.models.backends import validate_backend_options
+
+        self.backend_options = validate_backend_options(self.backend, self.backend_options)
+        return self
 
     @field_validator("metrics")
     @classmethod
@@ -137,9 +147,14 @@ class MLMScorer(TextMasking, Scorer):
     def setup(self) -> None:
         if self.backend is not None:
             return
+        o = self.options
+        if o.backend != "transformers":
+            from mlmfilter.models.backends import build_backend
+
+            self.backend = build_backend(o)
+            return
         from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
 
-        o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
         if self.released is not None and hasattr(loaded.processor.image_processor, "do_pad"):
             loaded.processor.image_processor.do_pad = self.released.settings.pad_to_square
@@ -224,7 +239,8 @@ class MLMScorer(TextMasking, Scorer):
         }
         if o.readout == "expected":
             prov["trie_threshold"] = o.trie_threshold
-            prov["readout_bound"] = (
+            described = self.backend.describe() if self.backend is not None else {}
+            prov["readout_bound"] = described.get("readout_bound") or (
                 "exact: the whole score trie is computed"
                 if o.trie_threshold == 0
                 else f"trie nodes whose path probability is below {o.trie_threshold:g} are not expanded "
