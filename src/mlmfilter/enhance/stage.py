@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from mlmfilter.enhance.checks import CaptionChecker, CheckOptions
 from mlmfilter.enhance.decide import ACCEPTED, REJECTED, Decider, Decision, DecisionOptions, Rescorer, judge_pairs
-from mlmfilter.enhance.modes import MODES, AitqeMode, FuseMode, RewriteMode, Written
+from mlmfilter.enhance.modes import AitqeMode, FuseMode, RewriteMode, Written
 from mlmfilter.enhance.prompts import EnhancePrompts
 from mlmfilter.imaging import DEFAULT_MAX_PIXELS, DecodeSpec, decode_sample
 from mlmfilter.io.readers import ReadOptions, read_shard

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import os
 import platform
 from pathlib import Path
 from typing import Any

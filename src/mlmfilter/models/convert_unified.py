@@ -277,7 +277,6 @@ def convert_unified_checkpoint(
     (e.g. ``google/siglip-so400m-patch14-384``); default: that name, looked up locally only unless
     ``local_files_only=False``. Raises :class:`LlavaConversionError` saying why when it cannot convert.
     """
-    from transformers import AutoTokenizer
 
     checkpoint = UnifiedCheckpoint(src)
     checkpoint.check_supported()

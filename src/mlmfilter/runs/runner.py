@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from mlmfilter import __version__
 from mlmfilter.io.sources import ShardSource
@@ -20,6 +20,9 @@ from mlmfilter.runs.folder import RunFolder, RunLock, now_iso, source_identity
 from mlmfilter.runs.progress import RunProgress
 from mlmfilter.runs.stage import Stage, StageTask
 from mlmfilter.runs.stats import ShardStats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +145,6 @@ def write_tables(
     ``sources`` are the input shards the tables describe (registered under the same ids, so that
     ``reshard`` can read them); without them the shards are registered as ``imported:<id>``.
     """
-    import pyarrow as pa  # noqa: F401  (type of ``tables``)
-
     from mlmfilter.runs.stage import fingerprint_of
 
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
