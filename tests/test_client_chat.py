@@ -23,7 +23,7 @@ def _request(text: str, model: str = "teacher") -> ChatRequest:
 
 def _client(server: FaultServer, cache: RequestCache | None, monkeypatch, **options) -> ChatClient:
     monkeypatch.setenv("TEACH_TEST_KEY", SECRET)
-    defaults = dict(base_url=server.base_url, api_key_env="TEACH_TEST_KEY", timeout_s=1.0, max_retries=3, backoff_s=0.05)
+    defaults = dict(base_url=server.base_url, api_key_env="TEACH_TEST_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05)
     return ChatClient(ClientOptions(**{**defaults, **options}), cache=cache)
 
 

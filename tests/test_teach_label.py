@@ -41,7 +41,7 @@ def _teach(tmp_path, flickr_pairs, captions) -> TeachFolder:
 
 
 def _client_options(server, **kw) -> ClientOptions:
-    return ClientOptions(base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=1.0, max_retries=3, backoff_s=0.05, **kw)
+    return ClientOptions(base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05, **kw)
 
 
 def _no_secret_under(folder: Path) -> None:

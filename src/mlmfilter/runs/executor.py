@@ -168,6 +168,7 @@ class LocalExecutor:
                     report.failed[task.shard_id] = _failure_line(exc)
                     progress.shard_done(False)
         finally:
+            stage.close()  # its decode pool: no worker processes outlive the run
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
