@@ -200,19 +200,19 @@ class PipelinePath:
         load = loads.seconds_after(run_started)  # 0 if score() loads before its run starts
         self.load_seconds.append(sum(seconds for _, seconds in loads.loads))
         seconds = summary.seconds - load
-        self.best = min(self.best, (seconds, summary.stats["scorers"]["clip"]["seconds"]))
+        self.best = min(self.best, (seconds, summary.stats["blocks"]["clip"]["seconds"]))
         return seconds
 
 
 def run_cosines(run_dir: Path) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(run_dir / "scores", columns=["key", "clip_cosine"]).to_pydict()
+    table = pq.read_table(run_dir / "score" / "tables", columns=["key", "clip_cosine"]).to_pydict()
     return dict(zip(table["key"], table["clip_cosine"]))
 
 
 def provenance_dtype(run_dir: Path) -> tuple[str, str]:
-    clip = json.loads((run_dir / "provenance.json").read_text(encoding="utf-8"))["scorers"]["clip"]
+    clip = json.loads((run_dir / "score" / "provenance.json").read_text(encoding="utf-8"))["scorers"]["clip"]
     return clip.get("dtype"), clip.get("requested_dtype")
 
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     from mlmfilter.models.common import dtype_name, resolve_dtype
-    from mlmfilter.runs.pipeline import ShardTask
+    from mlmfilter.runs.scoring import ScoringOptions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=128, help="image-caption pairs (default 128)")
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shards", type=int, default=1, help="tar shards the pairs are split over (default 1)")
-    parser.add_argument("--chunk-size", type=int, default=ShardTask.chunk_size, help="pipeline chunk size")
+    parser.add_argument("--chunk-size", type=int, default=ScoringOptions().chunk_size, help="pipeline chunk size")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.pairs % args.shards:

@@ -40,9 +40,9 @@ SCORE_COLUMN = "clip_score"
 
 
 def generate_run(run_dir: Path, rows: int, seed: int = 0, string_uids: bool = False) -> int:
-    """Synthetic score files, written chunk by chunk: never more than one file in memory."""
-    scores_dir = run_dir / "scores"
-    scores_dir.mkdir(parents=True)
+    """Synthetic score files, written chunk by chunk into a run's score stage: one file in memory at a time."""
+    from mlmfilter.runs.runner import write_tables
+
     rng = np.random.default_rng(seed)
     files = 0
     for start in range(0, rows, ROWS_PER_FILE):
@@ -53,7 +53,7 @@ def generate_run(run_dir: Path, rows: int, seed: int = 0, string_uids: bool = Fa
         f0, f1 = (rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False) for _ in range(2))
         uids = {"uid": hex_strings(f0, f1)} if string_uids else {"uid_f0": f0, "uid_f1": f1}
         table = pa.table({**uids, SCORE_COLUMN: pa.array(score, mask=errored), "error": error})
-        pq.write_table(table, scores_dir / f"{files:08d}.parquet", row_group_size=ROW_GROUP_ROWS)
+        write_tables(run_dir, "score", {f"{files:08d}": table}, identity={"kind": "bench_select"})
         files += 1
     return files
 
@@ -83,7 +83,7 @@ def run_pandas(run_dir: Path, out: Path, fraction: float) -> dict:
     from mlmfilter.io.uid import uids_to_halves
     from mlmfilter.selection.subset import write_datacomp_subset
 
-    dataset = ds.dataset(run_dir / "scores", format="parquet")
+    dataset = ds.dataset(run_dir / "score" / "tables", format="parquet")
     uid_columns = ["uid"] if "uid" in dataset.schema.names else ["uid_f0", "uid_f1"]
     frame = dataset.to_table(columns=uid_columns + [SCORE_COLUMN]).to_pandas()
     k = round(fraction * len(frame))
@@ -139,7 +139,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         files = generate_run(root / "run", args.rows, string_uids=args.string_uids)
-        size = sum(p.stat().st_size for p in (root / "run" / "scores").iterdir())
+        size = sum(p.stat().st_size for p in (root / "run" / "score" / "tables").iterdir())
         print(f"generated {args.rows:,} rows ({'string' if args.string_uids else 'uint64 pair'} uids) in {files} files ({size / 2**30:.2f} GiB) "
               f"in {time.perf_counter() - started:.0f} s")  # fmt: skip
         results = {}

@@ -235,9 +235,8 @@ def test_a_typo_in_a_recipe_is_refused_before_anything_is_written(tmp_path, flic
 def test_a_default_run_writes_its_log(tmp_path, flickr_pairs):
     (shard,) = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=2)
     api.score([str(shard)], tmp_path / "run", ["rules"], decode_workers=0)
-    logs = list((tmp_path / "run" / "logs").glob("*.log"))
-    assert logs and any(p.stat().st_size > 0 for p in logs) or logs  # the file exists for every process
-    assert logs[0].name.startswith("score-main-")
+    (log,) = (tmp_path / "run" / "logs").glob("*.log")
+    assert log.name.startswith("score-main-") and "shard 00000000 done, 2 rows" in log.read_text()
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, flickr_pairs):
@@ -405,3 +404,14 @@ def test_an_image_path_ending_in_json_never_overwrites_the_metadata(tmp_path, fl
     api.reshard(run / "selection", tmp_path / "out")
     (written,) = [s for src in expand_inputs([str(tmp_path / "out" / "*.tar")]) for s in read_shard(src)]
     assert written.image_format == "jpg" and written.meta["source"] == "crawl-7" and written.meta["uid"] == "cd" * 16
+
+
+def test_overwrite_discards_the_earlier_run_and_keeps_its_logs(tmp_path, flickr_pairs):
+    flickr_shards(flickr_pairs, tmp_path / "in", n_shards=2, per_shard=2)
+    inputs = [str(tmp_path / "in" / "*.tar")]
+    run = tmp_path / "run"
+    api.score(inputs, run, ["rules"], decode_workers=0)
+    again = api.score(inputs, run, [{"name": "rules", "options": {"min_words": 5}}], decode_workers=0, overwrite=True)
+    assert sorted(again.shards_completed) == ["00000000", "00000001"] and again.shards_skipped == []
+    (log,) = (run / "logs").glob("*.log")  # one process here: both runs append to its log, which stays
+    assert log.read_text().count("shard 00000000 done") == 2

@@ -212,23 +212,12 @@ def reshard(
                 out.update({k: c for k, c in zip(table["key"].to_pylist(), table["caption"].to_pylist()) if c})
         return out
 
-    groups = _kept_groups(selection / "kept.parquet")
-    uid_maps: dict[str, dict[str, str]] = {}
-
-    def kept() -> Iterator[tuple[str, set[str]]]:
-        for shard_id, uid_of_key in groups:
-            uid_maps[shard_id] = uid_of_key
-            yield shard_id, set(uid_of_key)
-
-    def captions_lookup(shard_id: str) -> Mapping[str, str]:
-        return captions_for(shard_id, uid_maps.pop(shard_id, {}))
-
     stats = reshard_selected(
         sources,
-        kept(),
+        _kept_groups(selection / "kept.parquet"),
         output,
         samples_per_shard=samples_per_shard,
-        captions_for=captions_lookup if (captions or captions_stage) else None,
+        captions_for=captions_for if (captions or captions_stage) else None,
         read_options=ReadOptions(**run.read_options()),
         overwrite=overwrite,
     )

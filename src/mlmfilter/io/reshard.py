@@ -38,8 +38,8 @@ BATCH_SIZE = 512
 #: extensions a written image member may have; anything else is sniffed from the bytes
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 
-#: captions for one shard: key -> replacement caption
-CaptionsForShard = Callable[[str], Mapping[str, str]]
+#: (shard id, {key: uid} of its kept rows) -> {key: replacement caption}
+CaptionsForShard = Callable[[str, Mapping[str, str]], Mapping[str, str]]
 
 
 class ReshardError(ValueError):
@@ -48,7 +48,7 @@ class ReshardError(ValueError):
 
 def reshard_selected(
     sources: Mapping[str, ShardSource],
-    kept: Iterable[tuple[str, set[str]]],
+    kept: Iterable[tuple[str, Mapping[str, str]]],
     output_dir: str | os.PathLike,
     *,
     samples_per_shard: int = 10_000,
@@ -56,21 +56,21 @@ def reshard_selected(
     read_options: ReadOptions | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the rows named by ``kept`` (``(shard id, keys)`` in any shard order)."""
+    """Write the rows named by ``kept``: ``(shard id, {key: uid})`` groups, in any shard order."""
     output_dir = os.path.abspath(output_dir)
     prepare_output(output_dir, list(sources.values()), overwrite)
     counts: Counter = Counter()
     skipped_errors: Counter = Counter()
     missing: list[str] = []
     with TarShardWriter(output_dir, samples_per_shard=samples_per_shard) as writer:
-        for shard_id, keys in kept:
+        for shard_id, uid_of_key in kept:
             source = sources.get(shard_id)
             if source is None:
-                counts["kept_not_found"] += len(keys)
+                counts["kept_not_found"] += len(uid_of_key)
                 missing.append(f"{shard_id}: shard not registered in the run")
                 continue
-            replacements = captions_for(shard_id) if captions_for else {}
-            remaining = set(keys)
+            replacements = captions_for(shard_id, uid_of_key) if captions_for else {}
+            remaining = set(uid_of_key)
             for sample in read_shard(source, read_options):
                 counts["read"] += 1
                 if sample.key not in remaining:

@@ -56,6 +56,8 @@ def execute_task(stage: Stage, task: StageTask, fingerprint: str, progress: Prog
         "host": os.uname().nodename if hasattr(os, "uname") else "",
     }
     folder.finish_shard(task.shard_id, table, stats, marker)
+    log.info("%s: shard %s done, %d rows (%d errors) in %.1f s", task.stage_name, task.shard_id, stats.rows,
+             stats.errored, stats.seconds)  # fmt: skip
     return stats.to_json()
 
 

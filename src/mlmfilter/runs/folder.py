@@ -210,11 +210,11 @@ class StageFolder:
                 if rows != marker.get("rows"):
                     problem = f"its table has {rows} rows, the marker promises {marker.get('rows')}"
         if problem is None:
-            recorded = marker.get("source") or {}
-            if not _same_file(recorded, source_identity(source)):
+            recorded, current = marker.get("source") or {}, source_identity(source)
+            if not _same_file(recorded, current):
                 raise SourceChanged(
                     f"input {source.url} changed after stage {self.name!r} finished it "
-                    f"(recorded {_describe(recorded)}, now {_describe(source_identity(source))}); "
+                    f"(recorded {_describe(recorded)}, now {_describe(current)}); "
                     "its rows would no longer match the shard. Use another output folder, or --overwrite"
                 )
             return True

@@ -49,12 +49,12 @@ class RunStorage:
         return self.read_bytes(rel).decode("utf-8")
 
     def list_names(self, rel: str, suffix: str = "") -> list[str]:
-        """Sorted file names directly under ``rel`` (hidden names, i.e. temp files, left out)."""
+        """Sorted file names directly under ``rel`` (hidden names, i.e. temp files, and folders left out)."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self.fs.ls(self.path(rel), detail=True)
         except FileNotFoundError:
             return []
-        names = (posixpath.basename(e.rstrip("/")) for e in entries)
+        names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") != "directory")
         return sorted(n for n in names if n and not n.startswith(".") and n.endswith(suffix))
 
     def list_dirs(self, rel: str = "") -> list[str]:
