@@ -20,12 +20,10 @@ The prompt (raw text, no chat template, no BOS) is the ``aitqe`` conversation fo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -55,11 +53,7 @@ class AitqeCheckpoint(OriginalLlavaCheckpoint):
     """An AITQE ``MMForCausalLM`` folder: config.json with ``image_tile_tokens``, weights, tokenizer."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        config_file = self.path / "config.json"
-        if not config_file.is_file():
-            raise LlavaConversionError(f"{self.path} has no config.json: not a model folder")
-        self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file = self._read_config(path)
         if "image_tile_tokens" not in self.config or "visual_hidden_dim" not in self.config:
             raise LlavaConversionError(f"{config_file} has no image_tile_tokens/visual_hidden_dim: not an AITQE checkpoint")
         if self.config.get("mm_projector_type", "mlp") != "mlp" or self.config.get("image_aspect_ratio", "square") != "square":

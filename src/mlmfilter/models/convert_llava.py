@@ -89,12 +89,17 @@ def vicuna_v1_chat_template(eos_token: str, system: str = VICUNA_V1_SYSTEM) -> s
 class OriginalLlavaCheckpoint:
     """A LLaVA-1.5 training-code checkpoint folder: raw config.json, weight shards, tokenizer files."""
 
-    def __init__(self, path: str | Path):
+    def _read_config(self, path: str | Path) -> Path:
+        """Sets ``path`` and ``config`` from the folder's config.json; returns that file's path."""
         self.path = Path(path).expanduser()
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise LlavaConversionError(f"{self.path} has no config.json: not a model folder")
         self.config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+        return config_file
+
+    def __init__(self, path: str | Path):
+        config_file = self._read_config(path)
         if "mm_vision_tower" not in self.config and "mm_projector_type" not in self.config:
             raise LlavaConversionError(
                 f"{config_file} has no mm_vision_tower/mm_projector_type: not an original LLaVA checkpoint "
