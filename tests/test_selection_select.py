@@ -206,3 +206,27 @@ def test_subset_file_round_trip_and_checks(tmp_path):
     np.save(tmp_path / "wrong.npy", np.arange(4, dtype=np.uint64))
     with pytest.raises(ValueError, match="dtype"):
         read_datacomp_subset(tmp_path / "wrong.npy")
+
+
+def test_uid_lists_apply_after_an_exact_top_fraction(run, tmp_path):
+    """DataComp's image_based ∩ clip_score: the top fraction of the whole pool, then intersected
+    (not the top fraction of the intersection); a union adds listed pool rows the cut dropped."""
+    run_dir, rows = run
+    k = round(0.3 * len(rows))
+    top = expected_top(rows, k, "clip_score")
+    listed = [r["uid"] for r in rows[::4]]
+    np.save(tmp_path / "listed.npy", datacomp_subset(listed))
+    result = select_run(run_dir, tmp_path / "both", top_fraction=0.3, by="clip_score", candidate_cap=9,
+                        intersect=[tmp_path / "listed.npy"])  # fmt: skip
+    assert sorted(kept_uids(tmp_path / "both")) == sorted(set(top) & set(listed))
+    assert result.selected == k and result.target == k and result.kept == len(set(top) & set(listed)) < k
+    entry = result.to_json()["uid_lists"][0]
+    assert entry == {"mode": "intersect", "path": str(tmp_path / "listed.npy"), "uids": len(set(listed)),
+                     "matched": len(listed), "outside_pool": 0, "removed": k - result.kept}  # fmt: skip
+
+    result = select_run(run_dir, tmp_path / "either", top_fraction=0.3, by="clip_score", union=[tmp_path / "listed.npy"])
+    assert sorted(kept_uids(tmp_path / "either")) == sorted(set(top) | set(listed))
+    np.testing.assert_array_equal(np.load(tmp_path / "either" / "uids.npy"), datacomp_subset(set(top) | set(listed)))
+    summary = json.loads((tmp_path / "either" / "selection.json").read_text())
+    assert summary["counts"]["selected"] == k and summary["counts"]["kept"] == len(set(top) | set(listed))
+    assert summary["arguments"]["union"] == [str(tmp_path / "listed.npy")]

@@ -57,7 +57,8 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
                            top_fraction=DEMO_TOP_FRACTION, by=by)
     console.print(f"[bold]3/3[/] selected with `{DEMO_WHERE}` + top {DEMO_TOP_FRACTION:.0%} by {by}: "
                   f"kept {selection.kept} -> {output / 'selection' / 'uids.npy'}")
-    console.print(_results_table(summary.run_dir, output / "selection", shards, by))
+    console.print(_results_table(_table_rows(summary.run_dir, output / "selection", shards), by, console.width))
+    console.print(legend(by, with_mlm), highlight=False)
     if summary.provenance.get("warnings"):
         console.print("[bold red]Model scores above come from RANDOM stand-in weights (no model hub here): "
                       "they mean nothing. Rule scores and errors are real.[/]")
@@ -69,40 +70,95 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
         console.print(f"report: {report} (open it in a browser; it works offline)")
     except ImportError as exc:  # the report needs matplotlib (the `report` extra)
         console.print(f"[yellow]no report written: {exc}[/]")
-    run_dir = summary.run_dir
-    console.print(
-        "[bold]next steps[/]\n"
-        f"  mlmfilter stats {run_dir}                          # score distributions, to pick thresholds\n"
-        f"  mlmfilter inspect {run_dir} --where 'not rules_ok'  # the pairs the rules dropped\n"
-        f"  mlmfilter select {run_dir} --where 'rules_ok and clip_cosine >= 0.2'\n"
-        f"  mlmfilter reshard {output / 'selection'} {output / 'kept-shards'}  # new shards with the kept pairs\n"
-        f"  files: {run_dir}/run.yaml, {run_dir}/score/ (tables, stats, provenance), {output / 'selection'}/uids.npy",
-        highlight=False,
-    )
+    console.print(next_steps(output, summary.run_dir, report), highlight=False, soft_wrap=True)
     return {"summary": summary, "selection": selection, "report": report}
 
 
-def _results_table(run_dir: Path, selection_dir: Path, shards: list[Path], by: str) -> Table:
+#: the table's columns: header, width (None: the caption takes what is left), what it shows
+_COLUMN_WIDTHS = {"label": 12, "caption": None, "rules": 5, "clip": 4, "itm": 5, "error": 15, "kept": 4}
+_GAP = 1  # SIMPLE_HEAD puts one space between columns
+
+
+def _table_rows(run_dir: Path, selection_dir: Path, shards: list[Path]) -> list[dict]:
+    """Every scored pair in shard order, with its demo label, caption and whether it was kept."""
     labels = _demo_labels(shards)
     kept = set(ds.dataset(selection_dir / "kept.parquet").to_table(columns=["uid"])["uid"].to_pylist())
     rows = RunReader(run_dir).dataset().to_table().to_pylist()
-    table = Table(title="sample pairs", box=box.SIMPLE_HEAD, pad_edge=False)
-    score_columns = ["clip_score"] + ([by] if by != "clip_score" else [])
-    widths = {"label": 14, "caption": 23, "rules": 5, "clip_score": 6, by: 7, "error": 17, "kept": 6}
-    for col in ["label", "caption", "rules", *score_columns, "error", "kept"]:
-        table.add_column(col.replace("_score", ""), no_wrap=True, overflow="ellipsis", width=widths[col])
+    out = []
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):
         label, caption = labels.get(row["uid"], ("?", ""))
-        rules = {True: "ok", False: "no"}.get(row.get("rules_ok"), "")
-        values = [label, caption or "", rules]
-        values += [_fmt(row.get(col)) for col in score_columns]
-        values += [row["error"] or "", "yes" if row["uid"] in kept else ""]
-        table.add_row(*values)
+        out.append({**row, "label": label, "caption": caption or "", "kept": row["uid"] in kept})
+    return out
+
+
+def _results_table(rows: list[dict], by: str, width: int = 80) -> Table:
+    """One line per pair. Every column but the caption has the width its longest value needs,
+    so that nothing but the caption is ever cut, down to an 80-column terminal."""
+    columns = ["label", "caption", "rules", "clip"] + (["itm"] if by == "itm" else []) + ["error", "kept"]
+    fixed = sum(_COLUMN_WIDTHS[c] for c in columns if c != "caption") + _GAP * (len(columns) - 1)
+    table = Table(title="sample pairs", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for col in columns:
+        longest = max([len(r["caption"]) for r in rows] + [len("caption")])
+        table.add_column(col, no_wrap=True, overflow="ellipsis",
+                         width=_COLUMN_WIDTHS[col] or max(10, min(width - fixed, longest)))  # fmt: skip
+    for row in rows:
+        values = {
+            "label": row["label"],
+            "caption": row["caption"],
+            "rules": {True: "ok", False: "no"}.get(row.get("rules_ok"), ""),
+            "clip": _fmt(row.get("clip_score"), 2),
+            "itm": _fmt(row.get("itm"), 1),
+            "error": row.get("error") or "",
+            "kept": "yes" if row["kept"] else "",
+        }
+        table.add_row(*(values[c] for c in columns))
     return table
 
 
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.2f}"
+def legend(by: str, with_mlm: bool) -> str:
+    """What each column of the table means (lines under 80 characters)."""
+    lines = [
+        "label   what the demo made the caption: good, wrong (another photo's), lazy,",
+        "        empty, non_english; broken_image is a JPEG cut in half",
+        "rules   DataComp-style basic filter (rules_ok); rules_failed says which rule",
+        "clip    CLIPScore, 2.5 * max(cosine, 0), 0-2.5 (clip_cosine is the cosine)",
+    ]
+    if with_mlm:
+        lines.append("itm     MLM judge: image-text matching, 0-100 (odf: object detail)")
+    lines += [
+        "error   why a pair has no scores (a stable code, counted in the stats)",
+        f"kept    selected: `{DEMO_WHERE}`, then the top {DEMO_TOP_FRACTION:.0%} of all pairs by {by}",
+    ]
+    return "\n".join(lines)
+
+
+def next_steps(output: Path, run_dir: Path, report: Path | None) -> str:
+    """Where the files are and the commands to try next, with this demo's paths."""
+    selection, run = output / "selection", run_dir
+    lines = [
+        "[bold]files[/]",
+        f"  {output / 'shards'}/*.tar        the sample WebDataset shards",
+        f"  {run}/score/tables/  one parquet per shard: every score column",
+        f"  {run}/score/provenance.json  models, settings, warnings",
+        f"  {selection}/uids.npy  the kept uids (DataComp subset format)",
+        f"  {selection}/kept.parquet, selection.json  kept rows, counts",
+    ]
+    if report is not None:
+        lines.append(f"  {report}  the report (distributions, galleries)")
+    lines += [
+        "[bold]next steps[/]",
+        f"  mlmfilter stats {run}",
+        f"  mlmfilter inspect {run} --where 'not rules_ok'",
+        f"  mlmfilter select {run} --where 'rules_ok and clip_cosine >= 0.2' -o {output / 'sel2'} --json",
+        f"  mlmfilter reshard {selection} {output / 'kept-shards'}",
+        "  mlmfilter select RUN1 RUN2 --where 'itm >= 60 and rules_ok' -o SEL   # join runs on uid",
+        "  mlmfilter scorers   # every scorer, its options and columns",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _demo_labels(shards: list[Path]) -> dict[str, tuple[str, str]]:

@@ -24,6 +24,19 @@ uid for the sorted ``uids.npy``), not on the size of the run. Outputs, each writ
 
 Score files may identify rows by a ``uid`` string column (32 hex chars) or by two uint64
 columns ``uid_f0``/``uid_f1`` (its halves), which large synthetic tables use.
+
+Several runs (``run_dir`` a list) are joined on uid first: see :mod:`mlmfilter.selection.join`
+for the pool, the column names and duplicate uids. Each run must be complete (or
+``allow_incomplete``); the output folder must be given.
+
+External uid lists (``intersect`` / ``union``, ``.npy`` files: see
+:func:`~mlmfilter.selection.subset.read_uid_list`) apply after the expression and the top
+fraction, which are computed exactly as without them::
+
+    kept = (selected ∩ intersect_1 ∩ intersect_2 ...) ∪ (pool rows whose uid is in union_1 ∪ union_2 ...)
+
+A union adds rows of the pool (the first run's rows) only: uids of a list that no run holds
+cannot be written as shards from these runs, so they are counted (``outside_pool``), not added.
 """
 
 from __future__ import annotations
@@ -31,9 +44,9 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +58,8 @@ from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
 from mlmfilter.io.writers import AtomicFile, atomic_write_json
 from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
 from mlmfilter.selection.expression import parse_expression
-from mlmfilter.selection.subset import SubsetAccumulator
+from mlmfilter.selection.join import JoinedTables
+from mlmfilter.selection.subset import SubsetAccumulator, UidIndex, read_uid_list
 from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
 
 SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
@@ -83,8 +97,26 @@ class SelectionResult:
     seconds: float
     files: int = 0
     completeness: dict[str, Any] | None = None
+    selected: int | None = None  # rows the expression / top fraction chose, before the uid lists
+    runs: list[dict[str, Any]] | None = None  # with several runs: each run, its columns and misses
+    missing: dict[str, int] | None = None  # with several runs: run -> rows of the pool it lacks
+    in_every_run: int | None = None  # with several runs: pool rows every run holds (only they may pass)
+    uid_lists: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        counts = {
+            "read": self.read,
+            "scored": self.scored,
+            "errored": sum(self.errors.values()),
+            "passed": self.passed,
+            "qualified": self.qualified,
+            "selected": self.kept if self.selected is None else self.selected,
+            "kept": self.kept,
+            "target": self.target,
+        }
+        if self.runs is not None:
+            counts["in_every_run"] = self.in_every_run
+            counts["missing"] = self.missing
         return {
             "mlmfilter": __version__,
             "run_dir": str(self.run_dir),
@@ -92,15 +124,9 @@ class SelectionResult:
             "run_dir_relative": _relative(self.run_dir, self.output_dir),
             "arguments": self.arguments,
             "completeness": self.completeness,
-            "counts": {
-                "read": self.read,
-                "scored": self.scored,
-                "errored": self.read - self.scored,
-                "passed": self.passed,
-                "qualified": self.qualified,
-                "kept": self.kept,
-                "target": self.target,
-            },
+            "runs": self.runs,
+            "uid_lists": self.uid_lists,
+            "counts": counts,
             "errors": dict(sorted(self.errors.items())),
             "threshold": self.threshold,
             "notes": self.notes,
@@ -111,11 +137,18 @@ class SelectionResult:
         }
 
     def summary(self) -> str:
-        lines = [
-            f"read {self.read} rows from {self.files} score files ({self.read - self.scored} errored)",
+        runs = f" of {len(self.runs)} runs" if self.runs else ""
+        lines = [f"read {self.read} rows from {self.files} score files{runs} ({sum(self.errors.values())} errored)"]
+        if self.runs:
+            missing = ", ".join(f"{n} from {run}" for run, n in self.missing.items() if n)
+            lines.append(f"{self.in_every_run} rows are in every run" + (f"; missing: {missing}" if missing else ""))
+        lines.append(
             f"kept {self.kept}" + (f" of target {self.target}" if self.target is not None else "")
-            + f" ({self.passed} passed the expression, {self.qualified} qualified)",
-        ]
+            + f" ({self.passed} passed the expression, {self.qualified} qualified)"
+        )
+        for entry in self.uid_lists:
+            lines.append(f"--{entry['mode']} {entry['path']}: {entry['uids']} uids, {entry['matched']} rows of the pool"
+                         + (f", {entry['added']} added" if entry["mode"] == "union" else f", {entry['removed']} removed"))
         if self.threshold:
             lines.append(f"boundary {self.threshold['by']} = {self.threshold['score']} (uid {self.threshold['uid']})")
         lines += self.notes
@@ -124,7 +157,7 @@ class SelectionResult:
 
 
 def select_run(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path | tuple[str | None, str | Path]],
     output_dir: str | Path,
     expression: str | None = None,
     top_fraction: float | None = None,
@@ -133,33 +166,42 @@ def select_run(
     *,
     stage: str = DEFAULT_STAGE,
     allow_incomplete: bool = False,
+    intersect: Sequence[str | Path] = (),
+    union: Sequence[str | Path] = (),
     candidate_cap: int = DEFAULT_CANDIDATE_CAP,
     batch_rows: int = BATCH_ROWS,
 ) -> SelectionResult:
     """Select rows of a run's score tables and write uids.npy, kept.parquet and selection.json.
 
-    ``ascending=True`` keeps the lowest ``by`` values instead of the highest. ``candidate_cap``
-    bounds the rows the exact top-k holds in memory for its final sort. ``stage`` names the
-    scoring stage to read; ``allow_incomplete`` selects from a run some of whose shards are not
-    done (the result records it).
+    ``run_dir`` is one run folder, or several (a list; an item ``(name, path)`` prefixes that
+    run's columns with ``name_``), joined on uid. ``ascending=True`` keeps the lowest ``by``
+    values instead of the highest. ``candidate_cap`` bounds the rows the exact top-k holds in
+    memory for its final sort. ``stage`` names the scoring stage to read (in every run);
+    ``allow_incomplete`` selects from runs some of whose shards are not done (the result records
+    it). ``intersect`` / ``union``: external uid lists (``.npy``), applied after the selection.
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    tables = ScoreTables(run_dir, batch_rows, stage)
+    specs = _run_specs(run_dir)
+    parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
+    for part in parts:
+        _check_complete(part, stage, allow_incomplete)
+    uid_lists = _UidLists(intersect, union)  # malformed files are refused before anything is read
+    try:
+        tables = parts[0] if len(parts) == 1 and specs[0][0] is None else JoinedTables(parts, [n for n, _ in specs])
+    except ValueError as exc:  # a column clash
+        raise SelectionError(str(exc)) from None
+    joined = isinstance(tables, JoinedTables)
     run_dir = tables.run_dir
-    completeness = tables.completeness.to_json()
-    if not tables.completeness.complete and not allow_incomplete:
-        missing = ", ".join(tables.completeness.missing[:5]) + (" ..." if len(tables.completeness.missing) > 5 else "")
-        raise SelectionError(
-            f"stage {stage!r} of {run_dir} is incomplete: {tables.completeness.done} of {tables.completeness.total} "
-            f"shards done (missing: {missing}); finish it (re-run `mlmfilter score`, it resumes) "
-            "or pass --allow-incomplete to select from the done shards only"
-        )
+    completeness = parts[0].completeness.to_json()
     arguments = {"run_dir": str(run_dir), "stage": stage, "expression": expression, "top_fraction": top_fraction,
-                 "by": by, "ascending": ascending, "allow_incomplete": allow_incomplete}  # fmt: skip
+                 "by": by, "ascending": ascending, "allow_incomplete": allow_incomplete,
+                 "intersect": [str(p) for p in intersect], "union": [str(p) for p in union]}  # fmt: skip
+    if joined:
+        arguments["runs"] = [f"{name}={path}" if name else str(path) for name, path in specs]
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
     counts = _Counts()
-    with _KeptOutputs(output_dir, tables, plan.output_columns) as outputs:
+    with _KeptOutputs(output_dir, tables, plan.output_columns, uid_lists) as outputs:
         if plan.top_fraction is None:
             passes, threshold = _keep_passing(tables, plan, counts, outputs), None
         else:
@@ -173,8 +215,20 @@ def select_run(
             f"only {counts.qualified} rows qualify, fewer than the target {plan.target(counts.read)} "
             f"({top_fraction} of {counts.read}): all of them are kept"
         )
-    if not tables.completeness.complete:
-        notes.append(f"incomplete run: selected from {tables.completeness.done} of {tables.completeness.total} shards")
+    for part in parts:
+        if not part.completeness.complete:
+            notes.append(f"incomplete run {part.run_dir}: selected from {part.completeness.done} of "
+                         f"{part.completeness.total} shards")  # fmt: skip
+    missing = runs = None
+    if joined:
+        runs = tables.runs_json()
+        missing = {}
+        for index, entry in enumerate(runs):
+            entry["missing"] = tables.stats.missing[index] + counts.missing_outside[index]
+            missing[tables.label(index)] = entry["missing"]
+        duplicates = [f"{e['duplicate_uids']} in {tables.label(i)}" for i, e in enumerate(runs) if e["duplicate_uids"]]
+        if duplicates:
+            notes.append(f"repeated uids joined by their first row: {', '.join(duplicates)}")
     result = SelectionResult(
         run_dir=run_dir,
         output_dir=output_dir,
@@ -193,9 +247,38 @@ def select_run(
         seconds=time.perf_counter() - started,
         files=len(tables.files),
         completeness=completeness,
+        selected=outputs.selected,
+        runs=runs,
+        missing=missing,
+        in_every_run=tables.stats.in_every_run if joined else None,
+        uid_lists=uid_lists.to_json(),
     )
     atomic_write_json(output_dir / SUMMARY_FILE, result.to_json())
     return result
+
+
+def _run_specs(run_dir: Any) -> list[tuple[str | None, str | Path]]:
+    """(name or None, path) for each run; one path is one unnamed run."""
+    if isinstance(run_dir, (str, Path)):
+        return [(None, run_dir)]
+    specs = [item if isinstance(item, tuple) else (None, item) for item in run_dir]
+    if not specs:
+        raise SelectionError("no run to select from")
+    for name, _ in specs:
+        if name is not None and not name.isidentifier():
+            raise SelectionError(f"run name {name!r} must be a plain name (letters, digits, _), as it prefixes columns")
+    return specs
+
+
+def _check_complete(tables: "ScoreTables", stage: str, allow_incomplete: bool) -> None:
+    done = tables.completeness
+    if not done.complete and not allow_incomplete:
+        missing = ", ".join(done.missing[:5]) + (" ..." if len(done.missing) > 5 else "")
+        raise SelectionError(
+            f"stage {stage!r} of {tables.run_dir} is incomplete: {done.done} of {done.total} "
+            f"shards done (missing: {missing}); finish it (re-run `mlmfilter score`, it resumes) "
+            "or pass --allow-incomplete to select from the done shards only"
+        )
 
 
 class ScoreTables:
@@ -221,8 +304,9 @@ class ScoreTables:
             self.uid_columns = UID_HALF_COLUMNS
         else:
             raise SelectionError(f"the score files have no {UID_COLUMN!r} column (nor {' and '.join(UID_HALF_COLUMNS)})")
+        self.presence: pc.Expression | None = None  # one run: every row is in it
 
-    def batches(self, projection: dict[str, pc.Expression]) -> Iterator[pa.RecordBatch]:
+    def batches(self, projection: dict[str, pc.Expression], reads: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
         # ordered scan: every pass sees the rows in the same order, which the top-k relies on
         yield from self.dataset.to_batches(
             columns=projection,
@@ -260,6 +344,7 @@ class _Plan:
     score_keys: ScoreKeys | None
     output_columns: list[str]  # uid, shard, key, by and the expression's columns
     tables: ScoreTables
+    expression_columns: list[str]
 
     @classmethod
     def build(cls, tables: ScoreTables, expression: str | None, top_fraction: float | None,
@@ -279,31 +364,42 @@ class _Plan:
         if expression is not None:
             compiled = parse_expression(expression, tables.columns)  # raises ExpressionError
             passed, expression_columns = compiled.expression, list(compiled.columns)
+        if tables.presence is not None:  # joined runs: a uid missing from a run never passes
+            passed = pc.and_kleene(tables.presence, passed)
         qualifies, score_keys = passed, None
         if by is not None:
             score_keys = _rank_keys(tables, by, ascending)
             qualifies = pc.and_kleene(pc.invert(pc.is_null(pc.field(by), nan_is_null=True)), passed)
         identity = [c for c in IDENTITY_COLUMNS if c in tables.columns]
         output_columns = _unique(identity + ([by] if by else []) + expression_columns)
-        return cls(qualifies, passed, top_fraction, by, score_keys, output_columns, tables)
+        return cls(qualifies, passed, top_fraction, by, score_keys, output_columns, tables, expression_columns)
 
     def target(self, read: int) -> int:
         return round(self.top_fraction * read)
 
-    def projection(self, names: list[str], count: bool = False) -> dict[str, pc.Expression]:
-        """Read these columns plus the row verdicts; ``count`` adds what :class:`_Counts` needs."""
+    def scan(self, names: list[str], count: bool = False) -> Iterator[pa.RecordBatch]:
+        """One pass reading these columns plus the row verdicts; ``count`` adds what
+        :class:`_Counts` needs."""
         if count and ERROR_COLUMN in self.tables.columns:
             names = names + [ERROR_COLUMN]
         projection = {name: pc.field(name) for name in _unique(names)}
         projection[_PASSED] = self.passed
         projection[_QUALIFIES] = self.qualifies
-        return projection
+        reads = _unique(list(projection)[:-2] + self.expression_columns + ([self.by] if self.by else []))
+        return self.tables.batches(projection, reads)
 
 
 class _Counts:
     def __init__(self) -> None:
         self.read = self.scored = self.passed = self.qualified = 0
         self.errors: Counter = Counter()
+        self.missing_outside: list[int] = []  # joined runs: per run, pool uids outside the first run it lacks
+
+    def finish_pass(self, tables: ScoreTables | JoinedTables) -> None:
+        """After the counting pass: uids only other runs hold join the pool (they never pass)."""
+        if isinstance(tables, JoinedTables):
+            extra, self.missing_outside = tables.rows_only_in_other_runs()
+            self.read += extra
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.read += batch.num_rows
@@ -321,9 +417,10 @@ class _Counts:
 
 def _keep_passing(tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_KeptOutputs") -> int:
     """Expression only: one pass counts and keeps. Returns the number of passes."""
-    for batch in tables.batches(plan.projection(plan.output_columns, count=True)):
+    for batch in plan.scan(plan.output_columns, count=True):
         counts.add(batch)
         outputs.write(batch, _expression_mask(batch, tables))
+    counts.finish_pass(tables)
     return 1
 
 
@@ -346,6 +443,7 @@ def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int)
     for score_batch, batch in _score_batches(tables, plan, [plan.by], count=True):
         counts.add(batch)
         search.observe(score_batch)
+    counts.finish_pass(tables)
     search.k = plan.target(counts.read)
     search.finish_pass()
     while not search.done:
@@ -361,7 +459,7 @@ def _score_batches(tables: ScoreTables, plan: _Plan, columns: list[str],
     """The batches of one pass reading ``columns``, as top-k sees them (uids only if read)."""
     ordinal = 0
     with_uids = all(name in columns for name in tables.uid_columns)
-    for batch in tables.batches(plan.projection(columns, count=count)):
+    for batch in plan.scan(columns, count=count):
         yield ScoreBatch(
             scores=_numpy_values(batch.column(plan.by)),
             eligible=_bool_mask(batch.column(_QUALIFIES)),
@@ -409,23 +507,41 @@ class _KeptOutputs:
     """kept.parquet and uids.npy: kept rows stream to a temp parquet file and their uids to an
     accumulator; on a clean exit both files appear under their names, on an error neither."""
 
-    def __init__(self, output_dir: Path, tables: ScoreTables, columns: list[str]):
+    def __init__(self, output_dir: Path, tables: ScoreTables, columns: list[str], uid_lists: "_UidLists"):
         self.columns = columns
         self.uid_halves = tables.uid_halves
+        self.uid_columns = tables.uid_columns
+        self.uid_lists = uid_lists
         schema = tables.schema
         self.kept_path, self.subset_path = output_dir / KEPT_FILE, output_dir / SUBSET_FILE
         self.file = AtomicFile(self.kept_path)  # creates output_dir
         self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
         self.subset = SubsetAccumulator()
-        self.rows = self.unique_uids = 0
+        self.rows = self.unique_uids = self.selected = 0
 
     def write(self, batch: pa.RecordBatch, mask: np.ndarray) -> None:
+        """``mask``: the rows the selection chose; the uid lists then remove and add rows."""
+        self.selected += int(mask.sum())
+        if self.uid_lists:
+            mask = self.uid_lists.apply(self._batch_halves(batch), mask)
         if not mask.any():
             return
         kept = batch.filter(pa.array(mask)).select(self.columns)
         self.writer.write_batch(kept)
         self.subset.add(self.uid_halves(kept))
         self.rows += kept.num_rows
+
+    def _batch_halves(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """uid halves of every row, and which rows have a uid at all (only they can match a list)."""
+        valid = np.ones(batch.num_rows, dtype=bool)
+        for name in self.uid_columns:
+            if batch.column(name).null_count:
+                valid &= _bool_mask(batch.column(name).is_valid())
+        rows = np.flatnonzero(valid)
+        halves = np.zeros(batch.num_rows, dtype=HALVES_DTYPE)
+        if len(rows):
+            halves[rows] = self.uid_halves(batch, rows)
+        return halves, valid
 
     def __enter__(self) -> "_KeptOutputs":
         return self
@@ -437,6 +553,54 @@ class _KeptOutputs:
             return
         self.file.commit()
         self.unique_uids = self.subset.write(self.subset_path)
+
+
+class _UidLists:
+    """``--intersect`` / ``--union`` uid lists: loaded (sorted, unique) before the scan, applied
+    to each batch's chosen rows, with how many rows each matched, removed or added."""
+
+    def __init__(self, intersect: Sequence[str | Path], union: Sequence[str | Path]):
+        self.entries: list[dict[str, Any]] = []
+        for mode, paths in (("intersect", intersect), ("union", union)):
+            for path in paths:
+                try:
+                    uids = read_uid_list(path)
+                except ValueError as exc:
+                    raise SelectionError(str(exc)) from None
+                self.entries.append({"mode": mode, "path": str(path), "uids": UidIndex(uids),
+                                     "found": np.zeros(len(uids), dtype=bool), "matched": 0, "changed": 0})  # fmt: skip
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def apply(self, halves_and_valid: tuple[np.ndarray, np.ndarray], mask: np.ndarray) -> np.ndarray:
+        halves, valid = halves_and_valid
+        members = []
+        for entry in self.entries:
+            found, position = entry["uids"].locate(halves)
+            found &= valid
+            entry["found"][position[found]] = True
+            entry["matched"] += int(found.sum())
+            members.append(found)
+        kept = mask.copy()
+        for entry, found in zip(self.entries, members):
+            if entry["mode"] == "intersect":
+                entry["changed"] += int((kept & ~found).sum())
+                kept &= found
+        for entry, found in zip(self.entries, members):
+            if entry["mode"] == "union":
+                entry["changed"] += int((found & ~kept).sum())
+                kept |= found
+        return kept
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in self.entries:
+            item = {"mode": entry["mode"], "path": entry["path"], "uids": len(entry["uids"]),
+                    "matched": entry["matched"], "outside_pool": int((~entry["found"]).sum())}  # fmt: skip
+            item["removed" if entry["mode"] == "intersect" else "added"] = entry["changed"]
+            out.append(item)
+        return out
 
 
 def _threshold_info(plan: _Plan, threshold: TopKThreshold | None, ties: "_TieCount | None") -> dict[str, Any] | None:
