@@ -274,6 +274,12 @@ def test_cli_joins_runs_and_reshards_the_kept_pairs(tmp_path, flickr_pairs):
     assert written == expected
     assert shards  # the inputs were real WebDataset shards
 
+    # the report of one of the runs shows the joined selection, though this run lacks `itm`
+    report = runner.invoke(app, ["report", str(tmp_path / "rules"), "--selection", str(tmp_path / "sel"),
+                                 "-o", str(tmp_path / "report.html")])  # fmt: skip
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "report.html").stat().st_size > 0
+
 
 def test_uid_index_matches_the_exact_two_field_search():
     from mlmfilter.io.uid import HALVES_DTYPE, locate_sorted

@@ -318,7 +318,15 @@ class _SelectionEdges:
         self.halves = selection["halves"]
         self.by = selection.get("by")
         text = (selection["summary"].get("arguments") or {}).get("expression")
-        self.expression = parse_expression(text, {f.name: f.type for f in schema}) if text else None
+        columns = {f.name: f.type for f in schema}
+        if text and len(selection["summary"].get("runs") or []) > 1:
+            # a selection joined over several runs: this run alone may not hold the columns it reads;
+            # then kept/dropped are still shown, only the "passed the expression" split is not
+            try:
+                parse_expression(text, columns)
+            except ValueError:
+                text = None
+        self.expression = parse_expression(text, columns) if text else None
         self.columns = list(self.expression.columns) if self.expression else []
         self.kept_lowest, self.dropped_highest = BestRows(k, shown), BestRows(k, shown)
         self.kept_sample, self.dropped_sample = BestRows(k, shown), BestRows(k, shown)
