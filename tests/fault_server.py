@@ -29,16 +29,13 @@ SLOW_S = 0.3
 FAULT = re.compile(r"\[fault:(\w+)\]")
 
 
-class FaultServer:
+class LoopbackChatServer:
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 (a free port), in a thread.
+
+    Subclasses implement :meth:`_answer`, which writes the reply through ``handler``.
+    """
+
     def __init__(self) -> None:
-        self.requests = 0
-        self.by_kind: Counter = Counter()
-        self.arrivals: dict[str, list[float]] = defaultdict(list)  # request hash -> arrival times
-        self.authorization: list[str] = []
-        self.bodies: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,13 +59,29 @@ class FaultServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def _answer(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        raise NotImplementedError
+
+
+class FaultServer(LoopbackChatServer):
+    def __init__(self) -> None:
+        self.requests = 0
+        self.by_kind: Counter = Counter()
+        self.arrivals: dict[str, list[float]] = defaultdict(list)  # request hash -> arrival times
+        self.authorization: list[str] = []
+        self.bodies: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        super().__init__()
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
         text = _request_text(body)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,6 +17,7 @@ from mlmfilter.teach.folder import TeachFolder
 from mlmfilter.teach.label import LabelOptions, ReplyParseError, parse_reply
 from mlmfilter.teach.pairs import TeachPair, write_pairs
 from tests.fault_server import FaultServer
+from tests.serve_support import save_tiny_served_llava, transformers_serve
 
 SECRET = "sk-teach-SECRET-never-on-disk-0001"
 
@@ -151,45 +147,12 @@ def test_cli_batch_file_then_collect(tmp_path, flickr_pairs, monkeypatch):
     assert unbalanced.exit_code == 2 and "teach balance" in unbalanced.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def transformers_server(tmp_path_factory):
     """`transformers serve` with a tiny random LLaVA (real processor: it takes the image data URL)."""
-    from mlmfilter.models.tiny_vlm import fallback_tokenizer, save_tiny_vlm
-
-    model_dir = save_tiny_vlm(tmp_path_factory.mktemp("tiny-llava") / "model", "llava", tokenizer=fallback_tokenizer())
-    port = _free_port()
-    exe = Path(sys.executable).with_name("transformers")
-    log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w+")
-    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"transformers serve did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1", str(model_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    model_dir = save_tiny_served_llava(tmp_path_factory.mktemp("tiny-llava") / "model")
+    with transformers_serve(model_dir, tmp_path_factory.mktemp("serve-log")) as base_url:
+        yield base_url, str(model_dir)
 
 
 @pytest.mark.slow

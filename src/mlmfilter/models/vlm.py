@@ -55,7 +55,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mlmfilter.judge.backend import JudgeRequest, RequestFailure
+from mlmfilter.judge.backend import (
+    EXACT_EXPECTED_DEFINITION,
+    BackendCapabilities,
+    JudgeRequest,
+    RequestFailure,
+    adaptive_trie_bound,
+)
 from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, validate_conversation
 from mlmfilter.judge.readout import SCORES, AdaptiveTrieReadout, ScoreTrie, UnsupportedTokenizerError
 from mlmfilter.models.common import (
@@ -356,6 +362,19 @@ class TransformersJudgeBackend:
         return vlm_provenance(
             self.loaded.spec, self.conversation, self.answer_prefix, self.loaded.device, self.loaded.dtype, self.max_length
         )
+
+    def readout_provenance(self) -> dict[str, str]:
+        """The expected readout this backend computes: its definition and error bound."""
+        return {"readout_definition": EXACT_EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.trie_threshold)}
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        # the full next-token distribution at every trie node: exact up to trie_threshold
+        return BackendCapabilities("exact", self.loaded.spec.image_size, self.batch_size)
+
+    def close(self) -> None:
+        # drop the weights (they go with the last reference); describe() still answers from the spec
+        self.model = self.loaded.model = None
 
     @property
     def image_size(self) -> int:

@@ -6,8 +6,13 @@ decode pool, out of memory, a full disk, a bug) raises out of it: the shard is r
 gets no marker, and the next run retries it. Per-sample problems never get here: they are rows.
 
 :class:`LocalExecutor` runs shards inline (``workers=1``) or in worker processes that each build
-the stage once (models load once per process) and die with the parent. A worker that dies takes
-its pool down; the shards it held are retried once in a fresh pool.
+the stage once (models load once per process, and the stage keeps ONE image-decoding pool for every
+shard it runs) and die with the parent. A worker that dies takes its pool down; the shards it held
+are retried once in a fresh pool.
+
+GPUs: with ``workers=N`` and a stage that wants one (``stage.wants_gpu()``; a stage without it is
+assumed to), worker slot i gets its own share of the visible devices (:func:`worker_devices`) as its
+``CUDA_VISIBLE_DEVICES``, set before it builds the stage, so each worker's ``cuda`` is its own GPU.
 """
 
 from __future__ import annotations
@@ -85,9 +90,63 @@ def attach_log_file(folder: RunFolder, name: str) -> logging.Handler | None:
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
+    logging.captureWarnings(True)  # library warnings (warnings.warn) land in this log, not on a worker's stderr
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
     return handler
+
+
+def visible_devices(environ: Any = None) -> list[str]:
+    """The accelerators this process may use: ``CUDA_VISIBLE_DEVICES`` when set (ids or UUIDs, up to the
+    first invalid entry, as CUDA reads it), else the devices torch counts; [] without any."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        devices = []
+        for item in (v.strip() for v in value.split(",")):
+            if not item or item.startswith("-"):
+                break  # CUDA stops at the first invalid entry ("-1" hides every device)
+            devices.append(item)
+        return devices
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def worker_devices(slot: int, workers: int, devices: Sequence[str]) -> list[str]:
+    """The devices worker ``slot`` (0-based) of ``workers`` gets.
+
+    At least as many devices as workers: an equal contiguous share each (8 GPUs, 4 workers: 2 each;
+    leftovers unused). Fewer: one device each, round-robin (workers then share a device).
+    """
+    if not 0 <= slot < workers:
+        raise ValueError(f"worker slot {slot} is not in 0..{workers - 1}")
+    if not devices:
+        return []
+    if len(devices) >= workers:
+        share = len(devices) // workers
+        return list(devices[slot * share : (slot + 1) * share])
+    return [devices[slot % len(devices)]]
+
+
+def _stage_wants_gpu(stage: Stage) -> bool:
+    wants = getattr(stage, "wants_gpu", None)
+    return bool(wants()) if callable(wants) else True
+
+
+def _worker_record(stage: Stage, task: StageTask) -> dict[str, Any]:
+    """What one worker was when it ran a shard: its process, device slot and decode pool."""
+    decoder = getattr(stage, "decoder", None)
+    return {
+        "shard": task.shard_id,
+        "pid": os.getpid(),
+        "slot": _worker.get("slot"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "decoder": id(decoder) if decoder is not None else None,
+        "decode_pids": decoder.worker_pids() if decoder is not None else [],
+    }
 
 
 def _failure_line(exc: BaseException) -> str:
@@ -107,10 +166,16 @@ def _limit_threads(threads: int) -> None:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: dict, run_url: str, stage_name: str, progress_queue: Any, threads: int) -> None:
+def _init_worker(spec_json: dict, run_url: str, stage_name: str, progress_queue: Any, threads: int,
+                 slots: Any = None, devices_by_slot: Sequence[Sequence[str]] = ()) -> None:  # fmt: skip
+    slot = slots.get(timeout=60) if slots is not None else None
+    if slot is not None and devices_by_slot:  # before anything can initialise CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices_by_slot[slot])
+    _worker["slot"] = slot
     _limit_threads(threads)
     folder = RunFolder(run_url)
     attach_log_file(folder, f"{stage_name}-worker-{os.getpid()}")
+    log.info("worker slot %s: CUDA_VISIBLE_DEVICES=%s", slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
     stage = StageSpec(**spec_json).build()
     _worker.update(stage=stage, queue=progress_queue)
     # close the stage (its decode pool) when the worker exits; threading's exit hooks run
@@ -120,16 +185,16 @@ def _init_worker(spec_json: dict, run_url: str, stage_name: str, progress_queue:
         register(stage.close)
 
 
-def _run_in_worker(task: StageTask, fingerprint: str) -> tuple[str, dict | None, str | None]:
+def _run_in_worker(task: StageTask, fingerprint: str) -> tuple[str, dict | None, str | None, dict]:
     stage: Stage = _worker["stage"]
     report = _worker["queue"]
     try:
         stage.setup()
         stats = execute_task(stage, task, fingerprint, lambda n, e: report.put((n, e)))
-        return task.shard_id, stats, None
+        return task.shard_id, stats, None, _worker_record(stage, task)
     except Exception as exc:  # the shard fails as a whole; a rerun retries it
         log.error("shard %s failed:\n%s", task.shard_id, traceback.format_exc())
-        return task.shard_id, None, _failure_line(exc)
+        return task.shard_id, None, _failure_line(exc), _worker_record(stage, task)
 
 
 # -- parent side ----------------------------------------------------------------------------------
@@ -139,6 +204,8 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, retries: int = 1):
         self.workers = max(1, workers)
         self.retries = retries
+        #: per shard run in a worker process: pid, device slot, CUDA_VISIBLE_DEVICES, decode pool (see _worker_record)
+        self.worker_records: list[dict[str, Any]] = []
 
     def run(self, tasks: Sequence[StageTask], stage: Stage, fingerprint: str, progress: RunProgress) -> ExecutionReport:
         report = ExecutionReport()
@@ -180,14 +247,23 @@ class LocalExecutor:
         ctx = mp.get_context("spawn")
         progress_queue = ctx.Queue()
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        init = (_init_worker, (stage.spec().model_dump(), tasks[0].run_url, tasks[0].stage_name, progress_queue, threads))
+        devices = visible_devices() if _stage_wants_gpu(stage) else []
         attempts = {task.shard_id: 0 for task in tasks}
         todo = tasks
         try:
             while todo:
                 retry: list[StageTask] = []
-                pool = ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=ctx,
-                                           initializer=worker_initializer, initargs=(os.getpid(), init))  # fmt: skip
+                size = min(self.workers, len(todo))
+                devices_by_slot = [worker_devices(slot, size, devices) for slot in range(size)] if devices else []
+                if devices and len(devices) < size:
+                    log.warning("%d workers share %d GPU(s): %s", size, len(devices), devices_by_slot)
+                slots = ctx.Queue()  # each process of this pool takes one slot, hence its own devices
+                for slot in range(size):
+                    slots.put(slot)
+                init = (_init_worker, (stage.spec().model_dump(), tasks[0].run_url, tasks[0].stage_name, progress_queue,
+                                       threads, slots, devices_by_slot))  # fmt: skip
+                pool = ProcessPoolExecutor(size, mp_context=ctx, initializer=worker_initializer,
+                                           initargs=(os.getpid(), init))  # fmt: skip
                 finished = False
                 try:
                     pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}
@@ -197,7 +273,8 @@ class LocalExecutor:
                         for future in done:
                             task = pending.pop(future)
                             try:
-                                shard_id, _, error = future.result()
+                                shard_id, _, error, record = future.result()
+                                self.worker_records.append(record)
                             except BrokenProcessPool as exc:  # a worker process died (OOM killer, segfault)
                                 attempts[task.shard_id] += 1
                                 if attempts[task.shard_id] <= self.retries:

@@ -21,27 +21,35 @@ only builds prompts and turns distributions or texts into columns.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Sequence
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from mlmfilter import errors
-from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
+from mlmfilter.judge.backend import (
+    EXACT_EXPECTED_DEFINITION,
+    JudgeBackend,
+    JudgeRequest,
+    LogprobsMissing,
+    RequestFailure,
+    TopKDistribution,
+    adaptive_trie_bound,
+    capabilities_of,
+    refuse_unsupported_readout,
+)
 from mlmfilter.judge.conversations import default_answer_prefix, validate_conversation
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import Scorer, ScoreFailure
+from mlmfilter.scorers.base import InfrastructureError, Scorer, ScoreFailure
 from mlmfilter.scorers.text_mask import TextMaskOptions, TextMasking
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
-EXPECTED_DEFINITION = (
-    "P(s) = P(canonical tokens of str(s) | prompt) * P(next token does not start with a digit); "
-    "score = sum s P(s) / mass, mass = sum P(s) over s = 0..100, std = sqrt(sum (s - score)^2 P(s) / mass)"
-)
+EXPECTED_DEFINITION = EXACT_EXPECTED_DEFINITION  # the exact backends' definition (judge.backend)
 GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
 
 
@@ -73,7 +81,7 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
     #: or as its released scoring script asks ("released-script"); options set explicitly win (warned)
     checkpoint_settings: Literal["trained", "released-script", "off"] = "trained"
     #: what runs the judge (models/backends); its own settings go in backend_options, checked by its model
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
     backend_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -81,6 +89,10 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
         from mlmfilter.models.backends import validate_backend_options
 
         self.backend_options = validate_backend_options(self.backend, self.backend_options)
+        if self.backend == "openai":  # refused now rather than in a worker
+            from mlmfilter.models.backends.openai_backend import refuse_unservable
+
+            refuse_unservable(self.conversation, self.answer_prefix)
         return self
 
     @field_validator("metrics")
@@ -107,11 +119,14 @@ class MLMScorer(TextMasking, Scorer):
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options)
-        # a judge trained by `mlmfilter train` records its request format: options the user left unset follow it
-        self.options = apply_recorded_format(self.options)
-        from mlmfilter.judge.registry import apply_released_settings
+        self.released = None
+        # a served model's name is the server's, not a hub id: nothing to read about it here
+        if self.options.backend != "openai" or os.path.isdir(os.path.expanduser(self.options.model)):
+            # a judge trained by `mlmfilter train` records its request format: options the user left unset follow it
+            self.options = apply_recorded_format(self.options)
+            from mlmfilter.judge.registry import apply_released_settings
 
-        self.options, self.released = apply_released_settings(self.options)
+            self.options, self.released = apply_released_settings(self.options)
         self.metrics = resolve_metrics(self.options.metrics)
         self.short_names = [short_name(m) for m in self.metrics]
         self.template = resolve_template(self.options.template)
@@ -127,15 +142,26 @@ class MLMScorer(TextMasking, Scorer):
             if self.options.readout == "expected":
                 columns[f"{short}_mass"] = pa.float32()
                 columns[f"{short}_std"] = pa.float32()
+                if self._declared_distribution() == "top_k":  # mass the backend could not place: the row's bound
+                    columns[f"{short}_unplaced"] = pa.float32()
             else:
                 columns[f"{short}_raw"] = pa.string()
         return columns
 
+    def _declared_distribution(self) -> str:
+        from mlmfilter.models.backends import declared_distribution
+
+        return declared_distribution(self.options.backend)
+
     @property
     def image_size(self) -> int | None:  # type: ignore[override]
-        """Shorter side to decode to, from the processor config (no weights are loaded)."""
-        if self.backend is not None and hasattr(self.backend, "image_size"):
-            return self.backend.image_size
+        """Shorter side to decode to: the backend's declared size, else the processor config (no weights)."""
+        if self.backend is not None:
+            return capabilities_of(self.backend).image_size
+        if self.options.backend == "openai":
+            from mlmfilter.models.backends import backend_settings
+
+            return backend_settings(self.options).image_size
         return self._spec().image_size
 
     def _spec(self):
@@ -151,7 +177,14 @@ class MLMScorer(TextMasking, Scorer):
         if o.backend != "transformers":
             from mlmfilter.models.backends import build_backend
 
-            self.backend = build_backend(o)
+            backend = build_backend(o)
+            try:
+                refuse_unsupported_readout(o.readout, capabilities_of(backend), o.backend)
+            except ValueError:
+                backend.close()
+                raise
+            self.backend = backend
+            self._owns_backend = True
             return
         from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
 
@@ -161,6 +194,13 @@ class MLMScorer(TextMasking, Scorer):
         self.backend = TransformersJudgeBackend(
             loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold
         )
+        self._owns_backend = True
+
+    def close(self) -> None:
+        """Release a backend this scorer built (an injected one belongs to its caller)."""
+        if self.backend is not None and getattr(self, "_owns_backend", False):
+            self.backend.close()
+            self.backend, self._owns_backend, self._ready = None, False, False
 
     # -- scoring --------------------------------------------------------------------------------------
 
@@ -176,11 +216,14 @@ class MLMScorer(TextMasking, Scorer):
             requests.append(JudgeRequest(self.masked(sample.image), prompts))
             positions.append(i)
         if requests:
-            if self.options.readout == "expected":
-                outputs = [self._expected_row(o) for o in self.backend.score_distributions(requests)]
-            else:
-                texts = self.backend.generate(requests, self.options.max_new_tokens)
-                outputs = [self._generated_row(t) for t in texts]
+            try:
+                if self.options.readout == "expected":
+                    outputs = [self._expected_row(o) for o in self.backend.score_distributions(requests)]
+                else:
+                    texts = self.backend.generate(requests, self.options.max_new_tokens)
+                    outputs = [self._generated_row(t) for t in texts]
+            except LogprobsMissing as exc:  # the server's fault, not the pairs': the shard fails with this line
+                raise InfrastructureError(f"{self.options.backend} backend: {exc}") from exc
             for i, output in zip(positions, outputs):
                 results[i] = output
         return results  # type: ignore[return-value]
@@ -202,10 +245,15 @@ class MLMScorer(TextMasking, Scorer):
         if isinstance(output, RequestFailure):
             return ScoreFailure(output.reason, output.detail)
         row: dict[str, Any] = {}
-        for short, log_probs in zip(self.short_names, output):
+        unplaced = None
+        if isinstance(output, TopKDistribution):
+            output, unplaced = output.log_probs, output.unplaced
+        for n, (short, log_probs) in enumerate(zip(self.short_names, output)):
+            if unplaced is not None:
+                row[f"{short}_unplaced"] = float(unplaced[n])
             summary = ExpectedScore.from_log_probs(log_probs)
             if summary is None:
-                return ScoreFailure(errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100")
+                return ScoreFailure(errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100", partial=row)
             row[short] = summary.mean
             row[f"{short}_mass"] = summary.mass
             row[f"{short}_std"] = summary.std
@@ -228,6 +276,33 @@ class MLMScorer(TextMasking, Scorer):
 
     # -- provenance -----------------------------------------------------------------------------------
 
+    def identity(self) -> dict[str, Any]:
+        from mlmfilter.models.backends import identity_options
+
+        identity = super().identity()
+        options = identity["options"]
+        options["backend_options"] = identity_options(self.options.backend, options.get("backend_options") or {})
+        return identity
+
+    def _readout_provenance(self) -> dict[str, str]:
+        readout = getattr(self.backend, "readout_provenance", None)
+        if readout is not None:
+            return readout()
+        if self.options.backend == "openai":
+            from mlmfilter.models.backends.openai_backend import readout_provenance
+
+            return readout_provenance(self.options)
+        return {"readout_definition": EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.options.trie_threshold)}
+
+    def _described_backend(self) -> dict[str, Any]:
+        if self.backend is not None:
+            return self.backend.describe()
+        if self.options.backend == "openai":  # a served model may have no local files: described from settings
+            from mlmfilter.models.backends.openai_backend import describe_settings
+
+            return describe_settings(self.options)
+        return {}
+
     def provenance(self) -> dict[str, Any]:
         o = self.options
         prov: dict[str, Any] = {
@@ -237,19 +312,15 @@ class MLMScorer(TextMasking, Scorer):
             "readout_definition": EXPECTED_DEFINITION if o.readout == "expected" else GENERATE_DEFINITION,
             "template": {"name": self.template.name, "sha256": self.template.sha256(self.metrics)},
         }
+        described = self._described_backend()
         if o.readout == "expected":
+            # the definition and bound of the backend that produced the scores
             prov["trie_threshold"] = o.trie_threshold
-            described = self.backend.describe() if self.backend is not None else {}
-            prov["readout_bound"] = described.get("readout_bound") or (
-                "exact: the whole score trie is computed"
-                if o.trie_threshold == 0
-                else f"trie nodes whose path probability is below {o.trie_threshold:g} are not expanded "
-                f"(P(stop) taken as 1, nodes under them 0): every P(s) is within {o.trie_threshold:g} of exact"
-            )
+            prov.update(self._readout_provenance())
         if o.readout == "generate":
             prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
-        if self.backend is not None:
-            prov["model"] = self.backend.describe()
+        if described:
+            prov["model"] = described
         else:
             from mlmfilter.models.common import resolve_device, resolve_dtype
             from mlmfilter.models.vlm import vlm_provenance

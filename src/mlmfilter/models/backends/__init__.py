@@ -1,6 +1,5 @@
-"""Judge backends chosen by option (``MLMOptions.backend``): transformers (default) and vllm.
-
-(The OpenAI-compatible server backend of issue 12 is not built yet: ``--backend openai`` is refused.)
+"""Judge backends chosen by option (``MLMOptions.backend``): transformers (default), vllm and openai
+(an OpenAI-compatible server, :mod:`.openai_backend`).
 
 Each backend validates its own settings (``MLMOptions.backend_options``) with its pydantic model, so a
 typo in a vLLM setting is refused by name. :func:`build_backend` is the one place that maps a name to
@@ -11,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "openai")
+
+#: what each backend's expected readout is (judge.backend.BackendCapabilities.distribution), known
+#: before it is built: the scorer's columns depend on it (a top-k backend adds <metric>_unplaced)
+DECLARED_DISTRIBUTION = {"transformers": "exact", "vllm": "exact", "openai": "top_k"}
+
+
+def declared_distribution(name: str) -> str:
+    return DECLARED_DISTRIBUTION[name]
 
 
 def backend_options_model(name: str):
@@ -19,6 +26,10 @@ def backend_options_model(name: str):
         from mlmfilter.models.backends.vllm_backend import VllmOptions
 
         return VllmOptions
+    if name == "openai":
+        from mlmfilter.models.backends.openai_backend import OpenAIOptions
+
+        return OpenAIOptions
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -31,9 +42,27 @@ def validate_backend_options(name: str, options: dict[str, Any]) -> dict[str, An
     return backend_options_model(name)(**options).model_dump()
 
 
+def identity_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``backend_options`` less the operational settings (concurrency, timeouts, cache, memory share):
+    a resumed run may change them without changing its fingerprint."""
+    if name == "transformers":
+        return dict(options)
+    operational = getattr(backend_options_model(name), "OPERATIONAL", frozenset())
+    return {k: v for k, v in options.items() if k not in operational}
+
+
+def backend_settings(options: Any):
+    """The chosen backend's validated settings model for MLMOptions."""
+    return backend_options_model(options.backend)(**options.backend_options)
+
+
 def build_backend(options: Any):
-    """A JudgeBackend for MLMOptions with ``backend="vllm"``."""
-    settings = backend_options_model(options.backend)(**options.backend_options)
+    """A JudgeBackend for MLMOptions with ``backend="vllm"`` or ``"openai"``."""
+    settings = backend_settings(options)
+    if options.backend == "openai":
+        from mlmfilter.models.backends.openai_backend import build_openai_backend
+
+        return build_openai_backend(options, settings)
     return _build_vllm(options, settings)
 
 

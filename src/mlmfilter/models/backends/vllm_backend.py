@@ -19,13 +19,20 @@ against outputs built in the shape of vLLM's ``RequestOutput`` / ``CompletionOut
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlmfilter import errors
-from mlmfilter.judge.backend import JudgeRequest, RequestFailure
+from mlmfilter.judge.backend import (
+    EXACT_EXPECTED_DEFINITION,
+    BackendCapabilities,
+    JudgeRequest,
+    LogprobsMissing,
+    RequestFailure,
+    adaptive_trie_bound,
+)
 from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, render_with_chat_template
 from mlmfilter.judge.readout import ScoreTrie
 
@@ -34,6 +41,8 @@ class VllmOptions(BaseModel):
     """``backend_options`` of ``--backend vllm``."""
 
     model_config = ConfigDict(extra="forbid")
+    #: settings that change speed and memory, not scores: not part of the run's identity
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset({"gpu_memory_utilization", "max_requests"})
 
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -93,10 +102,6 @@ def step_reductions(output: Any, trie: ScoreTrie) -> tuple[float, float, list[fl
     log_continue = float(np.logaddexp.reduce(cont)) if cont else -math.inf
     tokens = sorted(set(trie.edge_tokens))
     return 0.0, min(log_continue, 0.0), [logprob.get(t, -math.inf) for t in tokens]
-
-
-class LogprobsMissing(RuntimeError):
-    """The engine or server gave no log-probabilities: the expected readout is impossible."""
 
 
 def map_error(exc: BaseException) -> RequestFailure:
@@ -174,8 +179,6 @@ class VllmEngine:
 class VllmJudgeBackend:
     """The JudgeBackend on vLLM. ``engine`` is injectable (tests give a CPU stand-in with vLLM's output types)."""
 
-    capabilities = {"distribution": "exact", "batch": "many"}
-
     def __init__(
         self,
         model: str,
@@ -199,6 +202,11 @@ class VllmJudgeBackend:
         self.engine = engine
         self.image_size = image_size
         self.options = options or VllmOptions()
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        # log-probabilities of exactly the digit tokens at every trie step: exact up to trie_threshold
+        return BackendCapabilities("exact", self.image_size, self.options.max_requests)
 
     def prompt_text(self, prompt: str) -> str:
         return render_prompt(prompt, self.conversation, self.answer_prefix, self.image_placeholder, self.processor)
@@ -265,19 +273,14 @@ class VllmJudgeBackend:
             "image_placeholder": self.image_placeholder,
             "prefix_caching": self.options.enable_prefix_caching,
             "distribution": "exact log-probabilities of the digit-starting tokens per trie step",
-            "readout_bound": _bound_text(self.trie_threshold),
+            **self.readout_provenance(),
             "options": self.options.model_dump(),
         }
+
+    def readout_provenance(self) -> dict[str, str]:
+        return {"readout_definition": EXACT_EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.trie_threshold)}
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
             self.engine.close()
 
-
-def _bound_text(threshold: float) -> str:
-    if threshold == 0:
-        return "exact: the whole score trie is computed"
-    return (
-        f"trie nodes whose path probability is below {threshold:g} are not expanded "
-        f"(P(stop) taken as 1, nodes under them 0): every P(s) is within {threshold:g} of exact"
-    )
