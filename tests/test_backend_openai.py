@@ -155,6 +155,16 @@ def test_refusals_are_one_line_with_the_reason(peaked_judge):
         MLMScorer(no_tokenizer).setup()
 
 
+def test_a_replica_at_another_address_resumes_the_run_but_another_model_does_not(peaked_judge):
+    def identity(**backend_options):
+        options = MLMOptions(model=peaked_judge, backend="openai", conversation="auto", backend_options=backend_options)
+        return MLMScorer(options).identity()
+
+    first = identity(base_url="http://node-a:8000/v1", max_concurrency=4)
+    assert identity(base_url="http://node-b:8000/v1", max_concurrency=64) == first
+    assert identity(base_url="http://node-a:8000/v1", served_model="another-judge") != first
+
+
 @pytest.mark.slow
 def test_transformers_serve_generate_path_and_no_logprobs_refusal(tmp_path_factory):
     from mlmfilter.scorers.base import InfrastructureError

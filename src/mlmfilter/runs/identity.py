@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-#: keys that describe where or how fast, not what: never part of an identity
-VOLATILE_KEYS = frozenset({"device", "cache_path", "mlmfilter", "python", "seconds", "requested_device"})
+#: keys that describe where or how fast, not what: never part of an identity (a resume may use
+#: another device, or another replica of the same served model at another ``base_url``)
+VOLATILE_KEYS = frozenset({"device", "cache_path", "mlmfilter", "python", "seconds", "requested_device", "base_url"})
 #: files hashed whole up to this size; bigger ones by size + their first and last MiB (weights are
 #: big, and a changed checkpoint changes its safetensors header at the head of the file)
 FULL_HASH_LIMIT = 8 << 20

@@ -98,9 +98,11 @@ class OpenAIOptions(BaseModel):
     """``backend_options`` of ``--backend openai`` (``--base-url`` sets ``base_url``)."""
 
     model_config = ConfigDict(extra="forbid")
-    #: settings that change how fast answers come, not what they are: not part of the run's identity
+    #: settings that change how fast answers come, not what they are: not part of the run's identity.
+    #: The address is one of them: partition jobs may each use their own replica of the served model
+    #: (its name, ``served_model``, stays in the identity; provenance records the address)
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache", "api_key_env", "api_key_file"}
+        {"base_url", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache", "api_key_env", "api_key_file"}
     )
 
     base_url: str | None = None
