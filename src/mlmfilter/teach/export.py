@@ -6,8 +6,12 @@
   (LLaVA's ``--image_folder``) and the image files are written there, each image once, original bytes;
 - ``train.jsonl``: TRL's conversational prompt-completion format (completion-only loss by default)
   ``{"prompt": [user turn], "completion": [assistant turn], "images": [path]}``;
-- optionally mixed with a general LLaVA instruction set at ``mix_ratio`` general records per quality
-  record (the released filters: 46k or 665k general to 4k quality);
+- the enhancement task's contrastive samples (:mod:`.rewrites`), when the folder has them: the human
+  turn is ``<image>\n`` + the enhancer's rewrite prompt for the sample's caption, the answer its target
+  (the pair's own caption for an unrelated caption, the teacher's rewrite for a poor one); samples
+  whose teacher rewrite is an error row are left out (and counted);
+- optionally mixed with a general LLaVA instruction set at ``mix_ratio`` general records per teach
+  record (quality + rewrite; the released filters: 46k or 665k general to 4k quality);
 - ``card.json`` + ``README.md``: the dataset card, every choice of every step.
 
 The human turn is exactly the judge's request text for that metric (:meth:`TeacherRequests.judge_turn`),
@@ -38,7 +42,8 @@ class ExportOptions(BaseModel):
 
     image_folder: str = "mlm_filter_images"
     mix: str | None = None  # a general instruction set (LLaVA JSON list)
-    mix_ratio: float | None = Field(None, ge=0)  # general records per quality record; None: all of them
+    mix_ratio: float | None = Field(None, ge=0)  # general records per teach record; None: all of them
+    rewrites: bool = True  # export the enhancement task's samples when the folder has them
     seed: int = 0
 
 
@@ -52,6 +57,14 @@ def llava_record(row: dict[str, Any], pair: TeachPair, requests: TeacherRequests
         "id": f"{row['uid']}_{row['metric']}",
         "image": image_path,
         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt_value(row["score"], row["rationale"])}],
+    }
+
+
+def rewrite_record(row: dict[str, Any], human: str, image_path: str) -> dict[str, Any]:
+    return {
+        "id": f"{row['uid']}_rewrite",
+        "image": image_path,
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": row["target"]}],
     }
 
 
@@ -86,17 +99,14 @@ def export(
     requests: TeacherRequests,
     options: ExportOptions,
     card: dict[str, Any],
+    rewrites: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     (out / options.image_folder).mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     written: set[str] = set()
-    for row in labels:
-        if row.get("error") is not None or row.get("score") is None:
-            continue
-        pair = pairs.get(row["uid"])
-        if pair is None or not pair.image:
-            raise ValueError(f"label {row['uid']}/{row['metric']} has no pair with an image in the teach folder")
+
+    def image_of(pair: TeachPair) -> str:
         image_uid = pair.image_uid or pair.uid
         image_owner = pairs.get(image_uid, pair)
         ext = (image_owner.image_format or "jpg").lower()
@@ -104,15 +114,39 @@ def export(
         if image_path not in written:
             atomic_write(out / image_path, image_owner.image)
             written.add(image_path)
-        records.append(llava_record(row, pair, requests, image_path))
+        return image_path
+
+    for row in labels:
+        if row.get("error") is not None or row.get("score") is None:
+            continue
+        pair = pairs.get(row["uid"])
+        if pair is None or not pair.image:
+            raise ValueError(f"label {row['uid']}/{row['metric']} has no pair with an image in the teach folder")
+        records.append(llava_record(row, pair, requests, image_of(pair)))
     quality = len(records)
-    general = _general_records(options, quality)
+    rewrite_counts: dict[str, int] = {}
+    rewrite_skipped: dict[str, int] = {}
+    if rewrites:
+        from mlmfilter.teach.rewrites import student_turn
+
+        for row in rewrites:
+            if row.get("error") is not None or not row.get("target"):
+                reason = row.get("error") or "no_target"
+                rewrite_skipped[reason] = rewrite_skipped.get(reason, 0) + 1
+                continue
+            pair = pairs.get(row["parent_uid"])
+            if pair is None or not pair.image:
+                raise ValueError(f"rewrite sample {row['uid']} has no pair with an image in the teach folder")
+            records.append(rewrite_record(row, student_turn(requests.options, row["caption"]), image_of(pair)))
+            rewrite_counts[row["kind"]] = rewrite_counts.get(row["kind"], 0) + 1
+    general = _general_records(options, len(records))
     mixed = records + general
     random.Random(options.seed).shuffle(mixed)
     atomic_write(out / LLAVA_FILE, json.dumps(mixed, ensure_ascii=False, indent=1))
     trl_lines = [json.dumps(r, ensure_ascii=False) for r in map(trl_record, mixed) if r is not None]
     atomic_write(out / TRL_FILE, "\n".join(trl_lines) + ("\n" if trl_lines else ""))
-    summary = {"quality_records": quality, "general_records": len(general), "images": len(written),
+    summary = {"quality_records": quality, "rewrite_records": len(records) - quality, "rewrite_per_kind": rewrite_counts,
+               "rewrite_skipped": rewrite_skipped, "general_records": len(general), "images": len(written),
                "records": len(mixed), "trl_records": len(trl_lines),
                "files": {"llava": LLAVA_FILE, "trl": TRL_FILE, "images": options.image_folder}}  # fmt: skip
     full_card = {**card, "export": {"options": options.model_dump(), **summary}}

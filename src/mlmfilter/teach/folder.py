@@ -3,7 +3,11 @@
 ```
 DIR/teach.json            every step's settings and report (what the dataset card is made from)
 DIR/sample.parquet        the sampled pairs with their original image bytes and cluster
+DIR/embeddings.npy        one embedding per usable pool pair (pool order; np.load(..., mmap_mode="r"))
+DIR/embedding_uids.npy    their uids (two uint64 halves each, DataComp's layout)
 DIR/negatives.parquet     corrupted variants of sampled pairs (same image, tagged corruption)
+DIR/rewrites.parquet      the enhancement task's contrastive samples (caption -> target rewrite, teach/rewrites.py)
+DIR/rewrite_targets.parquet  the same with the teacher's rewrites of the poor captions, or errors
 DIR/labels.parquet        one row per pair and metric: score, rationale, raw reply, or an error
 DIR/balanced.parquet      the labels kept by balancing, with their bin; DIR/balance.json histograms
 DIR/cache/requests.sqlite the teacher request cache (answers only: no key, no headers)
@@ -11,12 +15,15 @@ DIR/batch/                Batch API request files (``label --batch-file``)
 ```
 
 Labelling resumes through the request cache: a re-run, or a run after ``--collect``, sends only the
-requests whose answers are missing, and the labels table is rewritten whole (atomically).
+requests whose answers are missing, and the labels table is rewritten whole (atomically). The
+teacher's rewrites of the poor captions go through the same client and cache after the labels.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +39,8 @@ from mlmfilter.teach.balance import BalanceOptions, balance
 from mlmfilter.teach.export import ExportOptions, export
 from mlmfilter.teach.label import LABEL_SCHEMA, LabelOptions, Labeler, TeacherRequests
 from mlmfilter.teach.pairs import TeachPair, negative_uid, read_pairs, write_pairs
+
+STAT_NAMES = ("requests", "answered", "cache_hits", "retries", "prompt_tokens", "completion_tokens")
 
 
 class TeachFolder:
@@ -73,23 +82,25 @@ class TeachFolder:
     def sample(self, sources, options, read_options=None) -> dict[str, Any]:
         from mlmfilter.teach.sample import PoolSampler
 
-        sampler = PoolSampler(options, read_options)
+        sampler = PoolSampler(options, read_options, work_dir=self.path)
         pairs, report = sampler.sample(sources)
         write_pairs(self.path / "sample.parquet", pairs)
         info = {**sampler.identity(), "report": report.as_dict(), "inputs": [s.url for s in sources]}
         self.record("sample", info)
         return info
 
-    def negatives(self, kinds: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    def negatives(self, kinds: Sequence[str] | None = None, seed: int = 0, rewrites: bool = True) -> dict[str, Any]:
+        """``negatives.parquet`` (labelled like any pair) and, with ``rewrites``, the enhancement task's
+        contrastive samples in ``rewrites.parquet`` (their poor-caption targets come from ``label``)."""
         from mlmfilter.teach.negatives import NegativeGenerator
+        from mlmfilter.teach.rewrites import REWRITE_SCHEMA, make_rewrites
 
         generator = NegativeGenerator(seed=seed, kinds=kinds)
         pairs = read_pairs(self.require("sample.parquet", "sample"))
         captions = [p.caption for p in pairs]
         out: list[TeachPair] = []
-        for i, pair in enumerate(pairs):
-            others = captions[:i] + captions[i + 1 :]
-            for n, neg in enumerate(generator.corrupt(pair.caption, uid=pair.uid, other_captions=others)):
+        for pair in pairs:  # its own caption is never picked as "another pair's"
+            for n, neg in enumerate(generator.corrupt(pair.caption, uid=pair.uid, other_captions=captions)):
                 out.append(TeachPair(uid=negative_uid(pair.uid, neg.kind, n), shard=pair.shard, key=f"{pair.key}#{neg.kind}",
                                      caption=neg.caption, image=pair.image, image_format=pair.image_format,
                                      image_uid=pair.image_uid, cluster=pair.cluster, parent_uid=pair.uid,
@@ -99,6 +110,15 @@ class TeachFolder:
         for p in out:
             counts[p.corruption] = counts.get(p.corruption, 0) + 1
         info = {"seed": seed, "kinds": list(generator.kinds), "from_pairs": len(pairs), "negatives": len(out), "per_kind": counts}
+        for stale in ("rewrites.parquet", "rewrite_targets.parquet"):  # made from other pairs or settings
+            (self.path / stale).unlink(missing_ok=True)
+        if rewrites:
+            rows = make_rewrites(pairs, generator)
+            atomic_write_parquet(pa.Table.from_pylist(rows, schema=REWRITE_SCHEMA), self.path / "rewrites.parquet")
+            per_kind: dict[str, int] = {}
+            for row in rows:
+                per_kind[row["kind"]] = per_kind.get(row["kind"], 0) + 1
+            info["rewrites"] = {"samples": len(rows), "per_kind": per_kind}
         self.record("negatives", info)
         return info
 
@@ -147,18 +167,50 @@ class TeachFolder:
             shard_stats = json.loads((self.run_path / stage.name / "stats" / f"{shard_id}.json").read_text())
             for name, value in shard_stats.get("counters", {}).items():
                 counters[name] = counters.get(name, 0) + value
+        stats = {name: int(counters.get(name, 0)) for name in STAT_NAMES}
+        rewrites = self._rewrite(options, client_options, cache)
+        if rewrites is not None:  # the teacher's rewrites count in the run's totals too
+            stats = {name: stats[name] + rewrites["stats"][name] for name in STAT_NAMES}
         api_key_source = resolve_api_key(client_options.api_key_env, client_options.api_key_file).source
         info = {
             **stage.requests.identity(),
             "client": client_options.describe(), "api_key_source": api_key_source, "stage": stage.name,
             "run": str(self.run_path), "pairs_tables": inputs, "rows": len(rows),
             "ok": len(rows) - sum(errors.values()), "errors": errors,
-            "stats": {name: int(counters.get(name, 0)) for name in
-                      ("requests", "answered", "cache_hits", "retries", "prompt_tokens", "completion_tokens")},
-            "shards_skipped": list(summary.shards_skipped),
+            "stats": stats, "shards_skipped": list(summary.shards_skipped),
         }  # fmt: skip
+        if rewrites is not None:
+            info["rewrites"] = rewrites
         self.record("label", info)
         return info
+
+    def rewrite_rows(self) -> list[dict[str, Any]] | None:
+        path = self.path / "rewrites.parquet"
+        return pq.read_table(path).to_pylist() if path.exists() else None
+
+    def _rewrite(self, options: LabelOptions, client_options: ClientOptions, cache: bool) -> dict[str, Any] | None:
+        """The teacher's rewrites of the poor captions -> ``rewrite_targets.parquet`` (every row, errors too)."""
+        from mlmfilter.teach.rewrites import REWRITE_SCHEMA, Rewriter
+
+        rows = self.rewrite_rows()
+        if rows is None:
+            return None
+        pairs = {p.uid: p for p in read_pairs(self.require("sample.parquet", "sample"))}
+        client = self.client(client_options, cache)
+        try:
+            filled = Rewriter(options, client).fill(rows, pairs)
+            client_stats = client.stats.as_dict()
+        finally:
+            client.close()
+            if client.cache is not None:
+                client.cache.close()
+        atomic_write_parquet(pa.Table.from_pylist(filled, schema=REWRITE_SCHEMA), self.path / "rewrite_targets.parquet")
+        errors: dict[str, int] = {}
+        for row in filled:
+            if row["error"]:
+                errors[row["error"]] = errors.get(row["error"], 0) + 1
+        return {"samples": len(filled), "ok": len(filled) - sum(errors.values()), "errors": errors,
+                "stats": {name: int(client_stats[name]) for name in STAT_NAMES}}  # fmt: skip
 
     def _has_retryable_errors(self, stage_name: str) -> bool:
         from mlmfilter.teach.stage import RETRYABLE
@@ -174,14 +226,32 @@ class TeachFolder:
 
     def write_batch(self, options: LabelOptions, client: ChatClient, path: str | Path | None = None,
                     max_requests: int | None = None, max_bytes: int | None = None) -> list[Path]:  # fmt: skip
-        """Batch API files holding every request whose answer is not cached yet."""
+        """Batch API files holding every request whose answer is not cached yet. A Batch API file takes one
+        model, so the describer's requests (text mode) go to files of their own, ``<stem>-<model>-NNNNN``."""
         labeler = Labeler(options, client)
         limits = {k: v for k, v in (("max_requests", max_requests), ("max_bytes", max_bytes)) if v is not None}
-        with BatchFileWriter(path or self.path / "batch" / "requests.jsonl", **limits) as writer:
-            for request in labeler.plan(self.pairs()):
-                if client.cache is None or request.key not in client.cache:
-                    writer.add(request)
-        return writer.files
+        path = Path(path or self.path / "batch" / "requests.jsonl")
+        writers: dict[str, BatchFileWriter] = {}
+        try:
+            requests = labeler.plan(self.pairs())
+            rewrites = self.rewrite_rows()
+            if rewrites is not None:
+                from mlmfilter.teach.rewrites import Rewriter
+
+                pairs = {p.uid: p for p in read_pairs(self.require("sample.parquet", "sample"))}
+                requests = itertools.chain(requests, Rewriter(options, client).plan(rewrites, pairs))
+            for request in requests:
+                if client.cache is not None and request.key in client.cache:
+                    continue
+                model = str(request.body.get("model", ""))
+                if model not in writers:
+                    own = path if model == options.model else path.with_name(f"{path.stem}-{_slug(model)}{path.suffix}")
+                    writers[model] = BatchFileWriter(own, **limits)
+                writers[model].add(request)  # a writer skips a request already written (one image's description)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        return [f for writer in writers.values() for f in writer.files]
 
     def collect(self, outputs: Sequence[str | Path]) -> dict[str, Any]:
         cache = RequestCache(self.cache_path)
@@ -208,9 +278,29 @@ class TeachFolder:
         pairs = {p.uid: p for p in self.pairs()}
         card = {step: manifest[step] for step in ("sample", "negatives", "label", "balance") if step in manifest}
         card["label"] = {**card["label"], "prompt_texts": _prompt_texts(label_options)}
-        summary = export(labels, pairs, out_dir, TeacherRequests(label_options), options, card)
+        rewrites = self._rewrite_targets() if options.rewrites else None
+        if rewrites is not None:
+            from mlmfilter.teach.rewrites import rewrite_prompts
+
+            card["label"]["prompt_texts"]["rewrite"] = rewrite_prompts(label_options).rewrite
+        summary = export(labels, pairs, out_dir, TeacherRequests(label_options), options, card, rewrites=rewrites)
         self.record("export", {"out": str(out_dir), "labels": name, **summary, "options": options.model_dump()})
         return summary
+
+
+    def _rewrite_targets(self) -> list[dict[str, Any]] | None:
+        planned = self.rewrite_rows()
+        if planned is None:
+            return None
+        path = self.path / "rewrite_targets.parquet"
+        targets = pq.read_table(path).to_pylist() if path.exists() else None
+        if targets is None or [r["uid"] for r in targets] != [r["uid"] for r in planned]:
+            raise FileNotFoundError(f"{path} is missing or older than rewrites.parquet: run `mlmfilter teach label` again")
+        return targets
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model.rsplit("/", 1)[-1]) or "model"
 
 
 def _prompt_texts(options: LabelOptions) -> dict[str, str]:

