@@ -172,7 +172,9 @@ class ModelLoadClock:
 class PipelinePath:
     """``api.score`` from tar shards to parquet, timed by the run's own clock minus the model load."""
 
-    def __init__(self, shards: list[Path], model_dir: Path, dtype: str, batch_size: int, chunk_size: int):
+    def __init__(self, shards: list[Path], model_dir: Path, dtype: str, batch_size: int, chunk_size: int,
+                 decode_workers: int = 1):
+        self.decode_workers = decode_workers
         self.shards = [str(p) for p in shards]
         self.scorer = {"name": "clip", "options": {"model": str(model_dir), "dtype": dtype, "batch_size": batch_size}}
         self.chunk_size = chunk_size
@@ -188,7 +190,7 @@ class PipelinePath:
                 run_dir,
                 [self.scorer],
                 overwrite=True,
-                decode_workers=1,
+                decode_workers=self.decode_workers,
                 workers=1,
                 chunk_size=self.chunk_size,
             )
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shards", type=int, default=1, help="tar shards the pairs are split over (default 1)")
     parser.add_argument("--chunk-size", type=int, default=ScoringOptions().chunk_size, help="pipeline chunk size")
+    parser.add_argument("--decode-workers", type=int, default=1, help="image-decoding processes (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.pairs % args.shards:
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         paths = [("fp32", "fp32")] + ([(best, "auto")] if best != "fp32" else [])  # a CPU without bf16: once
         for label, dtype in paths:
             bare = BareModelPath(model_dir, dtype, blobs, captions, batches)
-            pipeline = PipelinePath(shards, model_dir, dtype, args.batch_size, args.chunk_size)
+            pipeline = PipelinePath(shards, model_dir, dtype, args.batch_size, args.chunk_size, args.decode_workers)
             run_dir = run_dirs[label] = tmp / f"run-{label}"
             bare.timed(), pipeline.timed(run_dir)  # warm-up
             bare_s = float("inf")

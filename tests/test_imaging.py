@@ -443,6 +443,17 @@ def test_pixel_values_equal_clip_processor_on_decoded_images(photos, clip_proces
     assert float((ours - theirs).abs().max()) <= 1e-5
 
 
+def test_bf16_pixel_values_equal_the_cast_float32_ones_bit_for_bit(photos, clip_processor):
+    import torch
+
+    images = [decode_image(data, SPEC_224)[0] for data in photos]
+    mean, std = clip_processor.image_mean, clip_processor.image_std
+    ours = to_pixel_values(images, 224, mean, std, dtype=torch.bfloat16)
+    cast = to_pixel_values(images, 224, mean, std).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.shape == cast.shape
+    assert torch.equal(ours.view(torch.int16), cast.view(torch.int16))
+
+
 def test_pixel_values_resize_small_and_odd_images_like_clip_processor(upright, clip_processor):
     images = [upright.resize((150, 100)), upright.resize((100, 300)), upright.convert("L").resize((300, 260))]
     ours = to_pixel_values(images, 224, clip_processor.image_mean, clip_processor.image_std)

@@ -232,6 +232,10 @@ def test_parquet_with_hf_image_structs_and_with_relative_paths(tmp_path, flickr_
 
     pq.write_table(pa.table({"url": ["http://x"], "caption": ["c"]}), tmp_path / "meta_only.parquet")
     (row,) = list(read_shard(expand_inputs([str(tmp_path / "meta_only.parquet")])[0]))
+    # a parquet of URLs: every pair counted, each saying the images are still to be downloaded
+    assert row.error == errors.MISSING_IMAGE and "img2dataset" in row.error_detail and "'url'" in row.error_detail
+    pq.write_table(pa.table({"caption": ["c"]}), tmp_path / "captions_only.parquet")
+    (row,) = list(read_shard(expand_inputs([str(tmp_path / "captions_only.parquet")])[0]))
     assert row.error == errors.UNREADABLE_SHARD and "no image bytes column" in row.error_detail
 
 
@@ -304,3 +308,89 @@ def test_a_damaged_parquet_row_group_loses_only_its_own_rows(tmp_path, flickr_pa
         ("5", None),
     ]
     assert "2 rows lost" in samples[2].error_detail and samples[4].caption == pairs[5][1]
+
+
+# -- GIF / BMP / TIFF, Hugging Face imagefolder, column names in any case ----------------------------
+
+
+def _encoded(fmt: str, color=(10, 200, 30), size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if fmt == "GIF":  # two frames: the first one (green) is the image
+        frames = [Image.new("RGB", size, color), Image.new("RGB", size, (0, 0, 255))]
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    else:
+        Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _decoded(samples):
+    from mlmfilter.imaging import DecodeSpec, decode_sample
+
+    return [decode_sample(s, DecodeSpec()) for s in samples]
+
+
+FORMATS = {"gif": "GIF", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+
+
+def test_gif_bmp_and_tiff_are_images_in_tars_folders_and_parquet(tmp_path):
+    members = []
+    for i, (ext, fmt) in enumerate(FORMATS.items()):
+        members += [(f"k{i}.{ext}", _encoded(fmt)), (f"k{i}.txt", f"a {fmt} picture".encode())]
+    (tmp_path / "s.tar").write_bytes(tar_bytes(members))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in members:
+        (folder / name).write_bytes(data)
+    pq.write_table(pa.table({"image": [_encoded(f) for f in FORMATS.values()], "caption": list(FORMATS.values())}),
+                   tmp_path / "p.parquet")  # fmt: skip
+    for spec in ("s.tar", "folder", "p.parquet"):
+        (source,) = expand_inputs([str(tmp_path / spec)])
+        samples = _decoded(read_shard(source))
+        assert [s.error for s in samples] == [None] * 4, (spec, [s.error_detail for s in samples])
+        for s in samples:
+            assert s.image.mode == "RGB" and (s.width, s.height) == (40, 30)
+            assert s.image.getpixel((20, 15))[1] > 150  # green: the GIF's first frame, not its blue second
+        if spec == "p.parquet":  # bytes without a name: the format comes from the magic bytes
+            assert [s.image_format for s in read_shard(source)] == ["gif", "bmp", "tiff", "tiff"]
+
+
+@pytest.mark.parametrize("table", ["metadata.jsonl", "metadata.csv"])
+def test_hugging_face_imagefolder_metadata(tmp_path, table):
+    root = tmp_path / "imagefolder"
+    (root / "train").mkdir(parents=True)
+    rows = [{"file_name": f"train/{i}.png", "Text": f"caption number {i}", "source": "web"} for i in range(3)]
+    for row in rows:
+        (root / row["file_name"]).write_bytes(_encoded("PNG"))
+    if table.endswith(".jsonl"):
+        (root / table).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        (root / table).write_text("file_name,Text,source\n" + "".join(f"{r['file_name']},{r['Text']},web\n" for r in rows))
+    (source,) = expand_inputs([str(root)])
+    samples = list(read_shard(source))
+    assert [s.error for s in samples] == [None] * 3
+    assert [s.caption for s in samples] == [f"caption number {i}" for i in range(3)]
+    assert [s.key for s in samples] == ["train/0", "train/1", "train/2"] and samples[0].meta == {"source": "web"}
+
+
+def test_columns_named_in_the_options_match_in_any_case_and_a_text_image_column_is_a_path(tmp_path):
+    (tmp_path / "a.png").write_bytes(_encoded("PNG"))
+    pq.write_table(pa.table({"Picture_File": ["a.png"], "Caption_EN": ["hello"], "UID": ["c" * 32]}), tmp_path / "p.parquet")
+    (source,) = expand_inputs([str(tmp_path / "p.parquet")])
+    options = ReadOptions(image_column="picture_file", caption_column="caption_en", uid_column="uid")
+    (sample,) = list(read_shard(source, options))
+    assert sample.error is None and sample.caption == "hello" and sample.uid == "c" * 32 and sample.image_format == "png"
+    (missing,) = list(read_shard(source, ReadOptions(caption_column="TEXT_DE")))
+    assert missing.error == errors.UNREADABLE_SHARD and "'TEXT_DE' not found (columns: Picture_File, Caption_EN, UID)" in missing.error_detail
+
+
+def test_an_img2dataset_glob_skips_parquet_and_stats_sidecars_but_a_named_parquet_is_read(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(tar_bytes([("k.jpg", _encoded("JPEG")), ("k.txt", b"c")]))
+    pq.write_table(pa.table({"url": ["http://x"], "caption": ["c"]}), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    pq.write_table(pa.table({"jpg": [_encoded("JPEG")], "caption": ["c"]}), tmp_path / "extra.parquet")
+    names = lambda specs: [s.url.rsplit("/", 1)[-1] for s in expand_inputs(specs)]  # noqa: E731
+    assert names([f"{tmp_path}/*"]) == ["00000.tar", "extra.parquet"]
+    assert names([str(tmp_path)]) == ["00000.tar", "extra.parquet"]
+    assert names([str(tmp_path / "00000.parquet")]) == ["00000.parquet"]  # named literally: read as named

@@ -96,6 +96,9 @@ def score(
         show_progress=show_progress,
         partition=partition,
     )
+    for hint in _layout_hints(summary, config.read):  # once per shard none of whose pairs could be read
+        log.debug(hint)  # the summary's notes carry it (the CLI prints them): not twice on the terminal
+        notes.append(hint)
     stats = {"shards_done": summary.stats.shards, **summary.stats.to_json()}
     run_dir: Path | str = Path(summary.run_url) if "://" not in summary.run_url else summary.run_url
     return ScoreSummary(
@@ -111,6 +114,33 @@ def score(
         interrupted=summary.interrupted,
         notes=notes,
     )
+
+
+def _layout_hints(summary, read_options) -> list[str]:
+    """For each shard scored now whose every row lacked its image or caption (or that could not be
+    read): what it holds and the flag that fixes it (``--caption-column TEXT_EN``)."""
+    import json
+
+    from mlmfilter.io.readers.layout import LAYOUT_ERRORS, MAX_HINTS, shard_hint
+    from mlmfilter.runs.folder import RunFolder
+
+    if not any(summary.stats.errors.get(code) for code in LAYOUT_ERRORS):
+        return []  # no shard can have failed for its layout: no per-shard stats to read
+    folder = RunFolder(summary.run_url)
+    stage, sources = folder.stage(summary.stage), folder.sources()
+    hints: list[str] = []
+    for shard_id in summary.shards_completed:
+        if len(hints) == MAX_HINTS:
+            hints.append(f"(only the first {MAX_HINTS} such shards are named)")
+            break
+        rel = stage.stats_rel(shard_id)
+        if shard_id not in sources or not stage.storage.exists(rel):
+            continue
+        shard = json.loads(stage.storage.read_text(rel))
+        hint = shard_hint(sources[shard_id], read_options, int(shard.get("read", 0)), shard.get("errors") or {})
+        if hint:
+            hints.append(hint)
+    return hints
 
 
 def _executor(config: ScoreConfig, workers: int):
@@ -152,15 +182,25 @@ def _as_specs(scorers: Iterable[str | ScorerSpec | Mapping[str, Any]]) -> Iterab
             yield ScorerSpec(**s)
 
 
-def select(run: str | Path, output: str | Path | None = None, **kwargs: Any):
+def select(run: str | Path | Sequence[str | Path | tuple[str | None, str | Path]], output: str | Path | None = None,
+           **kwargs: Any):  # fmt: skip
     """Select pairs of a scored run by an expression and/or a global top fraction.
 
-    See :func:`mlmfilter.selection.select.select_run` for the arguments (``stage``,
-    ``allow_incomplete`` among them). Output defaults to ``RUN/selection``.
+    ``run`` is one run folder or several (a list), joined on uid; an item ``(name, path)``
+    exposes that run's columns as ``name_column``. See
+    :func:`mlmfilter.selection.select.select_run` for the arguments (``stage``,
+    ``allow_incomplete``, ``intersect``, ``union`` among them). Output defaults to
+    ``RUN/selection`` for one run; several runs need ``output`` (no run owns the selection).
     """
     from mlmfilter.selection.select import select_run
 
+    runs = [run] if isinstance(run, (str, Path)) else list(run)
+    if len(runs) == 1 and not isinstance(runs[0], tuple):
+        run = runs[0]
     if output is None:
+        if len(runs) != 1 or isinstance(runs[0], tuple):
+            what = f"{len(runs)} runs" if len(runs) > 1 else "a named run"
+            raise ValueError(f"selecting from {what} needs an output folder (-o/--output): no one run owns the selection")
         if "://" in str(run):
             raise ValueError("a run folder on object storage needs an explicit selection output folder")
         output = Path(run) / "selection"
@@ -180,7 +220,8 @@ def reshard(
     """Write new WebDataset shards that hold exactly the rows a selection kept.
 
     ``selection`` is a selection folder (written by :func:`select`); the run it names holds the
-    input shards. New captions come from ``captions`` (uid -> caption) or from an enhancement
+    input shards (for a selection over several runs, the first run: kept rows carry its shard
+    and key). New captions come from ``captions`` (uid -> caption) or from an enhancement
     stage of the run (``captions_stage``: its tables' ``caption`` column, read shard by shard;
     null keeps the original). ``allow_pipe`` is this call's permission for ``pipe:`` inputs
     (a run folder can never grant it). Stats include ``kept_uids_not_found``: non-zero means

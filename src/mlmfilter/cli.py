@@ -12,7 +12,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False,
+from mlmfilter.cli_help import (  # the input-column flags are shared with `teach sample`
+    CAPTION_COLUMN_HELP,
+    CAPTIONS_FILE_HELP,
+    IMAGE_COLUMN_HELP,
+    INPUT_PANEL,
+    UID_COLUMN_HELP,
+    URL_COLUMN_HELP,
+    VERBOSE_HELP,
+    plain_type_labels,
+)
+
+plain_type_labels()  # metavars in --help, not Python type tags
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
 
@@ -66,11 +78,11 @@ SHARED_SCORER_FLAGS = (
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    from mlmfilter.quiet import quiet_third_party
+
+    handler = RichHandler(console=console, show_path=False)
+    quiet_third_party(handler, verbose)  # library warnings and download bars: RUN/logs only, unless -v
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
 
 
 def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
@@ -94,6 +106,30 @@ def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[s
     return specs
 
 
+def with_base_url(specs: list, base_url: str) -> list:
+    """`--base-url` goes to the MLM judge's backend settings (``backend_options.base_url``)."""
+    out, found = [], False
+    for spec in specs:
+        spec = {"name": spec, "options": {}} if isinstance(spec, str) else dict(spec)
+        if spec["name"] == "mlm":
+            found = True
+            options = dict(spec.get("options") or {})
+            options["backend_options"] = {**(options.get("backend_options") or {}), "base_url": base_url}
+            spec["options"] = options
+        out.append(spec)
+    if not found:
+        raise typer.BadParameter("--base-url is for the MLM judge's openai backend: add --scorer mlm --backend openai")
+    return out
+
+
+def read_flags(image_column: Optional[str], caption_column: Optional[str], uid_column: Optional[str],
+               url_column: Optional[str], captions_file: Optional[str]) -> dict[str, str]:  # fmt: skip
+    """The input-column flags that were given, as ReadOptions fields (the `read:` block of a recipe)."""
+    given = dict(image_column=image_column, caption_column=caption_column, uid_column=uid_column,
+                 url_column=url_column, captions_file=captions_file)  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _parse_value(text: str) -> Any:
     import yaml
 
@@ -111,7 +147,8 @@ def score(
     readout: Optional[str] = typer.Option(None, help="MLM readout: expected (default) or generate."),
     template: Optional[str] = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string."),
     conversation: Optional[str] = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen."),
-    backend: Optional[str] = typer.Option(None, help="MLM judge backend: transformers (default) or vllm (GPU)."),
+    backend: Optional[str] = typer.Option(None, help="MLM judge backend: transformers (default), vllm (GPU) or openai (a server)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="With --backend openai: the server, e.g. http://127.0.0.1:8000/v1."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
     dtype: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
     batch_size: Optional[int] = typer.Option(None, help="Scorer batch size."),
@@ -130,13 +167,19 @@ def score(
     allow_absolute_paths: bool = typer.Option(
         False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
     ),
-    overwrite: bool = typer.Option(False, help="Discard an earlier run in the output folder."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    uid_column: Optional[str] = typer.Option(None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    url_column: Optional[str] = typer.Option(None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    captions_file: Optional[str] = typer.Option(None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an earlier run in the output folder."),
     partition: Optional[str] = typer.Option(
         None, help="i/N: score job i's share of the inputs; N such jobs (a Slurm array) fill one run folder."
     ),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray: shards over a Ray cluster's actors."),
     ray_address: Optional[str] = typer.Option(None, help="With --executor ray: join this cluster (auto, ray://host:10001); else a local Ray starts."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Score image-text pairs into a run folder. Re-running the same command resumes."""
     from mlmfilter import api
@@ -157,6 +200,8 @@ def score(
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
         with user_errors():  # an unknown scorer name
             fields["scorers"] = build_scorer_specs(names, shared, option or [])
+    if base_url is not None:
+        fields["scorers"] = with_base_url(fields.get("scorers") or [], base_url)
     for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage), ("only", only),
                        ("only_stage", only_stage)):  # fmt: skip
         if value is not None:
@@ -165,8 +210,11 @@ def score(
         fields["executor"] = executor
     if ray_address is not None:
         fields["ray"] = {**(fields.get("ray") or {}), "address": ray_address}
+    columns = read_flags(image_column, caption_column, uid_column, url_column, captions_file)
     if allow_absolute_paths:
-        fields["read"] = {**(fields.get("read") or {}), "allow_absolute_paths": True}
+        columns["allow_absolute_paths"] = True
+    if columns:  # flags override the recipe's `read:` block field by field
+        fields["read"] = {**(fields.get("read") or {}), **columns}
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     if _names_a_hub_model(fields.get("scorers") or []):
@@ -177,7 +225,14 @@ def score(
     with user_errors():
         summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True,
                             partition=partition)  # fmt: skip
-    print_score_summary(summary)
+    if json_output:
+        import dataclasses
+
+        print_json({**dataclasses.asdict(summary), "ok": summary.ok})
+        for warning in summary.provenance.get("warnings", []):  # loud on stderr too: random weights
+            console.print(f"[bold red]{warning}[/]")
+    else:
+        print_score_summary(summary)
     if summary.interrupted:
         console.print(f"interrupted: {summary.stats['shards_done']} of {summary.shards_total} shards done; "
                       "re-run the same command to resume")
@@ -213,29 +268,51 @@ def print_score_summary(summary) -> None:
     console.print(table)
     for warning in summary.provenance.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")
-    for note in summary.notes:
-        console.print(f"[yellow]{note}[/]")
+    from rich.markup import escape
+
+    for note in summary.notes:  # escaped: a hint lists columns as [a, b], which rich would take for markup
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)  # one line: logs and greps see it whole
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
 
 
 @app.command()
 def select(
-    run: Path = typer.Argument(..., help="Run folder written by `mlmfilter score`."),
+    runs: list[str] = typer.Argument(
+        ..., metavar="RUN",
+        help="Run folders written by `mlmfilter score`; several are joined on uid. NAME=RUN prefixes that run's columns with NAME_.",
+    ),
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'itm >= 66 and odf >= 20'."),
     top_fraction: Optional[float] = typer.Option(None, help="Keep this fraction of all pairs, best first."),
     by: Optional[str] = typer.Option(None, help="Column ranked by --top-fraction."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Selection folder (default RUN/selection)."),
-    stage: str = typer.Option("score", help="Scoring stage of the run to select from."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Selection folder (default RUN/selection; needed with several runs)."),
+    stage: str = typer.Option("score", help="Scoring stage of the runs to select from."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Select although some shards are not done."),
+    intersect: list[Path] = typer.Option(None, "--intersect", help="Keep only uids also in this .npy uid list (repeatable)."),
+    union: list[Path] = typer.Option(None, "--union", help="Also keep the pool's pairs whose uid is in this .npy uid list (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
     from mlmfilter import api
+    from mlmfilter.selection.join import parse_run_arguments
 
     with user_errors():
-        result = api.select(run, output, expression=where, top_fraction=top_fraction, by=by, stage=stage,
-                            allow_incomplete=allow_incomplete)  # fmt: skip
-    console.print(result.summary() if hasattr(result, "summary") else result)
+        parsed = parse_run_arguments(runs)
+        result = api.select(parsed[0] if len(parsed) == 1 else parsed, output, expression=where, top_fraction=top_fraction,
+                            by=by, stage=stage, allow_incomplete=allow_incomplete, intersect=intersect or [],
+                            union=union or [])  # fmt: skip
+    if json_output:
+        print_json(result.to_json())
+    else:
+        console.print(result.summary(), highlight=False)
+
+
+def print_json(summary: dict[str, Any]) -> None:
+    """``--json``: the summary as one JSON object on stdout; everything else stays on stderr."""
+    import sys
+
+    sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    sys.stdout.flush()
 
 
 @app.command()
@@ -248,6 +325,7 @@ def reshard(
     captions_stage: Optional[str] = typer.Option(None, help="Take new captions from this enhancement stage of the run."),
     overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty output folder."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the stats as one JSON object on stdout."),
 ) -> None:
     """Write new WebDataset shards holding only the kept pairs (optionally with new captions)."""
     from mlmfilter import api
@@ -261,7 +339,10 @@ def reshard(
             replacement = {u: c for u, c in zip(table["uid"].to_pylist(), table[caption_column].to_pylist()) if c}
         stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement,
                             captions_stage=captions_stage, overwrite=overwrite, allow_pipe=allow_pipe)  # fmt: skip
-    console.print_json(json.dumps({k: v for k, v in stats.items() if k != "shards"}, default=str))
+    if json_output:
+        print_json(stats)
+    else:
+        console.print_json(json.dumps({k: v for k, v in stats.items() if k != "shards"}, default=str))
     if stats["kept_uids_not_found"]:
         console.print(f"[bold red]error:[/] {stats['kept_uids_not_found']} kept pairs were not found in the shards "
                       f"({'; '.join(stats['not_found'][:3])})")  # fmt: skip

@@ -9,6 +9,8 @@ Every scorer reads pixels through here, so an image is decoded once per pair:
 * one bicubic resize (as CLIP preprocessing does) to "shorter side == target", never up;
 * EXIF orientation, odd modes (CMYK, palette + transparency, alpha, 16-bit, bilevel)
   are normalised to 8-bit RGB, transparent areas composited on white.
+* JPEG, PNG, WebP, GIF, BMP and TIFF are read alike; of an animated GIF/WebP or a multi-page
+  TIFF the first frame is the image (what PIL opens).
 
 Broken input never raises out of :func:`decode_sample`; it marks the sample with an
 :mod:`mlmfilter.errors` reason. :func:`decode_stream` runs decoding in worker processes
@@ -257,13 +259,18 @@ def to_pixel_values(
     mean: Sequence[float],
     std: Sequence[float],
     crop: bool = True,
+    dtype: "torch.dtype | None" = None,
 ) -> "torch.Tensor":
-    """(N, 3, size, size) float32 tensor, normalised, as CLIPImageProcessor would give.
+    """(N, 3, size, size) tensor, normalised, as CLIPImageProcessor would give: float32, or
+    ``dtype=torch.bfloat16`` for a bf16 model.
 
     ``crop=True``: images whose shorter side is not ``size`` are first resized (bicubic)
     so that it is; then the centre square is cut out. ``crop=False``: each image is
     squashed to size x size. Normalisation goes through a 256-entry table per channel
-    built with the reference's arithmetic, so the values match it bit for bit.
+    built with the reference's arithmetic, so the values match it bit for bit. For bf16 the
+    table itself is rounded (as casting the float32 tensor would round each value), so the
+    tensor equals ``to_pixel_values(...).to(torch.bfloat16)`` with half the memory traffic
+    and no float32 copy: on 2 cores at bf16 this step is a visible share of a CLIP forward.
     """
     import torch
 
@@ -271,11 +278,15 @@ def to_pixel_values(
     for i, image in enumerate(images):
         batch[i] = np.asarray(_square(image.convert("RGB") if image.mode != "RGB" else image, size, crop))
     table = _normalisation_table(tuple(mean), tuple(std))
+    bf16 = dtype == torch.bfloat16
+    if bf16:  # bf16 bit patterns as int16: numpy has no bf16, torch reinterprets them below
+        table = torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy()
     channels_first = batch.transpose(0, 3, 1, 2)
-    out = np.empty(channels_first.shape, dtype=np.float32)
+    out = np.empty(channels_first.shape, dtype=table.dtype)
     for c in range(3):
         np.take(table[c], channels_first[:, c], out=out[:, c])
-    return torch.from_numpy(out)
+    tensor = torch.from_numpy(out)
+    return tensor.view(torch.bfloat16) if bf16 else tensor
 
 
 def _square(image: Image.Image, size: int, crop: bool) -> Image.Image:

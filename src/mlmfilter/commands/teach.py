@@ -7,6 +7,16 @@ from typing import Optional
 
 import typer
 
+from mlmfilter.cli_help import (
+    CAPTION_COLUMN_HELP,
+    CAPTIONS_FILE_HELP,
+    IMAGE_COLUMN_HELP,
+    INPUT_PANEL,
+    UID_COLUMN_HELP,
+    URL_COLUMN_HELP,
+    VERBOSE_HELP,
+)
+
 teach_app = typer.Typer(no_args_is_help=True, help="Build judge instruction data: sample, negatives, label, balance, export.")
 
 
@@ -28,10 +38,18 @@ def sample(
     encoder: str = typer.Option("minilm", help="minilm (caption text, offline all-MiniLM-L6-v2) or clip (images)."),
     encoder_model: Optional[str] = typer.Option(None, help="Local sentence-encoder folder, or the CLIP model for --encoder clip."),
     rules: bool = typer.Option(False, "--rules/--no-rules", help="Pre-filter with DataComp's basic rules."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    embedding_dtype: str = typer.Option("float16", help="float16 or float32: OUTPUT/embeddings.npy, read back as a memmap."),
+    device: str = typer.Option("cpu", help="Where the encoder runs (cpu, cuda, ...)."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    uid_column: Optional[str] = typer.Option(None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    url_column: Optional[str] = typer.Option(None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
+    captions_file: Optional[str] = typer.Option(None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Pick diverse pairs: embed, k-means, sample evenly across clusters."""
-    from mlmfilter.cli import _setup_logging, console, user_errors
+    from mlmfilter.cli import _setup_logging, console, read_flags, user_errors
+    from mlmfilter.io.readers import ReadOptions
 
     _setup_logging(verbose)
     with user_errors():
@@ -39,11 +57,18 @@ def sample(
         from mlmfilter.teach.folder import TeachFolder
         from mlmfilter.teach.sample import SampleOptions
 
-        options = SampleOptions(n=n, clusters=clusters, seed=seed, encoder=encoder, encoder_model=encoder_model, rules=rules)
+        from pydantic import ValidationError
+
+        try:
+            options = SampleOptions(n=n, clusters=clusters, seed=seed, encoder=encoder, encoder_model=encoder_model, rules=rules,
+                                    embedding_dtype=embedding_dtype, device=device)  # fmt: skip
+        except ValidationError as exc:
+            raise ValueError(f"{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
         sources = expand_inputs(pool)
         if not sources:
             raise ValueError(f"no shards match {pool}")
-        report = TeachFolder(output).sample(sources, options)["report"]
+        read = ReadOptions(**read_flags(image_column, caption_column, uid_column, url_column, captions_file))
+        report = TeachFolder(output).sample(sources, options, read)["report"]
     console.print(f"picked {report['picked']} of {report['usable']} usable pairs ({report['read']} read) "
                   f"from {report['clusters']} clusters -> {output / 'sample.parquet'}")  # fmt: skip
 
@@ -53,6 +78,9 @@ def negatives(
     folder: Path = typer.Argument(..., help="The teach folder (after `teach sample`)."),
     kinds: Optional[str] = typer.Option(None, help="Comma-separated corruption kinds (default: all)."),
     seed: int = typer.Option(0),
+    rewrites: bool = typer.Option(True, "--rewrites/--no-rewrites",
+                                  help="Also the enhancement task's samples: an unrelated caption -> the pair's own, "
+                                       "a poor caption -> the teacher's rewrite (asked for by `teach label`)."),
 ) -> None:
     """Make tagged low-quality variants of the sampled pairs (labelled by the teacher like any pair)."""
     from mlmfilter.cli import console, user_errors
@@ -60,8 +88,10 @@ def negatives(
     with user_errors():
         from mlmfilter.teach.folder import TeachFolder
 
-        info = TeachFolder(folder).negatives(_split(kinds), seed)
+        info = TeachFolder(folder).negatives(_split(kinds), seed, rewrites=rewrites)
     console.print(f"{info['negatives']} negatives from {info['from_pairs']} pairs: {info['per_kind']}")
+    if "rewrites" in info:
+        console.print(f"{info['rewrites']['samples']} rewrite samples: {info['rewrites']['per_kind']}")
 
 
 @teach_app.command("label")
@@ -120,6 +150,9 @@ def label(
             return
         info = teach.label(options, client_options)
     stats = info["stats"]
+    if "rewrites" in info:
+        rewrites = info["rewrites"]
+        console.print(f"{rewrites['samples']} rewrite samples ({rewrites['ok']} ok, errors {rewrites['errors'] or 'none'})")
     console.print(f"{info['rows']} labels ({info['ok']} ok, errors {info['errors'] or 'none'}); requests {stats['requests']}, "
                   f"cache hits {stats['cache_hits']}, retries {stats['retries']}, tokens "
                   f"{stats['prompt_tokens']}+{stats['completion_tokens']}")  # fmt: skip
@@ -152,6 +185,7 @@ def export(
     mix_ratio: Optional[float] = typer.Option(None, help="General records per quality record (46k:4k = 11.5); default all."),
     all_labels: bool = typer.Option(False, "--all-labels", help="Export every parsed label, not the balanced set."),
     image_folder: str = typer.Option("mlm_filter_images", help="Image subfolder (paths in the JSON are relative to OUTPUT)."),
+    rewrites: bool = typer.Option(True, "--rewrites/--no-rewrites", help="Include the enhancement task's rewrite samples."),
     seed: int = typer.Option(0),
 ) -> None:
     """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its card."""
@@ -161,7 +195,9 @@ def export(
         from mlmfilter.teach.export import ExportOptions
         from mlmfilter.teach.folder import TeachFolder
 
-        options = ExportOptions(image_folder=image_folder, mix=str(mix) if mix else None, mix_ratio=mix_ratio, seed=seed)
+        options = ExportOptions(image_folder=image_folder, mix=str(mix) if mix else None, mix_ratio=mix_ratio, seed=seed,
+                                rewrites=rewrites)  # fmt: skip
         summary = TeachFolder(folder).export(output, options, balanced=not all_labels)
-    console.print(f"{summary['records']} records ({summary['quality_records']} quality, {summary['general_records']} general), "
+    console.print(f"{summary['records']} records ({summary['quality_records']} quality, {summary['rewrite_records']} rewrite, "
+                  f"{summary['general_records']} general), "
                   f"{summary['images']} images -> {output}")  # fmt: skip

@@ -3,7 +3,11 @@
 A spec is a local path, a glob (``shards/*.tar``), a brace pattern
 (``shards/{00000000..00000127}.tar``) or an fsspec URL (``file://``, ``memory://``,
 ``s3://bucket/shards/*.tar`` ...; globs go through fsspec too). Braces are expanded first,
-then globs. A directory is an image folder (see :mod:`mlmfilter.io.readers`).
+then globs. A directory holding shard files (``.tar``, ``.parquet``) stands for those shards;
+any other directory is an image folder (see :mod:`mlmfilter.io.readers`). img2dataset writes
+``00000.parquet`` and ``00000_stats.json`` beside ``00000.tar``: where a folder or glob yields
+both a tar and a parquet of the same stem, the parquet is that sidecar (URLs and status, no
+images) and is not an input.
 
 A spec naming a path that exists is taken literally, before any brace or glob expansion
 (``shard[1].tar`` is that file, not ``shard1.tar``). FIFOs and devices (also behind symlinks)
@@ -107,6 +111,10 @@ def _expand_spec(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
         return _expand_pipe(spec, allow_pipe)
     fs, path = fsspec.core.url_to_fs(spec)
     if fs.exists(path):  # a name that exists is taken literally: `shard[1].tar` is not a glob for shard1.tar
+        if fs.isdir(path):
+            shards = _shards_in_folder(fs, path)
+            if shards:
+                return [_classify(fs, shard, spec) for shard in shards]
         return [_classify(fs, path, spec)]
     matches: list[tuple[str, ShardFormat]] = []
     for pattern in braceexpand(spec):
@@ -134,11 +142,28 @@ def _expand_pipe(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
 
 def _expand_glob(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, ShardFormat]]:
     """Glob matches of a known format; other files a loose glob catches (stats json) are skipped."""
-    out = []
-    for match in fs.glob(path):
-        if fs.isdir(match) or format_of_name(match):
-            out.append(_classify(fs, match, path))
-    return out
+    matches = without_sidecars(sorted(m for m in fs.glob(path) if fs.isdir(m) or format_of_name(m)))
+    return [_classify(fs, match, path) for match in matches]
+
+
+def _shards_in_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The shard files directly in a folder (img2dataset's output folder), sidecars left out."""
+    from mlmfilter.io.readers.options import CAPTIONS_FILES, IMAGE_EXTS
+
+    names = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]  # one listing, no stat per entry
+    # images or a captions table beside them: an image folder that happens to hold a parquet
+    if any(n.rsplit("/", 1)[-1] in CAPTIONS_FILES or n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
+        return []
+    return without_sidecars(sorted(n for n in names if format_of_name(n)))
+
+
+def without_sidecars(paths: list[str]) -> list[str]:
+    """``paths`` less each ``.parquet`` that has a tar of the same stem beside it (img2dataset's sidecar)."""
+    tar_stems = {(p.rsplit("/", 1)[0] if "/" in p else "", shard_stem(p)) for p in paths if format_of_name(p) == "tar"}
+    return [
+        p for p in paths
+        if format_of_name(p) != "parquet" or ((p.rsplit("/", 1)[0] if "/" in p else "", shard_stem(p)) not in tar_stems)
+    ]
 
 
 def _classify(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> tuple[str, ShardFormat]:

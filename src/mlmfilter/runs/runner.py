@@ -113,7 +113,7 @@ def run_stage(
                       source_identity=source_identity(s))  # fmt: skip
             for s in todo
         ]
-        with RunProgress(stage.name, len(tasks), enabled=show_progress) as progress:
+        with RunProgress(stage.name, len(tasks), enabled=show_progress, sources=[t.source for t in tasks]) as progress:
             report: ExecutionReport = executor.run(tasks, stage, fingerprint, progress)
         stats = stage_folder.write_merged_stats()
     return StageSummary(

@@ -109,8 +109,24 @@ class ScoringStage(Stage):
         return provenance
 
     def setup(self) -> None:
+        self._image_decoder().start()  # decoders spawn while the models load
         for scorer in self.scorers:
             scorer.ensure_setup()
+
+    def wants_gpu(self) -> bool:
+        """A scorer runs a model in this process on an accelerator (device auto/cuda, or the vllm backend)."""
+        for scorer in self.scorers:
+            options = scorer.options
+            if getattr(options, "backend", None) == "openai":
+                continue  # the model runs on the server
+            if getattr(options, "backend", None) == "vllm" or str(getattr(options, "device", "cpu")) not in ("cpu", "mps"):
+                return True
+        return False
+
+    @property
+    def decoder(self):
+        """The stage's one image decoder (None before the first shard): one pool for all its shards."""
+        return self._decoder
 
     def _image_decoder(self):
         from mlmfilter.decode_pool import ImageDecoder
@@ -165,3 +181,7 @@ class ScoringStage(Stage):
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
+        for scorer in self.scorers:  # their backends (engines, HTTP clients), where they have any
+            close = getattr(scorer, "close", None)
+            if close is not None:
+                close()

@@ -84,7 +84,8 @@ class ClipScorer(TextMasking, Scorer):
             clip = self.loaded
             pre = clip.preprocessing
             pixels = to_pixel_values(
-                [self.masked(samples[i].image) for i in todo], pre.crop_size, pre.mean, pre.std, crop=pre.center_crop
+                [self.masked(samples[i].image) for i in todo], pre.crop_size, pre.mean, pre.std, crop=pre.center_crop,
+                dtype=clip.dtype if clip.dtype == torch.bfloat16 else None,
             )
             with torch.inference_mode():
                 image_emb = clip.image_embeddings(pixels)

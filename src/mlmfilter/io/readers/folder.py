@@ -1,5 +1,9 @@
 """Image folders: images plus a captions table, or WebDataset-style sidecar files.
 
+The captions table is ``captions.jsonl|csv|tsv`` or Hugging Face ``imagefolder``'s
+``metadata.jsonl|csv`` (a ``file_name`` field and a caption field such as ``text``), or the file
+named by ``captions_file``; its fields are matched in any case.
+
 Every file is read through :class:`DatasetFiles`: a FIFO or device named like an image is a
 ``not_a_regular_file`` row, a symlink leading out of the folder an ``unsafe_path`` row, and a
 captions row naming a path outside the folder (or a URL) an ``unsafe_path`` row, unless the user
@@ -19,7 +23,7 @@ import fsspec
 
 from mlmfilter import errors
 from mlmfilter.io.readers.files import DatasetFiles, is_local, open_regular_file
-from mlmfilter.io.readers.options import CAPTION_COLUMNS, CAPTIONS_FILES, IMAGE_PATH_COLUMNS, ReadOptions
+from mlmfilter.io.readers.options import CAPTION_COLUMNS, CAPTIONS_FILES, IMAGE_PATH_COLUMNS, ReadOptions, find_column
 from mlmfilter.io.readers.samples import SampleBuilder, SampleProblem, extension, split_member_name
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.sample import Sample
@@ -119,7 +123,7 @@ def _sidecar_samples(dataset: DatasetFiles, files: list[str], builder: SampleBui
 
 
 def _missing_reason(ext: str, options: ReadOptions) -> str:
-    if ext == options.caption_key:
+    if ext == options.member_caption_key:
         return errors.MISSING_CAPTION
     return errors.BAD_METADATA if ext == options.metadata_key else errors.MISSING_IMAGE
 
@@ -156,7 +160,7 @@ def _table_samples(
         if isinstance(row, str):
             entries.append((f"{table}:{line_no}", None, row, None))
             continue
-        image_field = image_field or _first_field(row, (options.image_path_column,) + IMAGE_PATH_COLUMNS)
+        image_field = image_field or _first_field(row, (options.image_path_column, options.image_column) + IMAGE_PATH_COLUMNS)
         caption_field = caption_field or _first_field(row, (options.caption_column,) + CAPTION_COLUMNS)
         value = str(row.get(image_field) or "") if image_field else ""
         rel, problem = None, None
@@ -209,7 +213,9 @@ def _table_samples(
 
 
 def _first_field(row: Mapping[str, Any], candidates: tuple[str | None, ...]) -> str | None:
-    return next((c for c in candidates if c and c in row), None)
+    """The first candidate the row has, in any case (``File_Name``, ``TEXT``)."""
+    names = list(row)
+    return next((found for c in candidates if c and (found := find_column(names, c))), None)
 
 
 def _strip_extension(path: str) -> str:

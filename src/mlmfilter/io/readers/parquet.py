@@ -12,7 +12,15 @@ import pyarrow.parquet as pq
 
 from mlmfilter import errors
 from mlmfilter.io.readers.files import DatasetFiles, open_shard_file, too_large
-from mlmfilter.io.readers.options import CAPTION_COLUMNS, IMAGE_BYTES_COLUMNS, IMAGE_PATH_COLUMNS, ReadOptions
+from mlmfilter.io.readers.options import (
+    CAPTION_COLUMNS,
+    IMAGE_BYTES_COLUMNS,
+    IMAGE_EXTS,
+    IMAGE_PATH_COLUMNS,
+    URL_COLUMNS,
+    ReadOptions,
+    find_column,
+)
 from mlmfilter.io.readers.samples import (
     TRUNCATED_KEY_PREFIX,
     SampleBuilder,
@@ -25,34 +33,47 @@ from mlmfilter.sample import Sample
 
 
 class _ParquetColumns:
-    """Which parquet columns hold what, from options or by name and type."""
+    """Which parquet columns hold what: named in the options, else found by name (any case) and type."""
 
     def __init__(self, schema: pa.Schema, options: ReadOptions):
-        names = set(schema.names)
+        names = list(schema.names)
 
         def pick(explicit: str | None, candidates: tuple[str, ...], accept) -> str | None:
             if explicit is not None:
-                if explicit not in names:
-                    raise KeyError(f"column {explicit!r} not found (columns: {', '.join(schema.names)})")
-                return explicit
-            return next((c for c in candidates if c in names and accept(schema.field(c).type)), None)
+                found = find_column(names, explicit)
+                if found is None:
+                    raise ValueError(f"column {explicit!r} not found (columns: {', '.join(names)})")
+                return found
+            for candidate in candidates:
+                found = find_column(names, candidate)
+                if found is not None and accept(schema.field(found).type):
+                    return found
+            return None
 
-        self.image = pick(options.image_column, IMAGE_BYTES_COLUMNS, _is_image_bytes_type)
-        self.image_path = pick(options.image_path_column, IMAGE_PATH_COLUMNS, _is_text_type)
+        explicit_image, explicit_path = options.image_column, options.image_path_column
+        named = find_column(names, explicit_image) if explicit_image is not None else None
+        if named is not None and _is_text_type(schema.field(named).type):  # --image-column naming file paths
+            explicit_image, explicit_path = None, explicit_path or named
+        self.image = None if explicit_image is None and explicit_path else pick(explicit_image, IMAGE_BYTES_COLUMNS, _is_image_bytes_type)
+        self.image_path = pick(explicit_path, IMAGE_PATH_COLUMNS, _is_text_type)
         if self.image_path == self.image:
             self.image_path = None
         self.caption = pick(options.caption_column, CAPTION_COLUMNS, lambda t: _is_text_type(t) or _is_binary_type(t))
         self.uid = pick(options.uid_column, ("uid",), lambda t: True)
         self.key = pick(options.key_column, ("key", "__key__"), lambda t: True)
+        self.url = pick(options.url_column, URL_COLUMNS, _is_text_type)
         used = {self.image, self.image_path, self.caption}
-        self.meta = [
-            name for name in schema.names if name not in used and not _is_image_bytes_type(schema.field(name).type)
-        ]
-        if self.image is None and self.image_path is None:
-            raise KeyError(
+        self.meta = [name for name in names if name not in used and not _is_image_bytes_type(schema.field(name).type)]
+        if self.image is None and self.image_path is None and self.url is None:
+            raise ValueError(
                 f"no image bytes column ({'/'.join(IMAGE_BYTES_COLUMNS)}) or image path column "
-                f"({'/'.join(IMAGE_PATH_COLUMNS)}); columns: {', '.join(schema.names)}"
+                f"({'/'.join(IMAGE_PATH_COLUMNS)}); columns: {', '.join(names)}"
             )
+
+    @property
+    def urls_only(self) -> bool:
+        """A list of image URLs (a LAION metadata parquet): the images are still to be downloaded."""
+        return self.image is None and self.image_path is None
 
 
 def _is_binary_type(t: pa.DataType) -> bool:
@@ -111,7 +132,10 @@ def _batch_samples(
         key = str(keys[i]) if keys[i] is not None else str(first_row + i)
         image_bytes, image_format, path = _split_image_value(image_values[i], columns.image)
         path = path or path_values[i]
-        detail = f"{key}: image column {columns.image or columns.image_path!r} is null"
+        if columns.urls_only:
+            detail = f"{key}: {urls_only_detail(columns.url)}"
+        else:
+            detail = f"{key}: image column {columns.image or columns.image_path!r} is null"
         problem = None
         if image_bytes is not None and len(image_bytes) > cap:
             problem = too_large(f"{key}: image value", len(image_bytes), cap)
@@ -141,5 +165,10 @@ def _split_image_value(value: Any, column: str | None) -> tuple[bytes | None, st
     if isinstance(value, dict):
         path = value.get("path")
         return value.get("bytes"), extension(path) if path else None, path
-    fmt = column if column in ("jpg", "jpeg", "png", "webp") else None
+    fmt = column.lower() if column and column.lower() in IMAGE_EXTS else None
     return value, fmt, None
+
+
+def urls_only_detail(url_column: str | None) -> str:
+    return (f"no image bytes, only an image URL (column {url_column!r}): download the images first, e.g. "
+            f"`img2dataset --input_format parquet --url_col {url_column} --output_format webdataset`, then score the tars")

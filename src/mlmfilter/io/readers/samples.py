@@ -89,16 +89,16 @@ class SampleBuilder:
 
         ``seen`` names every extension the pair had, read or not (for the missing-image detail)."""
         opts = self.options
-        image_ext = next((ext for ext in opts.image_exts if ext in members), None)
+        image_ext = next((ext for ext in opts.member_image_exts if ext in members), None)
         meta, metadata_error = _parse_metadata(members.get(opts.metadata_key), key)
         found = ", ".join(sorted(set(seen) | set(members)))
         return self.build(
             key,
             image_bytes=members[image_ext] if image_ext else None,
-            image_format=image_ext,
-            caption=members.get(opts.caption_key),
+            image_format=image_ext.rsplit(".", 1)[-1] if image_ext else None,
+            caption=members.get(opts.member_caption_key),
             meta=meta,
-            missing_image_detail=f"{key}: no {'/'.join(opts.image_exts)} member (found: {found})",
+            missing_image_detail=f"{key}: no {'/'.join(opts.member_image_exts)} member (found: {found})",
             metadata_error=metadata_error,
             problem=problem,
         )
@@ -106,7 +106,7 @@ class SampleBuilder:
     def wanted_extensions(self) -> set[str]:
         """The member extensions a sample is built from; others are never read."""
         opts = self.options
-        return {*opts.image_exts, opts.caption_key, opts.metadata_key}
+        return {*opts.member_image_exts, opts.member_caption_key, opts.metadata_key}
 
 
 def _caption_text(caption: bytes | str) -> tuple[str, bool]:
@@ -152,7 +152,14 @@ def extension(path: str) -> str | None:
     return ext.lower() if dot and ext else None
 
 
-_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"))
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),  # little-endian TIFF
+    (b"MM\x00*", "tiff"),  # big-endian TIFF
+)
 
 
 def sniff_image_format(data: bytes | None) -> str | None:

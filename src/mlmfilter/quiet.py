@@ -1,0 +1,47 @@
+"""Third-party chatter off the terminal unless ``-v``: warnings and download bars go to the run's log.
+
+Libraries under a scoring run warn freely (torch and transformers deprecations, hub download bars,
+tokenizer advice). A curator's terminal shows mlmfilter's own lines; those records still reach
+``RUN/logs/*.log`` through the root logger, and ``-v`` shows them on the terminal too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: loggers whose records below ERROR stay off the terminal without -v (the log file keeps them)
+THIRD_PARTY_LOGGERS = frozenset({
+    "py.warnings", "transformers", "torch", "huggingface_hub", "urllib3", "filelock", "accelerate", "datasets",
+    "PIL", "httpx", "httpcore", "openai", "ray", "vllm", "fsspec", "asyncio", "matplotlib", "numba", "sentence_transformers",
+})  # fmt: skip
+
+#: set before the libraries are imported (they read them once); a user's own setting wins
+QUIET_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # hub download bars, and transformers' own tqdm bars
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers logs to its own stderr handler, not ours
+    "HF_HUB_VERBOSITY": "error",  # so does huggingface_hub (and propagates: the log file sees what passes)
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # the fork warning of the tokenizers library
+}
+
+
+class ThirdPartyFilter(logging.Filter):
+    """Passes mlmfilter's records and third-party errors; drops third-party info and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        name = record.name
+        return not any(name == n or name.startswith(n + ".") for n in THIRD_PARTY_LOGGERS)
+
+
+def quiet_third_party(console_handler: logging.Handler, verbose: bool) -> None:
+    """Route ``warnings.warn`` through logging (hence into the run's log files) and, unless
+    ``verbose``, keep third-party records and progress bars off ``console_handler``'s terminal."""
+    logging.captureWarnings(True)
+    if verbose:
+        return
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # worker processes inherit these
+    console_handler.addFilter(ThirdPartyFilter())
