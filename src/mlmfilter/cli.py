@@ -323,7 +323,7 @@ def reshard(
     captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
     caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
     captions_stage: Optional[str] = typer.Option(None, help="Take new captions from this enhancement stage of the run."),
-    overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output folder."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."),
     json_output: bool = typer.Option(False, "--json", help="Print the stats as one JSON object on stdout."),
 ) -> None:

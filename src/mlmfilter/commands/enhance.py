@@ -34,7 +34,7 @@ def enhance(
     ),
     recipe: Optional[Path] = typer.Option(None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."),
     name: str = typer.Option("enhance", help="Stage folder in the run."),
-    overwrite: bool = typer.Option(False, help="Discard this stage's earlier results (the scores stay)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard this stage's earlier results (the scores stay)."),
 ) -> None:
     """Rewrite poor captions (AITQE-style), re-score them with the same judge, keep only better ones.
 
