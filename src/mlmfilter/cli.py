@@ -13,13 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mlmfilter.cli_help import (  # the input-column flags are shared with `teach sample`
-    CAPTION_COLUMN_HELP,
-    CAPTIONS_FILE_HELP,
-    IMAGE_COLUMN_HELP,
-    INPUT_PANEL,
-    UID_COLUMN_HELP,
-    URL_COLUMN_HELP,
-    VERBOSE_HELP,
+    CAPTION_COLUMN_OPTION,
+    CAPTIONS_FILE_OPTION,
+    IMAGE_COLUMN_OPTION,
+    UID_COLUMN_OPTION,
+    URL_COLUMN_OPTION,
+    VERBOSE_OPTION,
     plain_type_labels,
 )
 
@@ -167,18 +166,18 @@ def score(
     allow_absolute_paths: bool = typer.Option(
         False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
     ),
-    image_column: Optional[str] = typer.Option(None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    caption_column: Optional[str] = typer.Option(None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    uid_column: Optional[str] = typer.Option(None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    url_column: Optional[str] = typer.Option(None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    captions_file: Optional[str] = typer.Option(None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL),
+    image_column: Optional[str] = IMAGE_COLUMN_OPTION,
+    caption_column: Optional[str] = CAPTION_COLUMN_OPTION,
+    uid_column: Optional[str] = UID_COLUMN_OPTION,
+    url_column: Optional[str] = URL_COLUMN_OPTION,
+    captions_file: Optional[str] = CAPTIONS_FILE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an earlier run in the output folder."),
     partition: Optional[str] = typer.Option(
         None, help="i/N: score job i's share of the inputs; N such jobs (a Slurm array) fill one run folder."
     ),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray: shards over a Ray cluster's actors."),
     ray_address: Optional[str] = typer.Option(None, help="With --executor ray: join this cluster (auto, ray://host:10001); else a local Ray starts."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    verbose: bool = VERBOSE_OPTION,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Score image-text pairs into a run folder. Re-running the same command resumes."""

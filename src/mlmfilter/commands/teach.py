@@ -8,13 +8,12 @@ from typing import Optional
 import typer
 
 from mlmfilter.cli_help import (
-    CAPTION_COLUMN_HELP,
-    CAPTIONS_FILE_HELP,
-    IMAGE_COLUMN_HELP,
-    INPUT_PANEL,
-    UID_COLUMN_HELP,
-    URL_COLUMN_HELP,
-    VERBOSE_HELP,
+    CAPTION_COLUMN_OPTION,
+    CAPTIONS_FILE_OPTION,
+    IMAGE_COLUMN_OPTION,
+    UID_COLUMN_OPTION,
+    URL_COLUMN_OPTION,
+    VERBOSE_OPTION,
 )
 
 teach_app = typer.Typer(no_args_is_help=True, help="Build judge instruction data: sample, negatives, label, balance, export.")
@@ -40,12 +39,12 @@ def sample(
     rules: bool = typer.Option(False, "--rules/--no-rules", help="Pre-filter with DataComp's basic rules."),
     embedding_dtype: str = typer.Option("float16", help="float16 or float32: OUTPUT/embeddings.npy, read back as a memmap."),
     device: str = typer.Option("cpu", help="Where the encoder runs (cpu, cuda, ...)."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    caption_column: Optional[str] = typer.Option(None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    uid_column: Optional[str] = typer.Option(None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    url_column: Optional[str] = typer.Option(None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL),
-    captions_file: Optional[str] = typer.Option(None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    image_column: Optional[str] = IMAGE_COLUMN_OPTION,
+    caption_column: Optional[str] = CAPTION_COLUMN_OPTION,
+    uid_column: Optional[str] = UID_COLUMN_OPTION,
+    url_column: Optional[str] = URL_COLUMN_OPTION,
+    captions_file: Optional[str] = CAPTIONS_FILE_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Pick diverse pairs: embed, k-means, sample evenly across clusters."""
     from mlmfilter.cli import _setup_logging, console, read_flags, user_errors
