@@ -241,12 +241,15 @@ def score(
 
 
 def _names_a_hub_model(scorers: list) -> bool:
-    """True when a model scorer is asked for (by default or by a name that is not a local folder)."""
+    """True when a model scorer is asked for (by default or by a name that is not a local path)."""
+    from mlmfilter.hub import names_a_local_path
+
     model_scorers = {"clip", "mlm", "aitqe"}
     for spec in scorers:
         name = spec if isinstance(spec, str) else spec.get("name")
         model = None if isinstance(spec, str) else (spec.get("options") or {}).get("model")
-        if name in model_scorers and not (model and Path(str(model)).expanduser().exists()):
+        local = bool(model) and (names_a_local_path(str(model)) or Path(str(model)).expanduser().exists())
+        if name in model_scorers and not local:
             return True
     return False
 

@@ -14,6 +14,11 @@ import sys
 HUB_HOST = "huggingface.co"
 
 
+def names_a_local_path(name_or_path: str) -> bool:
+    """A model name written as a path (``/x``, ``./x``, ``../x``, ``~/x``, ``a/b/c``): never a hub repo id."""
+    return name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") >= 2
+
+
 def hub_reachable(host: str = HUB_HOST, timeout: float = 1.5) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False

@@ -171,6 +171,7 @@ from mlmfilter.hub import use_offline_hub  # noqa: E402,F401  (kept importable f
 def check_model_path(name_or_path: str) -> None:
     """A name written as a path (``/x``, ``./x``, ``../x``, ``~/x``, ``a/b/c``) must exist here;
     it is never sent to the hub as a repo id, where it would fail slowly and confusingly."""
-    looks_local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") >= 2
-    if looks_local and not Path(name_or_path).expanduser().exists():
+    from mlmfilter.hub import names_a_local_path
+
+    if names_a_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ModelUnavailableError(f"model path {name_or_path!r} does not exist")
