@@ -218,3 +218,15 @@ def test_transformers_serve_writes_the_rewrites(tmp_path, flickr_pairs, transfor
     again = folder.label(options, client_options)
     assert again["rewrites"]["stats"]["requests"] == 0 and again["rewrites"]["stats"]["cache_hits"] == 2
     _no_secret_under(folder.path)
+
+
+def test_cli_rewrite_prompt_file_is_checked_before_any_request(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli import app
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rewrite it better.", encoding="utf-8")
+    result = CliRunner().invoke(app, ["teach", "label", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
+                                      "--rewrite-prompt", str(prompt)])  # fmt: skip
+    assert result.exit_code == 2 and "must use {caption}" in result.output

@@ -111,7 +111,11 @@ def label(
     temperature: float = typer.Option(0.0),
     batch_file: Optional[Path] = typer.Option(None, help="Write OpenAI Batch JSONL request files here instead of sending."),
     collect: Optional[list[Path]] = typer.Option(None, help="Batch output file(s) to ingest; then label from them only."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    rewrite_prompt: Optional[Path] = typer.Option(
+        None, metavar="FILE", help="Text file: the prompt asking for the poor captions' rewrites (has {caption}; default: the enhancer's)."
+    ),
+    rewrite_max_tokens: Optional[int] = typer.Option(None, metavar="N", help="Token limit of a rewrite answer."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
     from mlmfilter.cli import _setup_logging, console, user_errors
@@ -126,8 +130,12 @@ def label(
 
         teach = TeachFolder(folder)
         try:
+            rewrite = {"rewrite_prompt": rewrite_prompt.read_text(encoding="utf-8")} if rewrite_prompt else {}
+            if rewrite_max_tokens is not None:
+                rewrite["rewrite_max_tokens"] = rewrite_max_tokens
             options = LabelOptions(model=model, metrics=_split(metrics) or ["all"], template=template, mode=mode,
-                                   describer_model=describer_model, max_tokens=max_tokens, temperature=temperature)  # fmt: skip
+                                   describer_model=describer_model, max_tokens=max_tokens, temperature=temperature,
+                                   **rewrite)  # fmt: skip
             options.resolved_metrics()
             client_options = ClientOptions(base_url=base_url, api_key_env=api_key_env,
                                            api_key_file=str(api_key_file) if api_key_file else None,
