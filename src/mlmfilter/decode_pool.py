@@ -20,6 +20,7 @@ import io
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: seconds one image may take in a worker before the worker is presumed hung
 DEFAULT_TIMEOUT = 120.0
+#: seconds a closing pool's workers get to exit on their own before they are terminated
+SHUTDOWN_GRACE = 1.0
 
 
 class DecodePoolError(RuntimeError):
@@ -180,9 +183,15 @@ class ImageDecoder:
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        # a hung worker would keep running after shutdown(wait=False): end it
         processes = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        # Workers get a moment to finish and exit on their own: one killed while it writes a decoded
+        # image to the result pipe leaves half a message there, on which the pool's manager thread
+        # then waits forever, and the interpreter with it at exit (it joins that thread). Only a
+        # worker still running after the grace (hung on an image, or idle behind a hung one) is ended.
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
             if process.is_alive():
                 process.terminate()
