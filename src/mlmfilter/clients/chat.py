@@ -258,6 +258,21 @@ class ChatClient:
         return redact(text, self.api_key)[:2000]
 
 
+#: MIME types of the image formats the readers accept
+IMAGE_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+              "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
+
+
+def image_data_url(data: bytes, image_format: str | None = None) -> str:
+    """Encoded image bytes as a ``data:`` URL for a chat message's ``image_url`` (format sniffed first)."""
+    import base64
+
+    from mlmfilter.io.readers import sniff_image_format
+
+    fmt = (sniff_image_format(data) or image_format or "jpeg").lower()
+    return f"data:{IMAGE_MIME.get(fmt, 'image/' + fmt)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def message_text(response: dict[str, Any]) -> str | None:
     try:
         content = response["choices"][0]["message"]["content"]

@@ -14,7 +14,6 @@ raw reply: never dropped, never guessed.
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -23,9 +22,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlmfilter import errors
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, message_text
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url, message_text
 from mlmfilter.enhance.prompts import REWRITE_PROMPT, EnhancePrompts
-from mlmfilter.io.readers import sniff_image_format
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.teach.pairs import TeachPair
@@ -36,8 +34,6 @@ DESCRIBE_PROMPT = (
 )
 #: what the text-only teacher reads instead of the image (the paper's prompt is not published)
 TEXT_ONLY_TEMPLATE = "Image Description: {description}\n\n{prompt}"
-MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
-        "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
 _SCORE_LINE = re.compile(r"^\W*(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*/\s*100)?\W*$", re.IGNORECASE)
 
 LABEL_SCHEMA = pa.schema([
@@ -104,11 +100,6 @@ def parse_reply(text: str | None) -> tuple[int, str]:
     if not 0 <= score <= 100:
         raise ReplyParseError(f"score {score} is outside 0..100")
     return score, "\n".join(lines[1:]).strip()
-
-
-def image_data_url(data: bytes, image_format: str | None) -> str:
-    fmt = (sniff_image_format(data) or image_format or "jpeg").lower()
-    return f"data:{MIME.get(fmt, 'image/' + fmt)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url
 from mlmfilter.enhance.checks import CaptionChecker, CheckOptions
 from mlmfilter.enhance.prompts import EnhancePrompts
 from mlmfilter.judge.conversations import reference_user_turn
-from mlmfilter.teach.label import LabelOptions, TeacherRequests, cached_description, image_data_url
+from mlmfilter.teach.label import LabelOptions, TeacherRequests, cached_description
 from mlmfilter.teach.pairs import TeachPair, negative_uid
 
 UNRELATED = "unrelated_caption"

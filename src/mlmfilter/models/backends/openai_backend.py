@@ -49,7 +49,6 @@ the expected readout impossible: :class:`~mlmfilter.judge.backend.LogprobsMissin
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from typing import Any, ClassVar, Literal, Sequence
@@ -157,16 +156,16 @@ def refuse_unservable(conversation: str, answer_prefix: str | None) -> None:
         raise ValueError("answer_prefix cannot be sent to a chat endpoint (the server writes the assistant cue); leave it unset")
 
 
-def image_data_url(image: Any, image_format: str = "jpeg", quality: int = 95) -> str:
-    """A decoded PIL image -> ``data:image/...;base64,...`` (deterministic bytes: the request cache key)."""
+def decoded_image_url(image: Any, image_format: str = "jpeg", quality: int = 95) -> str:
+    """A decoded PIL image, encoded again, as a ``data:`` URL (deterministic bytes: the request cache key)."""
+    from mlmfilter.clients.chat import image_data_url
+
     buffer = io.BytesIO()
     if image_format == "png":
         image.save(buffer, format="PNG")
-        mime = "image/png"
     else:
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
-        mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+    return image_data_url(buffer.getvalue(), image_format)
 
 
 def chat_body(model: str, image_url: str, prompt: str, max_tokens: int, top_logprobs: int | None = None,
@@ -361,7 +360,7 @@ class OpenAIJudgeBackend:
 
         def bodies():
             for r, request in enumerate(requests):
-                url = image_data_url(request.image, self.settings.image_format, self.settings.jpeg_quality)
+                url = decoded_image_url(request.image, self.settings.image_format, self.settings.jpeg_quality)
                 for p, prompt in enumerate(request.prompts):
                     body = chat_body(self.model, url, prompt, max_tokens, top_logprobs, self.settings.token_ids)
                     yield ChatRequest(body, tag=(r, p))
@@ -424,7 +423,7 @@ class OpenAIJudgeBackend:
 
         trie = self.trie
         rows = [(r, p) for r, request in enumerate(requests) for p in range(len(request.prompts))]
-        urls = [image_data_url(r.image, self.settings.image_format, self.settings.jpeg_quality) for r in requests]
+        urls = [decoded_image_url(r.image, self.settings.image_format, self.settings.jpeg_quality) for r in requests]
         readout = AdaptiveTrieReadout(trie, len(rows), self.options.trie_threshold)
         covered = np.ones((len(rows), trie.n_contexts))
         failed: dict[int, RequestFailure] = {}
