@@ -134,7 +134,12 @@ def legend(by: str, with_mlm: bool) -> str:
 
 def next_steps(output: Path, run_dir: Path, report: Path | None) -> str:
     """Where the files are and the commands to try next, with this demo's paths."""
-    selection, run = output / "selection", run_dir
+    selection, run = output / "selection", Path(run_dir)
+    if run.is_absolute() and not output.is_absolute():  # the run folder comes back resolved: show it as given
+        try:
+            run = run.relative_to(Path.cwd())
+        except ValueError:
+            pass
     lines = [
         "[bold]files[/]",
         f"  {output / 'shards'}/*.tar        the sample WebDataset shards",
