@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is pinned: the CPU wheel is local here, an unpinned torch pulls gigabytes of CUDA wheels
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/mlmfilter demo mlmfilter-demo
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install lint
+	$(BIN)/python -m pytest -q --durations=25
+
+# style is part of the test: CI fails on a lint error or an unformatted file
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) mlmfilter-demo

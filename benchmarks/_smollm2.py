@@ -116,8 +116,14 @@ def build_benchmark_model(
 
 #: the 1.5B judge's vision side (weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o): SigLIP-so400m at 384 px, 27x27
 #: patches average-pooled to 12x12 = 144 image tokens (aapool_mlp); random weights of the real shapes
-SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                     image_size=384, patch_size=14)  # fmt: skip
+SIGLIP_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)
 POOLED_TOKENS = 144
 
 
@@ -156,7 +162,11 @@ def build_pooled_benchmark_model(dst: str | Path, seed: int = 0) -> Path:
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     side = SIGLIP_SO400M["image_size"]
     image_processor = LlavaImageProcessorPil(
-        size={"height": side, "width": side}, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=False
+        size={"height": side, "width": side},
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        do_pad=False,
     )
     processor = LlavaProcessor(
         image_processor=image_processor,

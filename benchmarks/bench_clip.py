@@ -172,8 +172,9 @@ class ModelLoadClock:
 class PipelinePath:
     """``api.score`` from tar shards to parquet, timed by the run's own clock minus the model load."""
 
-    def __init__(self, shards: list[Path], model_dir: Path, dtype: str, batch_size: int, chunk_size: int,
-                 decode_workers: int = 1):
+    def __init__(
+        self, shards: list[Path], model_dir: Path, dtype: str, batch_size: int, chunk_size: int, decode_workers: int = 1
+    ):
         self.decode_workers = decode_workers
         self.shards = [str(p) for p in shards]
         self.scorer = {"name": "clip", "options": {"model": str(model_dir), "dtype": dtype, "batch_size": batch_size}}

@@ -142,8 +142,16 @@ def main() -> None:
         f"torch threads: {torch.get_num_threads()}, batch size {args.batch_size}, best of {args.repeats}, "
         f"draft_gap {args.draft_gap}"
     )
-    columns = ["case", "images", "median long side", "ours (img/s)", "reference (img/s)", "ratio",
-               "mean abs diff", "max abs diff"]
+    columns = [
+        "case",
+        "images",
+        "median long side",
+        "ours (img/s)",
+        "reference (img/s)",
+        "ratio",
+        "mean abs diff",
+        "max abs diff",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for name, blobs in (("Flickr as is", photos), (f"upscaled to {UPSCALED_LONG_SIDE} px", upscaled)):

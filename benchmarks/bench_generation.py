@@ -81,8 +81,10 @@ def main() -> None:
             our_texts, tokens = run_ours()
             timings["ours"].append(time.perf_counter() - t0)
     same = sum(a == b for a, b in zip(ref_texts, our_texts))
-    print(f"load average {load_average()}; {args.pairs} pairs, batch {args.batch_size}, "
-          f"up to {args.max_new_tokens} new tokens, fp32, {args.threads} threads")  # fmt: skip
+    print(
+        f"load average {load_average()}; {args.pairs} pairs, batch {args.batch_size}, "
+        f"up to {args.max_new_tokens} new tokens, fp32, {args.threads} threads"
+    )
     print(f"new tokens written: {tokens} ({tokens / args.pairs:.1f} per pair); identical texts: {same}/{args.pairs}")
     best = {name: min(values) for name, values in timings.items()}
     for name in ("reference", "ours"):

@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the built model here")
     parser.add_argument("--images", type=Path, default=FLICKR, help="Flickr8k folder (captions.tsv + images/)")
     parser.add_argument(
-        "--layout", choices=("clip-b16", "siglip-pooled"), default="clip-b16",
+        "--layout",
+        choices=("clip-b16", "siglip-pooled"),
+        default="clip-b16",
         help="clip-b16: random ViT-B/16 at 224 px (196 image tokens); siglip-pooled: the 1.5B judge's layout "
         "(SigLIP-so400m shapes at 384 px, aapool_mlp to 144 tokens), random vision weights",
     )
@@ -256,7 +258,9 @@ def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int, re
     from mlmfilter.scorers.mlm import MLMScorer
 
     def options(**readout: Any):
-        return MLMScorer.Options(model=model_dir, dtype=dtype, device="cpu", metrics="all", batch_size=batch_size, **readout)
+        return MLMScorer.Options(
+            model=model_dir, dtype=dtype, device="cpu", metrics="all", batch_size=batch_size, **readout
+        )
 
     expected = MLMScorer(options(readout="expected"))
     expected.ensure_setup()  # load_vlm: the public loader
@@ -269,7 +273,10 @@ def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int, re
     counts = count_tokens(processor, texts, pairs, batch_size, trie_nodes=len(backend.trie.nodes))
 
     def samples() -> list[Sample]:
-        return [Sample(uid=f"{i:032x}", shard="bench", key=p.name, caption=p.caption, image=p.image) for i, p in enumerate(pairs)]
+        return [
+            Sample(uid=f"{i:032x}", shard="bench", key=p.name, caption=p.caption, image=p.image)
+            for i, p in enumerate(pairs)
+        ]
 
     counter = VisionPassCounter(model)
     # warm-up on one pair each (allocator, kernels); not timed

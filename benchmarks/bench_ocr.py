@@ -49,18 +49,22 @@ def build_samples(n_photos: int, image_size: int):
         else:
             data, caption, bucket = path.read_bytes(), captions[0], plain
         image, width, height = decode_image(data, spec)
-        bucket.append(Sample(uid=str(i), shard="bench", key=str(i), caption=caption, image=image, width=width, height=height))
+        bucket.append(
+            Sample(uid=str(i), shard="bench", key=str(i), caption=caption, image=image, width=width, height=height)
+        )
     return with_text, plain
 
 
 def reference_engine():
     from rapidocr import RapidOCR
 
-    return RapidOCR(params={
-        "Global.log_level": "error",
-        "EngineConfig.onnxruntime.intra_op_num_threads": 1,
-        "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-    })
+    return RapidOCR(
+        params={
+            "Global.log_level": "error",
+            "EngineConfig.onnxruntime.intra_op_num_threads": 1,
+            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        }
+    )
 
 
 def run_reference(engine, samples) -> list[list[str]]:
@@ -104,13 +108,19 @@ def main() -> None:
                 elapsed = time.perf_counter() - t0
                 if round_ == 0:
                     if kind == "text":
-                        read_back[name] = sum(caption_overlap(s.caption, t) == 1.0 for s, t in zip(samples, texts)) / len(samples)
+                        read_back[name] = sum(
+                            caption_overlap(s.caption, t) == 1.0 for s, t in zip(samples, texts)
+                        ) / len(samples)
                     continue
                 best[name, kind] = min(best.get((name, kind), float("inf")), elapsed)
 
-    print(f"{len(with_text)} photos with text + {len(plain)} without, decoded at shorter side {args.image_size}, "
-          f"1 onnxruntime thread; load average {load_average()}")
-    print(f"{'path':34s} {'text img/s':>11s} {'plain img/s':>12s} {'all img/s':>10s} {'read back':>10s} {'speedup':>8s}")
+    print(
+        f"{len(with_text)} photos with text + {len(plain)} without, decoded at shorter side {args.image_size}, "
+        f"1 onnxruntime thread; load average {load_average()}"
+    )
+    print(
+        f"{'path':34s} {'text img/s':>11s} {'plain img/s':>12s} {'all img/s':>10s} {'read back':>10s} {'speedup':>8s}"
+    )
     ref = "reference (rapidocr defaults)"
     results = {}
     for name in paths:
@@ -118,10 +128,17 @@ def main() -> None:
         plain_rate = len(plain) / best[name, "plain"]
         all_rate = (len(with_text) + len(plain)) / (best[name, "text"] + best[name, "plain"])
         ref_all = (len(with_text) + len(plain)) / (best[ref, "text"] + best[ref, "plain"])
-        results[name] = {"text_img_s": text_rate, "plain_img_s": plain_rate, "all_img_s": all_rate,
-                         "read_back": read_back[name], "speedup": all_rate / ref_all}
-        print(f"{name:34s} {text_rate:11.2f} {plain_rate:12.2f} {all_rate:10.2f} {read_back[name]:10.2f} "
-              f"{all_rate / ref_all:7.2f}x")
+        results[name] = {
+            "text_img_s": text_rate,
+            "plain_img_s": plain_rate,
+            "all_img_s": all_rate,
+            "read_back": read_back[name],
+            "speedup": all_rate / ref_all,
+        }
+        print(
+            f"{name:34s} {text_rate:11.2f} {plain_rate:12.2f} {all_rate:10.2f} {read_back[name]:10.2f} "
+            f"{all_rate / ref_all:7.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

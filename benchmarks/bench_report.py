@@ -42,11 +42,19 @@ def make_tables(folder: Path, rows: int, per_file: int = 100_000, seed: int = 0)
         for column in (clip, itm, odf):
             column[error != None] = np.nan  # noqa: E711 (elementwise)
         uids = [f"{f:08x}{i:024x}" for i in range(n)]
-        table = pa.table({
-            "uid": uids, "shard": [f"{f:05d}"] * n, "key": [f"{i:09d}" for i in range(n)],
-            "clip_score": clip, "itm": itm, "odf": odf, "rules_ok": rng.random(n) < 0.7,
-            "error": pa.array(error, pa.string()), "error_detail": pa.nulls(n, pa.string()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "uid": uids,
+                "shard": [f"{f:05d}"] * n,
+                "key": [f"{i:09d}" for i in range(n)],
+                "clip_score": clip,
+                "itm": itm,
+                "odf": odf,
+                "rules_ok": rng.random(n) < 0.7,
+                "error": pa.array(error, pa.string()),
+                "error_detail": pa.nulls(n, pa.string()),
+            }
+        )
         pq.write_table(table, folder / f"{f:05d}.parquet")
 
 
@@ -55,8 +63,13 @@ def ours(folder: Path) -> dict:
 
     from mlmfilter.report.profile import profile_columns
     from mlmfilter.report.scan import (
-        DisagreementCollector, ErrorCollector, ExtremesCollector, FlagCollector, NearestRows, scan,
-    )  # fmt: skip
+        DisagreementCollector,
+        ErrorCollector,
+        ExtremesCollector,
+        FlagCollector,
+        NearestRows,
+        scan,
+    )
 
     dataset = ds.dataset(str(folder), format="parquet")
     profiles = profile_columns(dataset, COLUMNS)
@@ -112,19 +125,26 @@ def main() -> None:
         tables = len(list(Path(tmp).iterdir()))
         runs = {}
         for mode in ("reference", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, tmp], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, tmp], capture_output=True, text=True, check=True
+            )
             runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     ref, our = runs["reference"], runs["ours"]
     print(f"{args.rows} rows, {size:.0f} MB of parquet in {tables} tables")
     for mode, r in runs.items():
-        print(f"  {mode:9s}: {r['seconds']:6.2f} s, peak RSS {r['peak_mb']:5.0f} MB "
-              f"({r['peak_mb'] - r['baseline_mb']:5.0f} MB above the {r['baseline_mb']:.0f} MB after imports), "
-              f"median itm {r['median_itm']:.3f}")  # fmt: skip
+        print(
+            f"  {mode:9s}: {r['seconds']:6.2f} s, peak RSS {r['peak_mb']:5.0f} MB "
+            f"({r['peak_mb'] - r['baseline_mb']:5.0f} MB above the {r['baseline_mb']:.0f} MB after imports), "
+            f"median itm {r['median_itm']:.3f}"
+        )
+
     def extra(r: dict) -> float:
         return r["peak_mb"] - r["baseline_mb"]
 
-    print(f"time ratio ours/reference: {our['seconds'] / ref['seconds']:.2f}x; "
-          f"memory above imports, ours/reference: {extra(our) / extra(ref):.2f}x")  # fmt: skip
+    print(
+        f"time ratio ours/reference: {our['seconds'] / ref['seconds']:.2f}x; "
+        f"memory above imports, ours/reference: {extra(our) / extra(ref):.2f}x"
+    )
 
 
 if __name__ == "__main__":

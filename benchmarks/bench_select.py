@@ -125,8 +125,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--fraction", type=float, default=0.3)
-    parser.add_argument("--string-uids", action="store_true",
-                        help="store uids as 32-char strings (as score files do) instead of two uint64 columns")
+    parser.add_argument(
+        "--string-uids",
+        action="store_true",
+        help="store uids as 32-char strings (as score files do) instead of two uint64 columns",
+    )
     parser.add_argument("--tmp", default=None, help="parent folder of the temp data (default: the system temp)")
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "RUN", "OUT", "FRACTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,20 +143,26 @@ def main() -> None:
         started = time.perf_counter()
         files = generate_run(root / "run", args.rows, string_uids=args.string_uids)
         size = sum(p.stat().st_size for p in (root / "run" / "score" / "tables").iterdir())
-        print(f"generated {args.rows:,} rows ({'string' if args.string_uids else 'uint64 pair'} uids) in {files} files ({size / 2**30:.2f} GiB) "
-              f"in {time.perf_counter() - started:.0f} s")  # fmt: skip
+        print(
+            f"generated {args.rows:,} rows ({'string' if args.string_uids else 'uint64 pair'} uids) in {files} files ({size / 2**30:.2f} GiB) "
+            f"in {time.perf_counter() - started:.0f} s"
+        )
         results = {}
         for method in METHODS:
             results[method] = measure(method, root / "run", root / method, args.fraction)
             r = results[method]
-            print(f"{method:>10}: {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:8.0f} MB   kept {r['kept']:,}"
-                  + (f"   passes {r['passes']}" if "passes" in r else ""))  # fmt: skip
+            print(
+                f"{method:>10}: {r['seconds']:7.1f} s   peak RSS {r['peak_rss_mb']:8.0f} MB   kept {r['kept']:,}"
+                + (f"   passes {r['passes']}" if "passes" in r else "")
+            )
         same = np.array_equal(np.load(root / "select_run" / "uids.npy"), np.load(root / "pandas" / "uids.npy"))
         ours, theirs = results["select_run"], results["pandas"]
         print(f"threshold: {ours['threshold']}")
         print(f"same uids.npy: {same}")
-        print(f"memory ratio pandas/select_run: {theirs['peak_rss_mb'] / ours['peak_rss_mb']:.1f}x   "
-              f"time ratio pandas/select_run: {theirs['seconds'] / ours['seconds']:.2f}x")  # fmt: skip
+        print(
+            f"memory ratio pandas/select_run: {theirs['peak_rss_mb'] / ours['peak_rss_mb']:.1f}x   "
+            f"time ratio pandas/select_run: {theirs['seconds'] / ours['seconds']:.2f}x"
+        )
         if not same:
             sys.exit("the two methods selected different uids")
     finally:

@@ -44,8 +44,14 @@ def generate_other_run(run_a: Path, run_b: Path, seed: int = 1) -> None:
         table = pq.read_table(path, columns=["uid_f0", "uid_f1"])
         order = rng.permutation(table.num_rows)
         itm = rng.integers(0, 101, table.num_rows).astype(np.float32)
-        out = pa.table({"uid_f0": table["uid_f0"].take(order), "uid_f1": table["uid_f1"].take(order), "itm": itm,
-                        "error": pa.nulls(table.num_rows, pa.string())})  # fmt: skip
+        out = pa.table(
+            {
+                "uid_f0": table["uid_f0"].take(order),
+                "uid_f1": table["uid_f1"].take(order),
+                "itm": itm,
+                "error": pa.nulls(table.num_rows, pa.string()),
+            }
+        )
         write_tables(run_b, "score", {f"{index:08d}": out}, identity={"kind": "bench_select_join"})
 
 
@@ -56,10 +62,15 @@ def measure(method: str, root: Path) -> dict:
     if method == "one run":
         result = select_run(root / "a", root / "one", top_fraction=0.3, by="clip_score")
     else:
-        result = select_run([root / "a", root / "b"], root / "joined", expression="itm >= 20", top_fraction=0.3,
-                            by="clip_score")  # fmt: skip
-    return {"seconds": time.perf_counter() - started, "kept": result.kept, "passes": result.passes,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+        result = select_run(
+            [root / "a", root / "b"], root / "joined", expression="itm >= 20", top_fraction=0.3, by="clip_score"
+        )
+    return {
+        "seconds": time.perf_counter() - started,
+        "kept": result.kept,
+        "passes": result.passes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def brute_force(root: Path, fraction: float) -> np.ndarray:
@@ -67,8 +78,10 @@ def brute_force(root: Path, fraction: float) -> np.ndarray:
     from mlmfilter.io.uid import HALVES_DTYPE, sort_halves
 
     def load(run: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
-        table = pa.concat_tables(pq.read_table(p, columns=["uid_f0", "uid_f1", column])
-                                 for p in sorted((run / "score" / "tables").glob("*.parquet")))  # fmt: skip
+        table = pa.concat_tables(
+            pq.read_table(p, columns=["uid_f0", "uid_f1", column])
+            for p in sorted((run / "score" / "tables").glob("*.parquet"))
+        )
         halves = np.empty(table.num_rows, HALVES_DTYPE)
         halves["f0"], halves["f1"] = table["uid_f0"].to_numpy(), table["uid_f1"].to_numpy()
         return halves, table[column].to_numpy(zero_copy_only=False)
@@ -100,15 +113,21 @@ def main() -> None:
         generate_other_run(root / "a", root / "b")
         results = {}
         for method in ("one run", "joined"):
-            out = subprocess.run([sys.executable, __file__, "--method", method, "--root", str(root)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, "--method", method, "--root", str(root)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[method] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{method:8s} {results[method]}")
         same = np.array_equal(np.load(root / "joined" / "uids.npy"), brute_force(root, 0.3))
         print(f"joined == brute force: {same}")
         one, joined = results["one run"], results["joined"]
-        print(f"joined / one run: time {joined['seconds'] / one['seconds']:.2f}x, "
-              f"memory {joined['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")  # fmt: skip
+        print(
+            f"joined / one run: time {joined['seconds'] / one['seconds']:.2f}x, "
+            f"memory {joined['peak_rss_mb'] / one['peak_rss_mb']:.2f}x"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

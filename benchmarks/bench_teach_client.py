@@ -23,14 +23,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import load_average  # noqa: E402
-
 from mlmfilter.clients import ChatClient, ChatRequest, ClientOptions, RequestCache  # noqa: E402
 from tests.fault_server import FaultServer  # noqa: E402
 
 
 def _requests(n: int, tag: str) -> list[ChatRequest]:
-    return [ChatRequest({"model": "teacher", "messages": [{"role": "user", "content": f"{tag} pair {i} [fault:slow]"}],
-                         "max_tokens": 64}) for i in range(n)]  # fmt: skip
+    return [
+        ChatRequest(
+            {
+                "model": "teacher",
+                "messages": [{"role": "user", "content": f"{tag} pair {i} [fault:slow]"}],
+                "max_tokens": 64,
+            }
+        )
+        for i in range(n)
+    ]
 
 
 def _run(client: ChatClient, requests: list[ChatRequest]) -> float:
@@ -60,7 +67,9 @@ def main() -> None:
         print(f"reference (concurrency 1): {reference:.2f} s")
         print(f"ours (concurrency {args.concurrency}, max in flight {server.max_in_flight}): {ours:.2f} s")
         print(f"ratio: {reference / ours:.2f}x")
-        print(f"cached rerun: {rerun:.3f} s, {server.requests - sent} requests sent, ratio vs first run {ours / rerun:.0f}x")
+        print(
+            f"cached rerun: {rerun:.3f} s, {server.requests - sent} requests sent, ratio vs first run {ours / rerun:.0f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -61,12 +61,23 @@ def child(mode: str, path: str, k: int, picks: int) -> None:
         from sklearn.cluster import MiniBatchKMeans
 
         embeddings = np.load(path).astype(np.float32)
-        labels = MiniBatchKMeans(n_clusters=k, random_state=0, batch_size=4096, n_init=3, max_iter=100).fit_predict(embeddings)
+        labels = MiniBatchKMeans(n_clusters=k, random_state=0, batch_size=4096, n_init=3, max_iter=100).fit_predict(
+            embeddings
+        )
     chosen = pick_evenly(labels, picks, seed=0)
     elapsed = time.perf_counter() - start
     stop.set()
-    print(json.dumps({"wall_s": elapsed, "peak_rss_mb": _hwm_kb() / 1024, "peak_anon_mb": peak[0] / 1024,
-                      "clusters": int(len(np.unique(labels))), "picked": int(len(chosen))}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "wall_s": elapsed,
+                "peak_rss_mb": _hwm_kb() / 1024,
+                "peak_anon_mb": peak[0] / 1024,
+                "clusters": int(len(np.unique(labels))),
+                "picked": int(len(chosen)),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -83,7 +94,6 @@ def main() -> None:
         return child(args.child[0], args.child[1], args.clusters, args.picks)
 
     from _common import load_average
-
     from mlmfilter.teach.sample import NpyAppender
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,14 +103,32 @@ def main() -> None:
             block = rng.normal(size=(min(100_000, args.points - start), args.dim)).astype(np.float32)
             store.append(block / np.linalg.norm(block, axis=1, keepdims=True))
         path = store.close()
-        print(f"{args.points} x {args.dim} float16 on disk: {path.stat().st_size / 2**20:.0f} MiB; k = {args.clusters}; "
-              f"load {load_average()}")  # fmt: skip
+        print(
+            f"{args.points} x {args.dim} float16 on disk: {path.stat().st_size / 2**20:.0f} MiB; k = {args.clusters}; "
+            f"load {load_average()}"
+        )
         for mode in ([] if args.skip_ours else ["ours"]) + (["reference"] if args.reference else []):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(path), "--clusters", str(args.clusters),
-                                  "--picks", str(args.picks)], capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    str(path),
+                    "--clusters",
+                    str(args.clusters),
+                    "--picks",
+                    str(args.picks),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{mode:9s} wall {result['wall_s']:8.1f} s  peak RSS {result['peak_rss_mb']:7.0f} MB  "
-                  f"peak anon {result['peak_anon_mb']:7.0f} MB  clusters {result['clusters']}  picked {result['picked']}")  # fmt: skip
+            print(
+                f"{mode:9s} wall {result['wall_s']:8.1f} s  peak RSS {result['peak_rss_mb']:7.0f} MB  "
+                f"peak anon {result['peak_anon_mb']:7.0f} MB  clusters {result['clusters']}  picked {result['picked']}"
+            )
         print(f"load after: {load_average()}")
 
 

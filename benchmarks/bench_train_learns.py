@@ -89,8 +89,20 @@ def make_pairs(n_train_images: int, n_heldout_images: int, seed: int, per_photo:
             negative = negatives[(i * per_photo + j) % len(negatives)]
             nuid = hashlib.blake2b(f"{uid}/{negative.kind}/{j}".encode(), digest_size=16).hexdigest()
             pairs.append(
-                (TeachPair(nuid, "flickr", path.stem, negative.caption, image, "jpg", image_uid=uid, parent_uid=uid,
-                           corruption=negative.kind), negative.kind)  # fmt: skip
+                (
+                    TeachPair(
+                        nuid,
+                        "flickr",
+                        path.stem,
+                        negative.caption,
+                        image,
+                        "jpg",
+                        image_uid=uid,
+                        parent_uid=uid,
+                        corruption=negative.kind,
+                    ),
+                    negative.kind,
+                )
             )
     return train, heldout
 
@@ -140,9 +152,16 @@ class ScriptedTeacher:
         caption = match.caption if match else ""
         content = f"{self.score(caption)}\nScripted: {self.kind_of_caption[caption]} caption." if match else "?"
         return {
-            "id": f"chatcmpl-{self.requests}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "id": f"chatcmpl-{self.requests}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(text.split()), "completion_tokens": 8, "total_tokens": len(text.split()) + 8},
+            "usage": {
+                "prompt_tokens": len(text.split()),
+                "completion_tokens": 8,
+                "total_tokens": len(text.split()) + 8,
+            },
         }
 
     def __enter__(self):
@@ -202,12 +221,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-images", type=int, default=95)
     parser.add_argument("--heldout-images", type=int, default=32)
-    parser.add_argument("--per-photo", type=int, default=2, choices=(1, 2), help="clean (and corrupted) captions per photo")
+    parser.add_argument(
+        "--per-photo", type=int, default=2, choices=(1, 2), help="clean (and corrupted) captions per photo"
+    )
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", default=SHORT_TEMPLATE, help="prompt template (default: a short one; v2: the reference)")
+    parser.add_argument(
+        "--template", default=SHORT_TEMPLATE, help="prompt template (default: a short one; v2: the reference)"
+    )
     parser.add_argument("--work", type=Path, default=None, help="keep the model, export and judge here")
     args = parser.parse_args()
 
@@ -228,10 +251,14 @@ def main() -> None:
 
     export_dir = work / "export"
     shutil.rmtree(export_dir, ignore_errors=True)
-    summary = export(rows, {p.uid: p for p, _ in train_pairs}, export_dir, requests, ExportOptions(), {"benchmark": "train_learns"})
+    summary = export(
+        rows, {p.uid: p for p, _ in train_pairs}, export_dir, requests, ExportOptions(), {"benchmark": "train_learns"}
+    )
     t_data = time.perf_counter() - t0
-    print(f"data: {len(train_pairs)} train pairs labelled over 127.0.0.1 ({client_stats.get('requests')} requests), "
-          f"{summary['records']} records exported, {len(heldout)} held-out pairs; {t_data:.0f} s")  # fmt: skip
+    print(
+        f"data: {len(train_pairs)} train pairs labelled over 127.0.0.1 ({client_stats.get('requests')} requests), "
+        f"{summary['records']} records exported, {len(heldout)} held-out pairs; {t_data:.0f} s"
+    )
 
     clean = np.array([kind == "clean" for _, kind in heldout])
     before, t_before = judge_scores(str(base), heldout, {"conversation": "auto", "template": args.template})
@@ -241,8 +268,15 @@ def main() -> None:
     out = work / "judge"
     shutil.rmtree(out, ignore_errors=True)
     options = TrainOptions(
-        base=str(base), method="lora", conversation="auto", max_steps=args.max_steps, batch_size=args.batch_size,
-        learning_rate=args.lr, save_steps=max(10, args.max_steps // 2), logging_steps=2, seed=args.seed,
+        base=str(base),
+        method="lora",
+        conversation="auto",
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        save_steps=max(10, args.max_steps // 2),
+        logging_steps=2,
+        seed=args.seed,
         template=args.template,
     )
     t1 = time.perf_counter()
@@ -254,16 +288,33 @@ def main() -> None:
     rho0, auc0 = agreement(before, teacher_heldout, clean)
     rho1, auc1 = agreement(after, teacher_heldout, clean)
     losses = result.losses or [(0, float("nan"))]
-    print(f"training: LoRA r=16, {result.global_step} steps x {args.batch_size} examples "
-          f"({result.global_step * args.batch_size / result.examples:.2f} epochs of {result.examples}), "
-          f"{t_train:.0f} s, loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}")  # fmt: skip
-    print(f"held-out ({len(heldout)} pairs, {int(clean.sum())} clean):  scoring {t_before:.0f} s before, {t_after:.0f} s after")
-    print(f"  before: Spearman {rho0:+.3f}  AUC {auc0:.3f}   mean clean {before[clean].mean():.1f} corrupted {before[~clean].mean():.1f}")
-    print(f"  after:  Spearman {rho1:+.3f}  AUC {auc1:.3f}   mean clean {after[clean].mean():.1f} corrupted {after[~clean].mean():.1f}")
+    print(
+        f"training: LoRA r=16, {result.global_step} steps x {args.batch_size} examples "
+        f"({result.global_step * args.batch_size / result.examples:.2f} epochs of {result.examples}), "
+        f"{t_train:.0f} s, loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}"
+    )
+    print(
+        f"held-out ({len(heldout)} pairs, {int(clean.sum())} clean):  scoring {t_before:.0f} s before, {t_after:.0f} s after"
+    )
+    print(
+        f"  before: Spearman {rho0:+.3f}  AUC {auc0:.3f}   mean clean {before[clean].mean():.1f} corrupted {before[~clean].mean():.1f}"
+    )
+    print(
+        f"  after:  Spearman {rho1:+.3f}  AUC {auc1:.3f}   mean clean {after[clean].mean():.1f} corrupted {after[~clean].mean():.1f}"
+    )
     print(f"after vs before: Spearman {rho1 - rho0:+.3f}, AUC {auc1 / auc0:.2f}x")
     print(f"total {time.perf_counter() - t0:.0f} s, peak RSS {peak_gb:.2f} GB, load {load_average()}")
-    print(json.dumps({"before": {"spearman": rho0, "auc": auc0}, "after": {"spearman": rho1, "auc": auc1},
-                      "train_seconds": t_train, "steps": result.global_step, "peak_rss_gb": peak_gb}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "before": {"spearman": rho0, "auc": auc0},
+                "after": {"spearman": rho1, "auc": auc1},
+                "train_seconds": t_train,
+                "steps": result.global_step,
+                "peak_rss_gb": peak_gb,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

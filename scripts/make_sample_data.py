@@ -1,6 +1,6 @@
 """Write the bundled sample WebDataset shards (see mlmfilter.demo_data) to a folder.
 
-    python scripts/make_sample_data.py OUTPUT_DIR [--samples-per-shard 8]
+python scripts/make_sample_data.py OUTPUT_DIR [--samples-per-shard 8]
 """
 
 from __future__ import annotations

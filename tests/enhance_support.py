@@ -10,7 +10,7 @@ import pyarrow as pa
 from mlmfilter import errors
 from mlmfilter.judge.backend import RequestFailure
 from mlmfilter.models.generation import Generated, GenerationRequest, SamplingParams
-from mlmfilter.scorers.base import Scorer, ScoreFailure
+from mlmfilter.scorers.base import ScoreFailure, Scorer
 
 FAIL = "fail"
 

@@ -43,15 +43,25 @@ window.addEventListener("load", () => {
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.fail("chromium is not installed: these tests render pages in headless Chromium "
-                    "(Debian: apt-get install -y chromium)")  # fmt: skip
+        pytest.fail(
+            "chromium is not installed: these tests render pages in headless Chromium "
+            "(Debian: apt-get install -y chromium)"
+        )
     return path
 
 
 def _run(args: list[str], tmp: Path) -> str:
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]  # fmt: skip
+    command = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *args,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise AssertionError(f"chromium failed ({done.returncode}): {done.stderr[-2000:]}")

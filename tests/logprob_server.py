@@ -53,7 +53,9 @@ class LogprobServer(LoopbackChatServer):
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text_part["text"]}]}]
         if body.get("continue_final_message"):  # vLLM's prefill: the assistant's answer so far, continued
             turn.append({"role": "assistant", "content": [{"type": "text", "text": answer[0]["content"]}]})
-            prompt = self.processor.apply_chat_template(turn, add_generation_prompt=False, continue_final_message=True, tokenize=False)
+            prompt = self.processor.apply_chat_template(
+                turn, add_generation_prompt=False, continue_final_message=True, tokenize=False
+            )
         else:
             prompt = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=prompt, images=[image], return_tensors="pt")
@@ -71,11 +73,17 @@ class LogprobServer(LoopbackChatServer):
                 logp = torch.log_softmax(logits, dim=-1)
                 chosen = int(logp.argmax())
                 top_lp, top_ids = logp.topk(min(k, logp.shape[0])) if k else (logp[:0], logp[:0].long())
-                steps.append({
-                    "token": name(chosen), "logprob": float(logp[chosen]), "bytes": list(name(chosen).encode()),
-                    "top_logprobs": [{"token": name(int(t)), "logprob": float(v), "bytes": list(name(int(t)).encode())}
-                                     for v, t in zip(top_lp.tolist(), top_ids.tolist())],
-                })  # fmt: skip
+                steps.append(
+                    {
+                        "token": name(chosen),
+                        "logprob": float(logp[chosen]),
+                        "bytes": list(name(chosen).encode()),
+                        "top_logprobs": [
+                            {"token": name(int(t)), "logprob": float(v), "bytes": list(name(int(t)).encode())}
+                            for v, t in zip(top_lp.tolist(), top_ids.tolist())
+                        ],
+                    }
+                )
                 if chosen == self.tokenizer.eos_token_id:
                     break
                 generated.append(chosen)
@@ -85,13 +93,20 @@ class LogprobServer(LoopbackChatServer):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model"),
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": self.tokenizer.decode(generated, skip_special_tokens=True)},
-                "logprobs": {"content": steps} if want else None,
-                "finish_reason": "stop" if len(steps) > len(generated) else "length",
-            }],  # fmt: skip
-            "usage": {"prompt_tokens": int(inputs["input_ids"].shape[1]), "completion_tokens": len(steps),
-                      "total_tokens": int(inputs["input_ids"].shape[1]) + len(steps)},  # fmt: skip
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": self.tokenizer.decode(generated, skip_special_tokens=True),
+                    },
+                    "logprobs": {"content": steps} if want else None,
+                    "finish_reason": "stop" if len(steps) > len(generated) else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                "completion_tokens": len(steps),
+                "total_tokens": int(inputs["input_ids"].shape[1]) + len(steps),
+            },
         }
-

@@ -38,8 +38,12 @@ def tiny_siglip(folder: Path | None, seed: int, hidden: int = 32):
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     config = SiglipVisionConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3, num_attention_heads=2,
-        image_size=SIGLIP_SIDE, patch_size=SIGLIP_PATCH,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=SIGLIP_SIDE,
+        patch_size=SIGLIP_PATCH,
     )
     model = SiglipVisionModel(config).eval()
     randomize(model, seed, std=0.1)
@@ -54,8 +58,15 @@ def text_model(kind: str, vocab_size: int, seed: int, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
     )
     if kind == "qwen2":
         config = Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
@@ -77,7 +88,9 @@ def config_fields(model) -> dict:
 def save_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 # -- reference preprocessing --------------------------------------------------------------------
@@ -128,7 +141,7 @@ def aapool(features: torch.Tensor, tokens: int) -> torch.Tensor:
     """AvgPoolProjector's sampler: b (h w) d -> b d h w -> AdaptiveAvgPool2d -> b (h w) d, written out:
     window i covers [floor(i*n/k), ceil((i+1)*n/k)) in each direction."""
     b, length, d = features.shape
-    n, k = int(round(length ** 0.5)), int(round(tokens ** 0.5))
+    n, k = int(round(length**0.5)), int(round(tokens**0.5))
     grid = features.reshape(b, n, n, d)
     out = torch.empty(b, k, k, d, dtype=features.dtype)
     for i in range(k):

@@ -18,12 +18,21 @@ from mlmfilter.runs.stage import fingerprint_of
 from mlmfilter.runs.stats import ShardStats
 from tests.builders import write_shard
 
-SCHEMA = pa.schema([
-    ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()),
-    ("rules_words", pa.int32()), ("rules_ok", pa.bool_()),
-    ("clip_score", pa.float32()), ("clip_cosine", pa.float32()), ("itm", pa.float32()), ("itm_mass", pa.float32()),
-    ("error", pa.string()), ("error_detail", pa.string()),
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("rules_words", pa.int32()),
+        ("rules_ok", pa.bool_()),
+        ("clip_score", pa.float32()),
+        ("clip_cosine", pa.float32()),
+        ("itm", pa.float32()),
+        ("itm_mass", pa.float32()),
+        ("error", pa.string()),
+        ("error_detail", pa.string()),
+    ]
+)
 RANDOM_WARNING = "RANDOM WEIGHTS: test stand-in, scores mean nothing"
 
 
@@ -31,7 +40,9 @@ def _noise(key: str) -> float:
     return int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) / 2**32
 
 
-def make_shards(flickr_pairs, out_dir: Path, n_shards: int = 2, per_shard: int = 6, cut_last: bool = False) -> list[Path]:
+def make_shards(
+    flickr_pairs, out_dir: Path, n_shards: int = 2, per_shard: int = 6, cut_last: bool = False
+) -> list[Path]:
     """``cut_last``: the last shard loses its tail mid-member (a truncated_shard row)."""
     paths = []
     for s in range(n_shards):
@@ -49,13 +60,24 @@ def make_shards(flickr_pairs, out_dir: Path, n_shards: int = 2, per_shard: int =
 
 
 def score_row(sample) -> dict:
-    row = {"uid": sample.uid, "shard": sample.shard, "key": sample.key, "error": sample.error,
-           "error_detail": sample.error_detail}  # fmt: skip
+    row = {
+        "uid": sample.uid,
+        "shard": sample.shard,
+        "key": sample.key,
+        "error": sample.error,
+        "error_detail": sample.error_detail,
+    }
     if sample.error is None:
         words = len(sample.caption.split())
         clip = 10.0 + 3.0 * words + 5.0 * _noise(sample.key)
-        row.update(rules_words=words, rules_ok=words >= 11, clip_score=clip, clip_cosine=clip / 250.0,
-                   itm=100.0 * _noise(sample.key + "itm"), itm_mass=0.9)  # fmt: skip
+        row.update(
+            rules_words=words,
+            rules_ok=words >= 11,
+            clip_score=clip,
+            clip_cosine=clip / 250.0,
+            itm=100.0 * _noise(sample.key + "itm"),
+            itm_mass=0.9,
+        )
     return row
 
 

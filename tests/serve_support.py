@@ -36,8 +36,12 @@ def transformers_serve(model_dir: str | Path, log_dir: Path, startup_s: float = 
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     log = open(Path(log_dir) / "serve.log", "w+")
-    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        [str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.monotonic() + startup_s
         while True:

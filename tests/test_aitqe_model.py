@@ -54,11 +54,23 @@ def original(tmp_path_factory, smollm2_cache_dir):
     save_safetensors(src, state)
     fields = config_fields(lm)
     fields.update(
-        architectures=["MMForCausalLM"], model_type="mm", torch_dtype="float32", transformers_version="4.41.2",
-        language_model_name_or_path="/path/to/Qwen2-7B", vision_model_name_or_path=str(root / "siglip-so400m-patch14-384"),
-        mm_projector_type="mlp", image_aspect_ratio="square", visual_hidden_dim=32, pesudo_img_size=SIGLIP_SIDE,
-        pesudo_patch_size=SIGLIP_PATCH, image_tile_tokens=TILE_TOKENS, pooling_kernel=1, image_token_index=-1,
-        pad_token_index=tokenizer.pad_token_id, eos_token_index=tokenizer.eos_token_id, IGNORE_INDEX=-100,
+        architectures=["MMForCausalLM"],
+        model_type="mm",
+        torch_dtype="float32",
+        transformers_version="4.41.2",
+        language_model_name_or_path="/path/to/Qwen2-7B",
+        vision_model_name_or_path=str(root / "siglip-so400m-patch14-384"),
+        mm_projector_type="mlp",
+        image_aspect_ratio="square",
+        visual_hidden_dim=32,
+        pesudo_img_size=SIGLIP_SIDE,
+        pesudo_patch_size=SIGLIP_PATCH,
+        image_tile_tokens=TILE_TOKENS,
+        pooling_kernel=1,
+        image_token_index=-1,
+        pad_token_index=tokenizer.pad_token_id,
+        eos_token_index=tokenizer.eos_token_id,
+        IGNORE_INDEX=-100,
         image_pattern="<image>",
     )
     write_config(src, fields)

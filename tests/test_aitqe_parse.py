@@ -24,8 +24,11 @@ def test_complete_answer():
     assert answer.ok and answer.complete and not answer.problems
     assert answer.overall == 2.0
     assert answer.aspects == {
-        "text_quality": 3.0, "image_text_matching": 2.0, "object_detail": 2.0,
-        "semantic_understanding": 2.0, "text_chart": 2.0,
+        "text_quality": 3.0,
+        "image_text_matching": 2.0,
+        "object_detail": 2.0,
+        "semantic_understanding": 2.0,
+        "text_chart": 2.0,
     }
     assert answer.recaption == json.loads(COMPLETE)["Recaption"]
     assert answer.explanations["overall"].startswith("The caption is vague")

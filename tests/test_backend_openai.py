@@ -45,7 +45,9 @@ def peaked_judge(tmp_path_factory):
         model.get_output_embeddings().weight[rows] *= 6.0
     # a chat template that renders a prefilled answer as the generation cue + the answer (as ChatML does;
     # the tiny LLaVA's own writes "ASSISTANT: " + answer but cues "ASSISTANT:"), so the trie walk can run
-    processor.chat_template = processor.chat_template.replace("message['role'].upper() + ': '", "message['role'].upper() + (':' if message['role'] == 'assistant' else ': ')")
+    processor.chat_template = processor.chat_template.replace(
+        "message['role'].upper() + ': '", "message['role'].upper() + (':' if message['role'] == 'assistant' else ': ')"
+    )
     folder = tmp_path_factory.mktemp("peaked-judge") / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -54,17 +56,26 @@ def peaked_judge(tmp_path_factory):
 
 def _images():
     rng = np.random.RandomState(0)
-    return [Image.fromarray((rng.rand(48, 64, 3) * 255).astype("uint8")), Image.fromarray((rng.rand(40, 56, 3) * 255).astype("uint8"))]
+    return [
+        Image.fromarray((rng.rand(48, 64, 3) * 255).astype("uint8")),
+        Image.fromarray((rng.rand(40, 56, 3) * 255).astype("uint8")),
+    ]
 
 
 def _requests(metrics=("image_text_matching", "object_detail_fulfillment")):
     template = resolve_template("v2")
-    return [JudgeRequest(image, [template.render(m, caption) for m in metrics]) for image, caption in zip(_images(), CAPTIONS)]
+    return [
+        JudgeRequest(image, [template.render(m, caption) for m in metrics])
+        for image, caption in zip(_images(), CAPTIONS)
+    ]
 
 
 def _samples(captions=CAPTIONS):
     images = _images()
-    return [Sample(uid=f"{i:032x}", shard="s", key=f"k{i}", caption=c, image=images[i % len(images)]) for i, c in enumerate(captions)]
+    return [
+        Sample(uid=f"{i:032x}", shard="s", key=f"k{i}", caption=c, image=images[i % len(images)])
+        for i, c in enumerate(captions)
+    ]
 
 
 def _exact(model_dir):
@@ -75,8 +86,13 @@ def _exact(model_dir):
 
 
 def _openai_options(model_dir, base_url, **backend_options):
-    return MLMOptions(model=model_dir, metrics="itm,odf", conversation="auto", backend="openai",
-                      backend_options={"base_url": base_url, "image_format": "png", "max_retries": 1, **backend_options})  # fmt: skip
+    return MLMOptions(
+        model=model_dir,
+        metrics="itm,odf",
+        conversation="auto",
+        backend="openai",
+        backend_options={"base_url": base_url, "image_format": "png", "max_retries": 1, **backend_options},
+    )
 
 
 def test_top_k_readout_matches_exact_on_the_greedy_path_and_keeps_its_bound(peaked_judge):
@@ -113,7 +129,9 @@ def test_top_k_readout_matches_exact_on_the_greedy_path_and_keeps_its_bound(peak
                 walked.append(int(head))
             for s in walked:
                 walked_any += 1
-                assert math.isclose(float(np.exp(approx_full.log_probs[p][s])), float(p_exact[s]), rel_tol=1e-3, abs_tol=1e-7)
+                assert math.isclose(
+                    float(np.exp(approx_full.log_probs[p][s])), float(p_exact[s]), rel_tol=1e-3, abs_tol=1e-7
+                )
     assert walked_any >= 2  # the test compared real walked numbers, not only bounds
 
 
@@ -131,7 +149,10 @@ def test_scorer_columns_bound_and_provenance_come_from_the_backend(peaked_judge)
         assert scorer.backend is None
     assert prov_before["readout_definition"] == TOP_K_DEFINITION == prov_after["readout_definition"]
     assert prov_before["readout_bound"] == TOP_K_BOUND and prov_before["model"] == prov_after["model"]
-    assert prov_after["model"]["backend"] == "openai" and prov_after["model"]["conversation"]["source"] == "the server's chat template"
+    assert (
+        prov_after["model"]["backend"] == "openai"
+        and prov_after["model"]["conversation"]["source"] == "the server's chat template"
+    )
     for row, want in zip(rows, exact):
         for short, dist in zip(("itm", "odf"), want):
             summary = ExpectedScore.from_log_probs(dist)
@@ -142,15 +163,21 @@ def test_scorer_columns_bound_and_provenance_come_from_the_backend(peaked_judge)
 
 def test_refusals_are_one_line_with_the_reason(peaked_judge):
     with pytest.raises(ValidationError, match="completions endpoint"):
-        MLMOptions(model=peaked_judge, backend="openai", conversation="vicuna_v1", backend_options={"base_url": "http://x/v1"})
+        MLMOptions(
+            model=peaked_judge, backend="openai", conversation="vicuna_v1", backend_options={"base_url": "http://x/v1"}
+        )
     with pytest.raises(ValidationError, match="answer_prefix"):
         MLMOptions(model=peaked_judge, backend="openai", answer_prefix=" ", backend_options={"base_url": "http://x/v1"})
     with pytest.raises(ValidationError, match="max_concurency"):
         MLMOptions(backend="openai", backend_options={"max_concurency": 3})  # a typo, by name
     with pytest.raises(ValueError, match="--base-url"):
         MLMScorer(MLMOptions(model=peaked_judge, backend="openai", conversation="auto")).setup()
-    no_tokenizer = MLMOptions(model="served-judge-without-files", backend="openai", conversation="auto",
-                              backend_options={"base_url": "http://127.0.0.1:9/v1"})
+    no_tokenizer = MLMOptions(
+        model="served-judge-without-files",
+        backend="openai",
+        conversation="auto",
+        backend_options={"base_url": "http://127.0.0.1:9/v1"},
+    )
     with pytest.raises(ValueError, match="tokenizer"):
         MLMScorer(no_tokenizer).setup()
 
@@ -195,14 +222,32 @@ def test_transformers_serve_generate_path_and_no_logprobs_refusal(tmp_path_facto
 
 def test_server_faults_are_rows_nothing_is_lost_and_a_rerun_hits_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-judge-secret-0001")
-    captions = ["A dog runs .", "A cat [fault:500] sleeps .", "A car [fault:malformed] parks .", "A boy [fault:nonnumeric] reads .", "  "]
+    captions = [
+        "A dog runs .",
+        "A cat [fault:500] sleeps .",
+        "A car [fault:malformed] parks .",
+        "A boy [fault:nonnumeric] reads .",
+        "  ",
+    ]
     cache = tmp_path / "judge-cache.sqlite"
     with FaultServer() as server:
+
         def run():
-            options = MLMOptions(model="served-judge", metrics="itm,odf", readout="generate", conversation="auto",
-                                 backend="openai",
-                                 backend_options={"base_url": server.base_url, "api_key_env": "JUDGE_KEY", "cache": str(cache),
-                                                  "timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.05})  # fmt: skip
+            options = MLMOptions(
+                model="served-judge",
+                metrics="itm,odf",
+                readout="generate",
+                conversation="auto",
+                backend="openai",
+                backend_options={
+                    "base_url": server.base_url,
+                    "api_key_env": "JUDGE_KEY",
+                    "cache": str(cache),
+                    "timeout_s": 2.0,
+                    "max_retries": 2,
+                    "backoff_s": 0.05,
+                },
+            )
             scorer = MLMScorer(options)
             samples = _samples(captions)
             rows = scorer.score(samples)
@@ -239,9 +284,26 @@ def test_cli_score_with_the_openai_backend(tmp_path, flickr_pairs, monkeypatch):
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=3)
     runner = CliRunner()
     with FaultServer() as server:
-        args = ["score", str(tmp_path / "in" / "*.tar"), "-o", str(tmp_path / "run"), "--scorer", "mlm", "--model", "served-judge",
-                "--backend", "openai", "--base-url", server.base_url, "--readout", "generate", "--metrics", "itm",
-                "--option", "mlm.backend_options={max_concurrency: 2, max_retries: 2, backoff_s: 0.05}"]  # fmt: skip
+        args = [
+            "score",
+            str(tmp_path / "in" / "*.tar"),
+            "-o",
+            str(tmp_path / "run"),
+            "--scorer",
+            "mlm",
+            "--model",
+            "served-judge",
+            "--backend",
+            "openai",
+            "--base-url",
+            server.base_url,
+            "--readout",
+            "generate",
+            "--metrics",
+            "itm",
+            "--option",
+            "mlm.backend_options={max_concurrency: 2, max_retries: 2, backoff_s: 0.05}",
+        ]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert server.requests >= 3 and server.max_in_flight <= 2
@@ -250,19 +312,36 @@ def test_cli_score_with_the_openai_backend(tmp_path, flickr_pairs, monkeypatch):
     assert all(0 <= v <= 100 for v in table.column("itm").to_pylist())
     refused = runner.invoke(app, args[:-2] + ["--conversation", "vicuna_v1"])
     assert refused.exit_code == 2 and "completions endpoint" in refused.output
-    lonely = runner.invoke(app, ["score", str(tmp_path / "in" / "*.tar"), "-o", str(tmp_path / "r2"), "--scorer", "rules",
-                                 "--base-url", "http://127.0.0.1:9/v1"])  # fmt: skip
+    lonely = runner.invoke(
+        app,
+        [
+            "score",
+            str(tmp_path / "in" / "*.tar"),
+            "-o",
+            str(tmp_path / "r2"),
+            "--scorer",
+            "rules",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+        ],
+    )
     assert lonely.exit_code != 0 and "--base-url" in lonely.output
 
 
 def test_operational_settings_are_not_part_of_the_identity():
     def identity(**backend_options):
-        options = MLMOptions(model="served-judge", readout="generate", backend="openai",
-                             backend_options={"base_url": "http://127.0.0.1:8000/v1", **backend_options})  # fmt: skip
+        options = MLMOptions(
+            model="served-judge",
+            readout="generate",
+            backend="openai",
+            backend_options={"base_url": "http://127.0.0.1:8000/v1", **backend_options},
+        )
         return MLMScorer(options).identity()
 
     base = identity()
-    assert identity(max_concurrency=64, timeout_s=5, cache="/tmp/x.sqlite", max_retries=0) == base  # a resume may retune
+    assert (
+        identity(max_concurrency=64, timeout_s=5, cache="/tmp/x.sqlite", max_retries=0) == base
+    )  # a resume may retune
     assert identity(served_model="another-judge") != base and identity(image_size=336) != base
 
 
@@ -273,6 +352,7 @@ def test_trie_walk_with_continue_final_message_equals_the_exact_readout(peaked_j
 
     _, exact = _exact(peaked_judge)
     with LogprobServer(peaked_judge) as server:
+
         def walk(**settings):
             options = _openai_options(peaked_judge, server.base_url, trie_walk="continue_final_message", **settings)
             backend = build_backend(options.model_copy(update={"trie_threshold": 0.0}))  # the whole trie

@@ -86,16 +86,24 @@ class TinyEngine:
                 logp = torch.log_softmax(self.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].double(), -1)
             top = int(logp.argmax())
             lp = {t: Logprob(float(logp[t])) for t in self.token_ids} if self.with_logprobs else None
-            out.append(RequestOutput(str(n), inp.get("prompt"), ids, [CompletionOutput(0, "", [top], None, [lp] if lp else None)]))
+            out.append(
+                RequestOutput(
+                    str(n), inp.get("prompt"), ids, [CompletionOutput(0, "", [top], None, [lp] if lp else None)]
+                )
+            )
         return out
 
     def greedy(self, inputs, max_new_tokens, stop=()):
         out = []
         for n, inp in enumerate(inputs):
             ids = torch.tensor([self._ids(inp)])
-            gen = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+            gen = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1] :]
             text = self.tokenizer.decode(gen, skip_special_tokens=True)
-            out.append(RequestOutput(str(n), inp.get("prompt"), ids[0].tolist(), [CompletionOutput(0, text, gen.tolist(), None, None)]))
+            out.append(
+                RequestOutput(
+                    str(n), inp.get("prompt"), ids[0].tolist(), [CompletionOutput(0, text, gen.tolist(), None, None)]
+                )
+            )
         return out
 
 
@@ -111,8 +119,15 @@ def lm(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # sharper than init so the digits carry real, uneven mass
         model.lm_head.weight.mul_(40)
@@ -125,7 +140,9 @@ def _backend(tokenizer, engine, threshold=0.0):
 
 def _requests(flickr_pairs, n=2):
     tpl = resolve_template("v2")
-    return [JudgeRequest(Image.open(p).convert("RGB"), [tpl.render(m, c) for m in METRICS]) for p, c in flickr_pairs[:n]]
+    return [
+        JudgeRequest(Image.open(p).convert("RGB"), [tpl.render(m, c) for m in METRICS]) for p, c in flickr_pairs[:n]
+    ]
 
 
 def _brute_force(lm, tokenizer, prompt_text):
@@ -135,7 +152,9 @@ def _brute_force(lm, tokenizer, prompt_text):
     out = []
     for seq in trie.sequences:
         with torch.no_grad():  # logits at the last prompt token and after each score token
-            logp = torch.log_softmax(lm(torch.tensor([ids + list(seq)]), logits_to_keep=len(seq) + 1).logits[0].double(), -1)
+            logp = torch.log_softmax(
+                lm(torch.tensor([ids + list(seq)]), logits_to_keep=len(seq) + 1).logits[0].double(), -1
+            )
         path = sum(float(logp[k, t]) for k, t in enumerate(seq))
         stop = math.log1p(-float(torch.exp(torch.logsumexp(logp[-1, cont], 0))))
         out.append(path + stop)
@@ -150,7 +169,9 @@ def test_prompt_text_equals_transformers_backend(smollm2_cache_dir, flickr_pairs
     for conversation in ("vicuna_v1", "llava_llama3", "auto"):
         reference = TransformersJudgeBackend(loaded, conversation)
         for prompt in _requests(flickr_pairs, 1)[0].prompts:
-            ours = render_prompt(prompt, conversation, reference.answer_prefix, loaded.spec.family.image_placeholder, loaded.processor)
+            ours = render_prompt(
+                prompt, conversation, reference.answer_prefix, loaded.spec.family.image_placeholder, loaded.processor
+            )
             assert ours == reference.prompt_text(prompt)
 
 
@@ -222,7 +243,9 @@ def test_vllm_engine_on_gpu(tokenizer):
     from mlmfilter.models.backends.vllm_backend import VllmEngine, VllmOptions
 
     trie = ScoreTrie.from_tokenizer(tokenizer)
-    engine = VllmEngine("HuggingFaceTB/SmolVLM-256M-Instruct", VllmOptions(gpu_memory_utilization=0.3), requested_token_ids(trie))
+    engine = VllmEngine(
+        "HuggingFaceTB/SmolVLM-256M-Instruct", VllmOptions(gpu_memory_utilization=0.3), requested_token_ids(trie)
+    )
     (out,) = engine.step([{"prompt": "The answer is", "multi_modal_data": {"image": Image.new("RGB", (64, 64))}}])
     assert out.outputs[0].logprobs and out.prompt_token_ids
     assert vllm is not None
@@ -238,8 +261,14 @@ def test_scorer_option_and_provenance(lm, tokenizer, flickr_pairs):
         MLMOptions(backend="vllm", backend_options={"gpu_memory_utilisation": 0.5})  # a typo is refused by name
     with pytest.raises(ValidationError, match="takes no backend_options"):
         MLMOptions(backend_options={"tensor_parallel_size": 2})
-    options = MLMOptions(model="tiny", metrics="itm", conversation="vicuna_v1", backend="vllm",
-                         backend_options={"tensor_parallel_size": 2}, trie_threshold=0.05)
+    options = MLMOptions(
+        model="tiny",
+        metrics="itm",
+        conversation="vicuna_v1",
+        backend="vllm",
+        backend_options={"tensor_parallel_size": 2},
+        trie_threshold=0.05,
+    )
     assert options.backend_options["tensor_parallel_size"] == 2
     trie = ScoreTrie.from_tokenizer(tokenizer)
     backend = _backend(tokenizer, TinyEngine(lm, tokenizer, requested_token_ids(trie)), 0.05)

@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 from typer.testing import CliRunner
 
 from mlmfilter.cli import app
-from tests.builders import scores_dataset, flickr_shards, write_shard
+from tests.builders import flickr_shards, scores_dataset, write_shard
 
 runner = CliRunner()
 
@@ -22,10 +22,13 @@ def invoke(*args: str):
 
 def test_score_select_reshard(tmp_path, flickr_pairs):
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=2, per_shard=6)
-    write_shard(tmp_path / "in" / "00000002.tar", [
-        {"key": "lazy", "jpg": flickr_pairs[0][0].read_bytes(), "txt": "IMG_0423.jpg"},
-        {"key": "bad", "jpg": b"not a jpeg at all", "txt": "a dog on the beach with a red ball"},
-    ])
+    write_shard(
+        tmp_path / "in" / "00000002.tar",
+        [
+            {"key": "lazy", "jpg": flickr_pairs[0][0].read_bytes(), "txt": "IMG_0423.jpg"},
+            {"key": "bad", "jpg": b"not a jpeg at all", "txt": "a dog on the beach with a red ball"},
+        ],
+    )
     run = tmp_path / "run"
     invoke("score", tmp_path / "in" / "{00000000..00000002}.tar", "-o", run, "--scorer", "rules")
     scores = scores_dataset(run).to_table()
@@ -73,8 +76,19 @@ def test_a_model_path_that_does_not_exist_is_one_clear_line(tmp_path, flickr_pai
 
     (shard,) = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=1)
     for scorer in ("clip", "mlm"):
-        result = CliRunner().invoke(app, ["score", str(shard), "-o", str(tmp_path / scorer), "--scorer", scorer,
-                                          "--model", str(tmp_path / "no" / "such-model")])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "score",
+                str(shard),
+                "-o",
+                str(tmp_path / scorer),
+                "--scorer",
+                scorer,
+                "--model",
+                str(tmp_path / "no" / "such-model"),
+            ],
+        )
         assert result.exit_code == 2, result.output
         assert "does not exist" in result.output and "hf download" not in result.output
     result = CliRunner().invoke(app, ["score", str(shard), "-o", str(tmp_path / "r"), "--scorer", "rulez"])

@@ -36,14 +36,16 @@ def _table(run):
 def _laion_parquet(path, n=3):
     """LAION metadata style, with image bytes: upper-case URL/TEXT columns, English caption in TEXT_EN."""
     pq.write_table(
-        pa.table({
-            "URL": [f"http://example.com/{i}.jpg" for i in range(n)],
-            "TEXT_EN": [f"a red square number {i} on a plain background" for i in range(n)],
-            "jpg": [_jpeg() for _ in range(n)],
-            "similarity": [0.3] * n,
-        }),
+        pa.table(
+            {
+                "URL": [f"http://example.com/{i}.jpg" for i in range(n)],
+                "TEXT_EN": [f"a red square number {i} on a plain background" for i in range(n)],
+                "jpg": [_jpeg() for _ in range(n)],
+                "similarity": [0.3] * n,
+            }
+        ),
         path,
-    )  # fmt: skip
+    )
     return path
 
 
@@ -67,8 +69,16 @@ def test_a_caption_column_not_found_names_the_columns_and_the_flag(tmp_path):
 
 def test_upper_case_laion_columns_are_found_by_themselves(tmp_path):
     shard = tmp_path / "laion.parquet"
-    pq.write_table(pa.table({"URL": ["http://x/0.jpg", "http://x/1.jpg"], "TEXT": ["a red square", "another red square"],
-                             "JPG": [_jpeg(), _jpeg()]}), shard)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "URL": ["http://x/0.jpg", "http://x/1.jpg"],
+                "TEXT": ["a red square", "another red square"],
+                "JPG": [_jpeg(), _jpeg()],
+            }
+        ),
+        shard,
+    )
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
     assert code == 0, out
     table = _table(tmp_path / "run")
@@ -78,11 +88,28 @@ def test_upper_case_laion_columns_are_found_by_themselves(tmp_path):
 
 def test_a_recipe_read_block_sets_columns_and_a_flag_overrides_it(tmp_path):
     shard = tmp_path / "pool.parquet"
-    pq.write_table(pa.table({"picture": [_jpeg(), _jpeg()], "alt_en": ["one two three", "four five six seven"],
-                             "alt_de": ["eins", "zwei"], "id": ["a" * 32, "b" * 32]}), shard)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "picture": [_jpeg(), _jpeg()],
+                "alt_en": ["one two three", "four five six seven"],
+                "alt_de": ["eins", "zwei"],
+                "id": ["a" * 32, "b" * 32],
+            }
+        ),
+        shard,
+    )
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"inputs": [str(shard)], "output": str(tmp_path / "run"), "scorers": ["rules"],
-                                      "read": {"image_column": "picture", "caption_column": "alt_de", "uid_column": "id"}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [str(shard)],
+                "output": str(tmp_path / "run"),
+                "scorers": ["rules"],
+                "read": {"image_column": "picture", "caption_column": "alt_de", "uid_column": "id"},
+            }
+        )
+    )
     code, out = _score("--recipe", recipe, "--caption-column", "alt_en")
     assert code == 0, out
     table = _table(tmp_path / "run")
@@ -106,10 +133,16 @@ def test_a_parquet_of_urls_only_says_to_download_first(tmp_path):
 def test_img2dataset_folder_reads_the_tars_not_their_sidecars(tmp_path):
     shards = tmp_path / "shards"
     for s in range(2):
-        write_shard(shards / f"{s:05d}.tar", [{"key": f"{s:05d}{i:04d}", "jpg": _jpeg(), "txt": "a red square here"}
-                                               for i in range(2)])  # fmt: skip
-        pq.write_table(pa.table({"url": ["http://x"] * 2, "key": [f"{s:05d}{i:04d}" for i in range(2)],
-                                 "status": ["success"] * 2}), shards / f"{s:05d}.parquet")  # fmt: skip
+        write_shard(
+            shards / f"{s:05d}.tar",
+            [{"key": f"{s:05d}{i:04d}", "jpg": _jpeg(), "txt": "a red square here"} for i in range(2)],
+        )
+        pq.write_table(
+            pa.table(
+                {"url": ["http://x"] * 2, "key": [f"{s:05d}{i:04d}" for i in range(2)], "status": ["success"] * 2}
+            ),
+            shards / f"{s:05d}.parquet",
+        )
         (shards / f"{s:05d}_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
     for spec in (shards, f"{shards}/*"):
         run = tmp_path / ("run-folder" if spec == shards else "run-glob")
@@ -122,8 +155,9 @@ def test_img2dataset_folder_reads_the_tars_not_their_sidecars(tmp_path):
 
 def test_tar_members_with_other_extensions_are_named_in_the_hint_and_read_with_the_flag(tmp_path):
     shard = tmp_path / "00000.tar"
-    from tests.builders import add_member
     import tarfile
+
+    from tests.builders import add_member
 
     with tarfile.open(shard, "w") as tar:
         for i in range(2):
@@ -143,8 +177,10 @@ def test_a_misnamed_column_and_a_parquet_without_images_are_told_once_per_shard(
     text = " ".join(out.split())
     assert code == 0 and "column 'TEXT_DE' not found (columns: URL, TEXT_EN, jpg, similarity)" in text, out
     assert text.count("TEXT_DE' not found") == 1
-    pq.write_table(pa.table({"name": ["a.jpg"], "blob": pa.array([b"\xff\xd8\xff"], pa.large_binary()),
-                             "caption": ["x"]}), tmp_path / "odd.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"name": ["a.jpg"], "blob": pa.array([b"\xff\xd8\xff"], pa.large_binary()), "caption": ["x"]}),
+        tmp_path / "odd.parquet",
+    )
     pq.write_table(pa.table({"photo_id": [1], "caption": ["x"]}), tmp_path / "noimage.parquet")
     code, out = _score(tmp_path / "noimage.parquet", "-o", tmp_path / "run2", "--scorer", "rules")
     text = " ".join(out.split())
@@ -162,7 +198,11 @@ def test_an_imagefolder_whose_caption_field_has_another_name(tmp_path):
     (folder / "metadata.csv").write_text("file_name,description_en\n0.jpg,a red square\n1.jpg,one more red square\n")
     code, out = _score(folder, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
-    assert code == 0 and "no caption found among [metadata.csv: file_name, description_en]; pass --caption-column description_en" in text, out
+    assert (
+        code == 0
+        and "no caption found among [metadata.csv: file_name, description_en]; pass --caption-column description_en"
+        in text
+    ), out
     code, out = _score(folder, "-o", tmp_path / "fixed", "--scorer", "rules", "--caption-column", "description_en")
     assert code == 0, out
     assert _table(tmp_path / "fixed")["rules_words"].to_pylist() == [3, 4]
@@ -173,8 +213,10 @@ def test_teach_sample_reads_the_pool_with_the_column_flags(tmp_path):
     captions = [f"photo number {i} of a red square on a table" for i in range(8)]
     pq.write_table(pa.table({"URL": ["http://x"] * 8, "TEXT_EN": captions, "jpg": [_jpeg() for _ in range(8)]}), pool)
     out = tmp_path / "teach"
-    result = CliRunner().invoke(app, ["teach", "sample", str(pool), "-o", str(out), "--n", "4", "--clusters", "2",
-                                      "--caption-column", "TEXT_EN"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        ["teach", "sample", str(pool), "-o", str(out), "--n", "4", "--clusters", "2", "--caption-column", "TEXT_EN"],
+    )
     assert result.exit_code == 0, result.output
     picked = pq.read_table(out / "sample.parquet")
     assert picked.num_rows == 4 and set(picked["caption"].to_pylist()) <= set(captions)
@@ -182,7 +224,9 @@ def test_teach_sample_reads_the_pool_with_the_column_flags(tmp_path):
 
 def test_a_column_that_is_there_but_empty_is_named_as_such(tmp_path):
     shard = tmp_path / "nulls.parquet"
-    pq.write_table(pa.table({"jpg": pa.array([None, None], pa.binary()), "caption": ["a red square", "another"]}), shard)
+    pq.write_table(
+        pa.table({"jpg": pa.array([None, None], pa.binary()), "caption": ["a red square", "another"]}), shard
+    )
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
     assert code == 0 and "column 'jpg' holds no image in any row (columns: [jpg, caption])" in text, out

@@ -17,8 +17,9 @@ from tests.builders import flickr_shards, write_shard
 
 def mlmfilter(*args) -> tuple[dict, str]:
     """Run the CLI; returns the parsed stdout (must be exactly one JSON object) and stderr."""
-    done = subprocess.run([sys.executable, "-m", "mlmfilter.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "mlmfilter.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1 and done.stdout.endswith("\n"), done.stdout
     return json.loads(done.stdout), done.stderr
@@ -50,7 +51,11 @@ def test_score_select_reshard_print_json_on_stdout(tmp_path, flickr_pairs):
 
 
 def test_errors_stay_off_stdout(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mlmfilter.cli", "select", str(tmp_path), "--where", "x", "--json"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "mlmfilter.cli", "select", str(tmp_path), "--where", "x", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert "is not a run folder" in done.stderr

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from mlmfilter.cli import app
 from mlmfilter.runs.folder import RunFolder
 from tests import mlm_support
-from tests.builders import scores_dataset, flickr_shards, write_shard
+from tests.builders import flickr_shards, scores_dataset, write_shard
 
 runner = CliRunner()
 
@@ -28,17 +28,34 @@ def llava_dir(smollm2_cache_dir) -> str:
 @pytest.fixture()
 def shards(tmp_path, flickr_pairs):
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=2, per_shard=3)
-    write_shard(tmp_path / "in" / "00000002.tar", [
-        {"key": "broken", "jpg": flickr_pairs[0][0].read_bytes()[:5000], "txt": "a girl on wooden stairs"},
-        {"key": "nocaption", "jpg": flickr_pairs[1][0].read_bytes(), "txt": ""},
-    ])
+    write_shard(
+        tmp_path / "in" / "00000002.tar",
+        [
+            {"key": "broken", "jpg": flickr_pairs[0][0].read_bytes()[:5000], "txt": "a girl on wooden stairs"},
+            {"key": "nocaption", "jpg": flickr_pairs[1][0].read_bytes(), "txt": ""},
+        ],
+    )
     return tmp_path / "in" / "*.tar"
 
 
 def test_score_with_mlm_then_select_on_its_columns(tmp_path, shards, llava_dir):
     run = tmp_path / "run"
-    score_args = ["score", shards, "-o", run, "--scorer", "mlm", "--model", llava_dir, "--metrics", "itm,odf",
-                  "--conversation", "vicuna_v1", "--dtype", "fp32"]
+    score_args = [
+        "score",
+        shards,
+        "-o",
+        run,
+        "--scorer",
+        "mlm",
+        "--model",
+        llava_dir,
+        "--metrics",
+        "itm,odf",
+        "--conversation",
+        "vicuna_v1",
+        "--dtype",
+        "fp32",
+    ]
     invoke(*score_args)
     table = scores_dataset(run).to_table()
     rows = {r["key"]: r for r in table.to_pylist()}

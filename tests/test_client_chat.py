@@ -7,23 +7,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_server import HANG_S, RETRY_AFTER_S, FaultServer
 from mlmfilter.clients import ChatClient, ChatRequest, ClientOptions, RequestCache, request_key
 from mlmfilter.clients.batch import BatchFileWriter, ingest_batch_output
 from mlmfilter.clients.chat import BAD_RESPONSE, NOT_IN_BATCH_OUTPUT, REQUEST_FAILED
 from mlmfilter.clients.credentials import NO_KEY, resolve_api_key
+from tests.fault_server import HANG_S, RETRY_AFTER_S, FaultServer
 
 SECRET = "sk-test-NEVER-WRITE-ME-4242"
 
 
 def _request(text: str, model: str = "teacher") -> ChatRequest:
-    return ChatRequest({"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
-                        "max_tokens": 16, "temperature": 0}, tag=text)  # fmt: skip
+    return ChatRequest(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+            "max_tokens": 16,
+            "temperature": 0,
+        },
+        tag=text,
+    )
 
 
 def _client(server: FaultServer, cache: RequestCache | None, monkeypatch, **options) -> ChatClient:
     monkeypatch.setenv("TEACH_TEST_KEY", SECRET)
-    defaults = dict(base_url=server.base_url, api_key_env="TEACH_TEST_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05)
+    defaults = dict(
+        base_url=server.base_url, api_key_env="TEACH_TEST_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05
+    )
     return ChatClient(ClientOptions(**{**defaults, **options}), cache=cache)
 
 
@@ -71,8 +80,17 @@ def test_faults_retry_then_succeed_or_end_as_errors(tmp_path, monkeypatch):
 def json_digest(result) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps({"model": "teacher", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": result.tag}]}], "max_tokens": 16, "temperature": 0}, sort_keys=True).encode()).hexdigest()  # fmt: skip
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "model": "teacher",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": result.tag}]}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
 
 
 def test_timeouts_exhausted_become_an_error(monkeypatch):
@@ -102,7 +120,12 @@ def test_cache_key_covers_the_whole_request():
     assert request_key(base) == request_key(json.loads(json.dumps(base)))
     assert request_key(base) != request_key({**base, "temperature": 0.7})
     assert request_key(base) != request_key({**base, "model": "other"})
-    image = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}]}
+    image = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}
+        ],
+    }
     other = json.loads(json.dumps(image).replace("AAAA", "AAAB"))
     assert request_key(image) != request_key(other)
 
@@ -115,7 +138,9 @@ def test_batch_files_split_and_outputs_fill_the_cache(tmp_path, monkeypatch):
     assert [len(p.read_text().splitlines()) for p in writer.files] == [3, 3, 1]
     lines = [json.loads(line) for p in writer.files for line in p.read_text().splitlines()]
     assert {tuple(sorted(line)) for line in lines} == {("body", "custom_id", "method", "url")}
-    assert all(line["url"] == "/v1/chat/completions" and line["custom_id"] == request_key(line["body"]) for line in lines)
+    assert all(
+        line["url"] == "/v1/chat/completions" and line["custom_id"] == request_key(line["body"]) for line in lines
+    )
     one = len((json.dumps(lines[0]) + "\n").encode())
     with BatchFileWriter(tmp_path / "bytes" / "req.jsonl", max_bytes=2 * one + 10) as by_bytes:
         for r in requests:
@@ -128,12 +153,30 @@ def test_batch_files_split_and_outputs_fill_the_cache(tmp_path, monkeypatch):
         answerer = _client(server, None, monkeypatch)
         for i, line in enumerate(lines):
             if i == 4:
-                fh.write(json.dumps({"id": "b", "custom_id": line["custom_id"], "response": {"status_code": 500, "body": {}},
-                                     "error": None}) + "\n")  # fmt: skip
+                fh.write(
+                    json.dumps(
+                        {
+                            "id": "b",
+                            "custom_id": line["custom_id"],
+                            "response": {"status_code": 500, "body": {}},
+                            "error": None,
+                        }
+                    )
+                    + "\n"
+                )
                 continue
             answer = answerer.complete(ChatRequest(line["body"])).response
-            fh.write(json.dumps({"id": f"b{i}", "custom_id": line["custom_id"],
-                                 "response": {"status_code": 200, "body": answer}, "error": None}) + "\n")  # fmt: skip
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"b{i}",
+                        "custom_id": line["custom_id"],
+                        "response": {"status_code": 200, "body": answer},
+                        "error": None,
+                    }
+                )
+                + "\n"
+            )
         sent = server.requests
     cache = RequestCache(tmp_path / "cache.sqlite")
     report = ingest_batch_output([output], cache)

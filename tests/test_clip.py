@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.builders import build_tiny_clip
-from tests.conftest import shared_path
 from mlmfilter import errors
 from mlmfilter.imaging import DecodeSpec, decode_image
 from mlmfilter.models.clip import RANDOM_WEIGHTS_WARNING, inspect_clip, load_clip
@@ -20,6 +18,8 @@ from mlmfilter.models.common import ModelUnavailableError
 from mlmfilter.sample import Sample
 from mlmfilter.scorers import build_scorer
 from mlmfilter.scorers.clip import ClipScorer, clip_score
+from tests.builders import build_tiny_clip
+from tests.conftest import shared_path
 
 N_PHOTOS = 12
 LONG_CAPTION = " ".join(["a brown dog runs across the green grass near a lake while children watch"] * 12)
@@ -234,12 +234,21 @@ def test_siglip_loads_and_scores(tmp_path, flickr_pairs):
     text_length = 64
     config = SiglipConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=text_length, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=text_length,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=96, patch_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=96,
+            patch_size=16,
         ),
     )
     torch.manual_seed(2)
@@ -257,8 +266,12 @@ def test_siglip_loads_and_scores(tmp_path, flickr_pairs):
     assert scorer.loaded.spec.family == "siglip" and scorer.provenance()["preprocessing"]["center_crop"] is None
     ours = torch.tensor([r["clip_cosine"] for r in rows])
     reference = _reference_cosines(
-        tmp_path, [d for _, d, _ in decoded], [c for _, _, c in decoded[:5]] + [LONG_CAPTION],
-        processor, padding="max_length", use_mask=False,
+        tmp_path,
+        [d for _, d, _ in decoded],
+        [c for _, _, c in decoded[:5]] + [LONG_CAPTION],
+        processor,
+        padding="max_length",
+        use_mask=False,
     )
     assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
     for row in rows:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mlmfilter.models.convert_llava import LlavaConversionError, VICUNA_V1_SYSTEM, convert_llava_checkpoint
+from mlmfilter.models.convert_llava import VICUNA_V1_SYSTEM, LlavaConversionError, convert_llava_checkpoint
 from mlmfilter.models.tiny_vlm import smollm2_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -226,9 +226,7 @@ def original_checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(original_checkpoint, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("converted") / "llava-hf"
-    out = convert_llava_checkpoint(
-        original_checkpoint["src"], dst, vision_tower=str(original_checkpoint["tower_dir"])
-    )
+    out = convert_llava_checkpoint(original_checkpoint["src"], dst, vision_tower=str(original_checkpoint["tower_dir"]))
     assert out == dst
     return dst
 
@@ -257,7 +255,9 @@ def test_converted_logits_match_original_llava_forward(original_checkpoint, conv
 
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     # LLaVA's own loader registers llava_llama; transformers does not, so give it the Llama config
-    original_tokenizer = AutoTokenizer.from_pretrained(original_checkpoint["src"], config=original_checkpoint["llama_config"])
+    original_tokenizer = AutoTokenizer.from_pretrained(
+        original_checkpoint["src"], config=original_checkpoint["llama_config"]
+    )
     ids = llava_input_ids(prompt, original_tokenizer)
     at = ids.index(-200)
     image_id = model.config.image_token_index

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from tests.builders import scores_dataset
 import pyarrow.dataset as ds
 import pytest
 
 from mlmfilter.demo import run_demo
+from tests.builders import scores_dataset
 
 
 @pytest.mark.slow

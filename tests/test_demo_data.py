@@ -56,7 +56,10 @@ def test_building_twice_gives_identical_bytes(shards, tmp_path):
 def test_cli_script_writes_the_same_shards(shards, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_sample_data.py"), str(tmp_path / "cli")],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     written = [Path(line) for line in result.stdout.split()]
     assert [p.name for p in written] == [p.name for p in shards]

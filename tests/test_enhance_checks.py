@@ -49,9 +49,18 @@ def test_minimal_rewrites_pass(checker, candidate):
         ("...", checks.EMPTY),
         ("Barack Obama", checks.TOO_SHORT),
         (ORIGINAL + ", " + "and a long list of things nobody asked about, " * 8, checks.TOO_LONG),
-        ("Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009<|im_end|>", checks.LEAKED_TEMPLATE),
-        ("ASSISTANT: Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009", checks.LEAKED_TEMPLATE),
-        ('{"caption": "Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009"}', checks.LEAKED_JSON),
+        (
+            "Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009<|im_end|>",
+            checks.LEAKED_TEMPLATE,
+        ),
+        (
+            "ASSISTANT: Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009",
+            checks.LEAKED_TEMPLATE,
+        ),
+        (
+            '{"caption": "Barack Obama shakes hands with 3 workers at the Nikon factory in Osaka in 2009"}',
+            checks.LEAKED_JSON,
+        ),
         (
             "Rewrite the caption so that it describes the image correctly: Barack Obama meets 3 workers "
             "at the Nikon factory in Osaka in 2009",
@@ -90,7 +99,9 @@ def test_what_the_original_already_has_is_not_a_leak(checker):
 
 
 def test_options_switch_checks_off():
-    loose = CaptionChecker(CheckOptions(keep_entities=False, keep_numbers=False, check_language=False, reject_copies=False))
+    loose = CaptionChecker(
+        CheckOptions(keep_entities=False, keep_numbers=False, check_language=False, reject_copies=False)
+    )
     facts = loose.facts([ORIGINAL])[0]
     assert facts.entities == [] and facts.numbers == []
     assert loose.check(facts, "Barack Obama shakes hands with workers at a factory").passed

@@ -24,20 +24,52 @@ def scored_run(tmp_path_factory, flickr_pairs, smollm2_cache_dir):
     tmp = tmp_path_factory.mktemp("enhance-cli")
     model = str(mlm_support.tiny_model_dir("llava", smollm2_cache_dir))
     shards = flickr_shards(flickr_pairs[:3], tmp / "in", n_shards=1, per_shard=3)
-    result = runner.invoke(app, [
-        "score", str(shards[0]), "-o", str(tmp / "run"), "--scorer", "mlm", "--model", model, "--metrics", "itm,odf",
-        "--device", "cpu", "--dtype", "fp32", "--decode-workers", "0",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(shards[0]),
+            "-o",
+            str(tmp / "run"),
+            "--scorer",
+            "mlm",
+            "--model",
+            model,
+            "--metrics",
+            "itm,odf",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--decode-workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return tmp / "run", model
 
 
 def test_enhance_command_rescores_with_the_runs_own_judge(scored_run):
     run, model = scored_run
-    result = runner.invoke(app, [
-        "enhance", str(run), "--where", "itm <= 100", "--model", model, "--max-new-tokens", "8",
-        "--candidates", "2", "--device", "cpu", "--dtype", "fp32",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "enhance",
+            str(run),
+            "--where",
+            "itm <= 100",
+            "--model",
+            model,
+            "--max-new-tokens",
+            "8",
+            "--candidates",
+            "2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "3 pairs tried, 0 accepted" in _flat(result.output)
     reader = RunReader(run)
@@ -46,10 +78,25 @@ def test_enhance_command_rescores_with_the_runs_own_judge(scored_run):
     assert settings["sampling"]["n"] == 2 and settings["sampling"]["temperature"] == 0.7
     rows = reader.dataset("enhance").to_table().to_pylist()
     assert len(rows) == 3 and all(r["decision"] == "rejected" for r in rows)
-    again = runner.invoke(app, [
-        "enhance", str(run), "--where", "itm <= 100", "--model", model, "--max-new-tokens", "8",
-        "--candidates", "2", "--device", "cpu", "--dtype", "fp32",
-    ])  # fmt: skip
+    again = runner.invoke(
+        app,
+        [
+            "enhance",
+            str(run),
+            "--where",
+            "itm <= 100",
+            "--model",
+            model,
+            "--max-new-tokens",
+            "8",
+            "--candidates",
+            "2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+    )
     assert again.exit_code == 0 and "3 pairs tried" in _flat(again.output)  # resumed: the totals of the done shard
 
 

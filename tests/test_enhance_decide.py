@@ -16,7 +16,9 @@ ORIGINAL = "a dog in a park"
 
 
 def _sample(caption: str = ORIGINAL, key: str = "0") -> Sample:
-    return Sample(uid=f"{int(key):032x}", shard="s0", key=key, caption=caption, image=Image.new("RGB", (40, 32), "green"))
+    return Sample(
+        uid=f"{int(key):032x}", shard="s0", key=key, caption=caption, image=Image.new("RGB", (40, 32), "green")
+    )
 
 
 def _run(scores, written, **decision):
@@ -57,7 +59,11 @@ def test_a_worse_rewrite_is_rejected_even_with_zero_margin():
 
 
 def test_best_of_several_candidates_is_kept():
-    good, best, copy = "a brown dog on the grass of a park", "a brown dog runs across the grass of a park", "A dog in a park."
+    good, best, copy = (
+        "a brown dog on the grass of a park",
+        "a brown dog runs across the grass of a park",
+        "A dog in a park.",
+    )
     (d,), judge = _run({ORIGINAL: 20, good: 40, best: 70}, [_g(copy, good, best, good)])
     assert d.caption == best and d.gain == pytest.approx(50.0)
     assert [c.text for c in d.candidates] == [copy, good, best]  # duplicates are one candidate
@@ -91,7 +97,10 @@ def test_failures_and_empty_writes():
 
 
 def test_every_candidate_failing_its_checks_gives_the_first_reason_and_no_judge_call():
-    (d,), judge = _run({}, [[Generated("I'm sorry, I cannot see the image.", "stop", 9), Generated("a dog in a park and", "length", 96)]])
+    (d,), judge = _run(
+        {},
+        [[Generated("I'm sorry, I cannot see the image.", "stop", 9), Generated("a dog in a park and", "length", 96)]],
+    )
     assert d.reason == checks.REFUSAL and [c.reason for c in d.candidates] == [checks.REFUSAL, checks.TRUNCATED]
     assert judge.seen == []  # not even the original: nothing to compare it with
 

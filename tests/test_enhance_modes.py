@@ -33,9 +33,14 @@ def test_prompts_are_configurable_and_checked():
         EnhancePrompts(rewrite='Answer as {"caption": {caption}}')
     with pytest.raises(ValueError, match="literal braces"):
         EnhancePrompts(rewrite="Fix {caption")
-    assert EnhancePrompts(rewrite='Answer as {{"caption": "{caption}"}}').render_rewrite("a dog") == 'Answer as {"caption": "a dog"}'
+    assert (
+        EnhancePrompts(rewrite='Answer as {{"caption": "{caption}"}}').render_rewrite("a dog")
+        == 'Answer as {"caption": "a dog"}'
+    )
     assert EnhancePrompts().sha256() != prompts.sha256()
-    assert any("Sentence 1 provides detailed real-world knowledge" in t for t in EnhancePrompts().instruction_texts("fuse"))
+    assert any(
+        "Sentence 1 provides detailed real-world knowledge" in t for t in EnhancePrompts().instruction_texts("fuse")
+    )
 
 
 def test_fuse_describes_then_merges_each_description_with_the_raw_caption():
@@ -46,7 +51,9 @@ def test_fuse_describes_then_merges_each_description_with_the_raw_caption():
         return ["Tour de France 2019 in Paris: " + prompt.split("Sentence 2: ")[1].split("\n")[0]]
 
     writer = ScriptedWriter(respond)
-    (written,) = FuseMode(writer, EnhancePrompts(), SamplingParams(n=2, temperature=1.0)).write([IMAGE], ["Tour de France 2019 Paris"])
+    (written,) = FuseMode(writer, EnhancePrompts(), SamplingParams(n=2, temperature=1.0)).write(
+        [IMAGE], ["Tour de France 2019 Paris"]
+    )
     assert written.intermediate == ["a man on a red bicycle", "a cyclist in a city street"]
     assert [g.text for g in written.texts] == [
         "Tour de France 2019 in Paris: a man on a red bicycle",
@@ -61,10 +68,7 @@ def test_fuse_reports_a_failed_description():
     assert written.texts == [] and written.failure.startswith("describe: caption_too_long")
 
 
-AITQE_POOR = (
-    '{"Recaption": "A man stands in front of a checklist of customer service questions", '
-    '"Overall Score": "2'
-)
+AITQE_POOR = '{"Recaption": "A man stands in front of a checklist of customer service questions", "Overall Score": "2'
 AITQE_FINE = '{"Overall Score": "8'
 AITQE_CUT = '{"Recaption": "A man stands in front of a checklist of cust'
 

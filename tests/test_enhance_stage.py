@@ -61,7 +61,9 @@ def _enhance(run_dir, scenario, crash_on=None, **options):
     writer = ScriptedWriter(by_caption(scenario["rewrites"]), crash_on=crash_on)
     judge = ScriptedJudge(scenario["scores"])
     stage = EnhanceStage(
-        EnhanceOptions(where="itm < 40", model="scripted-writer", judge=["mlm"], **options), generator=writer, scorers=[judge]
+        EnhanceOptions(where="itm < 40", model="scripted-writer", judge=["mlm"], **options),
+        generator=writer,
+        scorers=[judge],
     )
     return run_stage(run_dir, stage), writer
 
@@ -106,10 +108,25 @@ def test_enhance_stage_decides_every_selected_pair(tmp_path, scenario):
 
     schema = pq.read_schema(RunReader(run_dir).table_files("enhance")[0])
     assert schema.names == [
-        "uid", "shard", "key", "mode", "original_caption", "candidates", "candidate_reasons", "candidate_gains",
-        "intermediate", "itm_before", "itm_after", "gain", "decision", "reason", "reason_detail", "caption",
-        "error", "error_detail",
-    ]  # fmt: skip
+        "uid",
+        "shard",
+        "key",
+        "mode",
+        "original_caption",
+        "candidates",
+        "candidate_reasons",
+        "candidate_gains",
+        "intermediate",
+        "itm_before",
+        "itm_after",
+        "gain",
+        "decision",
+        "reason",
+        "reason_detail",
+        "caption",
+        "error",
+        "error_detail",
+    ]
     provenance = RunReader(run_dir).provenance("enhance")
     assert provenance["compare"] == ["itm"] and provenance["generator"]["backend"] == "scripted"
 
@@ -168,12 +185,16 @@ def test_reshard_writes_accepted_rewrites_in_place_of_the_originals(tmp_path, sc
 
 def test_where_must_name_a_judge_column():
     with pytest.raises(ValueError, match="compare"):
-        EnhanceStage(EnhanceOptions(where="rules_ok", model="x", judge=["mlm"]), generator=ScriptedWriter(lambda p: []),
-                     scorers=[ScriptedJudge({})])  # fmt: skip
+        EnhanceStage(
+            EnhanceOptions(where="rules_ok", model="x", judge=["mlm"]),
+            generator=ScriptedWriter(lambda p: []),
+            scorers=[ScriptedJudge({})],
+        )
     stage = EnhanceStage(
         EnhanceOptions(where="rules_ok and itm < 40 and clip_score > 0.2", model="x", judge=["mlm"]),
-        generator=ScriptedWriter(lambda p: []), scorers=[ScriptedJudge({})],
-    )  # fmt: skip
+        generator=ScriptedWriter(lambda p: []),
+        scorers=[ScriptedJudge({})],
+    )
     assert stage.compare == ["itm"]
 
 
@@ -194,8 +215,9 @@ def test_aitqe_mode_keeps_recaptions_and_leaves_fine_captions(tmp_path, scenario
     writer = ScriptedWriter(respond)
     stage = EnhanceStage(
         EnhanceOptions(where="itm < 40", mode="aitqe", model="aitqe", judge=["mlm"]),
-        generator=writer, scorers=[ScriptedJudge(scenario["scores"])],
-    )  # fmt: skip
+        generator=writer,
+        scorers=[ScriptedJudge(scenario["scores"])],
+    )
     assert run_stage(run_dir, stage).ok
     assert all(p.startswith("Evaluate the caption: ") for p in writer.prompts)
     rows = _rows(run_dir)

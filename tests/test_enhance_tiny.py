@@ -24,14 +24,22 @@ def test_tiny_models_write_gibberish_and_the_checks_reject_it(tmp_path, flickr_p
     judge = {"name": "mlm", "options": {"model": model, "metrics": "itm", "device": "cpu", "dtype": "fp32"}}
     inputs = [str(p) for p in flickr_shards(flickr_pairs[:3], tmp_path / "in", n_shards=1, per_shard=3)]
     summary = run_stage(
-        tmp_path / "run", ScoringStage(ScoringOptions(scorers=[judge], decode_workers=0)),
-        sources=expand_inputs(inputs), inputs=inputs, read_options={},
-    )  # fmt: skip
+        tmp_path / "run",
+        ScoringStage(ScoringOptions(scorers=[judge], decode_workers=0)),
+        sources=expand_inputs(inputs),
+        inputs=inputs,
+        read_options={},
+    )
     assert summary.ok, summary.shards_failed
     options = EnhanceOptions(
-        where="itm <= 100", mode=mode, model=model, device="cpu", dtype="fp32", judge=[judge],
+        where="itm <= 100",
+        mode=mode,
+        model=model,
+        device="cpu",
+        dtype="fp32",
+        judge=[judge],
         sampling={"max_new_tokens": 24, "temperature": 1.0, "n": 2, "seed": 3},
-    )  # fmt: skip
+    )
     summary = run_stage(tmp_path / "run", EnhanceStage(options))
     assert summary.ok, summary.shards_failed
     rows = RunReader(tmp_path / "run").dataset("enhance").to_table().to_pylist()

@@ -20,7 +20,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, flickr_pairs):
     folder = tmp_path_factory.mktemp("corrupt")
-    samples = [{"key": f"{i:04d}", "jpg": path.read_bytes(), "txt": caption} for i, (path, caption) in enumerate(flickr_pairs[:12])]
+    samples = [
+        {"key": f"{i:04d}", "jpg": path.read_bytes(), "txt": caption}
+        for i, (path, caption) in enumerate(flickr_pairs[:12])
+    ]
     samples.append({"key": "cut", "jpg": flickr_pairs[12][0].read_bytes()[:3000], "txt": flickr_pairs[12][1]})
     samples.append({"key": "nocap", "jpg": flickr_pairs[13][0].read_bytes()})
     return write_shard(folder / "00000000.tar", samples)
@@ -31,7 +34,9 @@ def test_eval_corrupt_reports_what_the_rules_scorer_catches(tmp_path, shard):
     result = runner.invoke(app, ["eval", "corrupt", str(shard), "--scorer", "rules", "--seed", "3", "-o", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["pairs"] == 13 and report["pairs_scored"] == 12  # the cut JPEG is an error row, the caption-less pair a read error
+    assert (
+        report["pairs"] == 13 and report["pairs_scored"] == 12
+    )  # the cut JPEG is an error row, the caption-less pair a read error
     assert report["score_errors"] == {"truncated_image": 1}
     assert sum(report["read_errors"].values()) == 1
     words = report["columns"]["rules_words"]
@@ -44,7 +49,10 @@ def test_eval_corrupt_reports_what_the_rules_scorer_catches(tmp_path, shard):
     assert set(report["kinds"]) == set(CORRUPTION_KINDS) and report["kinds"]["truncate"]["made"] == 12
     assert all(e["corrupted"] != e["original"] for examples in report["examples"].values() for e in examples)
     again = tmp_path / "again.json"
-    assert runner.invoke(app, ["eval", "corrupt", str(shard), "-s", "rules", "--seed", "3", "-o", str(again)]).exit_code == 0
+    assert (
+        runner.invoke(app, ["eval", "corrupt", str(shard), "-s", "rules", "--seed", "3", "-o", str(again)]).exit_code
+        == 0
+    )
     assert json.loads(again.read_text())["columns"] == report["columns"]  # deterministic for a seed
 
 
@@ -71,8 +79,26 @@ def test_bad_flags_end_with_one_line(shard):
 def test_a_pixel_scorer_sees_each_image_with_every_caption(tmp_path, shard, tiny_clip_dir):
     """A tiny random CLIP (scores are noise): the plumbing, not the quality, is under test."""
     out = tmp_path / "clip.json"
-    result = runner.invoke(app, ["eval", "corrupt", str(shard), "-s", "clip", "--model", str(tiny_clip_dir),
-                                 "--dtype", "fp32", "--limit", "4", "--kinds", "other_caption,truncate", "-o", str(out)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "corrupt",
+            str(shard),
+            "-s",
+            "clip",
+            "--model",
+            str(tiny_clip_dir),
+            "--dtype",
+            "fp32",
+            "--limit",
+            "4",
+            "--kinds",
+            "other_caption,truncate",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert set(report["columns"]) == {"clip_cosine", "clip_score"} and report["pairs_scored"] == 4

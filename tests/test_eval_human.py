@@ -30,7 +30,11 @@ def test_expert_loader_flattens_three_scores_and_drops_reference_captions_like_c
     assert len(expert.judgements) == 16992 and expert.dropped == {"candidate_is_a_reference_caption": 158}
     assert expert.headline_tau == "c" and len(expert.images) == 1000
     first = expert.judgements[:3]  # 1056338697_4f7d7ce270.jpg  2549968784_39bfbe44f9.jpg#2  1 1 1
-    assert {j.image for j in first} == {"1056338697_4f7d7ce270.jpg"} and [j.rater for j in first] == ["expert1", "expert2", "expert3"]
+    assert {j.image for j in first} == {"1056338697_4f7d7ce270.jpg"} and [j.rater for j in first] == [
+        "expert1",
+        "expert2",
+        "expert3",
+    ]
     assert all(j.caption_id == "2549968784_39bfbe44f9.jpg#2" and j.rating == 1.0 for j in first)
     tokens = dict(line.split("\t") for line in (judgements_dir / "Flickr8k.token.txt").read_text().splitlines())
     assert first[0].caption == " ".join(tokens["2549968784_39bfbe44f9.jpg#2"].split())
@@ -68,7 +72,8 @@ def test_clipscore_json_equals_the_text_format_it_was_made_from(tmp_path, expert
     path.write_text(json.dumps(layout))
     loaded = ClipScoreJsonAnnotations(path).load()
     assert [(j.image, j.caption, j.rating) for j in loaded.judgements] == [
-        (j.image, j.caption, j.rating) for j in expert.judgements[:60]]  # fmt: skip
+        (j.image, j.caption, j.rating) for j in expert.judgements[:60]
+    ]
     assert loaded.dropped == {"nan_rating": 1}
     flat = tmp_path / "list.json"
     flat.write_text(json.dumps([{"image_path": "x.jpg", "caption": "a dog", "rating": 3}]))
@@ -77,11 +82,29 @@ def test_clipscore_json_equals_the_text_format_it_was_made_from(tmp_path, expert
 
 def test_eval_human_on_the_real_expert_files_counts_missing_images(tmp_path, judgements_dir, expert, flickr_dir):
     out = tmp_path / "expert.json"
-    result = runner.invoke(app, [
-        "eval", "human", "--benchmark", "flickr8k-expert", "--images", str(flickr_dir / "images"),
-        "--annotations", str(judgements_dir / "ExpertAnnotations.txt"), "--scorer", "rules",
-        "--column", "rules_words", "--column", "rules_ok", "--bootstrap", "30", "-o", str(out),
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "human",
+            "--benchmark",
+            "flickr8k-expert",
+            "--images",
+            str(flickr_dir / "images"),
+            "--annotations",
+            str(judgements_dir / "ExpertAnnotations.txt"),
+            "--scorer",
+            "rules",
+            "--column",
+            "rules_words",
+            "--column",
+            "rules_ok",
+            "--bootstrap",
+            "30",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     # 6 of the 1,000 test images are present: 37 Expert rows x 3 experts = 111 judgements
@@ -106,13 +129,36 @@ def test_broken_and_missing_images_are_counted_not_dropped(tmp_path, flickr_pair
     (good_path, caption), (other_path, _) = flickr_pairs[0], flickr_pairs[1]
     (images / "good.jpg").write_bytes(good_path.read_bytes())
     (images / "cut.jpg").write_bytes(other_path.read_bytes()[:2000])
-    rows = [("good.jpg", caption, 4), ("good.jpg", "a cat on a sofa in a room", 1), ("good.jpg", "two men talk", 2),
-            ("cut.jpg", caption, 3), ("gone.jpg", caption, 2), ("../escape.jpg", caption, 1)]  # fmt: skip
+    rows = [
+        ("good.jpg", caption, 4),
+        ("good.jpg", "a cat on a sofa in a room", 1),
+        ("good.jpg", "two men talk", 2),
+        ("cut.jpg", caption, 3),
+        ("gone.jpg", caption, 2),
+        ("../escape.jpg", caption, 1),
+    ]
     annotations = tmp_path / "ratings.json"
     annotations.write_text(json.dumps([{"image_path": i, "caption": c, "rating": r} for i, c, r in rows]))
     out = tmp_path / "out.json"
-    result = runner.invoke(app, ["eval", "human", "--benchmark", "composite", "--images", str(images),
-                                 "--annotations", str(annotations), "-s", "rules", "--bootstrap", "0", "-o", str(out)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "human",
+            "--benchmark",
+            "composite",
+            "--images",
+            str(images),
+            "--annotations",
+            str(annotations),
+            "-s",
+            "rules",
+            "--bootstrap",
+            "0",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["images_missing"] == 2 and report["missing_images"] == ["../escape.jpg", "gone.jpg"]

@@ -22,8 +22,12 @@ def tied_ratings():
 def test_point_values_equal_scipy(tied_ratings):
     scores, human = tied_ratings
     result = correlations(scores, human, n_resamples=0)
-    assert result["kendall_tau_b"].value == pytest.approx(stats.kendalltau(scores, human, variant="b").statistic, abs=1e-12)
-    assert result["kendall_tau_c"].value == pytest.approx(stats.kendalltau(scores, human, variant="c").statistic, abs=1e-12)
+    assert result["kendall_tau_b"].value == pytest.approx(
+        stats.kendalltau(scores, human, variant="b").statistic, abs=1e-12
+    )
+    assert result["kendall_tau_c"].value == pytest.approx(
+        stats.kendalltau(scores, human, variant="c").statistic, abs=1e-12
+    )
     assert result["spearman"].value == pytest.approx(stats.spearmanr(scores, human).statistic, abs=1e-12)
     assert result["pearson"].value == pytest.approx(stats.pearsonr(scores, human).statistic, abs=1e-12)
     assert result["kendall_tau_b"].low is None  # no resamples, no interval
@@ -47,9 +51,15 @@ def test_bootstrap_intervals_match_scipy_and_are_seeded(tied_ratings):
         e = result[name]
         assert e.low < e.value < e.high and e.high - e.low < 0.5
     # the same resamples through scipy.stats.bootstrap directly give the same Pearson interval
-    reference = stats.bootstrap((scores, human), lambda x, y: stats.pearsonr(x, y).statistic, paired=True,
-                                vectorized=False, n_resamples=200, method="percentile",
-                                rng=np.random.default_rng(5)).confidence_interval  # fmt: skip
+    reference = stats.bootstrap(
+        (scores, human),
+        lambda x, y: stats.pearsonr(x, y).statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=200,
+        method="percentile",
+        rng=np.random.default_rng(5),
+    ).confidence_interval
     assert result["pearson"].low == pytest.approx(reference.low, abs=1e-9)
     assert result["pearson"].high == pytest.approx(reference.high, abs=1e-9)
     assert correlations(scores, human, n_resamples=200, seed=6)["pearson"] != result["pearson"]

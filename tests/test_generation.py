@@ -42,7 +42,9 @@ def generators(smollm2_cache_dir):
 
     def get(family: str, **kwargs) -> TransformersCaptionGenerator:
         if family not in cache:
-            cache[family] = load_vlm(str(mlm_support.tiny_model_dir(family, smollm2_cache_dir)), device="cpu", dtype="fp32")
+            cache[family] = load_vlm(
+                str(mlm_support.tiny_model_dir(family, smollm2_cache_dir)), device="cpu", dtype="fp32"
+            )
         return TransformersCaptionGenerator(cache[family], **kwargs)
 
     return get

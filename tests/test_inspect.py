@@ -77,8 +77,11 @@ def test_stats_prints_quantiles_and_a_histogram(run_dir):
     assert float(rows["0"]) == pytest.approx(values.min(), rel=1e-3)
     assert float(rows["100"]) == pytest.approx(values.max(), rel=1e-3)
     bars = [line for line in result.output.splitlines() if "█" in line]
-    assert len(bars) >= 1 and sum(int(line.split()[2]) for line in result.output.splitlines()
-                                   if re.match(r"^\s*[-\d.]+\s+[-\d.]+\s+\d+(\s|$)", line)) == len(values)  # fmt: skip
+    assert len(bars) >= 1 and sum(
+        int(line.split()[2])
+        for line in result.output.splitlines()
+        if re.match(r"^\s*[-\d.]+\s+[-\d.]+\s+\d+(\s|$)", line)
+    ) == len(values)
     assert "RANDOM WEIGHTS" in result.output
 
 

@@ -93,13 +93,20 @@ def test_each_bad_sample_becomes_an_error_row_and_reading_goes_on(tmp_path, flic
     members = [
         ("0.txt", b"caption without image"),
         ("1.jpg", jpeg),  # no caption
-        ("2.jpg", jpeg), ("2.txt", b"fine caption"), ("2.json", b"{not json"),
-        ("3.jpg", jpeg), ("3.txt", b"caf\xe9 au lait"),  # latin-1, not UTF-8
-        ("4.jpg", jpeg), ("4.txt", b" \n\t "),
-        ("5.jpg", jpeg), ("5.txt", b"x" * 100_000),
-        ("6.jpg", b""), ("6.txt", b"zero-byte image"),
-        ("7.jpg", jpeg), ("7.txt", b"still read after all that"),
-    ]  # fmt: skip
+        ("2.jpg", jpeg),
+        ("2.txt", b"fine caption"),
+        ("2.json", b"{not json"),
+        ("3.jpg", jpeg),
+        ("3.txt", b"caf\xe9 au lait"),  # latin-1, not UTF-8
+        ("4.jpg", jpeg),
+        ("4.txt", b" \n\t "),
+        ("5.jpg", jpeg),
+        ("5.txt", b"x" * 100_000),
+        ("6.jpg", b""),
+        ("6.txt", b"zero-byte image"),
+        ("7.jpg", jpeg),
+        ("7.txt", b"still read after all that"),
+    ]
     samples = list(read_shard(write_shard(tmp_path / "bad.tar", tar_bytes(members))))
     assert [s.key for s in samples] == [str(i) for i in range(8)]
     assert [s.error for s in samples] == [
@@ -343,8 +350,10 @@ def test_gif_bmp_and_tiff_are_images_in_tars_folders_and_parquet(tmp_path):
     folder.mkdir()
     for name, data in members:
         (folder / name).write_bytes(data)
-    pq.write_table(pa.table({"image": [_encoded(f) for f in FORMATS.values()], "caption": list(FORMATS.values())}),
-                   tmp_path / "p.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"image": [_encoded(f) for f in FORMATS.values()], "caption": list(FORMATS.values())}),
+        tmp_path / "p.parquet",
+    )
     for spec in ("s.tar", "folder", "p.parquet"):
         (source,) = expand_inputs([str(tmp_path / spec)])
         samples = _decoded(read_shard(source))
@@ -366,7 +375,9 @@ def test_hugging_face_imagefolder_metadata(tmp_path, table):
     if table.endswith(".jsonl"):
         (root / table).write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        (root / table).write_text("file_name,Text,source\n" + "".join(f"{r['file_name']},{r['Text']},web\n" for r in rows))
+        (root / table).write_text(
+            "file_name,Text,source\n" + "".join(f"{r['file_name']},{r['Text']},web\n" for r in rows)
+        )
     (source,) = expand_inputs([str(root)])
     samples = list(read_shard(source))
     assert [s.error for s in samples] == [None] * 3
@@ -376,13 +387,20 @@ def test_hugging_face_imagefolder_metadata(tmp_path, table):
 
 def test_columns_named_in_the_options_match_in_any_case_and_a_text_image_column_is_a_path(tmp_path):
     (tmp_path / "a.png").write_bytes(_encoded("PNG"))
-    pq.write_table(pa.table({"Picture_File": ["a.png"], "Caption_EN": ["hello"], "UID": ["c" * 32]}), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.table({"Picture_File": ["a.png"], "Caption_EN": ["hello"], "UID": ["c" * 32]}), tmp_path / "p.parquet"
+    )
     (source,) = expand_inputs([str(tmp_path / "p.parquet")])
     options = ReadOptions(image_column="picture_file", caption_column="caption_en", uid_column="uid")
     (sample,) = list(read_shard(source, options))
-    assert sample.error is None and sample.caption == "hello" and sample.uid == "c" * 32 and sample.image_format == "png"
+    assert (
+        sample.error is None and sample.caption == "hello" and sample.uid == "c" * 32 and sample.image_format == "png"
+    )
     (missing,) = list(read_shard(source, ReadOptions(caption_column="TEXT_DE")))
-    assert missing.error == errors.UNREADABLE_SHARD and "'TEXT_DE' not found (columns: Picture_File, Caption_EN, UID)" in missing.error_detail
+    assert (
+        missing.error == errors.UNREADABLE_SHARD
+        and "'TEXT_DE' not found (columns: Picture_File, Caption_EN, UID)" in missing.error_detail
+    )
 
 
 def test_an_img2dataset_glob_skips_parquet_and_stats_sidecars_but_a_named_parquet_is_read(tmp_path):

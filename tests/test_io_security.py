@@ -219,7 +219,9 @@ def test_oversized_folder_files_and_parquet_values_are_error_rows(tmp_path, jpeg
     assert [s.error for s in read_shard(by_path)] == [None, errors.MEMBER_TOO_LARGE]
 
     small = len(jpeg) + 10
-    pq.write_table(pa.table({"jpg": [jpeg, jpeg + b"\0" * 100], "caption": ["fine", "too big"]}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"jpg": [jpeg, jpeg + b"\0" * 100], "caption": ["fine", "too big"]}), tmp_path / "b.parquet"
+    )
     (by_bytes,) = expand_inputs([str(tmp_path / "b.parquet")])
     rows = list(read_shard(by_bytes, ReadOptions(max_member_bytes=small)))
     assert [s.error for s in rows] == [None, errors.MEMBER_TOO_LARGE]
@@ -233,7 +235,11 @@ def test_fifo_and_device_inputs_are_refused_naming_the_path(tmp_path):
     os.mkfifo(tmp_path / "a.tar")
     os.symlink("/dev/zero", tmp_path / "x.tar")
     with deadline(10):
-        for spec, named in ((tmp_path / "a.tar", "a.tar"), (tmp_path / "x.tar", "/dev/zero"), ("/dev/zero", "/dev/zero")):
+        for spec, named in (
+            (tmp_path / "a.tar", "a.tar"),
+            (tmp_path / "x.tar", "/dev/zero"),
+            ("/dev/zero", "/dev/zero"),
+        ):
             with pytest.raises(ValueError, match="not a regular file") as caught:
                 expand_inputs([str(spec)])
             assert named in str(caught.value)
@@ -335,8 +341,16 @@ def test_image_paths_outside_the_dataset_root_need_allow_absolute_paths(tmp_path
     data = tmp_path / "data"
     (data / "img").mkdir(parents=True)
     (data / "img" / "a.jpg").write_bytes(jpeg)
-    names = ["img/a.jpg", str(data / "img" / "a.jpg"), "img/../img/a.jpg", "../outside.jpg", str(outside),
-             "../../../../../etc/passwd", "s3://bucket/a.jpg", "memory://a.jpg"]
+    names = [
+        "img/a.jpg",
+        str(data / "img" / "a.jpg"),
+        "img/../img/a.jpg",
+        "../outside.jpg",
+        str(outside),
+        "../../../../../etc/passwd",
+        "s3://bucket/a.jpg",
+        "memory://a.jpg",
+    ]
     pq.write_table(pa.table({"image_path": names, "caption": ["c"] * len(names)}), data / "paths.parquet")
     (source,) = expand_inputs([str(data / "paths.parquet")])
     rows = list(read_shard(source))
@@ -350,7 +364,8 @@ def test_image_paths_outside_the_dataset_root_need_allow_absolute_paths(tmp_path
     assert allowed[6].error == errors.MISSING_IMAGE  # no s3 filesystem here: a missing image, not a refusal
 
     (data / "captions.jsonl").write_text(
-        "\n".join(json.dumps({"image": n, "caption": "c"}) for n in ("img/a.jpg", "../outside.jpg", "/etc/passwd")) + "\n"
+        "\n".join(json.dumps({"image": n, "caption": "c"}) for n in ("img/a.jpg", "../outside.jpg", "/etc/passwd"))
+        + "\n"
     )
     (folder,) = expand_inputs([str(data)])
     rows = list(read_shard(folder))

@@ -109,8 +109,13 @@ def test_expected_readout_equals_brute_force(loaded, photos, family):
     # the second prompt: its own branch after the prefix shared with the first, then its score trie
     text = judge.prompt_text(request.prompts[1])
     brute = mlm_support.brute_force_log_probs(
-        judge.model, judge.processor, text, judge.encoder.fit_budget(request.image), judge.trie.sequences,
-        judge.trie.continuation_ids, add_special_tokens=judge.encoder.add_special_tokens(text),
+        judge.model,
+        judge.processor,
+        text,
+        judge.encoder.fit_budget(request.image),
+        judge.trie.sequences,
+        judge.trie.continuation_ids,
+        add_special_tokens=judge.encoder.add_special_tokens(text),
     )
     np.testing.assert_allclose(fast[1], brute, atol=2e-4, rtol=0)
     assert np.ptp(brute) > 0.5  # the model is random but far from flat: the comparison has teeth
@@ -155,13 +160,19 @@ def test_batched_equals_single_and_greedy_equals_transformers(loaded, photos, fa
     chosen = torch.stack([step.argmax(-1) for step in steps], dim=-1)  # (prompts, steps)
     for m in [1]:  # the prompt whose branch follows the prefix it shares with the first
         text = judge.prompt_text(request.prompts[m])
-        enc = processor(text=[text], images=[[judge.encoder.fit_budget(request.image)]], return_tensors="pt",
-                        add_special_tokens=judge.encoder.add_special_tokens(text))
+        enc = processor(
+            text=[text],
+            images=[[judge.encoder.fit_budget(request.image)]],
+            return_tensors="pt",
+            add_special_tokens=judge.encoder.add_special_tokens(text),
+        )
         plain = dict(enc)
         plain["input_ids"] = torch.cat([enc["input_ids"], chosen[m : m + 1, :-1]], dim=1)
         plain["attention_mask"] = torch.ones_like(plain["input_ids"])
         if "mm_token_type_ids" in enc:
-            plain["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(chosen[m : m + 1, :-1])], 1)
+            plain["mm_token_type_ids"] = torch.cat(
+                [enc["mm_token_type_ids"], torch.zeros_like(chosen[m : m + 1, :-1])], 1
+            )
         with torch.no_grad():
             logits = model(**plain, logits_to_keep=len(steps)).logits[0].float()
         torch.testing.assert_close(torch.stack([step[m] for step in steps]), logits, atol=2e-3, rtol=1e-4)

@@ -103,8 +103,12 @@ def test_a_judge_that_answers_100_scores_100_in_both_readouts(llava_dir, flickr_
     path, caption = flickr_pairs[3]
     sample = samples_from([(path, caption)], scorer_for(llava_dir))[0]
     template = resolve_template("v2")
-    texts = [judge.prompt_text(template.render(m, caption)) for m in ("image_text_matching", "object_detail_fulfillment")]
-    mlm_support.teach_answers(loaded.model, loaded.processor, texts, judge.encoder.fit_budget(sample.image), ["100\n", "7\n"])
+    texts = [
+        judge.prompt_text(template.render(m, caption)) for m in ("image_text_matching", "object_detail_fulfillment")
+    ]
+    mlm_support.teach_answers(
+        loaded.model, loaded.processor, texts, judge.encoder.fit_budget(sample.image), ["100\n", "7\n"]
+    )
     loaded.model.save_pretrained(tmp_path)
     loaded.processor.save_pretrained(tmp_path)
 

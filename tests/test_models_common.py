@@ -26,9 +26,15 @@ from mlmfilter.models.common import (
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("fp32", torch.float32), ("float32", torch.float32), ("FP32", torch.float32),
-        ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.bfloat16", torch.bfloat16),
-        ("fp16", torch.float16), ("float16", torch.float16), ("half", torch.float16),
+        ("fp32", torch.float32),
+        ("float32", torch.float32),
+        ("FP32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("torch.bfloat16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+        ("half", torch.float16),
     ],
 )
 def test_explicit_dtypes(name, expected):

@@ -16,8 +16,8 @@ from mlmfilter.models.vlm import inspect_vlm, load_vlm
 from tests import mlm_support
 from tests.test_clip import tiny_clip_dir  # noqa: F401  (fixture)
 from tests.test_convert_llava import (
-    released_style_config,
     original_llava_state,
+    released_style_config,
     tiny_clip_tower,
     tiny_llama_config,
     write_bin_shards,
@@ -142,7 +142,9 @@ def test_convert_llava_runs_no_folder_code_and_unpickles_nothing(tmp_path):
     llama_config = tiny_llama_config(len(tokenizer))
     tiny_clip_tower(tower_dir, hidden=48, heads=4, seed=1)
     write_bin_shards(src, original_llava_state(llama_config, mm_hidden=48, seed=2), shards=1)
-    (src / "config.json").write_text(json.dumps(released_style_config(llama_config, "openai/clip-vit-large-patch14-336", 48, "float32")))
+    (src / "config.json").write_text(
+        json.dumps(released_style_config(llama_config, "openai/clip-vit-large-patch14-336", 48, "float32"))
+    )
     plant_code(src, marker)
     plant_code(tower_dir, marker)
     out = convert_llava_checkpoint(src, tmp_path / "converted", vision_tower=str(tower_dir))

@@ -104,8 +104,14 @@ def one_edit(a: str, b: str) -> bool:
 
 
 def test_boilerplate_comes_from_the_alt_text_templates(negatives):
-    patterns = [re.escape(t).replace(r"\{n:04d\}", r"\d{4}").replace(r"\{n:05d\}", r"\d{5}")
-                .replace(r"\{k\}", r"\d").replace(r"\{m\}", r"\d") for t in BOILERPLATE]  # fmt: skip
+    patterns = [
+        re.escape(t)
+        .replace(r"\{n:04d\}", r"\d{4}")
+        .replace(r"\{n:05d\}", r"\d{5}")
+        .replace(r"\{k\}", r"\d")
+        .replace(r"\{m\}", r"\d")
+        for t in BOILERPLATE
+    ]
     assert any(re.fullmatch(p, negatives["boilerplate"].caption) for p in patterns)
 
 
@@ -149,8 +155,12 @@ def test_real_flickr_captions_all_get_real_negatives(flickr_pairs):
 
 
 def test_the_article_follows_the_swapped_word():
-    results = [NegativeGenerator(seed=s, kinds=["swap_attribute", "swap_noun"]).corrupt("A pink dress near an apple .", uid="a")
-               for s in range(12)]  # fmt: skip
+    results = [
+        NegativeGenerator(seed=s, kinds=["swap_attribute", "swap_noun"]).corrupt(
+            "A pink dress near an apple .", uid="a"
+        )
+        for s in range(12)
+    ]
     for negative in (n for r in results for n in r):
         words = negative.caption.split()
         for article, word in zip(words, words[1:]):

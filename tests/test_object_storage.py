@@ -38,9 +38,11 @@ def s3_endpoint():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "FSSPEC_S3_ENDPOINT_URL": endpoint,
-    }  # fmt: skip
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
@@ -101,8 +103,14 @@ def test_a_ray_run_writes_its_run_folder_to_s3(tmp_path, flickr_pairs, s3_endpoi
     inputs = _upload_shards(fs, flickr_pairs, tmp_path, "ray-case", n_shards=4, per_shard=5)
     run = f"s3://{BUCKET}/runs/ray-case"
     local = api.score(inputs, tmp_path / "local-run", ["rules"], decode_workers=0)
-    on_ray = api.score(inputs, run, ["rules"], decode_workers=0, executor="ray",
-                       ray={"num_actors": 2, "num_cpus": 1, "local_num_cpus": 2})  # fmt: skip
+    on_ray = api.score(
+        inputs,
+        run,
+        ["rules"],
+        decode_workers=0,
+        executor="ray",
+        ray={"num_actors": 2, "num_cpus": 1, "local_num_cpus": 2},
+    )
     assert on_ray.ok and sorted(on_ray.shards_completed) == sorted(local.shards_completed), on_ray.shards_failed
     ours = RunReader(run).dataset().to_table().sort_by("uid")
     assert ours.equals(scores_dataset(tmp_path / "local-run").to_table().sort_by("uid"))

@@ -17,8 +17,14 @@ from mlmfilter.scorers.mlm import MLMScorer
 from mlmfilter.scorers.text_mask import TextMasker
 from tests.test_clip import tiny_clip_dir  # noqa: F401  (module fixture: a tiny random CLIPModel on disk)
 
-STYLE = TextStyle(font="DejaVuSerif-Bold.ttf", height_fraction=0.1, colour=(255, 255, 255), outline=(0, 0, 0),
-                  angle=12.0, position=(0.3, 0.3))
+STYLE = TextStyle(
+    font="DejaVuSerif-Bold.ttf",
+    height_fraction=0.1,
+    colour=(255, 255, 255),
+    outline=(0, 0, 0),
+    angle=12.0,
+    position=(0.3, 0.3),
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,10 @@ def test_masker_hides_the_rendered_text_and_nothing_else(masker, photos):
 
 def test_clip_scorer_sees_the_masked_image(tiny_clip_dir, photos):  # noqa: F811
     text_photo, _, plain = photos
-    samples = lambda: [Sample(uid=f"{i:032x}", shard="s", key=str(i), caption="keep calm and carry on", image=im)
-                       for i, im in enumerate([text_photo, plain])]
+    samples = lambda: [
+        Sample(uid=f"{i:032x}", shard="s", key=str(i), caption="keep calm and carry on", image=im)
+        for i, im in enumerate([text_photo, plain])
+    ]
     scores = {}
     for mask in (False, True):
         scorer = build_scorer("clip", {"model": str(tiny_clip_dir), "dtype": "fp32", "mask_text": mask})

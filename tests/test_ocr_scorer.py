@@ -18,8 +18,9 @@ from mlmfilter.scorers.ocr import OcrScorer, caption_overlap, tokens
 from tests.builders import scores_dataset, write_shard
 
 PRINTED = "Fresh coffee daily"
-SIGN = TextStyle(font="DejaVuSans-Bold.ttf", height_fraction=0.09, colour=(255, 221, 0), outline=(0, 0, 0),
-                 position=(0.4, 0.6))
+SIGN = TextStyle(
+    font="DejaVuSans-Bold.ttf", height_fraction=0.09, colour=(255, 221, 0), outline=(0, 0, 0), position=(0.4, 0.6)
+)
 #: photo 0 of flickr8k_dev (a girl climbing stairs) has no text of its own
 PLAIN_INDEX = 0
 
@@ -128,8 +129,15 @@ def test_rules_and_ocr_through_api_score_on_a_real_shard(tmp_path, flickr_pairs,
     summary = api.score([str(shard)], tmp_path / "run", ["rules", {"name": "ocr", "options": {"threads": 1}}])
     assert summary.ok
     table = scores_dataset(summary.run_dir).to_table()
-    assert {"ocr_text", "ocr_boxes", "ocr_confidence", "ocr_text_area_fraction", "ocr_caption_overlap",
-            "ocr_n_boxes", "rules_ok"} <= set(table.column_names)
+    assert {
+        "ocr_text",
+        "ocr_boxes",
+        "ocr_confidence",
+        "ocr_text_area_fraction",
+        "ocr_caption_overlap",
+        "ocr_n_boxes",
+        "rules_ok",
+    } <= set(table.column_names)
     rows = {r["key"]: r for r in table.to_pylist()}
     assert rows["sign"]["error"] is None and rows["sign"]["ocr_caption_overlap"] == 1.0
     assert len(rows["sign"]["ocr_boxes"][0]) == 8

@@ -16,7 +16,7 @@ import pytest
 
 from mlmfilter import api
 from mlmfilter.runs.folder import ConfigMismatch, RunFolder
-from tests.builders import scores_dataset, flickr_shards, write_shard
+from tests.builders import flickr_shards, scores_dataset, write_shard
 
 
 def read_run(run_dir: Path):
@@ -94,14 +94,24 @@ def test_resume_skips_done_shards_and_refuses_other_settings(tmp_path, flickr_pa
 def test_killed_run_resumes_to_identical_output(tmp_path, flickr_pairs):
     """Kill a real `mlmfilter score` process mid-run; re-running finishes with no lost or duplicated uid."""
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=6, per_shard=40)
-    cmd = [sys.executable, "-m", "mlmfilter.cli", "score", str(tmp_path / "in" / "*.tar"),
-           "--scorer", "rules", "--decode-workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlmfilter.cli",
+        "score",
+        str(tmp_path / "in" / "*.tar"),
+        "--scorer",
+        "rules",
+        "--decode-workers",
+        "0",
+    ]
     reference = subprocess.run(cmd + ["-o", str(tmp_path / "ref")], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(cmd + ["-o", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + ["-o", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if RunFolder(run).stage("score").done_shards():

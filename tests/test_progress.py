@@ -29,7 +29,9 @@ def _jpeg() -> bytes:
 
 def _tar(path, n):
     jpg = _jpeg()
-    return write_shard(path, [{"key": f"{i:09d}", "jpg": jpg, "txt": "a blue picture of the sky", "json": {}} for i in range(n)])
+    return write_shard(
+        path, [{"key": f"{i:09d}", "jpg": jpg, "txt": "a blue picture of the sky", "json": {}} for i in range(n)]
+    )
 
 
 def test_pair_counts_come_from_footers_headers_and_img2dataset_stats(tmp_path):
@@ -38,8 +40,12 @@ def test_pair_counts_come_from_footers_headers_and_img2dataset_stats(tmp_path):
     (tmp_path / "b" / "00000_stats.json").write_text(json.dumps({"count": 9, "successes": 5}))
     pq.write_table(pa.table({"jpg": [_jpeg()] * 11, "caption": ["c"] * 11}), tmp_path / "p.parquet", row_group_size=4)
     (tmp_path / "f").mkdir()
-    counts = {s.url.replace(str(tmp_path), ""): estimate_rows(s) for s in
-              expand_inputs([f"{tmp_path}/a/00000.tar", f"{tmp_path}/b/00000.tar", f"{tmp_path}/p.parquet", f"{tmp_path}/f"])}  # fmt: skip
+    counts = {
+        s.url.replace(str(tmp_path), ""): estimate_rows(s)
+        for s in expand_inputs(
+            [f"{tmp_path}/a/00000.tar", f"{tmp_path}/b/00000.tar", f"{tmp_path}/p.parquet", f"{tmp_path}/f"]
+        )
+    }
     assert counts == {"/a/00000.tar": 37, "/b/00000.tar": 5, "/p.parquet": 11, "/f": None}
 
 
@@ -89,8 +95,15 @@ def test_a_shard_reports_every_chunk_inline_and_from_worker_processes(tmp_path, 
 
     monkeypatch.setattr(progress_module.RunProgress, "rows_done", rows_done)
     monkeypatch.setattr(progress_module.RunProgress, "shard_done", shard_done)
-    summary = api.score([str(p) for p in shards], tmp_path / "run", ["rules"], workers=workers, decode_workers=0,
-                        chunk_size=16, show_progress=True)  # fmt: skip
+    summary = api.score(
+        [str(p) for p in shards],
+        tmp_path / "run",
+        ["rules"],
+        workers=workers,
+        decode_workers=0,
+        chunk_size=16,
+        show_progress=True,
+    )
     assert summary.ok and summary.stats["read"] == 192
     rows = [n for kind, n in events if kind == "rows"]
     assert rows == [16] * 12  # 96 pairs per shard in chunks of 16: the bar moves six times per shard

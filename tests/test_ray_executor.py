@@ -68,8 +68,17 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def test_killed_ray_driver_resumes_to_identical_output(tmp_path, flickr_pairs):
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=6, per_shard=30)
-    base = [sys.executable, "-m", "mlmfilter.cli", "score", str(tmp_path / "in" / "*.tar"),
-            "--scorer", "rules", "--decode-workers", "0"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "mlmfilter.cli",
+        "score",
+        str(tmp_path / "in" / "*.tar"),
+        "--scorer",
+        "rules",
+        "--decode-workers",
+        "0",
+    ]
     reference = subprocess.run(base + ["-o", str(tmp_path / "ref")], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
 
@@ -111,9 +120,19 @@ def test_shard_of_a_killed_actor_is_retried_on_a_fresh_one(tmp_path, flickr_pair
     [tar] = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=10)
     slow = f"pipe:sleep 4; cat {tar}"
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(summary=api.score(
-        slow, tmp_path / "run", ["rules"], decode_workers=0, executor="ray", allow_pipe=True,
-        ray={"num_actors": 1, "local_num_cpus": 2, "max_retries": 1})))  # fmt: skip
+    worker = threading.Thread(
+        target=lambda: result.update(
+            summary=api.score(
+                slow,
+                tmp_path / "run",
+                ["rules"],
+                decode_workers=0,
+                executor="ray",
+                allow_pipe=True,
+                ray={"num_actors": 1, "local_num_cpus": 2, "max_retries": 1},
+            )
+        )
+    )
     worker.start()
     killed = None
     deadline = time.monotonic() + 120

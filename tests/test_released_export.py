@@ -17,15 +17,27 @@ def test_export_writes_what_the_released_scripts_write(tmp_path, flickr_pairs, s
     from mlmfilter.cli import app
 
     samples = [
-        {"key": f"0000{i:04d}", "jpg": path.read_bytes(), "txt": caption,
-         "json": {"uid": f"{i:032x}", "caption": caption, "status": "success", "original_width": 500}}
+        {
+            "key": f"0000{i:04d}",
+            "jpg": path.read_bytes(),
+            "txt": caption,
+            "json": {"uid": f"{i:032x}", "caption": caption, "status": "success", "original_width": 500},
+        }
         for i, (path, caption) in enumerate(flickr_pairs[:3])
-    ]  # fmt: skip
-    samples.append({"key": "00000099", "jpg": b"not a jpeg", "txt": "broken", "json": {"uid": "f" * 32, "status": "success"}})
+    ]
+    samples.append(
+        {"key": "00000099", "jpg": b"not a jpeg", "txt": "broken", "json": {"uid": "f" * 32, "status": "success"}}
+    )
     shard = write_shard(tmp_path / "shards" / "00000000.tar", samples)
     model = mlm_support.tiny_model_dir("llava", smollm2_cache_dir)
-    options = {"model": str(model), "metrics": "itm,su", "readout": "generate", "max_new_tokens": 2, "device": "cpu",
-               "conversation": "vicuna_v1"}  # fmt: skip
+    options = {
+        "model": str(model),
+        "metrics": "itm,su",
+        "readout": "generate",
+        "max_new_tokens": 2,
+        "device": "cpu",
+        "conversation": "vicuna_v1",
+    }
     api.score([str(shard)], tmp_path / "run", [{"name": "mlm", "options": options}])
 
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "dumps")])
@@ -52,16 +64,26 @@ def test_import_turns_published_score_files_into_a_run_that_select_and_reshard_r
     from mlmfilter import api
     from mlmfilter.cli import app
 
-    samples = [{"key": f"0000{i:04d}", "jpg": p.read_bytes(), "txt": c, "json": {"uid": f"{i:032x}", "key": f"0000{i:04d}"}}
-               for i, (p, c) in enumerate(flickr_pairs[:4])]  # fmt: skip
+    samples = [
+        {"key": f"0000{i:04d}", "jpg": p.read_bytes(), "txt": c, "json": {"uid": f"{i:032x}", "key": f"0000{i:04d}"}}
+        for i, (p, c) in enumerate(flickr_pairs[:4])
+    ]
     shard = write_shard(tmp_path / "shards" / "00000000.tar", samples)
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     itm = ["90", "40", "85\nbecause the caption matches", "The score is high"]  # as the released script wrote them
     odf = ["70", "10", "30", "60"]
     for metric, values in (("image_text_matching", itm), ("object_detail_fulfillment", odf)):
-        pq.write_table(pa.table({"uid": [f"{i:032x}" for i in range(4)], "key": [f"0000{i:04d}" for i in range(4)],
-                                 f"{metric}_score": values}), dumps / f"00000000_{metric}.parquet")  # fmt: skip
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": [f"{i:032x}" for i in range(4)],
+                    "key": [f"0000{i:04d}" for i in range(4)],
+                    f"{metric}_score": values,
+                }
+            ),
+            dumps / f"00000000_{metric}.parquet",
+        )
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["import", str(dumps), "-o", str(run), "--shards", str(shard)])
     assert result.exit_code == 0, result.output

@@ -29,8 +29,12 @@ def reference_text(conversation: str, prompt: str) -> str:
     if conversation == "llava_v0":  # SeparatorStyle.SINGLE, sep "###"
         return LLAVA_V0_SYSTEM + "###Human: " + turn + "###Assistant:" + " "
     if conversation in ("qwen_instruct", "qwen_instruct_train"):  # SeparatorStyle.MPT
-        text = ("<|im_start|>system\nYou are a helpful assistant<|im_end|><|im_start|>user\n" + turn
-                + "<|im_end|><|im_start|>assistant\n" + " ")  # fmt: skip
+        text = (
+            "<|im_start|>system\nYou are a helpful assistant<|im_end|><|im_start|>user\n"
+            + turn
+            + "<|im_end|><|im_start|>assistant\n"
+            + " "
+        )
         return ("<s>" if conversation == "qwen_instruct_train" else "") + text
     if conversation == "aitqe":  # image span, the processor's newline, "\n" + question; no BOS
         return "<image>\n\n" + prompt
@@ -41,25 +45,59 @@ def original_config(key: str) -> dict:
     """The identifying config.json fields of each released checkpoint, as its training code saves them."""
     llava = {"mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_use_im_patch_token": False}
     if key == "mlm-filter-llava-13b":
-        return {**llava, "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"], "vocab_size": 32000,
-                "bos_token_id": 1, "eos_token_id": 2, "hidden_size": 5120, "mm_hidden_size": 1024,
-                "mm_vision_tower": "openai/clip-vit-large-patch14-336"}  # fmt: skip
+        return {
+            **llava,
+            "model_type": "llava_llama",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "vocab_size": 32000,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "hidden_size": 5120,
+            "mm_hidden_size": 1024,
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        }
     if key == "mlm-filter-llama-3-8b":
-        return {**llava, "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"], "vocab_size": 128256,
-                "bos_token_id": 128000, "eos_token_id": 128001, "mm_hidden_size": 1024,
-                "mm_vision_tower": "openai/clip-vit-large-patch14-336"}  # fmt: skip
+        return {
+            **llava,
+            "model_type": "llava_llama",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "vocab_size": 128256,
+            "bos_token_id": 128000,
+            "eos_token_id": 128001,
+            "mm_hidden_size": 1024,
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        }
     if key == "mlm-filter-llama-3.2-3b":
-        return {"model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"], "vocab_size": 128256,
-                "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "mm_hidden_size": 1152,
-                "mm_projector_type": "aapool_mlp", "mm_num_image_tokens": 144,
-                "mm_vision_tower": "google/siglip-so400m-patch14-384"}  # fmt: skip
+        return {
+            "model_type": "llava_llama",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "vocab_size": 128256,
+            "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009],
+            "mm_hidden_size": 1152,
+            "mm_projector_type": "aapool_mlp",
+            "mm_num_image_tokens": 144,
+            "mm_vision_tower": "google/siglip-so400m-patch14-384",
+        }
     if key == "mlm-filter-qwen2.5-1.5b":
-        return {"model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"], "vocab_size": 151936,
-                "mm_hidden_size": 1152, "mm_projector_type": "aapool_mlp", "mm_num_image_tokens": 144,
-                "mm_vision_select_layer": -1, "mm_vision_tower": "google/siglip-so400m-patch14-384"}  # fmt: skip
+        return {
+            "model_type": "llava_qwen",
+            "architectures": ["LlavaQwenForCausalLM"],
+            "vocab_size": 151936,
+            "mm_hidden_size": 1152,
+            "mm_projector_type": "aapool_mlp",
+            "mm_num_image_tokens": 144,
+            "mm_vision_select_layer": -1,
+            "mm_vision_tower": "google/siglip-so400m-patch14-384",
+        }
     if key == "aitqe":
-        return {"model_type": "mm", "architectures": ["MMForCausalLM"], "image_tile_tokens": 729,
-                "visual_hidden_dim": 1152, "vision_model_name_or_path": "/some/path/siglip"}  # fmt: skip
+        return {
+            "model_type": "mm",
+            "architectures": ["MMForCausalLM"],
+            "image_tile_tokens": 729,
+            "visual_hidden_dim": 1152,
+            "vision_model_name_or_path": "/some/path/siglip",
+        }
     raise KeyError(key)
 
 

@@ -84,7 +84,11 @@ def original(request, tmp_path_factory, smollm2_cache_dir):
     tower = tiny_siglip(tower_dir, seed=12)
     state = {k: v.detach().clone() for k, v in lm.state_dict().items()}  # model.*, lm_head.weight
     gen = torch.Generator().manual_seed(13)
-    names = ("model.mm_projector.mlp_projector.0", "model.mm_projector.mlp_projector.2") if pooled else ("model.mm_projector.0", "model.mm_projector.2")
+    names = (
+        ("model.mm_projector.mlp_projector.0", "model.mm_projector.mlp_projector.2")
+        if pooled
+        else ("model.mm_projector.0", "model.mm_projector.2")
+    )
     state[names[0] + ".weight"] = torch.randn(64, 32, generator=gen) * 0.2
     state[names[0] + ".bias"] = torch.randn(64, generator=gen) * 0.1
     state[names[1] + ".weight"] = torch.randn(64, 64, generator=gen) * 0.2
@@ -95,8 +99,16 @@ def original(request, tmp_path_factory, smollm2_cache_dir):
         state[f"model.vision_tower.vision_tower.vision_model.{key}"] = value
     save_safetensors(src, state)
     write_config(src, unified_config(lm, layout, "google/siglip-so400m-patch14-384"))
-    return {"layout": layout, "src": src, "tower_dir": tower_dir, "tower": tower, "state": state, "lm": lm,
-            "tokenizer": tokenizer, "names": names}
+    return {
+        "layout": layout,
+        "src": src,
+        "tower_dir": tower_dir,
+        "tower": tower,
+        "state": state,
+        "lm": lm,
+        "tokenizer": tokenizer,
+        "names": names,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +166,9 @@ def test_converted_log_probs_match_the_original_forward(original, converted, fli
     model = AutoModelForImageTextToText.from_pretrained(converted).eval()
     processor = AutoProcessor.from_pretrained(converted)
     pooled = LAYOUTS[original["layout"]][2]
-    assert type(model).__name__ == ("PooledLlavaForConditionalGeneration" if pooled else "LlavaForConditionalGeneration")
+    assert type(model).__name__ == (
+        "PooledLlavaForConditionalGeneration" if pooled else "LlavaForConditionalGeneration"
+    )
 
     image_path, caption = flickr_pairs[3]
     image = Image.open(image_path).convert("RGB")
@@ -249,7 +263,9 @@ def test_mlm_scorer_asks_a_released_judge_as_it_was_trained(original, converted)
     prov = trained.provenance()
     assert prov["checkpoint"]["released_judge"] == trained.released.judge.key
     assert prov["model"]["conversation"]["name"] == trained.options.conversation
-    script = MLMScorer(MLMOptions(model=str(converted), device="cpu", checkpoint_settings="released-script", readout="generate"))
+    script = MLMScorer(
+        MLMOptions(model=str(converted), device="cpu", checkpoint_settings="released-script", readout="generate")
+    )
     assert script.options.conversation == "qwen_instruct" and script.options.max_new_tokens == (2 if qwen else 1)
     assert script.template.name == "v2"
     overridden = MLMScorer(MLMOptions(model=str(converted), device="cpu", template="v1" if qwen else "v2"))

@@ -50,12 +50,22 @@ def _add_enhancement_stage(run):
         if scores["error"][i] is not None or len(by_shard.get(shard, [])) >= 1:
             continue
         accepted = not by_shard
-        by_shard.setdefault(shard, []).append({
-            "uid": uid, "shard": shard, "key": key, "original_caption": f"original caption {key}",
-            "candidates": [f"rewritten caption {key}"], "itm_before": 20.0, "itm_after": 80.0 if accepted else 10.0,
-            "decision": "accepted" if accepted else "rejected", "reason": None if accepted else "not_better",
-            "caption": f"rewritten caption {key}" if accepted else None, "error": None, "error_detail": None,
-        })  # fmt: skip
+        by_shard.setdefault(shard, []).append(
+            {
+                "uid": uid,
+                "shard": shard,
+                "key": key,
+                "original_caption": f"original caption {key}",
+                "candidates": [f"rewritten caption {key}"],
+                "itm_before": 20.0,
+                "itm_after": 80.0 if accepted else 10.0,
+                "decision": "accepted" if accepted else "rejected",
+                "reason": None if accepted else "not_better",
+                "caption": f"rewritten caption {key}" if accepted else None,
+                "error": None,
+                "error_detail": None,
+            }
+        )
     for shard, rows in by_shard.items():
         stage.finish_shard(shard, pa.Table.from_pylist(rows), ShardStats(), {"fingerprint": fingerprint})
 
@@ -121,7 +131,9 @@ def test_report_is_self_contained_and_shows_the_right_pairs(scored_run, tmp_path
     text = page.read_text(encoding="utf-8")
     parsed = _cards(text)
     # nothing to fetch: every src/href is inline data or an anchor on the page
-    assert all(link.startswith(("data:", "#")) for link in parsed.links), [l[:60] for l in parsed.links if not l.startswith(("data:", "#"))]
+    assert all(link.startswith(("data:", "#")) for link in parsed.links), [
+        l[:60] for l in parsed.links if not l.startswith(("data:", "#"))
+    ]
 
     scores = scores_of(scored_run)
     ok = [i for i, e in enumerate(scores["error"]) if e is None]
@@ -171,7 +183,9 @@ def test_report_of_a_selection_and_rewrites(selected_run, tmp_path):
 
     rewrites = [c for c in parsed.cards if c["heading"] in ("Accepted rewrites", "Rejected rewrites")]
     accepted = [c for c in rewrites if c["heading"] == "Accepted rewrites"]
-    assert len(accepted) == 1 and "original caption" in accepted[0]["text"] and "rewritten caption" in accepted[0]["text"]
+    assert (
+        len(accepted) == 1 and "original caption" in accepted[0]["text"] and "rewritten caption" in accepted[0]["text"]
+    )
     assert accepted[0]["thumb"].startswith("data:image/jpeg")
     assert "itm_before 20" in accepted[0]["text"] and "itm_after 80" in accepted[0]["text"]
     rejected = [c for c in rewrites if c["heading"] == "Rejected rewrites"]
@@ -202,7 +216,9 @@ def test_gather_streams_in_small_batches_with_the_same_result(scored_run, monkey
         assert [r.uid for r in a.borderline] == [r.uid for r in b.borderline]
     assert max(batches) <= 3
     assert whole.errors[0][:2] == small.errors[0][:2]
-    assert [p.a_over_b[0].uid for p in whole.pairs if p.a_over_b] == [p.a_over_b[0].uid for p in small.pairs if p.a_over_b]
+    assert [p.a_over_b[0].uid for p in whole.pairs if p.a_over_b] == [
+        p.a_over_b[0].uid for p in small.pairs if p.a_over_b
+    ]
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path):

@@ -17,9 +17,13 @@ from tests.builders import write_shard
 def _table(values: np.ndarray, flags: np.ndarray | None = None) -> ds.Dataset:
     n = len(values)
     columns = {
-        "uid": [f"{i:032x}" for i in range(n)], "shard": ["s"] * n, "key": [str(i) for i in range(n)],
-        "score": pa.array(values, mask=np.isnan(values)), "error": [None] * n, "error_detail": [None] * n,
-    }  # fmt: skip
+        "uid": [f"{i:032x}" for i in range(n)],
+        "shard": ["s"] * n,
+        "key": [str(i) for i in range(n)],
+        "score": pa.array(values, mask=np.isnan(values)),
+        "error": [None] * n,
+        "error_detail": [None] * n,
+    }
     return ds.dataset(pa.table(columns))
 
 
@@ -38,7 +42,10 @@ def test_quantiles_and_kept_fraction_match_numpy_within_a_bin():
         # within one bin of the ceil(q n)-th smallest value (numpy's quantile lies next to it)
         order_statistic = ordered[int(np.ceil(q * len(valid))) - 1]
         assert abs(profile.quantile(q) - order_statistic) <= bin_width * 1.0001
-        assert abs(profile.quantile(q) - np.quantile(valid, q)) <= abs(order_statistic - ordered[int(q * len(valid)) - 1]) + bin_width
+        assert (
+            abs(profile.quantile(q) - np.quantile(valid, q))
+            <= abs(order_statistic - ordered[int(q * len(valid)) - 1]) + bin_width
+        )
     # kept fraction is of all rows (missing ones are never kept), exact at bin edges
     edges, fraction = profile.kept_curve()
     for i in (0, 100, 2000, FINE_BINS - 1):
@@ -69,9 +76,10 @@ def _jpeg(color) -> bytes:
 
 def test_lookup_reads_only_the_wanted_keys_one_pass_per_shard(tmp_path, monkeypatch):
     for s in range(2):
-        write_shard(tmp_path / f"{s:05d}.tar", [
-            {"key": f"{s}-{i}", "jpg": _jpeg((40 * i, 100, 200)), "txt": f"caption {s}-{i}"} for i in range(5)
-        ])  # fmt: skip
+        write_shard(
+            tmp_path / f"{s:05d}.tar",
+            [{"key": f"{s}-{i}", "jpg": _jpeg((40 * i, 100, 200)), "txt": f"caption {s}-{i}"} for i in range(5)],
+        )
     (tmp_path / "00001.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:-3000])  # a cut tail
     sources = {src.id: src for src in expand_inputs(str(tmp_path / "*.tar"))}
 
@@ -79,7 +87,9 @@ def test_lookup_reads_only_the_wanted_keys_one_pass_per_shard(tmp_path, monkeypa
 
     opened = []
     real_read = lookup_module.read_shard
-    monkeypatch.setattr(lookup_module, "read_shard", lambda src, opts=None: opened.append(src.id) or real_read(src, opts))
+    monkeypatch.setattr(
+        lookup_module, "read_shard", lambda src, opts=None: opened.append(src.id) or real_read(src, opts)
+    )
     wanted = [("00000", "0-3"), ("00000", "0-1"), ("00001", "1-0"), ("00000", "no-such-key"), ("gone", "x")]
     found = lookup_samples(sources, wanted, ThumbnailMaker(64))
     assert sorted(opened) == ["00000", "00001"]  # one pass per shard

@@ -22,13 +22,20 @@ def test_each_rule_trips_on_its_own(tmp_path, flickr_pairs):
     photo = Image.open(photo_path).convert("RGB")  # ~500 x 375
     small = photo.resize((180, 135))
     wide = photo.crop((0, 0, photo.width, photo.width // 4)).resize((900, 225))
-    write_shard(tmp_path / "in" / "rules.tar", [
-        {"key": "good", "jpg": jpeg(photo), "txt": caption},
-        {"key": "two_words", "jpg": jpeg(photo), "txt": "pink dress"},
-        {"key": "german", "jpg": jpeg(photo), "txt": "Ein kleines Mädchen in einem rosa Kleid klettert die Treppe hinauf"},
-        {"key": "small", "jpg": jpeg(small), "txt": caption},
-        {"key": "wide", "jpg": jpeg(wide), "txt": caption},
-    ])
+    write_shard(
+        tmp_path / "in" / "rules.tar",
+        [
+            {"key": "good", "jpg": jpeg(photo), "txt": caption},
+            {"key": "two_words", "jpg": jpeg(photo), "txt": "pink dress"},
+            {
+                "key": "german",
+                "jpg": jpeg(photo),
+                "txt": "Ein kleines Mädchen in einem rosa Kleid klettert die Treppe hinauf",
+            },
+            {"key": "small", "jpg": jpeg(small), "txt": caption},
+            {"key": "wide", "jpg": jpeg(wide), "txt": caption},
+        ],
+    )
     run = api.score([str(tmp_path / "in" / "rules.tar")], tmp_path / "run", ["rules"])
     rows = {r["key"]: r for r in scores_dataset(run.run_dir).to_table().to_pylist()}
 
@@ -48,8 +55,11 @@ def test_thresholds_are_options(tmp_path, flickr_pairs):
     photo_path, _ = flickr_pairs[0]
     write_shard(tmp_path / "in" / "t.tar", [{"key": "k", "jpg": photo_path.read_bytes(), "txt": "pink dress"}])
     strict = api.score([str(tmp_path / "in" / "t.tar")], tmp_path / "a", ["rules"])
-    lenient = api.score([str(tmp_path / "in" / "t.tar")], tmp_path / "b",
-                        [{"name": "rules", "options": {"min_words": 2, "min_language_prob": 0.0}}])
+    lenient = api.score(
+        [str(tmp_path / "in" / "t.tar")],
+        tmp_path / "b",
+        [{"name": "rules", "options": {"min_words": 2, "min_language_prob": 0.0}}],
+    )
     get = lambda r: scores_dataset(r.run_dir).to_table()["rules_ok"][0].as_py()  # noqa: E731
     assert get(strict) is False and get(lenient) is True
 
@@ -59,11 +69,25 @@ def test_rules_failed_names_every_failed_rule():
     from mlmfilter.scorers import build_scorer
 
     scorer = build_scorer("rules")
-    lazy, good = scorer.score([
-        Sample(uid="0" * 32, shard="s", key="a", caption="img", width=100, height=600),
-        Sample(uid="1" * 32, shard="s", key="b", caption="A dog runs across a grassy field with a red ball .",
-               width=500, height=375),
-    ])  # fmt: skip
+    lazy, good = scorer.score(
+        [
+            Sample(uid="0" * 32, shard="s", key="a", caption="img", width=100, height=600),
+            Sample(
+                uid="1" * 32,
+                shard="s",
+                key="b",
+                caption="A dog runs across a grassy field with a red ball .",
+                width=500,
+                height=375,
+            ),
+        ]
+    )
     assert lazy["rules_ok"] is False
-    assert set(lazy["rules_failed"].split(",")) == {"min_words", "min_chars", "min_side", "max_aspect_ratio", "language"}
+    assert set(lazy["rules_failed"].split(",")) == {
+        "min_words",
+        "min_chars",
+        "min_side",
+        "max_aspect_ratio",
+        "language",
+    }
     assert good["rules_ok"] is True and good["rules_failed"] == ""

@@ -34,10 +34,14 @@ def uids_of(run_dir) -> list[str]:
 @pytest.fixture()
 def two_folders(tmp_path, flickr_pairs):
     """a/0001.tar and b/0001.tar: same file name, different pairs."""
-    a = write_shard(tmp_path / "a" / "0001.tar", [
-        {"key": f"a{i}", "jpg": flickr_pairs[i][0].read_bytes(), "txt": flickr_pairs[i][1]} for i in range(3)])
-    b = write_shard(tmp_path / "b" / "0001.tar", [
-        {"key": f"b{i}", "jpg": flickr_pairs[i + 3][0].read_bytes(), "txt": flickr_pairs[i + 3][1]} for i in range(4)])
+    a = write_shard(
+        tmp_path / "a" / "0001.tar",
+        [{"key": f"a{i}", "jpg": flickr_pairs[i][0].read_bytes(), "txt": flickr_pairs[i][1]} for i in range(3)],
+    )
+    b = write_shard(
+        tmp_path / "b" / "0001.tar",
+        [{"key": f"b{i}", "jpg": flickr_pairs[i + 3][0].read_bytes(), "txt": flickr_pairs[i + 3][1]} for i in range(4)],
+    )
     return a, b
 
 
@@ -93,11 +97,13 @@ def test_a_dead_decode_pool_fails_the_shard_instead_of_writing_error_rows(tmp_pa
 def test_the_python_api_works_from_a_script_without_a_main_guard(tmp_path, flickr_pairs):
     shards = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=2, per_shard=3)
     script = tmp_path / "plain.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import mlmfilter
-        run = mlmfilter.score([{str(tmp_path / 'in' / '*.tar')!r}], {str(tmp_path / 'run')!r}, ["rules"], workers=2)
+        run = mlmfilter.score([{str(tmp_path / "in" / "*.tar")!r}], {str(tmp_path / "run")!r}, ["rules"], workers=2)
         print("OK", run.ok, run.stats["ok"], run.notes)
-    """))
+    """)
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "OK True 6" in result.stdout and "if __name__" in result.stdout
@@ -162,7 +168,9 @@ def test_reshard_refuses_non_empty_and_input_folders_and_overwrite_replaces(tmp_
         api.reshard(run / "selection", tmp_path / "in", overwrite=True)
     assert len(list((tmp_path / "in").glob("*.tar"))) == 2
     stats = api.reshard(run / "selection", out, overwrite=True, samples_per_shard=4)
-    assert sorted(os.listdir(out)) == ["00000000.tar", "00000001.tar"] and stats["removed_old_files"] == ["00000007.tar"]
+    assert sorted(os.listdir(out)) == ["00000000.tar", "00000001.tar"] and stats["removed_old_files"] == [
+        "00000007.tar"
+    ]
 
 
 def test_reshard_writes_the_selected_row_of_a_repeated_uid_and_updates_the_json_caption(tmp_path, flickr_pairs):
@@ -171,11 +179,18 @@ def test_reshard_writes_the_selected_row_of_a_repeated_uid_and_updates_the_json_
 
     photo = flickr_pairs[0][0].read_bytes()
     uid = "ab" * 16
-    write_shard(tmp_path / "in" / "x.tar", [
-        {"key": "first", "jpg": photo, "txt": "a", "json": {"uid": uid, "caption": "a"}},
-        {"key": "second", "jpg": photo, "txt": "two dogs run on the wet sand by the sea",
-         "json": {"uid": uid, "caption": "two dogs run on the wet sand by the sea"}},
-    ])  # fmt: skip
+    write_shard(
+        tmp_path / "in" / "x.tar",
+        [
+            {"key": "first", "jpg": photo, "txt": "a", "json": {"uid": uid, "caption": "a"}},
+            {
+                "key": "second",
+                "jpg": photo,
+                "txt": "two dogs run on the wet sand by the sea",
+                "json": {"uid": uid, "caption": "two dogs run on the wet sand by the sea"},
+            },
+        ],
+    )
     run = tmp_path / "run"
     api.score([str(tmp_path / "in" / "x.tar")], run, ["rules"], decode_workers=0)
     api.select(run, expression="rules_words >= 5")  # only the second row passes
@@ -227,7 +242,9 @@ def test_a_typo_in_a_recipe_is_refused_before_anything_is_written(tmp_path, flic
     result = CliRunner().invoke(app, ["score", "--recipe", str(recipe)])
     assert result.exit_code == 2 and "caption_kye" in result.output
     assert not (tmp_path / "run").exists()
-    recipe.write_text(f"inputs: [{shard}]\noutput: {tmp_path / 'run'}\nscorers: [{{name: rules, options: {{min_wrds: 3}}}}]\n")
+    recipe.write_text(
+        f"inputs: [{shard}]\noutput: {tmp_path / 'run'}\nscorers: [{{name: rules, options: {{min_wrds: 3}}}}]\n"
+    )
     result = CliRunner().invoke(app, ["score", "--recipe", str(recipe)])
     assert result.exit_code == 2 and "min_wrds" in result.output and not (tmp_path / "run").exists()
 
@@ -241,13 +258,21 @@ def test_a_default_run_writes_its_log(tmp_path, flickr_pairs):
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, flickr_pairs):
     (shard,) = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=2)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from mlmfilter.runs.folder import RunFolder, RunLock
-        with RunLock(RunFolder({str(tmp_path / 'run')!r})):
+        with RunLock(RunFolder({str(tmp_path / "run")!r})):
             print("locked", flush=True)
             time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLocked, match="in use by another mlmfilter process"):
@@ -286,13 +311,33 @@ def test_a_source_changed_after_scoring_is_refused(tmp_path, flickr_pairs):
 def test_workers_die_with_a_killed_main_process(tmp_path, flickr_pairs):
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=8, per_shard=12)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mlmfilter.cli", "score", str(tmp_path / "in" / "*.tar"), "-o", str(run),
-                             "--scorer", "rules", "--workers", "2", "--decode-workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlmfilter.cli",
+            "score",
+            str(tmp_path / "in" / "*.tar"),
+            "-o",
+            str(run),
+            "--scorer",
+            "rules",
+            "--workers",
+            "2",
+            "--decode-workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 180
     workers: list[int] = []
     while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
-        workers = [int(p.stem.rsplit("-", 1)[1]) for p in (run / "logs").glob("score-worker-*.log")] if (run / "logs").exists() else []
+        workers = (
+            [int(p.stem.rsplit("-", 1)[1]) for p in (run / "logs").glob("score-worker-*.log")]
+            if (run / "logs").exists()
+            else []
+        )
         time.sleep(0.05)
     assert len(workers) == 2, "the workers must have started for this test to mean anything"
     os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer would
@@ -336,7 +381,9 @@ def test_a_run_folder_on_object_storage_works_like_a_local_one(tmp_path, flickr_
     remote = api.score(inputs, "memory://runs/r1", ["rules"], decode_workers=0)
     assert remote.ok and remote.stats["read"] == local.stats["read"] == 6
     reader = RunReader("memory://runs/r1")
-    assert reader.dataset().to_table().sort_by("uid").equals(scores_dataset(tmp_path / "local").to_table().sort_by("uid"))
+    assert (
+        reader.dataset().to_table().sort_by("uid").equals(scores_dataset(tmp_path / "local").to_table().sort_by("uid"))
+    )
     assert fsspec.filesystem("memory").exists("runs/r1/score/completions/00000000.json")
     again = api.score(inputs, "memory://runs/r1", ["rules"], decode_workers=0)
     assert sorted(again.shards_skipped) == ["00000000", "00000001"]
@@ -346,8 +393,8 @@ def test_a_run_folder_on_object_storage_works_like_a_local_one(tmp_path, flickr_
 
 
 def test_partition_jobs_score_disjoint_shares_into_one_run_side_by_side(tmp_path, flickr_pairs):
-    from mlmfilter.runs.runner import partition_sources
     from mlmfilter.io.sources import expand_inputs
+    from mlmfilter.runs.runner import partition_sources
 
     flickr_shards(flickr_pairs, tmp_path / "in", n_shards=6, per_shard=2)
     inputs = [str(tmp_path / "in" / "*.tar")]
@@ -367,18 +414,22 @@ def test_partition_jobs_score_disjoint_shares_into_one_run_side_by_side(tmp_path
 
 def test_a_cascade_scores_only_the_survivors_and_marks_the_rest_skipped(tmp_path, flickr_pairs):
     photo = flickr_pairs[0][0].read_bytes()
-    write_shard(tmp_path / "in" / "c.tar", [
-        {"key": "good", "jpg": photo, "txt": flickr_pairs[0][1]},
-        {"key": "lazy", "jpg": photo, "txt": "img"},
-        {"key": "good2", "jpg": flickr_pairs[1][0].read_bytes(), "txt": flickr_pairs[1][1]},
-    ])  # fmt: skip
+    write_shard(
+        tmp_path / "in" / "c.tar",
+        [
+            {"key": "good", "jpg": photo, "txt": flickr_pairs[0][1]},
+            {"key": "lazy", "jpg": photo, "txt": "img"},
+            {"key": "good2", "jpg": flickr_pairs[1][0].read_bytes(), "txt": flickr_pairs[1][1]},
+        ],
+    )
     inputs = [str(tmp_path / "in" / "c.tar")]
     run = tmp_path / "run"
     api.score(inputs, run, ["rules"], decode_workers=0)
     with pytest.raises(ValueError, match="rules_okk"):
         api.score(inputs, run, ["rules"], decode_workers=0, stage="judge", only="rules_okk")
-    judged = api.score(inputs, run, [{"name": "rules", "options": {"min_words": 1}}], decode_workers=0,
-                       stage="judge", only="rules_ok")  # fmt: skip
+    judged = api.score(
+        inputs, run, [{"name": "rules", "options": {"min_words": 1}}], decode_workers=0, stage="judge", only="rules_ok"
+    )
     assert judged.stats["counters"]["skipped_by_cascade"] == 1
     rows = {r["key"]: r for r in scores_dataset(run, "judge").to_table().to_pylist()}
     assert rows["lazy"]["skipped"] is True and rows["lazy"]["error"] is None and rows["lazy"]["rules_words"] is None
@@ -396,8 +447,12 @@ def test_an_image_path_ending_in_json_never_overwrites_the_metadata(tmp_path, fl
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "photo.json").write_bytes(flickr_pairs[0][0].read_bytes())  # a JPEG behind a misleading name
-    pq.write_table(pa.table({"image_path": ["photo.json"], "caption": [flickr_pairs[0][1]],
-                             "uid": ["cd" * 16], "source": ["crawl-7"]}), folder / "part.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {"image_path": ["photo.json"], "caption": [flickr_pairs[0][1]], "uid": ["cd" * 16], "source": ["crawl-7"]}
+        ),
+        folder / "part.parquet",
+    )
     run = tmp_path / "run"
     api.score([str(folder / "part.parquet")], run, ["rules"], decode_workers=0)
     api.select(run, expression="rules_words >= 0")

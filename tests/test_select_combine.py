@@ -42,8 +42,15 @@ def three_runs(tmp_path):
     rules = []
     for i in range(0, 300):
         error = "undecodable_image" if i % 37 == 0 else None
-        rules.append({"uid": UIDS[i], "rules_ok": None if error else bool(i % 3), "rules_words": None if error else i % 20,
-                      "error": error, "error_detail": f"rules saw {error}" if error else None})  # fmt: skip
+        rules.append(
+            {
+                "uid": UIDS[i],
+                "rules_ok": None if error else bool(i % 3),
+                "rules_words": None if error else i % 20,
+                "error": error,
+                "error_detail": f"rules saw {error}" if error else None,
+            }
+        )
     clip = []
     for i in range(100, 400):
         error = "truncated_image" if i % 41 == 0 else None
@@ -79,10 +86,19 @@ def in_all(entry: dict) -> bool:
 
 def test_expression_over_three_joined_runs(three_runs, tmp_path):
     runs, joined = three_runs
-    result = select_run(runs, tmp_path / "sel", expression="itm >= 60 and clip_cosine >= 0.2 and rules_ok",
-                        batch_rows=64)  # fmt: skip
-    expected = {u for u, e in joined.items() if in_all(e) and e.get("rules_ok") and e.get("itm") is not None
-                and e["itm"] >= 60 and e.get("clip_cosine") is not None and e["clip_cosine"] >= np.float32(0.2)}  # fmt: skip
+    result = select_run(
+        runs, tmp_path / "sel", expression="itm >= 60 and clip_cosine >= 0.2 and rules_ok", batch_rows=64
+    )
+    expected = {
+        u
+        for u, e in joined.items()
+        if in_all(e)
+        and e.get("rules_ok")
+        and e.get("itm") is not None
+        and e["itm"] >= 60
+        and e.get("clip_cosine") is not None
+        and e["clip_cosine"] >= np.float32(0.2)
+    }
     assert 0 < len(expected) < 100
     assert sorted(kept_uids(tmp_path / "sel")) == sorted(expected)
     assert UIDS[161] in expected  # joined by its first row (0.39), not its repeat (-0.5)
@@ -108,8 +124,9 @@ def test_expression_over_three_joined_runs(three_runs, tmp_path):
 def test_top_fraction_of_the_joined_pool(three_runs, tmp_path, monkeypatch, cache_rows):
     monkeypatch.setattr("mlmfilter.selection.join.LOOKUP_CACHE_ROWS", cache_rows)
     runs, joined = three_runs
-    result = select_run(runs, tmp_path / "sel", expression="rules_ok", top_fraction=0.1, by="itm",
-                        candidate_cap=7, batch_rows=50)  # fmt: skip
+    result = select_run(
+        runs, tmp_path / "sel", expression="rules_ok", top_fraction=0.1, by="itm", candidate_cap=7, batch_rows=50
+    )
     qualifying = [(u, e) for u, e in joined.items() if in_all(e) and e.get("rules_ok") and e.get("itm") is not None]
     qualifying.sort(key=lambda ue: (-ue[1]["itm"], int(ue[0], 16)))
     k = round(0.1 * 400)
@@ -127,11 +144,14 @@ def test_errors_of_any_run_show_and_missing_rows_never_pass(three_runs, tmp_path
     assert result.errors["undecodable_image"] == len([i for i in range(300) if i % 37 == 0])
     result = select_run(runs, tmp_path / "detail", expression="error_detail == 'rules saw undecodable_image'")
     assert sorted(kept_uids(tmp_path / "detail")) == sorted(
-        u for u, e in joined.items() if in_all(e) and e["error"] == "undecodable_image")
+        u for u, e in joined.items() if in_all(e) and e["error"] == "undecodable_image"
+    )
     assert result.kept > 0
     # an expression over one run's columns still needs the uid in every run
     select_run(runs, tmp_path / "only_rules", expression="rules_ok")
-    assert sorted(kept_uids(tmp_path / "only_rules")) == sorted(u for u, e in joined.items() if in_all(e) and e.get("rules_ok"))
+    assert sorted(kept_uids(tmp_path / "only_rules")) == sorted(
+        u for u, e in joined.items() if in_all(e) and e.get("rules_ok")
+    )
 
 
 def test_the_order_of_the_runs_does_not_change_the_kept_set(three_runs, tmp_path):
@@ -147,9 +167,14 @@ def test_column_clash_is_refused_and_named_runs_tell_them_apart(three_runs, tmp_
     with pytest.raises(SelectionError, match=r"column 'clip_cosine' is in two runs .*clip.*clip") as info:
         select_run([runs[1], runs[1]], tmp_path / "sel", expression="clip_cosine > 0")
     assert "a=RUN1 b=RUN2" in str(info.value) and "a_clip_cosine and b_clip_cosine" in str(info.value)
-    result = select_run([("old", runs[1]), ("new", runs[1]), runs[2]], tmp_path / "sel",
-                        expression="old_clip_cosine > 0.3 and new_clip_cosine > 0.3 and itm >= 0")  # fmt: skip
-    expected = {u for u, e in joined.items() if {"clip", "mlm"} <= e["runs"] and (e.get("clip_cosine") or 0) > np.float32(0.3)}
+    result = select_run(
+        [("old", runs[1]), ("new", runs[1]), runs[2]],
+        tmp_path / "sel",
+        expression="old_clip_cosine > 0.3 and new_clip_cosine > 0.3 and itm >= 0",
+    )
+    expected = {
+        u for u, e in joined.items() if {"clip", "mlm"} <= e["runs"] and (e.get("clip_cosine") or 0) > np.float32(0.3)
+    }
     assert sorted(kept_uids(tmp_path / "sel")) == sorted(expected)
     assert result.runs[0]["name"] == "old" and result.runs[0]["columns"] == ["old_clip_cosine"]
     with pytest.raises(ValueError, match="unknown column 'clip_cosine'. Did you mean 'old_clip_cosine'"):
@@ -194,14 +219,25 @@ def test_intersect_and_union_with_uid_lists(three_runs, tmp_path):
     extra = UIDS[350:355]
     np.save(tmp_path / "extra.npy", np.array([u.upper() for u in extra]))  # plain strings, any case
 
-    result = select_run(runs[0], tmp_path / "sel", expression="rules_ok", intersect=[tmp_path / "dfn.npy", tmp_path / "published.npy"],
-                        union=[tmp_path / "extra.npy"])  # fmt: skip
+    result = select_run(
+        runs[0],
+        tmp_path / "sel",
+        expression="rules_ok",
+        intersect=[tmp_path / "dfn.npy", tmp_path / "published.npy"],
+        union=[tmp_path / "extra.npy"],
+    )
     # extra uids are outside the rules run (its pool): counted, not added
     assert sorted(kept_uids(tmp_path / "sel")) == sorted(selected & dfn & published)
     lists = {e["path"]: e for e in result.to_json()["uid_lists"]}
     assert lists[str(tmp_path / "dfn.npy")]["outside_pool"] == len([u for u in dfn if u not in UIDS[:300]])
-    assert lists[str(tmp_path / "extra.npy")] == {"mode": "union", "path": str(tmp_path / "extra.npy"), "uids": 5,
-                                                  "matched": 0, "outside_pool": 5, "added": 0}  # fmt: skip
+    assert lists[str(tmp_path / "extra.npy")] == {
+        "mode": "union",
+        "path": str(tmp_path / "extra.npy"),
+        "uids": 5,
+        "matched": 0,
+        "outside_pool": 5,
+        "added": 0,
+    }
     assert result.selected == len(selected) and result.kept == len(selected & dfn & published)
 
     # SU >= 85 ∪ DFN, Open-Qwen2VL style, over the joined runs
@@ -212,14 +248,17 @@ def test_intersect_and_union_with_uid_lists(three_runs, tmp_path):
     assert np.array_equal(np.load(tmp_path / "union" / "uids.npy"), datacomp_subset(by_expression | set(UIDS[100:110])))
 
 
-@pytest.mark.parametrize("content, message", [
-    (lambda p: np.save(p, np.array([{"uid": 1}], dtype=object), allow_pickle=True), "Python objects"),
-    (lambda p: p.write_text("uid\n" + UIDS[0] + "\n"), "not a .npy file"),
-    (lambda p: np.save(p, np.arange(4, dtype=np.float64)), "dtype float64"),
-    (lambda p: np.save(p, np.array([UIDS[0], "abc"])), "row 1 is not hex"),
-    (lambda p: np.save(p, np.array(["x" * 40])), "32 characters"),
-    (lambda p: np.savez(p, a=np.arange(3)), ".npz archive"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda p: np.save(p, np.array([{"uid": 1}], dtype=object), allow_pickle=True), "Python objects"),
+        (lambda p: p.write_text("uid\n" + UIDS[0] + "\n"), "not a .npy file"),
+        (lambda p: np.save(p, np.arange(4, dtype=np.float64)), "dtype float64"),
+        (lambda p: np.save(p, np.array([UIDS[0], "abc"])), "row 1 is not hex"),
+        (lambda p: np.save(p, np.array(["x" * 40])), "32 characters"),
+        (lambda p: np.savez(p, a=np.arange(3)), ".npz archive"),
+    ],
+)
 def test_malformed_uid_list_is_one_clear_error(three_runs, tmp_path, content, message):
     runs, _ = three_runs
     path = tmp_path / "list.npy"
@@ -240,12 +279,16 @@ def test_malformed_uid_list_is_one_clear_error(three_runs, tmp_path, content, me
 def test_cli_joins_runs_and_reshards_the_kept_pairs(tmp_path, flickr_pairs):
     shards = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=3, per_shard=5)
     runner = CliRunner()
-    result = runner.invoke(app, ["score", str(tmp_path / "in" / "*.tar"), "-o", str(tmp_path / "rules"), "--scorer", "rules"])
+    result = runner.invoke(
+        app, ["score", str(tmp_path / "in" / "*.tar"), "-o", str(tmp_path / "rules"), "--scorer", "rules"]
+    )
     assert result.exit_code == 0, result.output
     rules = scores_dataset(tmp_path / "rules").to_table().to_pylist()
     # a judge run made elsewhere over shards 1-2 only, plus a pair the rules run never read
     judged = [r for r in rules if r["shard"] != "00000000"]
-    judge_rows = [{"uid": r["uid"], "itm": float(i * 10), "error": None, "error_detail": None} for i, r in enumerate(judged)]
+    judge_rows = [
+        {"uid": r["uid"], "itm": float(i * 10), "error": None, "error_detail": None} for i, r in enumerate(judged)
+    ]
     judge_rows.append({"uid": "0" * 32, "itm": 99.0, "error": None, "error_detail": None})
     write_synthetic_run(tmp_path / "judge", judge_rows, [("itm", pa.float32())], shards=2)
 
@@ -254,8 +297,18 @@ def test_cli_joins_runs_and_reshards_the_kept_pairs(tmp_path, flickr_pairs):
     not_a_run = runner.invoke(app, ["select", str(tmp_path / "rules"), "itm >= 30", "-o", str(tmp_path / "x")])
     assert not_a_run.exit_code == 2 and "--where" in not_a_run.output
 
-    result = runner.invoke(app, ["select", str(tmp_path / "rules"), str(tmp_path / "judge"), "--where", "rules_ok and itm >= 30",
-                                 "-o", str(tmp_path / "sel")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "select",
+            str(tmp_path / "rules"),
+            str(tmp_path / "judge"),
+            "--where",
+            "rules_ok and itm >= 30",
+            "-o",
+            str(tmp_path / "sel"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     itm = {r["uid"]: r["itm"] for r in judge_rows}
     expected = {r["uid"] for r in rules if r["rules_ok"] and itm.get(r["uid"], -1) >= 30}
@@ -270,13 +323,17 @@ def test_cli_joins_runs_and_reshards_the_kept_pairs(tmp_path, flickr_pairs):
     written = set()
     for shard in (tmp_path / "out").glob("*.tar"):
         with tarfile.open(shard) as tar:
-            written |= {json.loads(tar.extractfile(m).read())["uid"] for m in tar.getmembers() if m.name.endswith(".json")}
+            written |= {
+                json.loads(tar.extractfile(m).read())["uid"] for m in tar.getmembers() if m.name.endswith(".json")
+            }
     assert written == expected
     assert shards  # the inputs were real WebDataset shards
 
     # the report of one of the runs shows the joined selection, though this run lacks `itm`
-    report = runner.invoke(app, ["report", str(tmp_path / "rules"), "--selection", str(tmp_path / "sel"),
-                                 "-o", str(tmp_path / "report.html")])  # fmt: skip
+    report = runner.invoke(
+        app,
+        ["report", str(tmp_path / "rules"), "--selection", str(tmp_path / "sel"), "-o", str(tmp_path / "report.html")],
+    )
     assert report.exit_code == 0, report.output
     assert (tmp_path / "report.html").stat().st_size > 0
 
@@ -313,9 +370,16 @@ def test_runs_with_uid_halves_join_runs_with_uid_strings(three_runs, tmp_path):
     write_tables(tmp_path / "mlm_halves", "score", tables)
     where = "itm >= 40 and rules_ok and clip_cosine > 0.1"
     select_run(runs, tmp_path / "strings", expression=where, top_fraction=0.1, by="itm")
-    select_run([runs[0], runs[1], tmp_path / "mlm_halves"], tmp_path / "mixed", expression=where, top_fraction=0.1, by="itm")
-    select_run([tmp_path / "mlm_halves", runs[0], runs[1]], tmp_path / "halves_first", expression=where, top_fraction=0.1,
-               by="itm")  # fmt: skip
+    select_run(
+        [runs[0], runs[1], tmp_path / "mlm_halves"], tmp_path / "mixed", expression=where, top_fraction=0.1, by="itm"
+    )
+    select_run(
+        [tmp_path / "mlm_halves", runs[0], runs[1]],
+        tmp_path / "halves_first",
+        expression=where,
+        top_fraction=0.1,
+        by="itm",
+    )
     expected = np.load(tmp_path / "strings" / "uids.npy")
     assert len(expected) > 10
     np.testing.assert_array_equal(np.load(tmp_path / "mixed" / "uids.npy"), expected)
@@ -325,9 +389,14 @@ def test_runs_with_uid_halves_join_runs_with_uid_strings(three_runs, tmp_path):
 def test_skipped_in_any_run_is_skipped_in_the_join(tmp_path):
     """Cascade stages mark pairs they did not score `skipped`; joined, a pair skipped anywhere is skipped."""
     uids = UIDS[:12]
-    first = [{"uid": u, "clip_cosine": 0.3, "skipped": i % 3 == 0, "error": None, "error_detail": None} for i, u in enumerate(uids)]
-    second = [{"uid": u, "itm": None if i % 4 == 0 else 50.0, "skipped": i % 4 == 0, "error": None, "error_detail": None}
-              for i, u in enumerate(uids)]  # fmt: skip
+    first = [
+        {"uid": u, "clip_cosine": 0.3, "skipped": i % 3 == 0, "error": None, "error_detail": None}
+        for i, u in enumerate(uids)
+    ]
+    second = [
+        {"uid": u, "itm": None if i % 4 == 0 else 50.0, "skipped": i % 4 == 0, "error": None, "error_detail": None}
+        for i, u in enumerate(uids)
+    ]
     write_synthetic_run(tmp_path / "a", first, [("clip_cosine", pa.float32()), ("skipped", pa.bool_())], shards=2)
     write_synthetic_run(tmp_path / "b", second, [("itm", pa.float32()), ("skipped", pa.bool_())], shards=2)
     select_run([tmp_path / "a", tmp_path / "b"], tmp_path / "sel", expression="skipped")

@@ -29,14 +29,16 @@ def table(tmp_path_factory) -> pa.Table:
     clip, ok, words, itm, error = zip(*ROWS)
     path = tmp_path_factory.mktemp("expr") / "00000.parquet"
     pq.write_table(
-        pa.table({
-            "uid": [f"{i:032x}" for i in range(len(ROWS))],
-            "clip_score": pa.array(clip, pa.float32()),
-            "rules_ok": pa.array(ok, pa.bool_()),
-            "rules_words": pa.array(words, pa.int64()),
-            "itm": pa.array(itm, pa.float64()),
-            "error": pa.array(error, pa.string()),
-        }),
+        pa.table(
+            {
+                "uid": [f"{i:032x}" for i in range(len(ROWS))],
+                "clip_score": pa.array(clip, pa.float32()),
+                "rules_ok": pa.array(ok, pa.bool_()),
+                "rules_words": pa.array(words, pa.int64()),
+                "itm": pa.array(itm, pa.float64()),
+                "error": pa.array(error, pa.string()),
+            }
+        ),
         path,
     )
     return pq.read_table(path)

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from mlmfilter.runs.runner import write_tables
 import pytest
 
+from mlmfilter.runs.runner import write_tables
 from mlmfilter.selection import ExpressionError, SelectionError, select_run
 from mlmfilter.selection.subset import read_datacomp_subset, write_datacomp_subset
 
@@ -37,22 +36,35 @@ def write_run(root: Path, seed: int = 0) -> list[dict]:
             error = rng.choice([None, "undecodable_image", "missing_caption"], p=[0.9, 0.07, 0.03])
             uid = "".join(rng.choice(list("0123456789abcdef"), 32))
             scored = error is None
-            shard_rows.append({
-                "uid": uid,
-                "shard": f"{shard:08d}",
-                "key": f"{shard:04d}{i:04d}",
-                "clip_score": float(np.round(rng.random() * 0.4, 2)) if scored else None,  # 41 values: ties
-                "rules_words": int(rng.integers(0, 30)) if scored else None,
-                "rules_ok": bool(rng.random() < 0.7) if scored else None,
-                "error": error,
-                "error_detail": f"detail of {error}" if error else None,
-            })
+            shard_rows.append(
+                {
+                    "uid": uid,
+                    "shard": f"{shard:08d}",
+                    "key": f"{shard:04d}{i:04d}",
+                    "clip_score": float(np.round(rng.random() * 0.4, 2)) if scored else None,  # 41 values: ties
+                    "rules_words": int(rng.integers(0, 30)) if scored else None,
+                    "rules_ok": bool(rng.random() < 0.7) if scored else None,
+                    "error": error,
+                    "error_detail": f"detail of {error}" if error else None,
+                }
+            )
         if shard == 1:
             shard_rows[0]["clip_score"] = float("nan")
-        table = pa.Table.from_pylist(shard_rows, schema=pa.schema([
-            ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("clip_score", pa.float32()),
-            ("rules_words", pa.int64()), ("rules_ok", pa.bool_()), ("error", pa.string()), ("error_detail", pa.string()),
-        ]))  # fmt: skip
+        table = pa.Table.from_pylist(
+            shard_rows,
+            schema=pa.schema(
+                [
+                    ("uid", pa.string()),
+                    ("shard", pa.string()),
+                    ("key", pa.string()),
+                    ("clip_score", pa.float32()),
+                    ("rules_words", pa.int64()),
+                    ("rules_ok", pa.bool_()),
+                    ("error", pa.string()),
+                    ("error_detail", pa.string()),
+                ]
+            ),
+        )
         tables[f"{shard:08d}"] = table
         rows += table.to_pylist()  # float32 values as stored
     write_tables(root, "score", tables)
@@ -80,8 +92,9 @@ def test_top_fraction_is_exact_and_matches_a_full_sort(run, tmp_path, fraction):
     run_dir, rows = run
     k = round(fraction * len(rows))
     qualifying = [r for r in rows if r["clip_score"] is not None and r["clip_score"] == r["clip_score"]]
-    result = select_run(run_dir, tmp_path / "sel", top_fraction=fraction, by="clip_score",
-                        candidate_cap=25, batch_rows=100)  # fmt: skip
+    result = select_run(
+        run_dir, tmp_path / "sel", top_fraction=fraction, by="clip_score", candidate_cap=25, batch_rows=100
+    )
     expected = expected_top(rows, k, "clip_score")
     assert result.kept == len(expected) == min(k, len(qualifying))
     assert sorted(kept_uids(tmp_path / "sel")) == sorted(expected)
@@ -102,8 +115,15 @@ def test_top_fraction_is_exact_and_matches_a_full_sort(run, tmp_path, fraction):
 
 def test_expression_then_fraction_of_the_whole_pool(run, tmp_path):
     run_dir, rows = run
-    result = select_run(run_dir, tmp_path / "sel", expression="rules_ok and rules_words >= 5",
-                        top_fraction=0.2, by="clip_score", candidate_cap=10, batch_rows=77)  # fmt: skip
+    result = select_run(
+        run_dir,
+        tmp_path / "sel",
+        expression="rules_ok and rules_words >= 5",
+        top_fraction=0.2,
+        by="clip_score",
+        candidate_cap=10,
+        batch_rows=77,
+    )
     k = round(0.2 * len(rows))  # of all rows read, errored ones included
     expected = expected_top(rows, k, "clip_score", keep=lambda r: r["rules_ok"] and r["rules_words"] >= 5)
     assert result.target == k and result.kept == k
@@ -216,15 +236,29 @@ def test_uid_lists_apply_after_an_exact_top_fraction(run, tmp_path):
     top = expected_top(rows, k, "clip_score")
     listed = [r["uid"] for r in rows[::4]]
     np.save(tmp_path / "listed.npy", datacomp_subset(listed))
-    result = select_run(run_dir, tmp_path / "both", top_fraction=0.3, by="clip_score", candidate_cap=9,
-                        intersect=[tmp_path / "listed.npy"])  # fmt: skip
+    result = select_run(
+        run_dir,
+        tmp_path / "both",
+        top_fraction=0.3,
+        by="clip_score",
+        candidate_cap=9,
+        intersect=[tmp_path / "listed.npy"],
+    )
     assert sorted(kept_uids(tmp_path / "both")) == sorted(set(top) & set(listed))
     assert result.selected == k and result.target == k and result.kept == len(set(top) & set(listed)) < k
     entry = result.to_json()["uid_lists"][0]
-    assert entry == {"mode": "intersect", "path": str(tmp_path / "listed.npy"), "uids": len(set(listed)),
-                     "matched": len(listed), "outside_pool": 0, "removed": k - result.kept}  # fmt: skip
+    assert entry == {
+        "mode": "intersect",
+        "path": str(tmp_path / "listed.npy"),
+        "uids": len(set(listed)),
+        "matched": len(listed),
+        "outside_pool": 0,
+        "removed": k - result.kept,
+    }
 
-    result = select_run(run_dir, tmp_path / "either", top_fraction=0.3, by="clip_score", union=[tmp_path / "listed.npy"])
+    result = select_run(
+        run_dir, tmp_path / "either", top_fraction=0.3, by="clip_score", union=[tmp_path / "listed.npy"]
+    )
     assert sorted(kept_uids(tmp_path / "either")) == sorted(set(top) | set(listed))
     np.testing.assert_array_equal(np.load(tmp_path / "either" / "uids.npy"), datacomp_subset(set(top) | set(listed)))
     summary = json.loads((tmp_path / "either" / "selection.json").read_text())

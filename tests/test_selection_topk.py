@@ -20,7 +20,9 @@ class Stream:
     def __call__(self, needs_uids: bool = True):
         for start in range(0, len(self.scores), self.batch_rows):
             stop = start + self.batch_rows
-            yield ScoreBatch(self.scores[start:stop], self.eligible[start:stop], start, self._uid_reader(start, needs_uids))
+            yield ScoreBatch(
+                self.scores[start:stop], self.eligible[start:stop], start, self._uid_reader(start, needs_uids)
+            )
 
     def _uid_reader(self, start: int, allowed: bool):
         def read(rows: np.ndarray) -> np.ndarray:
@@ -68,8 +70,16 @@ def test_matches_brute_force_sort_with_ties(seed, ascending):
         assert len(selected) == k
         np.testing.assert_array_equal(selected, brute_force(scores, halves, k, ascending))
         last = brute_force(scores, halves, k, ascending)
-        worst = last[np.lexsort((last, halves["f1"][last], halves["f0"][last],
-                                 scores[last] if ascending else -scores[last].astype(np.float64)))[-1]]  # fmt: skip
+        worst = last[
+            np.lexsort(
+                (
+                    last,
+                    halves["f1"][last],
+                    halves["f0"][last],
+                    scores[last] if ascending else -scores[last].astype(np.float64),
+                )
+            )[-1]
+        ]
         assert threshold.boundary.uid == f"{halves['f0'][worst]:016x}{halves['f1'][worst]:016x}"
         assert threshold.boundary.score == float(str(scores[worst]))
     assert max(passes) >= 4  # a tie bigger than the cap: score digits, then a uid digit, then collect
@@ -108,8 +118,11 @@ def test_integer_and_bool_scores():
     rng = np.random.default_rng(11)
     n = 2_500
     halves = random_halves(rng, n)
-    for scores in (rng.integers(-40, 40, n).astype(np.int64), rng.integers(0, 30, n).astype(np.int32),
-                   rng.random(n) < 0.3):  # fmt: skip
+    for scores in (
+        rng.integers(-40, 40, n).astype(np.int64),
+        rng.integers(0, 30, n).astype(np.int32),
+        rng.random(n) < 0.3,
+    ):
         keys = ScoreKeys(scores.dtype)
         stream = Stream(scores, halves, batch_rows=300)
         for k in (7, 1_000):

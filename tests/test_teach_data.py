@@ -35,7 +35,9 @@ def sampled(pool, tmp_path_factory):
     from mlmfilter.cli import app
 
     out = tmp_path_factory.mktemp("teach")
-    result = CliRunner().invoke(app, ["teach", "sample", *map(str, pool), "-o", str(out), "--n", "12", "--clusters", "4"])
+    result = CliRunner().invoke(
+        app, ["teach", "sample", *map(str, pool), "-o", str(out), "--n", "12", "--clusters", "4"]
+    )
     assert result.exit_code == 0, result.output
     return TeachFolder(out)
 
@@ -100,7 +102,9 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     from mlmfilter.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["teach", "negatives", str(sampled.path), "--kinds", "shuffle_words,truncate,other_caption"])
+    result = runner.invoke(
+        app, ["teach", "negatives", str(sampled.path), "--kinds", "shuffle_words,truncate,other_caption"]
+    )
     assert result.exit_code == 0, result.output
     pairs = read_pairs(sampled.path / "sample.parquet")
     negatives = read_pairs(sampled.path / "negatives.parquet")
@@ -121,11 +125,15 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
 
     options = LabelOptions(model="teacher", metrics=["itm", "odf"])
     with FaultServer() as server:
-        info = sampled.label(options, ClientOptions(base_url=server.base_url, api_key_env="UNSET_KEY_VAR", max_retries=1))
+        info = sampled.label(
+            options, ClientOptions(base_url=server.base_url, api_key_env="UNSET_KEY_VAR", max_retries=1)
+        )
         sent = {m["content"][1]["text"] for b in server.bodies for m in b["messages"]}
     assert info["rows"] == 2 * (len(pairs) + len(negatives)) and info["ok"] == info["rows"]
     labels = pq.read_table(sampled.path / "labels.parquet").to_pylist()
-    assert Counter(r["corruption"] for r in labels if r["corruption"]) == {k: 2 * v for k, v in info_kinds(negatives).items()}
+    assert Counter(r["corruption"] for r in labels if r["corruption"]) == {
+        k: 2 * v for k, v in info_kinds(negatives).items()
+    }
 
     result = runner.invoke(app, ["teach", "balance", str(sampled.path), "--target", "20", "--bins", "5"])
     assert result.exit_code == 0, result.output
@@ -135,11 +143,27 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     assert report["metrics"]["itm"]["after"] == even_allocation(report["metrics"]["itm"]["before"], 20)
 
     general = tmp_path / "llava_general.json"
-    general.write_text(json.dumps([{"id": f"g{i}", "image": f"coco/{i}.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]} for i in range(100)]))  # fmt: skip
+    general.write_text(
+        json.dumps(
+            [
+                {
+                    "id": f"g{i}",
+                    "image": f"coco/{i}.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat is shown?"},
+                        {"from": "gpt", "value": "A cat."},
+                        {"from": "human", "value": "What colour?"},
+                        {"from": "gpt", "value": "Black."},
+                    ],
+                }
+                for i in range(100)
+            ]
+        )
+    )
     out = tmp_path / "export"
-    result = runner.invoke(app, ["teach", "export", str(sampled.path), "-o", str(out), "--mix", str(general), "--mix-ratio", "1.5"])
+    result = runner.invoke(
+        app, ["teach", "export", str(sampled.path), "-o", str(out), "--mix", str(general), "--mix-ratio", "1.5"]
+    )
     assert result.exit_code == 0, result.output
     records = json.loads((out / "mlm_filter_instruct.json").read_text())
     quality = [r for r in records if r["id"].endswith(("_itm", "_odf"))]
@@ -164,11 +188,13 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     assert len(trl) == len(records)
     first = next(t for t in trl if t["id"] == quality[0]["id"])
     assert first["prompt"][0]["content"][0] == {"type": "image"}
-    assert first["prompt"][0]["content"][1]["text"] == quality[0]["conversations"][0]["value"][len("<image>\n"):]
+    assert first["prompt"][0]["content"][1]["text"] == quality[0]["conversations"][0]["value"][len("<image>\n") :]
     assert first["completion"][0]["content"][0]["text"] == quality[0]["conversations"][1]["value"]
     assert first["images"] == [quality[0]["image"]]
     multi = next(t for t in trl if t["id"] == "g0")
-    assert [m["role"] for m in multi["prompt"]] == ["user", "assistant", "user"] and multi["completion"][0]["content"][0]["text"] == "Black."
+    assert [m["role"] for m in multi["prompt"]] == ["user", "assistant", "user"] and multi["completion"][0]["content"][
+        0
+    ]["text"] == "Black."
     card = json.loads((out / "card.json").read_text())
     assert {"sample", "negatives", "label", "balance", "export"} <= set(card)
     assert card["sample"]["options"]["clusters"] == 4 and card["label"]["options"]["model"] == "teacher"
@@ -185,20 +211,34 @@ def test_sample_with_clip_image_embeddings_and_rules(pool, tmp_path):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    from tests.conftest import shared_path
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.teach.sample import SampleOptions
+    from tests.conftest import shared_path
 
     vocab = shared_path("models", "clip-tokenizer")
     tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=32),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=32,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny-clip"
     CLIPModel(config).save_pretrained(model_dir)

@@ -26,7 +26,11 @@ def _pairs(flickr_pairs, captions: list[str]) -> list[TeachPair]:
     out = []
     for i, caption in enumerate(captions):
         image, _ = flickr_pairs[i]
-        out.append(TeachPair(uid=f"{i:032x}", shard="s0", key=f"k{i}", caption=caption, image=image.read_bytes(), image_format="jpg"))
+        out.append(
+            TeachPair(
+                uid=f"{i:032x}", shard="s0", key=f"k{i}", caption=caption, image=image.read_bytes(), image_format="jpg"
+            )
+        )
     return out
 
 
@@ -37,7 +41,9 @@ def _teach(tmp_path, flickr_pairs, captions) -> TeachFolder:
 
 
 def _client_options(server, **kw) -> ClientOptions:
-    return ClientOptions(base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05, **kw)
+    return ClientOptions(
+        base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05, **kw
+    )
 
 
 def _no_secret_under(folder: Path) -> None:
@@ -57,8 +63,14 @@ def test_parse_reply():
 
 def test_label_faults_end_as_errors_and_a_rerun_sends_nothing_new(tmp_path, flickr_pairs, monkeypatch):
     monkeypatch.setenv("TEACH_KEY", SECRET)
-    captions = ["A dog runs on grass .", "Two girls [fault:429] play .", "A man [fault:500] cycles .",
-                "A boy [fault:hang] jumps .", "A cat [fault:malformed] sleeps .", "A car [fault:nonnumeric] parks ."]  # fmt: skip
+    captions = [
+        "A dog runs on grass .",
+        "Two girls [fault:429] play .",
+        "A man [fault:500] cycles .",
+        "A boy [fault:hang] jumps .",
+        "A cat [fault:malformed] sleeps .",
+        "A car [fault:nonnumeric] parks .",
+    ]
     folder = _teach(tmp_path, flickr_pairs, captions)
     options = LabelOptions(model="teacher-vlm", metrics=["itm", "ctq"])
     with FaultServer() as server:
@@ -75,13 +87,21 @@ def test_label_faults_end_as_errors_and_a_rerun_sends_nothing_new(tmp_path, flic
         nonnumeric = by_key[("k5", "itm")]
         assert nonnumeric["error"] == errors.UNPARSEABLE_SCORE and nonnumeric["score"] is None
         assert nonnumeric["reply"].startswith("excellent")  # the raw text is kept
-        assert info["stats"]["retries"] == 2 * (2 + 1 + 1 + 3) and info["errors"] == {BAD_RESPONSE: 2, errors.UNPARSEABLE_SCORE: 2}
+        assert info["stats"]["retries"] == 2 * (2 + 1 + 1 + 3) and info["errors"] == {
+            BAD_RESPONSE: 2,
+            errors.UNPARSEABLE_SCORE: 2,
+        }
 
         # the request is the judge's: image first as a data URL of the original bytes, then the metric prompt
         body = next(b for b in server.bodies if "A dog runs" in json.dumps(b))
         image_part, text_part = body["messages"][0]["content"]
-        assert image_part["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(flickr_pairs[0][0].read_bytes()).decode()
-        assert text_part["text"] in {resolve_template("v2").render(m, captions[0]) for m in ("image_text_matching", "caption_text_quality")}
+        assert (
+            image_part["image_url"]["url"]
+            == "data:image/jpeg;base64," + base64.b64encode(flickr_pairs[0][0].read_bytes()).decode()
+        )
+        assert text_part["text"] in {
+            resolve_template("v2").render(m, captions[0]) for m in ("image_text_matching", "caption_text_quality")
+        }
 
         before = server.requests
         again = folder.label(options, _client_options(server))
@@ -104,7 +124,9 @@ def test_text_only_mode_describes_first(tmp_path, flickr_pairs, monkeypatch):
     assert len(describe) == 2 and describe[0]["messages"][0]["content"][0]["type"] == "image_url"
     assert len(teacher) == 2 and all(part["type"] == "text" for b in teacher for part in b["messages"][0]["content"])
     rows = pq.read_table(folder.path / "labels.parquet").to_pylist()
-    assert all(r["error"] is None and r["mode"] == "text" and r["description"].startswith(tuple("0123456789")) for r in rows)
+    assert all(
+        r["error"] is None and r["mode"] == "text" and r["description"].startswith(tuple("0123456789")) for r in rows
+    )
     assert all(json.dumps(b).count("Image Description: ") == 1 for b in teacher)
 
 
@@ -115,8 +137,22 @@ def test_cli_batch_file_then_collect(tmp_path, flickr_pairs, monkeypatch):
     folder = _teach(tmp_path, flickr_pairs, ["A dog runs on grass .", "A girl reads .", "Boats at sea ."])
     runner = CliRunner()
     batch = tmp_path / "batch" / "requests.jsonl"
-    result = runner.invoke(app, ["teach", "label", str(folder.path), "--model", "gpt-4o", "--metrics", "itm,odf",
-                                 "--api-key-env", "TEACH_KEY", "--batch-file", str(batch)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "teach",
+            "label",
+            str(folder.path),
+            "--model",
+            "gpt-4o",
+            "--metrics",
+            "itm,odf",
+            "--api-key-env",
+            "TEACH_KEY",
+            "--batch-file",
+            str(batch),
+        ],
+    )
     assert result.exit_code == 0, result.output
     parts = sorted(batch.parent.glob("requests-*.jsonl"))
     lines = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
@@ -130,9 +166,33 @@ def test_cli_batch_file_then_collect(tmp_path, flickr_pairs, monkeypatch):
         answerer = ChatClient(_client_options(server))
         for line in lines:
             body = answerer.complete(ChatRequest(line["body"])).response
-            fh.write(json.dumps({"id": "x", "custom_id": line["custom_id"], "response": {"status_code": 200, "body": body}, "error": None}) + "\n")
-    result = runner.invoke(app, ["teach", "label", str(folder.path), "--model", "gpt-4o", "--metrics", "itm,odf",
-                                 "--base-url", "http://127.0.0.1:9/v1", "--collect", str(output)])  # fmt: skip
+            fh.write(
+                json.dumps(
+                    {
+                        "id": "x",
+                        "custom_id": line["custom_id"],
+                        "response": {"status_code": 200, "body": body},
+                        "error": None,
+                    }
+                )
+                + "\n"
+            )
+    result = runner.invoke(
+        app,
+        [
+            "teach",
+            "label",
+            str(folder.path),
+            "--model",
+            "gpt-4o",
+            "--metrics",
+            "itm,odf",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--collect",
+            str(output),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "requests 0" in result.output
     rows = pq.read_table(folder.path / "labels.parquet").to_pylist()
@@ -161,7 +221,9 @@ def test_transformers_serve_happy_path(tmp_path, flickr_pairs, transformers_serv
     monkeypatch.setenv("TEACH_KEY", SECRET)
     folder = _teach(tmp_path, flickr_pairs, ["A dog runs on grass .", "Two girls play ."])
     options = LabelOptions(model=model, metrics=["itm", "odf"], max_tokens=6)
-    client_options = ClientOptions(base_url=base_url, api_key_env="TEACH_KEY", timeout_s=120, max_retries=1, concurrency=2)
+    client_options = ClientOptions(
+        base_url=base_url, api_key_env="TEACH_KEY", timeout_s=120, max_retries=1, concurrency=2
+    )
     first = folder.label(options, client_options)
     rows = pq.read_table(folder.path / "labels.parquet").to_pylist()
     assert len(rows) == 4 and first["stats"]["answered"] == 4 and first["stats"]["completion_tokens"] > 0
@@ -172,7 +234,9 @@ def test_transformers_serve_happy_path(tmp_path, flickr_pairs, transformers_serv
     second = folder.label(options, client_options)
     # the run layer resumes: the finished shard is skipped (marker + fingerprint), nothing is asked again
     assert second["stats"]["requests"] == 0 and len(second["shards_skipped"]) == 1
-    assert (folder.path / "run" / "teach_label" / "stage.yaml").exists() and len(list((folder.path / "run" / "teach_label" / "completions").iterdir())) == 1
+    assert (folder.path / "run" / "teach_label" / "stage.yaml").exists() and len(
+        list((folder.path / "run" / "teach_label" / "completions").iterdir())
+    ) == 1
     # other settings redo the stage; the answers already cached are free, the new metric is asked
     third = folder.label(LabelOptions(model=model, metrics=["itm", "odf", "ctq"], max_tokens=6), client_options)
     assert third["stats"]["cache_hits"] == 4 and third["stats"]["answered"] == 2 and third["rows"] == 6

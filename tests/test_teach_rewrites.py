@@ -20,13 +20,19 @@ from mlmfilter.teach.rewrites import POOR, REWRITE_REJECTED, UNRELATED, Rewriter
 from tests.fault_server import FaultServer
 from tests.test_teach_label import SECRET, _no_secret_under, _pairs, _teach, transformers_server  # noqa: F401 (fixture)
 
-CAPTIONS = ["A dog runs on the green grass .", "Two girls play with a red ball in the park .",
-            "A man rides a bike down the street .", "A boy jumps into a blue pool ."]  # fmt: skip
+CAPTIONS = [
+    "A dog runs on the green grass .",
+    "Two girls play with a red ball in the park .",
+    "A man rides a bike down the street .",
+    "A boy jumps into a blue pool .",
+]
 KINDS = ["shuffle_words", "truncate", "other_caption"]
 
 
 def _options(server, **kw) -> ClientOptions:
-    return ClientOptions(base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05, **kw)
+    return ClientOptions(
+        base_url=server.base_url, api_key_env="TEACH_KEY", timeout_s=2.0, max_retries=3, backoff_s=0.05, **kw
+    )
 
 
 def _rewrite_bodies(server) -> list[dict]:
@@ -39,7 +45,11 @@ def test_rewrite_samples_are_made_deterministically_from_the_generator(flickr_pa
     assert rows == make_rewrites(pairs, NegativeGenerator(seed=3, kinds=KINDS))
     assert [r["kind"] for r in rows] == [UNRELATED, POOR] * len(pairs)
     for pair, unrelated, poor in zip(pairs, rows[::2], rows[1::2]):
-        assert unrelated["caption"] in CAPTIONS and unrelated["caption"] != pair.caption and unrelated["target"] == pair.caption
+        assert (
+            unrelated["caption"] in CAPTIONS
+            and unrelated["caption"] != pair.caption
+            and unrelated["target"] == pair.caption
+        )
         assert poor["target"] is None and poor["caption"] != pair.caption and poor["original"] == pair.caption
         assert poor["detail"].split(":")[0] in ("shuffle_words", "truncate") and poor["parent_uid"] == pair.uid
     assert len({r["uid"] for r in rows}) == len(rows)
@@ -48,10 +58,29 @@ def test_rewrite_samples_are_made_deterministically_from_the_generator(flickr_pa
 def test_teacher_rewrites_faults_become_error_rows_and_a_rerun_is_free(flickr_pairs):
     pairs = {p.uid: p for p in _pairs(flickr_pairs, CAPTIONS[:3])}
     parent = list(pairs.values())
-    rows = [{"uid": f"r{i}", "parent_uid": parent[i].uid, "shard": "s0", "key": f"k{i}", "kind": POOR, "caption": caption,
-             "target": None, "original": parent[i].caption, "detail": "test", "teacher": None, "reply": None,
-             "description": None, "request_key": None, "cached": False, "error": None, "error_detail": None}
-            for i, caption in enumerate(["dog grass the runs [fault:500]", "Two girls [fault:malformed]", "A man [fault:nonnumeric]"])]  # fmt: skip
+    rows = [
+        {
+            "uid": f"r{i}",
+            "parent_uid": parent[i].uid,
+            "shard": "s0",
+            "key": f"k{i}",
+            "kind": POOR,
+            "caption": caption,
+            "target": None,
+            "original": parent[i].caption,
+            "detail": "test",
+            "teacher": None,
+            "reply": None,
+            "description": None,
+            "request_key": None,
+            "cached": False,
+            "error": None,
+            "error_detail": None,
+        }
+        for i, caption in enumerate(
+            ["dog grass the runs [fault:500]", "Two girls [fault:malformed]", "A man [fault:nonnumeric]"]
+        )
+    ]
     rows.append({**rows[0], "uid": "u", "kind": UNRELATED, "caption": "a cat", "target": parent[0].caption})
     rows.append({**rows[0], "uid": "gone", "parent_uid": "f" * 32})
     options = LabelOptions(model="teacher-vlm")
@@ -61,7 +90,9 @@ def test_teacher_rewrites_faults_become_error_rows_and_a_rerun_is_free(flickr_pa
             filled = Rewriter(options, client).fill(rows, pairs)
             assert [r["uid"] for r in filled] == [r["uid"] for r in rows]  # nothing lost, same order
             ok, malformed, rejected, unrelated, gone = filled
-            assert ok["error"] is None and ok["target"].startswith(tuple("0123456789")) and ok["teacher"] == "teacher-vlm"
+            assert (
+                ok["error"] is None and ok["target"].startswith(tuple("0123456789")) and ok["teacher"] == "teacher-vlm"
+            )
             assert client.stats.retries >= 1 + 3  # the 500 once, the malformed body on every attempt
             assert malformed["error"] == BAD_RESPONSE and malformed["target"] is None
             # "excellent\nThe caption is fine.": talk about the task, not a caption
@@ -93,7 +124,9 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
     assert result.exit_code == 0, result.output
     assert "8 rewrite samples" in result.output
     planned = pq.read_table(folder.path / "rewrites.parquet").to_pylist()
-    options = LabelOptions(model="teacher", metrics=["itm"], mode=mode, describer_model="describer" if mode == "text" else None)
+    options = LabelOptions(
+        model="teacher", metrics=["itm"], mode=mode, describer_model="describer" if mode == "text" else None
+    )
     with FaultServer() as server:
         info = folder.label(options, _options(server))
         bodies = _rewrite_bodies(server)
@@ -101,9 +134,15 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
         first_requests = server.requests
         again = folder.label(options, _options(server))
         assert server.requests == first_requests  # labels and rewrites: all from the cache
-    assert info["rewrites"]["samples"] == 8 and info["rewrites"]["ok"] == 8 and info["rewrites"]["stats"]["answered"] == 4
-    assert info["stats"]["answered"] == info["rows"] + 4 + len(describes)  # labels + rewrites (+ descriptions) in the totals
-    assert again["rewrites"]["stats"]["cache_hits"] == 4 + (4 if mode == "text" else 0) and again["stats"]["requests"] == 0
+    assert (
+        info["rewrites"]["samples"] == 8 and info["rewrites"]["ok"] == 8 and info["rewrites"]["stats"]["answered"] == 4
+    )
+    assert info["stats"]["answered"] == info["rows"] + 4 + len(
+        describes
+    )  # labels + rewrites (+ descriptions) in the totals
+    assert (
+        again["rewrites"]["stats"]["cache_hits"] == 4 + (4 if mode == "text" else 0) and again["stats"]["requests"] == 0
+    )
     targets = pq.read_table(folder.path / "rewrite_targets.parquet").to_pylist()
     assert [t["uid"] for t in targets] == [p["uid"] for p in planned]
     poor = [t for t in targets if t["kind"] == POOR]
@@ -111,8 +150,10 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
     assert len(bodies) == 4 and all(t["target"] and t["target"] == t["reply"].strip() for t in poor)
     if mode == "text":  # one description per image, shared by its labels and its rewrite; no image shown to the teacher
         assert len(describes) == 4 and all(len(b["messages"][0]["content"]) == 1 for b in bodies)
-        assert all(t["description"] and any(text.startswith(f"Image Description: {t['description']}\n") for text in replies)
-                   for t in poor)  # fmt: skip
+        assert all(
+            t["description"] and any(text.startswith(f"Image Description: {t['description']}\n") for text in replies)
+            for t in poor
+        )
     else:
         assert all(b["messages"][0]["content"][0]["type"] == "image_url" for b in bodies)
 
@@ -132,15 +173,27 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
             assert row["target"] == sample_pairs[row["parent_uid"]].caption
     trl = {t["id"]: t for t in map(json.loads, (tmp_path / "out" / "train.jsonl").read_text().splitlines())}
     some = next(iter(rewrites.values()))
-    assert trl[some["id"]]["prompt"][0]["content"] == [{"type": "image"}, {"type": "text", "text": REWRITE_PROMPT.format(
-        caption=some["conversations"][0]["value"].split('caption: "', 1)[1].split('"\nRewrite', 1)[0])}]  # fmt: skip
+    assert trl[some["id"]]["prompt"][0]["content"] == [
+        {"type": "image"},
+        {
+            "type": "text",
+            "text": REWRITE_PROMPT.format(
+                caption=some["conversations"][0]["value"].split('caption: "', 1)[1].split('"\nRewrite', 1)[0]
+            ),
+        },
+    ]
     assert trl[some["id"]]["completion"][0]["content"][0]["text"] == some["conversations"][1]["value"]
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["label"]["prompt_texts"]["rewrite"] == REWRITE_PROMPT
     assert card["negatives"]["rewrites"]["per_kind"] == {UNRELATED: 4, POOR: 4}
     assert card["export"]["rewrite_records"] == 8 and card["export"]["rewrite_per_kind"] == {UNRELATED: 4, POOR: 4}
-    without = runner.invoke(app, ["teach", "export", str(folder.path), "-o", str(tmp_path / "plain"), "--all-labels", "--no-rewrites"])
-    assert without.exit_code == 0 and len(json.loads((tmp_path / "plain" / "mlm_filter_instruct.json").read_text())) == info["ok"]
+    without = runner.invoke(
+        app, ["teach", "export", str(folder.path), "-o", str(tmp_path / "plain"), "--all-labels", "--no-rewrites"]
+    )
+    assert (
+        without.exit_code == 0
+        and len(json.loads((tmp_path / "plain" / "mlm_filter_instruct.json").read_text())) == info["ok"]
+    )
     _no_secret_under(tmp_path)
 
     # new negatives without rewrites: no stale targets survive; with them again, export wants a new `label`
@@ -171,7 +224,9 @@ def test_batch_file_holds_the_rewrites_and_collect_fills_them(tmp_path, flickr_p
         with open(output, "w") as fh:
             for line in lines:
                 body = answerer.complete(ChatRequest(line["body"])).response
-                fh.write(json.dumps({"custom_id": line["custom_id"], "response": {"status_code": 200, "body": body}}) + "\n")
+                fh.write(
+                    json.dumps({"custom_id": line["custom_id"], "response": {"status_code": 200, "body": body}}) + "\n"
+                )
     assert folder.collect([output])["stored"] == len(lines)
     info = folder.label(options, ClientOptions(base_url="http://127.0.0.1:9/v1", cache_only=True))
     assert info["stats"]["requests"] == 0 and info["rewrites"]["ok"] == 4 and info["ok"] == info["rows"]
@@ -208,7 +263,9 @@ def test_transformers_serve_writes_the_rewrites(tmp_path, flickr_pairs, transfor
     folder = _teach(tmp_path, flickr_pairs, CAPTIONS[:2])
     folder.negatives(["truncate", "other_caption"])
     options = LabelOptions(model=model, metrics=["itm"], max_tokens=4, rewrite_max_tokens=8)
-    client_options = ClientOptions(base_url=base_url, api_key_env="TEACH_KEY", timeout_s=120, max_retries=1, concurrency=2)
+    client_options = ClientOptions(
+        base_url=base_url, api_key_env="TEACH_KEY", timeout_s=120, max_retries=1, concurrency=2
+    )
     info = folder.label(options, client_options)
     assert info["rewrites"]["samples"] == 4 and info["rewrites"]["stats"]["answered"] == 2
     poor = [t for t in pq.read_table(folder.path / "rewrite_targets.parquet").to_pylist() if t["kind"] == POOR]
@@ -227,6 +284,18 @@ def test_cli_rewrite_prompt_file_is_checked_before_any_request(tmp_path):
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Rewrite it better.", encoding="utf-8")
-    result = CliRunner().invoke(app, ["teach", "label", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
-                                      "--rewrite-prompt", str(prompt)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "teach",
+            "label",
+            str(tmp_path),
+            "--model",
+            "m",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--rewrite-prompt",
+            str(prompt),
+        ],
+    )
     assert result.exit_code == 2 and "must use {caption}" in result.output

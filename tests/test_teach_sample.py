@@ -70,7 +70,9 @@ def test_streaming_kmeans_from_disk_finds_the_clusters_in_bounded_reads(tmp_path
     # every true cluster is one k-means cluster, and no two share one
     assert all(len(set(labels[truth == c])) == 1 for c in range(6)) and len(set(labels)) == 6
     assert np.isfinite(distances).all() and distances.max() < 10
-    again, _ = cluster(np.load(tmp_path / "embeddings.npy", mmap_mode="r"), 6, seed=2, batch_size=256, in_memory_rows=500)
+    again, _ = cluster(
+        np.load(tmp_path / "embeddings.npy", mmap_mode="r"), 6, seed=2, batch_size=256, in_memory_rows=500
+    )
     assert np.array_equal(labels, again)
     # the in-memory path (the whole set fits) agrees on the partition
     whole, _ = cluster(points, 6, seed=2)
@@ -90,7 +92,9 @@ def test_pick_evenly_matches_the_per_cluster_rule_on_many_labels():
     picks = pick_evenly(labels, 777, seed=4)
     sizes = [int((labels == c).sum()) for c in range(50)]
     assert Counter(labels[picks].tolist()) == dict(enumerate(even_allocation(sizes, 777)))
-    assert np.array_equal(picks, pick_evenly(labels, 777, seed=4)) and not np.array_equal(picks, pick_evenly(labels, 777, seed=5))
+    assert np.array_equal(picks, pick_evenly(labels, 777, seed=4)) and not np.array_equal(
+        picks, pick_evenly(labels, 777, seed=5)
+    )
     assert len(set(picks.tolist())) == 777 and np.all(np.diff(picks) > 0)
 
 
@@ -126,5 +130,7 @@ def test_cli_refuses_a_bad_embedding_dtype_in_one_line(tmp_path):
 
     from mlmfilter.cli import app
 
-    result = CliRunner().invoke(app, ["teach", "sample", str(tmp_path / "x.tar"), "-o", str(tmp_path / "t"), "--embedding-dtype", "int8"])
+    result = CliRunner().invoke(
+        app, ["teach", "sample", str(tmp_path / "x.tar"), "-o", str(tmp_path / "t"), "--embedding-dtype", "int8"]
+    )
     assert result.exit_code == 2 and "embedding_dtype" in result.output and len(result.output.strip().splitlines()) == 1

@@ -10,21 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from tests.mlm_support import collapse_image_tokens, reference_request, tiny_model_dir
-from tests.train_support import HIGH, LOW, METRIC, judge_records, write_llava_json, write_prompt_completion_jsonl
-
 from mlmfilter.judge.conversations import CONVERSATIONS, end_of_answer
 from mlmfilter.judge.readout import canonical_score_tokens
 from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
 from mlmfilter.training.collate import IGNORE_INDEX, JudgeCollator, TrainingEncoder
 from mlmfilter.training.data import (
+    BAD_RECORD,
+    IMAGE_NOT_FIRST,
     MISSING_IMAGE_FILE,
     MULTI_TURN,
     NO_IMAGE,
-    BAD_RECORD,
-    IMAGE_NOT_FIRST,
     read_instruction_data,
 )
+from tests.mlm_support import collapse_image_tokens, reference_request, tiny_model_dir
+from tests.train_support import HIGH, LOW, METRIC, judge_records, write_llava_json, write_prompt_completion_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +52,15 @@ def test_records_that_cannot_train_a_judge_are_skipped_with_their_reason(tmp_pat
         {**good, "id": "multi", "conversations": good["conversations"] * 2},
         {"id": "text-only", "conversations": good["conversations"]},
         {**good, "id": "gone", "image": "nowhere/missing.jpg"},
-        {**good, "id": "late-image", "conversations": [{"from": "human", "value": "rate\n<image>"}, good["conversations"][1]]},
+        {
+            **good,
+            "id": "late-image",
+            "conversations": [{"from": "human", "value": "rate\n<image>"}, good["conversations"][1]],
+        },
     ]
     path = write_llava_json(tmp_path / "data.json", [good, *bad])
     jsonl = tmp_path / "more.jsonl"
-    jsonl.write_text(
-        json.dumps({"prompt": "<image>\nrate it", "completion": "5", "images": [image]}) + "\n{not json\n"
-    )
+    jsonl.write_text(json.dumps({"prompt": "<image>\nrate it", "completion": "5", "images": [image]}) + "\n{not json\n")
     data = read_instruction_data([path, jsonl])
     assert [e.id for e in data.examples] == [good["id"], "0"]
     reasons = {s.id: s.reason for s in data.skipped}
@@ -89,7 +90,9 @@ def loaded_families(smollm2_cache_dir):
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_training_text_is_the_judge_request_plus_answer_for_every_format(conversation, loaded_families, records, tmp_path):
+def test_training_text_is_the_judge_request_plus_answer_for_every_format(
+    conversation, loaded_families, records, tmp_path
+):
     example = read_instruction_data([write_llava_json(tmp_path / "d.json", records[:1])]).examples[0]
     for family, loaded in loaded_families.items():
         encoder = TrainingEncoder(loaded.processor, loaded.spec, conversation, None, 4096)
@@ -152,18 +155,19 @@ def _answer_mass(scorer, samples) -> float:
 
 @pytest.mark.slow
 def test_lora_smoke_loss_falls_and_the_judge_loads_and_scores_a_shard(tmp_path, smollm2_cache_dir, flickr_pairs):
-    from tests.builders import flickr_shards
-
     from mlmfilter.imaging import DecodeSpec, decode_sample
     from mlmfilter.io.readers import read_shard
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.scorers import build_scorer
     from mlmfilter.training.train import TrainOptions, train
+    from tests.builders import flickr_shards
 
     base = str(tiny_model_dir("llava", smollm2_cache_dir))
     data = write_llava_json(tmp_path / "data" / "train.json", judge_records(flickr_pairs[:4], 8))
     out = tmp_path / "judge"
-    options = TrainOptions(base=base, conversation="vicuna_v1", max_steps=8, batch_size=2, learning_rate=5e-3, logging_steps=2)
+    options = TrainOptions(
+        base=base, conversation="vicuna_v1", max_steps=8, batch_size=2, learning_rate=5e-3, logging_steps=2
+    )
     result = train(data, out, options)
 
     assert result.global_step == 8 and result.resumed_from is None and result.examples == 8
@@ -244,7 +248,9 @@ def test_adapter_save_loads_through_transformers_and_equals_the_merged_save(tmp_
     scores = []
     for model in (out, tmp_path / "merged"):
         scorer = build_scorer("mlm", {"model": str(model), "metrics": "itm", "device": "cpu", "dtype": "fp32"})
-        sample = Sample(uid="0" * 32, shard="s", key="k", caption=flickr_pairs[0][1], image=photo, width=500, height=375)
+        sample = Sample(
+            uid="0" * 32, shard="s", key="k", caption=flickr_pairs[0][1], image=photo, width=500, height=375
+        )
         (row,) = scorer.score([sample])
         scores.append(row["itm"])
     assert scores[0] is not None and abs(scores[0] - scores[1]) < 1e-3
@@ -287,7 +293,9 @@ def test_freeze_switches_decide_what_trains_in_every_family(method, smollm2_cach
     for family in ("llava", "qwen2_vl", "idefics3"):
         for freeze_vision, freeze_projector in [(True, False), (False, True), (True, True)]:
             model = load_vlm(str(tiny_model_dir(family, smollm2_cache_dir))).model
-            options = TrainOptions(base="b", method=method, freeze_vision=freeze_vision, freeze_projector=freeze_projector)
+            options = TrainOptions(
+                base="b", method=method, freeze_vision=freeze_vision, freeze_projector=freeze_projector
+            )
             prepared = _prepare_parameters(model, family, options)
             trainable = {n for n, p in prepared.named_parameters() if p.requires_grad}
             vision, projector = VISION_TOWER[family].split(".")[-1], PROJECTOR[family].split(".")[-1]
@@ -305,7 +313,12 @@ def test_the_recorded_format_fills_only_what_the_user_left_unset(tmp_path):
 
     TrainedFormat("qwen", " ", "<|im_end|>", "v1", [METRIC], {"base": "b"}).write(tmp_path)
     applied = apply_recorded_format(MLMOptions(model=str(tmp_path)))
-    assert (applied.conversation, applied.answer_prefix, applied.template, applied.metrics) == ("qwen", " ", "v1", "ctq")
+    assert (applied.conversation, applied.answer_prefix, applied.template, applied.metrics) == (
+        "qwen",
+        " ",
+        "v1",
+        "ctq",
+    )
     mine = apply_recorded_format(MLMOptions(model=str(tmp_path), conversation="vicuna_v1", metrics="itm"))
     assert (mine.conversation, mine.template, mine.metrics) == ("vicuna_v1", "v1", "itm")
     unrecorded = MLMOptions(model=str(tmp_path / "elsewhere"))

@@ -21,7 +21,12 @@ from tests.builders import build_tiny_clip, flickr_shards
 
 def test_worker_devices_share_the_visible_devices():
     assert [worker_devices(i, 2, ["0", "1"]) for i in range(2)] == [["0"], ["1"]]
-    assert [worker_devices(i, 4, list("01234567")) for i in range(4)] == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+    assert [worker_devices(i, 4, list("01234567")) for i in range(4)] == [
+        ["0", "1"],
+        ["2", "3"],
+        ["4", "5"],
+        ["6", "7"],
+    ]
     assert [worker_devices(i, 3, ["0", "1", "2", "3"]) for i in range(3)] == [["0"], ["1"], ["2"]]  # "3" left over
     assert [worker_devices(i, 3, ["5", "7"]) for i in range(3)] == [["5"], ["7"], ["5"]]  # fewer GPUs: shared
     assert worker_devices(0, 2, []) == []
@@ -50,8 +55,11 @@ def test_each_worker_sees_its_own_gpu_and_keeps_one_decode_pool(tmp_path, flickr
     sources = expand_inputs([str(tmp_path / "in" / "*.tar")])
     clip = build_tiny_clip(tmp_path / "clip")
     # a model scorer on device "auto" wants a GPU (here it finds none behind the fake ids and uses the CPU)
-    stage = ScoringStage(ScoringOptions(scorers=["rules", {"name": "clip", "options": {"model": str(clip), "device": "auto"}}],
-                                        decode_workers=1))  # fmt: skip
+    stage = ScoringStage(
+        ScoringOptions(
+            scorers=["rules", {"name": "clip", "options": {"model": str(clip), "device": "auto"}}], decode_workers=1
+        )
+    )
     assert stage.wants_gpu()
     executor = LocalExecutor(workers=2)
     summary = run_stage(tmp_path / "run", stage, sources=sources, executor=executor)
@@ -76,6 +84,8 @@ def test_a_stage_without_a_gpu_model_leaves_the_devices_alone(tmp_path, flickr_p
     stage = ScoringStage(ScoringOptions(scorers=["rules"], decode_workers=0))
     assert not stage.wants_gpu()
     executor = LocalExecutor(workers=2)
-    assert run_stage(tmp_path / "run", stage, sources=expand_inputs([str(tmp_path / "in" / "*.tar")]), executor=executor).ok
+    assert run_stage(
+        tmp_path / "run", stage, sources=expand_inputs([str(tmp_path / "in" / "*.tar")]), executor=executor
+    ).ok
     assert {r["cuda_visible_devices"] for r in executor.worker_records} == {"0,1"}
     assert {slot for slot, _ in _worker_logs(tmp_path / "run").values()} <= {0, 1}

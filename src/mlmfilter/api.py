@@ -69,7 +69,7 @@ def score(
     if script and (workers > 1 or decode_workers > 0):
         # worker processes would re-run the script's top level and die while starting
         notes.append(
-            f"{script} calls mlmfilter at its top level without `if __name__ == \"__main__\":`; "
+            f'{script} calls mlmfilter at its top level without `if __name__ == "__main__":`; '
             "running without worker processes (add the guard to decode and score in parallel)"
         )
         log.warning(notes[-1])
@@ -81,9 +81,13 @@ def score(
     if config.only is not None:
         _check_cascade(config)
     options = ScoringOptions(
-        scorers=config.scorers, decode_workers=decode_workers, chunk_size=config.chunk_size,
-        max_pixels=config.max_pixels, only=config.only, only_stage=config.only_stage,
-    )  # fmt: skip
+        scorers=config.scorers,
+        decode_workers=decode_workers,
+        chunk_size=config.chunk_size,
+        max_pixels=config.max_pixels,
+        only=config.only,
+        only_stage=config.only_stage,
+    )
     stage = ScoringStage(options, name=config.stage)
     summary = run_stage(
         config.output,
@@ -182,8 +186,11 @@ def _as_specs(scorers: Iterable[str | ScorerSpec | Mapping[str, Any]]) -> Iterab
             yield ScorerSpec(**s)
 
 
-def select(run: str | Path | Sequence[str | Path | tuple[str | None, str | Path]], output: str | Path | None = None,
-           **kwargs: Any):  # fmt: skip
+def select(
+    run: str | Path | Sequence[str | Path | tuple[str | None, str | Path]],
+    output: str | Path | None = None,
+    **kwargs: Any,
+):
     """Select pairs of a scored run by an expression and/or a global top fraction.
 
     ``run`` is one run folder or several (a list), joined on uid; an item ``(name, path)``
@@ -200,7 +207,9 @@ def select(run: str | Path | Sequence[str | Path | tuple[str | None, str | Path]
     if output is None:
         if len(runs) != 1 or isinstance(runs[0], tuple):
             what = f"{len(runs)} runs" if len(runs) > 1 else "a named run"
-            raise ValueError(f"selecting from {what} needs an output folder (-o/--output): no one run owns the selection")
+            raise ValueError(
+                f"selecting from {what} needs an output folder (-o/--output): no one run owns the selection"
+            )
         if "://" in str(run):
             raise ValueError("a run folder on object storage needs an explicit selection output folder")
         output = Path(run) / "selection"
@@ -295,7 +304,9 @@ def selection_run_dir(selection: Path) -> str:
 
     info_path = selection / "selection.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"{selection} is not a selection folder (no selection.json); run `mlmfilter select` first")
+        raise FileNotFoundError(
+            f"{selection} is not a selection folder (no selection.json); run `mlmfilter select` first"
+        )
     info = json.loads(info_path.read_text(encoding="utf-8"))
     relative = info.get("run_dir_relative")
     if relative and (selection / relative / "run.yaml").exists():

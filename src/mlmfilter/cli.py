@@ -23,8 +23,12 @@ from mlmfilter.cli_help import (  # the input-column flags are shared with `teac
 )
 
 plain_type_labels()  # metavars in --help, not Python type tags
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 console = Console(stderr=True)
 
 
@@ -38,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Score, select and repair image-text pairs for vision-language pretraining."""
 
@@ -58,6 +64,7 @@ def user_errors():
         # soft_wrap: one line whatever the terminal width, so logs and greps see it whole
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
+
 
 #: flags shared by the scorers; each goes to every requested scorer whose Options has that field
 SHARED_SCORER_FLAGS = (
@@ -121,11 +128,21 @@ def with_base_url(specs: list, base_url: str) -> list:
     return out
 
 
-def read_flags(image_column: Optional[str], caption_column: Optional[str], uid_column: Optional[str],
-               url_column: Optional[str], captions_file: Optional[str]) -> dict[str, str]:  # fmt: skip
+def read_flags(
+    image_column: Optional[str],
+    caption_column: Optional[str],
+    uid_column: Optional[str],
+    url_column: Optional[str],
+    captions_file: Optional[str],
+) -> dict[str, str]:
     """The input-column flags that were given, as ReadOptions fields (the `read:` block of a recipe)."""
-    given = dict(image_column=image_column, caption_column=caption_column, uid_column=uid_column,
-                 url_column=url_column, captions_file=captions_file)  # fmt: skip
+    given = dict(
+        image_column=image_column,
+        caption_column=caption_column,
+        uid_column=uid_column,
+        url_column=url_column,
+        captions_file=captions_file,
+    )
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -146,18 +163,26 @@ def score(
     readout: Optional[str] = typer.Option(None, help="MLM readout: expected (default) or generate."),
     template: Optional[str] = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string."),
     conversation: Optional[str] = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen."),
-    backend: Optional[str] = typer.Option(None, help="MLM judge backend: transformers (default), vllm (GPU) or openai (a server)."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="With --backend openai: the server, e.g. http://127.0.0.1:8000/v1."),
+    backend: Optional[str] = typer.Option(
+        None, help="MLM judge backend: transformers (default), vllm (GPU) or openai (a server)."
+    ),
+    base_url: Optional[str] = typer.Option(
+        None, "--base-url", help="With --backend openai: the server, e.g. http://127.0.0.1:8000/v1."
+    ),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
     dtype: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
     batch_size: Optional[int] = typer.Option(None, help="Scorer batch size."),
     allow_random_fallback: Optional[bool] = typer.Option(
-        None, "--allow-random-fallback", help="If the model cannot be found, use a tiny random one (scores are meaningless)."
+        None,
+        "--allow-random-fallback",
+        help="If the model cannot be found, use a tiny random one (scores are meaningless).",
     ),
     option: list[str] = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable)."),
     workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
-    stage: Optional[str] = typer.Option(None, help="Stage name in the run folder (default score); another name adds a second scoring."),
+    stage: Optional[str] = typer.Option(
+        None, help="Stage name in the run folder (default score); another name adds a second scoring."
+    ),
     only: Optional[str] = typer.Option(
         None, help="Cascade: score only pairs passing this expression over --only-stage (others are marked skipped)."
     ),
@@ -176,7 +201,9 @@ def score(
         None, help="i/N: score job i's share of the inputs; N such jobs (a Slurm array) fill one run folder."
     ),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray: shards over a Ray cluster's actors."),
-    ray_address: Optional[str] = typer.Option(None, help="With --executor ray: join this cluster (auto, ray://host:10001); else a local Ray starts."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="With --executor ray: join this cluster (auto, ray://host:10001); else a local Ray starts."
+    ),
     verbose: bool = VERBOSE_OPTION,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
@@ -192,8 +219,16 @@ def score(
     if output:
         fields["output"] = str(output)
     shared = dict(
-        model=model, metrics=metrics, readout=readout, template=template, conversation=conversation,
-        device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback, backend=backend,
+        model=model,
+        metrics=metrics,
+        readout=readout,
+        template=template,
+        conversation=conversation,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        allow_random_fallback=allow_random_fallback,
+        backend=backend,
     )
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
@@ -201,8 +236,13 @@ def score(
             fields["scorers"] = build_scorer_specs(names, shared, option or [])
     if base_url is not None:
         fields["scorers"] = with_base_url(fields.get("scorers") or [], base_url)
-    for key, value in (("workers", workers), ("decode_workers", decode_workers), ("stage", stage), ("only", only),
-                       ("only_stage", only_stage)):  # fmt: skip
+    for key, value in (
+        ("workers", workers),
+        ("decode_workers", decode_workers),
+        ("stage", stage),
+        ("only", only),
+        ("only_stage", only_stage),
+    ):
         if value is not None:
             fields[key] = value
     if executor is not None:
@@ -220,10 +260,17 @@ def score(
         from mlmfilter.hub import go_offline_if_unreachable
 
         if go_offline_if_unreachable():
-            logging.getLogger("mlmfilter").info("the Hugging Face hub is not reachable: models load from the local cache only")
+            logging.getLogger("mlmfilter").info(
+                "the Hugging Face hub is not reachable: models load from the local cache only"
+            )
     with user_errors():
-        summary = api.score(config=ScoreConfig(**fields), overwrite=overwrite, allow_pipe=allow_pipe, show_progress=True,
-                            partition=partition)  # fmt: skip
+        summary = api.score(
+            config=ScoreConfig(**fields),
+            overwrite=overwrite,
+            allow_pipe=allow_pipe,
+            show_progress=True,
+            partition=partition,
+        )
     if json_output:
         import dataclasses
 
@@ -233,8 +280,10 @@ def score(
     else:
         print_score_summary(summary)
     if summary.interrupted:
-        console.print(f"interrupted: {summary.stats['shards_done']} of {summary.shards_total} shards done; "
-                      "re-run the same command to resume")
+        console.print(
+            f"interrupted: {summary.stats['shards_done']} of {summary.shards_total} shards done; "
+            "re-run the same command to resume"
+        )
         raise typer.Exit(130)
     if not summary.ok:
         raise typer.Exit(1)
@@ -260,8 +309,10 @@ def print_score_summary(summary) -> None:
     if summary.shards_skipped and not summary.shards_completed and not summary.shards_failed:
         shards = f"{len(summary.shards_skipped)} of {summary.shards_total} already done"
     else:
-        shards = (f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
-                  f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)")
+        shards = (
+            f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
+            f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)"
+        )
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
     table.add_row("scored", str(stats["ok"]))
@@ -281,17 +332,26 @@ def print_score_summary(summary) -> None:
 @app.command()
 def select(
     runs: list[str] = typer.Argument(
-        ..., metavar="RUN",
+        ...,
+        metavar="RUN",
         help="Run folders written by `mlmfilter score`; several are joined on uid. NAME=RUN prefixes that run's columns with NAME_.",
     ),
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'itm >= 66 and odf >= 20'."),
     top_fraction: Optional[float] = typer.Option(None, help="Keep this fraction of all pairs, best first."),
     by: Optional[str] = typer.Option(None, help="Column ranked by --top-fraction."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Selection folder (default RUN/selection; needed with several runs)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Selection folder (default RUN/selection; needed with several runs)."
+    ),
     stage: str = typer.Option("score", help="Scoring stage of the runs to select from."),
-    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Select although some shards are not done."),
-    intersect: list[Path] = typer.Option(None, "--intersect", help="Keep only uids also in this .npy uid list (repeatable)."),
-    union: list[Path] = typer.Option(None, "--union", help="Also keep the pool's pairs whose uid is in this .npy uid list (repeatable)."),
+    allow_incomplete: bool = typer.Option(
+        False, "--allow-incomplete", help="Select although some shards are not done."
+    ),
+    intersect: list[Path] = typer.Option(
+        None, "--intersect", help="Keep only uids also in this .npy uid list (repeatable)."
+    ),
+    union: list[Path] = typer.Option(
+        None, "--union", help="Also keep the pool's pairs whose uid is in this .npy uid list (repeatable)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
@@ -300,9 +360,17 @@ def select(
 
     with user_errors():
         parsed = parse_run_arguments(runs)
-        result = api.select(parsed[0] if len(parsed) == 1 else parsed, output, expression=where, top_fraction=top_fraction,
-                            by=by, stage=stage, allow_incomplete=allow_incomplete, intersect=intersect or [],
-                            union=union or [])  # fmt: skip
+        result = api.select(
+            parsed[0] if len(parsed) == 1 else parsed,
+            output,
+            expression=where,
+            top_fraction=top_fraction,
+            by=by,
+            stage=stage,
+            allow_incomplete=allow_incomplete,
+            intersect=intersect or [],
+            union=union or [],
+        )
     if json_output:
         print_json(result.to_json())
     else:
@@ -324,9 +392,13 @@ def reshard(
     samples_per_shard: int = typer.Option(10_000, help="Pairs per output shard."),
     captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
     caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
-    captions_stage: Optional[str] = typer.Option(None, help="Take new captions from this enhancement stage of the run."),
+    captions_stage: Optional[str] = typer.Option(
+        None, help="Take new captions from this enhancement stage of the run."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output folder."),
-    allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."),
+    allow_pipe: bool = typer.Option(
+        False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the stats as one JSON object on stdout."),
 ) -> None:
     """Write new WebDataset shards holding only the kept pairs (optionally with new captions)."""
@@ -339,15 +411,24 @@ def reshard(
 
             table = pq.read_table(captions, columns=["uid", caption_column])
             replacement = {u: c for u, c in zip(table["uid"].to_pylist(), table[caption_column].to_pylist()) if c}
-        stats = api.reshard(selection, output, samples_per_shard=samples_per_shard, captions=replacement,
-                            captions_stage=captions_stage, overwrite=overwrite, allow_pipe=allow_pipe)  # fmt: skip
+        stats = api.reshard(
+            selection,
+            output,
+            samples_per_shard=samples_per_shard,
+            captions=replacement,
+            captions_stage=captions_stage,
+            overwrite=overwrite,
+            allow_pipe=allow_pipe,
+        )
     if json_output:
         print_json(stats)
     else:
         console.print_json(json.dumps({k: v for k, v in stats.items() if k != "shards"}, default=str))
     if stats["kept_uids_not_found"]:
-        console.print(f"[bold red]error:[/] {stats['kept_uids_not_found']} kept pairs were not found in the shards "
-                      f"({'; '.join(stats['not_found'][:3])})")  # fmt: skip
+        console.print(
+            f"[bold red]error:[/] {stats['kept_uids_not_found']} kept pairs were not found in the shards "
+            f"({'; '.join(stats['not_found'][:3])})"
+        )
         raise typer.Exit(1)
 
 
@@ -378,7 +459,11 @@ def list_scorers() -> None:
             table.add_row(name, f"unavailable: {exc}", "")
             continue
         options = "\n".join(f"{k} = {f.default!r}" for k, f in cls.Options.model_fields.items())
-        columns = ", ".join(getattr(cls, "columns", {}) or {}) if isinstance(getattr(cls, "columns", None), dict) else "(depend on options)"
+        columns = (
+            ", ".join(getattr(cls, "columns", {}) or {})
+            if isinstance(getattr(cls, "columns", None), dict)
+            else "(depend on options)"
+        )
         table.add_row(name, options, columns or "(depend on options)")
     Console().print(table)
 

@@ -15,7 +15,9 @@ import typer
 # the input-column flags of every command that reads a pool (score, teach sample)
 VERBOSE_HELP = "Debug messages, and third-party warnings and download bars (hidden otherwise; always in RUN/logs)."
 INPUT_PANEL = "Input columns (found by name in any case when not given)"
-IMAGE_COLUMN_HELP = "Column with the image bytes or image file paths (parquet, captions table); in tars the image extension."
+IMAGE_COLUMN_HELP = (
+    "Column with the image bytes or image file paths (parquet, captions table); in tars the image extension."
+)
 CAPTION_COLUMN_HELP = "Column with the caption, e.g. TEXT (LAION); in tars the caption extension."
 UID_COLUMN_HELP = "Column with the pair's uid (else derived from shard and key)."
 URL_COLUMN_HELP = "Column with the image URL (kept as metadata)."
@@ -23,11 +25,21 @@ CAPTIONS_FILE_HELP = "Image folders: the captions table inside the folder (defau
 
 # the same flags as typer options, shared by the commands that take them
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP)
-IMAGE_COLUMN_OPTION = typer.Option(None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL)
-CAPTION_COLUMN_OPTION = typer.Option(None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL)
-UID_COLUMN_OPTION = typer.Option(None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL)
-URL_COLUMN_OPTION = typer.Option(None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL)
-CAPTIONS_FILE_OPTION = typer.Option(None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL)
+IMAGE_COLUMN_OPTION = typer.Option(
+    None, "--image-column", metavar="NAME", help=IMAGE_COLUMN_HELP, rich_help_panel=INPUT_PANEL
+)
+CAPTION_COLUMN_OPTION = typer.Option(
+    None, "--caption-column", metavar="NAME", help=CAPTION_COLUMN_HELP, rich_help_panel=INPUT_PANEL
+)
+UID_COLUMN_OPTION = typer.Option(
+    None, "--uid-column", metavar="NAME", help=UID_COLUMN_HELP, rich_help_panel=INPUT_PANEL
+)
+URL_COLUMN_OPTION = typer.Option(
+    None, "--url-column", metavar="NAME", help=URL_COLUMN_HELP, rich_help_panel=INPUT_PANEL
+)
+CAPTIONS_FILE_OPTION = typer.Option(
+    None, "--captions-file", metavar="FILE", help=CAPTIONS_FILE_HELP, rich_help_panel=INPUT_PANEL
+)
 
 _TYPE_METAVARS = {"int": "N", "float": "NUMBER", "path": "PATH", "file": "FILE", "directory": "DIR", "dir": "DIR"}
 

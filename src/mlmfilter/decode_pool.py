@@ -170,7 +170,9 @@ class ImageDecoder:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=_pool_context(), initializer=worker_initializer,
+                max_workers=self.workers,
+                mp_context=_pool_context(),
+                initializer=worker_initializer,
                 initargs=(os.getpid(),),
             )
         return self._pool

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mlmfilter import api
-from mlmfilter.runs.read import RunReader
 from mlmfilter.demo_data import make_sample_shards
 from mlmfilter.hub import hub_reachable, use_offline_hub
+from mlmfilter.runs.read import RunReader
 
 #: what the demo scores with: real hub models when they can be had, loud random stand-ins otherwise
 DEMO_SCORERS = [
@@ -48,20 +48,27 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     scorers = DEMO_SCORERS + ([DEMO_MLM] if with_mlm else [])
     by = "itm" if with_mlm else "clip_score"
     summary = api.score([str(output / "shards" / "*.tar")], output / "run", scorers, show_progress=True)
-    console.print(f"[bold]2/3[/] scored {summary.stats['read']} pairs into {summary.run_dir} "
-                  f"({summary.stats['errored']} error rows: {summary.stats['errors']})")
+    console.print(
+        f"[bold]2/3[/] scored {summary.stats['read']} pairs into {summary.run_dir} "
+        f"({summary.stats['errored']} error rows: {summary.stats['errors']})"
+    )
     for warning in summary.provenance.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")
 
-    selection = api.select(summary.run_dir, output / "selection", expression=DEMO_WHERE,
-                           top_fraction=DEMO_TOP_FRACTION, by=by)
-    console.print(f"[bold]3/3[/] selected with `{DEMO_WHERE}` + top {DEMO_TOP_FRACTION:.0%} by {by}: "
-                  f"kept {selection.kept} -> {output / 'selection' / 'uids.npy'}")
+    selection = api.select(
+        summary.run_dir, output / "selection", expression=DEMO_WHERE, top_fraction=DEMO_TOP_FRACTION, by=by
+    )
+    console.print(
+        f"[bold]3/3[/] selected with `{DEMO_WHERE}` + top {DEMO_TOP_FRACTION:.0%} by {by}: "
+        f"kept {selection.kept} -> {output / 'selection' / 'uids.npy'}"
+    )
     console.print(_results_table(_table_rows(summary.run_dir, output / "selection", shards), by, console.width))
     console.print(legend(by, with_mlm), highlight=False)
     if summary.provenance.get("warnings"):
-        console.print("[bold red]Model scores above come from RANDOM stand-in weights (no model hub here): "
-                      "they mean nothing. Rule scores and errors are real.[/]")
+        console.print(
+            "[bold red]Model scores above come from RANDOM stand-in weights (no model hub here): "
+            "they mean nothing. Rule scores and errors are real.[/]"
+        )
     report = None
     try:
         from mlmfilter.report import write_report
@@ -99,8 +106,9 @@ def _results_table(rows: list[dict], by: str, width: int = 80) -> Table:
     table = Table(title="sample pairs", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
     for col in columns:
         longest = max([len(r["caption"]) for r in rows] + [len("caption")])
-        table.add_column(col, no_wrap=True, overflow="ellipsis",
-                         width=_COLUMN_WIDTHS[col] or max(10, min(width - fixed, longest)))  # fmt: skip
+        table.add_column(
+            col, no_wrap=True, overflow="ellipsis", width=_COLUMN_WIDTHS[col] or max(10, min(width - fixed, longest))
+        )
     for row in rows:
         values = {
             "label": row["label"],
@@ -176,4 +184,3 @@ def _demo_labels(shards: list[Path]) -> dict[str, tuple[str, str]]:
                     meta = json.loads(tar.extractfile(member).read())
                     labels[meta["uid"]] = (meta.get("demo_label", "?"), meta.get("caption", ""))
     return labels
-

@@ -11,10 +11,29 @@ import logging
 import os
 
 #: loggers whose records below ERROR stay off the terminal without -v (the log file keeps them)
-THIRD_PARTY_LOGGERS = frozenset({
-    "py.warnings", "transformers", "torch", "huggingface_hub", "urllib3", "filelock", "accelerate", "datasets",
-    "PIL", "httpx", "httpcore", "openai", "ray", "vllm", "fsspec", "asyncio", "matplotlib", "numba", "sentence_transformers",
-})  # fmt: skip
+THIRD_PARTY_LOGGERS = frozenset(
+    {
+        "py.warnings",
+        "transformers",
+        "torch",
+        "huggingface_hub",
+        "urllib3",
+        "filelock",
+        "accelerate",
+        "datasets",
+        "PIL",
+        "httpx",
+        "httpcore",
+        "openai",
+        "ray",
+        "vllm",
+        "fsspec",
+        "asyncio",
+        "matplotlib",
+        "numba",
+        "sentence_transformers",
+    }
+)
 
 #: set before the libraries are imported (they read them once); a user's own setting wins
 QUIET_ENVIRONMENT = {

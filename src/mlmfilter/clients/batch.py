@@ -27,7 +27,9 @@ CHAT_URL = "/v1/chat/completions"
 class BatchFileWriter:
     """Writes ``<stem>-00000.jsonl``, ``<stem>-00001.jsonl``, ... next to ``path``; skips repeated requests."""
 
-    def __init__(self, path: str | Path, max_requests: int = MAX_REQUESTS_PER_FILE, max_bytes: int = MAX_BYTES_PER_FILE):
+    def __init__(
+        self, path: str | Path, max_requests: int = MAX_REQUESTS_PER_FILE, max_bytes: int = MAX_BYTES_PER_FILE
+    ):
         self.path = Path(path)
         self.max_requests, self.max_bytes = max_requests, max_bytes
         self.files: list[Path] = []
@@ -40,7 +42,10 @@ class BatchFileWriter:
         key = request.key
         if key in self._seen:
             return False
-        line = (json.dumps({"custom_id": key, "method": "POST", "url": CHAT_URL, "body": request.body}, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (
+            json.dumps({"custom_id": key, "method": "POST", "url": CHAT_URL, "body": request.body}, ensure_ascii=False)
+            + "\n"
+        ).encode("utf-8")
         if len(line) > self.max_bytes:
             raise ValueError(f"one request is {len(line)} bytes, over the {self.max_bytes}-byte batch file limit")
         if self._fh is None or self._count >= self.max_requests or self._bytes + len(line) > self.max_bytes:
@@ -103,7 +108,9 @@ def ingest_batch_output(paths: Iterable[str | Path], cache: RequestCache) -> Ing
                 response = record.get("response") or {}
                 body = response.get("body")
                 if record.get("error") or response.get("status_code") != 200 or not isinstance(body, dict):
-                    report.failed[custom_id] = json.dumps(record.get("error") or {"status_code": response.get("status_code")})[:500]
+                    report.failed[custom_id] = json.dumps(
+                        record.get("error") or {"status_code": response.get("status_code")}
+                    )[:500]
                     continue
                 if message_text(body) is None:
                     report.failed[custom_id] = "answer is not a chat completion"
@@ -111,4 +118,3 @@ def ingest_batch_output(paths: Iterable[str | Path], cache: RequestCache) -> Ing
                 cache.put(custom_id, str(body.get("model", "")), body)
                 report.stored += 1
     return report
-

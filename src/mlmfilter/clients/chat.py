@@ -139,7 +139,9 @@ class _Final(Exception):
 
 
 class ChatClient:
-    def __init__(self, options: ClientOptions | None = None, cache: RequestCache | None = None, api_key: ApiKey | None = None):
+    def __init__(
+        self, options: ClientOptions | None = None, cache: RequestCache | None = None, api_key: ApiKey | None = None
+    ):
         self.options = options or ClientOptions()
         self.cache = cache
         self.api_key = api_key or resolve_api_key(self.options.api_key_env, self.options.api_key_file)
@@ -171,7 +173,12 @@ class ChatClient:
                 return ChatResult(request.tag, key, text=message_text(hit), response=hit, cached=True)
         if self.options.cache_only:
             self.stats.fail(NOT_IN_BATCH_OUTPUT)
-            return ChatResult(request.tag, key, error=NOT_IN_BATCH_OUTPUT, error_detail="no answer in the cache or the collected batch output")
+            return ChatResult(
+                request.tag,
+                key,
+                error=NOT_IN_BATCH_OUTPUT,
+                error_detail="no answer in the cache or the collected batch output",
+            )
         return self._send(request, key)
 
     def complete_many(self, requests: Iterable[ChatRequest]) -> Iterator[ChatResult]:
@@ -218,9 +225,12 @@ class ChatClient:
             except _Final as exc:
                 self.stats.fail(exc.reason)
                 return ChatResult(request.tag, key, attempts=attempt + 1, error=exc.reason, error_detail=exc.detail)
-            usage = (response.get("usage") or {})
-            self.stats.add(answered=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                           completion_tokens=int(usage.get("completion_tokens") or 0))  # fmt: skip
+            usage = response.get("usage") or {}
+            self.stats.add(
+                answered=1,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
             if self.cache is not None:
                 self.cache.put(key, str(request.body.get("model", "")), response)
             return ChatResult(request.tag, key, text=message_text(response), response=response, attempts=attempt + 1)
@@ -259,8 +269,16 @@ class ChatClient:
 
 
 #: MIME types of the image formats the readers accept
-IMAGE_MIME = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
-              "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}  # fmt: skip
+IMAGE_MIME = {
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tif": "image/tiff",
+    "tiff": "image/tiff",
+}
 
 
 def image_data_url(data: bytes, image_format: str | None = None) -> str:

@@ -31,7 +31,11 @@ def detect_layout(config: Mapping[str, Any]) -> str:
         if judge is not None and judge.key == "mlm-filter-llava-13b":
             return "llava-1.5"
         arch = " ".join([str(config.get("model_type", "")), *map(str, config.get("architectures") or [])]).lower()
-        unified = "qwen" in arch or config.get("mm_projector_type") == "aapool_mlp" or "siglip" in str(config.get("mm_vision_tower", "")).lower()
+        unified = (
+            "qwen" in arch
+            or config.get("mm_projector_type") == "aapool_mlp"
+            or "siglip" in str(config.get("mm_vision_tower", "")).lower()
+        )
         return "llava-unified" if unified or judge is not None else "llava-1.5"
     if "text_config" in config and "vision_config" in config:
         return "hf"
@@ -51,7 +55,9 @@ def local_folder(src: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(src)))
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, no access: one clear line
-        raise FileNotFoundError(f"{src} is not a local folder and cannot be fetched from the hub ({type(exc).__name__}: {exc})") from exc
+        raise FileNotFoundError(
+            f"{src} is not a local folder and cannot be fetched from the hub ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def convert_checkpoint(
@@ -83,10 +89,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("convert")
     def convert(
-        src: str = typer.Argument(..., help="Original checkpoint: a folder or a hub id (e.g. weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o)."),
+        src: str = typer.Argument(
+            ..., help="Original checkpoint: a folder or a hub id (e.g. weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o)."
+        ),
         dst: Path = typer.Argument(..., help="Output folder (loads with transformers' Auto classes)."),
         vision_tower: Optional[str] = typer.Option(
-            None, help="Vision tower id/path (default: the one config.json names, e.g. google/siglip-so400m-patch14-384)."
+            None,
+            help="Vision tower id/path (default: the one config.json names, e.g. google/siglip-so400m-patch14-384).",
         ),
         dtype: str = typer.Option("auto", help="auto (keep), fp32, bf16, fp16."),
     ) -> None:
@@ -102,9 +111,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        run: str = typer.Argument(..., help="Run folder whose score stage holds MLM-Filter columns (itm, odf, ctq, su)."),
+        run: str = typer.Argument(
+            ..., help="Run folder whose score stage holds MLM-Filter columns (itm, odf, ctq, su)."
+        ),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for the score files."),
-        format: str = typer.Option("mlm-filter", "--format", help="mlm-filter: what the released scoring scripts write."),
+        format: str = typer.Option(
+            "mlm-filter", "--format", help="mlm-filter: what the released scoring scripts write."
+        ),
     ) -> None:
         """Write a run's MLM scores as the released scripts do: {shard}_{metric}.parquet, json fields + {metric}_score."""
         with user_errors():
@@ -117,7 +130,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import")
     def import_dumps(
-        dumps: Path = typer.Argument(..., help="Folder of published MLM-Filter score files ({shard}_{metric}.parquet)."),
+        dumps: Path = typer.Argument(
+            ..., help="Folder of published MLM-Filter score files ({shard}_{metric}.parquet)."
+        ),
         output: Path = typer.Option(..., "--output", "-o", help="Run folder to create (select reads it)."),
         shards: list[str] = typer.Option(None, "--shards", help="The tar shards the scores describe (for reshard)."),
     ) -> None:
@@ -126,13 +141,21 @@ def register(app: typer.Typer) -> None:
             from mlmfilter.io.mlm_filter_dumps import import_mlm_filter
 
             counts = import_mlm_filter(dumps, output, shards=shards or None)
-        console.print(f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
-                      f"({counts['unparseable']} unparseable scores kept as error rows)")  # fmt: skip
+        console.print(
+            f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
+            f"({counts['unparseable']} unparseable scores kept as error rows)"
+        )
 
     @app.command("judges")
     def judges() -> None:
         """The released judges this tool knows and how each is asked (trained vs released-script settings)."""
         from mlmfilter.judge.registry import REGISTRY
 
-        console.print_json(json.dumps({k: v.describe("trained") | {"released_script_settings": v.released_script.as_dict()}
-                                       for k, v in REGISTRY.items()}))  # fmt: skip
+        console.print_json(
+            json.dumps(
+                {
+                    k: v.describe("trained") | {"released_script_settings": v.released_script.as_dict()}
+                    for k, v in REGISTRY.items()
+                }
+            )
+        )

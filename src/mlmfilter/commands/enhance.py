@@ -20,7 +20,9 @@ def enhance(
     judge_model: Optional[str] = typer.Option(
         None, help="Re-score with this MLM judge (default: the run's own judge, model and metrics)."
     ),
-    compare: Optional[str] = typer.Option(None, help="Judge columns compared, e.g. itm,odf (default: those --where reads)."),
+    compare: Optional[str] = typer.Option(
+        None, help="Judge columns compared, e.g. itm,odf (default: those --where reads)."
+    ),
     margin: Optional[float] = typer.Option(None, help="A rewrite must beat the original by this much (default 5)."),
     candidates: Optional[int] = typer.Option(None, help="Candidates per pair (sampled; default 1, greedy)."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default 0.7 with --candidates > 1)."),
@@ -30,11 +32,17 @@ def enhance(
     dtype: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
     batch_size: Optional[int] = typer.Option(None, help="Requests per generation batch."),
     allow_random_fallback: Optional[bool] = typer.Option(
-        None, "--allow-random-fallback", help="If a model cannot be found, use a tiny random one (output is meaningless)."
+        None,
+        "--allow-random-fallback",
+        help="If a model cannot be found, use a tiny random one (output is meaningless).",
     ),
-    recipe: Optional[Path] = typer.Option(None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."),
+    recipe: Optional[Path] = typer.Option(
+        None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."
+    ),
     name: str = typer.Option("enhance", help="Stage folder in the run."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard this stage's earlier results (the scores stay)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard this stage's earlier results (the scores stay)."
+    ),
 ) -> None:
     """Rewrite poor captions (AITQE-style), re-score them with the same judge, keep only better ones.
 
@@ -52,8 +60,16 @@ def enhance(
 
     with user_errors():
         fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    flags = dict(where=where, mode=mode, model=model, conversation=conversation, device=device, dtype=dtype,
-                 batch_size=batch_size, allow_random_fallback=allow_random_fallback)  # fmt: skip
+    flags = dict(
+        where=where,
+        mode=mode,
+        model=model,
+        conversation=conversation,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        allow_random_fallback=allow_random_fallback,
+    )
     fields.update({k: v for k, v in flags.items() if v is not None})
     if "where" not in fields or "model" not in fields:
         raise typer.BadParameter("give --where and --model (or a --recipe that has them)")

@@ -34,7 +34,9 @@ _OUTPUT = typer.Option(None, "--output", "-o", help="Write the full result as JS
 def human(
     benchmark: str = typer.Option(..., help="flickr8k-expert, flickr8k-crowdflower, clipscore-json or composite."),
     images: Path = typer.Option(..., help="Folder the annotations' image names are relative to."),
-    annotations: Path = typer.Option(..., help="ExpertAnnotations.txt, CrowdFlowerAnnotations.txt or a CLIPScore-style JSON."),
+    annotations: Path = typer.Option(
+        ..., help="ExpertAnnotations.txt, CrowdFlowerAnnotations.txt or a CLIPScore-style JSON."
+    ),
     captions: Optional[Path] = typer.Option(None, help="Flickr8k.token.txt (default: beside the annotations)."),
     keep_reference_captions: bool = typer.Option(
         False, help="Expert: keep candidates that are the image's own reference captions (CLIPScore drops them)."
@@ -44,24 +46,47 @@ def human(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     column: list[str] = _COLUMN,
     output: Optional[Path] = _OUTPUT,
-    scorer: list[str] = _SCORER, model: Optional[str] = _MODEL, metrics: Optional[str] = _METRICS,
-    readout: Optional[str] = _READOUT, template: Optional[str] = _TEMPLATE, conversation: Optional[str] = _CONVERSATION,
-    device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, batch_size: Optional[int] = _BATCH,
-    allow_random_fallback: Optional[bool] = _RANDOM, option: list[str] = _OPTION,
-) -> None:  # fmt: skip
+    scorer: list[str] = _SCORER,
+    model: Optional[str] = _MODEL,
+    metrics: Optional[str] = _METRICS,
+    readout: Optional[str] = _READOUT,
+    template: Optional[str] = _TEMPLATE,
+    conversation: Optional[str] = _CONVERSATION,
+    device: Optional[str] = _DEVICE,
+    dtype: Optional[str] = _DTYPE,
+    batch_size: Optional[int] = _BATCH,
+    allow_random_fallback: Optional[bool] = _RANDOM,
+    option: list[str] = _OPTION,
+) -> None:
     """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings."""
     from mlmfilter.cli import console, user_errors
     from mlmfilter.evaluation.agreement import HumanAgreement
     from mlmfilter.evaluation.human import load_benchmark
 
-    shared = dict(model=model, metrics=metrics, readout=readout, template=template, conversation=conversation,
-                  device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback)  # fmt: skip
+    shared = dict(
+        model=model,
+        metrics=metrics,
+        readout=readout,
+        template=template,
+        conversation=conversation,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        allow_random_fallback=allow_random_fallback,
+    )
     with user_errors():
         if not 0 < confidence < 1:
             raise ValueError("--confidence must be between 0 and 1")
-        judgements = load_benchmark(benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions)
-        agreement = HumanAgreement(_pair_scorer(scorer, shared, option), n_resamples=bootstrap, confidence=confidence,
-                                   seed=seed, columns=column or None)  # fmt: skip
+        judgements = load_benchmark(
+            benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions
+        )
+        agreement = HumanAgreement(
+            _pair_scorer(scorer, shared, option),
+            n_resamples=bootstrap,
+            confidence=confidence,
+            seed=seed,
+            columns=column or None,
+        )
         result = agreement.evaluate(judgements, images)
     _write(result, output)
     console.print(_human_table(result))
@@ -80,20 +105,38 @@ def corrupt(
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     column: list[str] = _COLUMN,
     output: Optional[Path] = _OUTPUT,
-    scorer: list[str] = _SCORER, model: Optional[str] = _MODEL, metrics: Optional[str] = _METRICS,
-    readout: Optional[str] = _READOUT, template: Optional[str] = _TEMPLATE, conversation: Optional[str] = _CONVERSATION,
-    device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, batch_size: Optional[int] = _BATCH,
-    allow_random_fallback: Optional[bool] = _RANDOM, option: list[str] = _OPTION,
-) -> None:  # fmt: skip
+    scorer: list[str] = _SCORER,
+    model: Optional[str] = _MODEL,
+    metrics: Optional[str] = _METRICS,
+    readout: Optional[str] = _READOUT,
+    template: Optional[str] = _TEMPLATE,
+    conversation: Optional[str] = _CONVERSATION,
+    device: Optional[str] = _DEVICE,
+    dtype: Optional[str] = _DTYPE,
+    batch_size: Optional[int] = _BATCH,
+    allow_random_fallback: Optional[bool] = _RANDOM,
+    option: list[str] = _OPTION,
+) -> None:
     """Per scorer column and corruption kind: how often the true caption outscores the corrupted one, and the AUC."""
     from mlmfilter.cli import console, user_errors
     from mlmfilter.evaluation.corrupt import CorruptionCheck, read_pairs
     from mlmfilter.teach.negatives import NegativeGenerator
 
-    shared = dict(model=model, metrics=metrics, readout=readout, template=template, conversation=conversation,
-                  device=device, dtype=dtype, batch_size=batch_size, allow_random_fallback=allow_random_fallback)  # fmt: skip
+    shared = dict(
+        model=model,
+        metrics=metrics,
+        readout=readout,
+        template=template,
+        conversation=conversation,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        allow_random_fallback=allow_random_fallback,
+    )
     with user_errors():
-        generator = NegativeGenerator(seed=seed, kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None)
+        generator = NegativeGenerator(
+            seed=seed, kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+        )
         check = CorruptionCheck(_pair_scorer(scorer, shared, option), generator, columns=column or None)
         pairs, read_errors = read_pairs(inputs, limit, allow_pipe=allow_pipe)
         if not pairs:
@@ -154,8 +197,11 @@ def _human_table(result: dict[str, Any]):
     for header in ("column", "n", "tau-b", "tau-c", "spearman", "pearson"):
         table.add_column(header, no_wrap=header == "column", justify="left" if header == "column" else "right")
     for column, stats in result["columns"].items():
-        table.add_row(column, str(stats["n"]), *(_estimate(stats[k]) for k in
-                      ("kendall_tau_b", "kendall_tau_c", "spearman", "pearson")))  # fmt: skip
+        table.add_row(
+            column,
+            str(stats["n"]),
+            *(_estimate(stats[k]) for k in ("kendall_tau_b", "kendall_tau_c", "spearman", "pearson")),
+        )
     return table
 
 
@@ -164,7 +210,9 @@ def _corrupt_table(result: dict[str, Any]):
 
     made = ", ".join(f"{k} {v['made']}" for k, v in result["kinds"].items())
     # a column that ignores the caption (image size, aspect) ties on every negative: name it, skip its rows
-    blind = [c for c, per_kind in result["columns"].items() if per_kind["all"]["n"] and per_kind["all"]["tie_rate"] == 1]
+    blind = [
+        c for c, per_kind in result["columns"].items() if per_kind["all"]["n"] and per_kind["all"]["tie_rate"] == 1
+    ]
     caption = (
         f"{result['pairs_scored']} of {result['pairs']} pairs scored; negatives made: {made}; "
         f"errors: {result['score_errors'] or 'none'}. Win: the true caption scores strictly higher (higher = better)."
@@ -183,6 +231,14 @@ def _corrupt_table(result: dict[str, Any]):
                 table.add_row(column if i == 0 else "", kind, "0", "-", "-", "-", "-")
                 continue
             n = stats["n"]
-            table.add_row(column if i == 0 else "", kind, str(n), f"{stats['wins'] / n:.0%}", f"{stats['ties'] / n:.0%}",
-                          f"{stats['losses'] / n:.0%}", f"{stats['auc']:.3f}", end_section=kind == "all")  # fmt: skip
+            table.add_row(
+                column if i == 0 else "",
+                kind,
+                str(n),
+                f"{stats['wins'] / n:.0%}",
+                f"{stats['ties'] / n:.0%}",
+                f"{stats['losses'] / n:.0%}",
+                f"{stats['auc']:.3f}",
+                end_section=kind == "all",
+            )
     return table

@@ -61,8 +61,9 @@ def inspect(
     with user_errors():
         reader = open_run(run)
         matches = find_pairs(reader, where, limit, columns=column or None, thumbnails=html is not None)
-    table = Table(title=f"{matches.matched} pair(s) match {where or '(everything)'}; showing {len(matches.rows)}",
-                  show_lines=True)  # fmt: skip
+    table = Table(
+        title=f"{matches.matched} pair(s) match {where or '(everything)'}; showing {len(matches.rows)}", show_lines=True
+    )
     table.add_column("uid", no_wrap=True, min_width=32)  # whole, so it can be copied
     table.add_column("shard/key", no_wrap=True)
     for name in ("caption", "scores", "error"):
@@ -81,9 +82,13 @@ def inspect(
         console.print(f"[yellow]{len(matches.not_found)} pair(s) were not found in their shards again[/]")
     if html is not None:
         page = render_contact_sheet(
-            ContactSheet(matches.rows, matches.shown), run=reader.url, title=f"pairs where {where or 'everything'}",
-            matched=matches.matched, columns=matches.columns, warnings=reader.warnings(),
-        )  # fmt: skip
+            ContactSheet(matches.rows, matches.shown),
+            run=reader.url,
+            title=f"pairs where {where or 'everything'}",
+            matched=matches.matched,
+            columns=matches.columns,
+            warnings=reader.warnings(),
+        )
         html.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(html, page)
         console.print(f"contact sheet written to {html}")
@@ -110,7 +115,9 @@ def stats(
         names = column or available
         unknown = [c for c in names if c not in available]
         if unknown:
-            raise ValueError(f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})")
+            raise ValueError(
+                f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})"
+            )
         profiles = profile_columns(dataset, names)
     for warning in reader.warnings():
         typer.secho(warning, fg="red", bold=True, err=True)
@@ -132,5 +139,7 @@ def _render(renderable) -> str:
     from rich.console import Console
 
     buffer = io.StringIO()
-    Console(file=buffer, width=max(shutil.get_terminal_size((120, 24)).columns, 100), color_system=None).print(renderable)
+    Console(file=buffer, width=max(shutil.get_terminal_size((120, 24)).columns, 100), color_system=None).print(
+        renderable
+    )
     return buffer.getvalue().rstrip()

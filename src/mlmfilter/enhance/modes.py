@@ -56,7 +56,9 @@ class FuseMode:
         self.generator, self.prompts, self.params = generator, prompts, params
 
     def write(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[Written]:
-        described = self.generator.generate([GenerationRequest(image, self.prompts.render_describe()) for image in images], self.params)
+        described = self.generator.generate(
+            [GenerationRequest(image, self.prompts.render_describe()) for image in images], self.params
+        )
         results: list[Written | None] = [None] * len(images)
         jobs, owners = [], []
         for i, out in enumerate(described):
@@ -85,7 +87,9 @@ class AitqeMode:
 
     name = "aitqe"
 
-    def __init__(self, generator: CaptionGenerator, params: SamplingParams | None = None, parse: Callable | None = None):
+    def __init__(
+        self, generator: CaptionGenerator, params: SamplingParams | None = None, parse: Callable | None = None
+    ):
         from mlmfilter.judge import aitqe
 
         self.generator = generator

@@ -59,7 +59,9 @@ class EnhancePrompts(BaseModel):
             try:
                 found = placeholders_of(template)
             except ValueError as exc:
-                raise ValueError(f"prompt {field!r} is not a valid template ({exc}); write literal braces as {{{{ }}}}") from None
+                raise ValueError(
+                    f"prompt {field!r} is not a valid template ({exc}); write literal braces as {{{{ }}}}"
+                ) from None
             if found != set(wanted):
                 need = ", ".join("{" + w + "}" for w in wanted) or "no placeholder"
                 raise ValueError(

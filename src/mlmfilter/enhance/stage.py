@@ -212,9 +212,15 @@ class EnhanceStage(Stage):
             from mlmfilter.models.generation import load_caption_generator
 
             self.generator = load_caption_generator(
-                o.model, o.device, o.dtype, o.resolved_conversation, o.batch_size, o.max_length,
-                o.allow_random_fallback, o.max_image_pixels,
-            )  # fmt: skip
+                o.model,
+                o.device,
+                o.dtype,
+                o.resolved_conversation,
+                o.batch_size,
+                o.max_length,
+                o.allow_random_fallback,
+                o.max_image_pixels,
+            )
         self.rescorer.setup()
         self.checker.setup()
 
@@ -267,9 +273,13 @@ class EnhanceStage(Stage):
         ok = [s for s in samples if s.ok]
         written: list[Written] = self.mode.write([s.image for s in ok], [s.caption or "" for s in ok]) if ok else []
         judged = judge_pairs(
-            self.checker, self.rescorer, self.decider, ok, [w.failure if w.failure else w.texts for w in written],
+            self.checker,
+            self.rescorer,
+            self.decider,
+            ok,
+            [w.failure if w.failure else w.texts for w in written],
             stats={s.name: task.stats.block(s.name) for s in self.scorers},
-        )  # fmt: skip
+        )
         task.stats.count("tried", len(ok))
         by_uid = {s.uid: (w, d) for s, w, d in zip(ok, written, judged)}
         rows = []

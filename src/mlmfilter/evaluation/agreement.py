@@ -42,11 +42,20 @@ class ImageFolder:
 class HumanAgreement:
     """Correlations of each score column with a :class:`JudgementSet`'s human ratings."""
 
-    def __init__(self, scorer: PairScorer, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
-                 columns: Sequence[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        scorer: PairScorer,
+        *,
+        n_resamples: int = 1000,
+        confidence: float = 0.95,
+        seed: int = 0,
+        columns: Sequence[str] | None = None,
+    ):
         unknown = sorted(set(columns or ()) - set(scorer.columns))
         if unknown:
-            raise ValueError(f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}")
+            raise ValueError(
+                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}"
+            )
         self.scorer = scorer
         self.columns = list(columns) if columns else scorer.columns
         self.n_resamples, self.confidence, self.seed = n_resamples, confidence, seed
@@ -69,8 +78,11 @@ class HumanAgreement:
         missing_judgements = sum(len(by_image[name]) for name in missing)
         columns = {}
         for column in self.columns:
-            pairs = [(scores[(j.image, j.caption)][column], j.rating) for j in judgements.judgements
-                     if (j.image, j.caption) in scores and scores[(j.image, j.caption)][column] is not None]  # fmt: skip
+            pairs = [
+                (scores[(j.image, j.caption)][column], j.rating)
+                for j in judgements.judgements
+                if (j.image, j.caption) in scores and scores[(j.image, j.caption)][column] is not None
+            ]
             x, y = [float(p[0]) for p in pairs], [p[1] for p in pairs]
             estimates = correlations(x, y, n_resamples=self.n_resamples, confidence=self.confidence, seed=self.seed)
             columns[column] = {"n": len(pairs), **{name: estimates[name].to_json() for name in CORRELATIONS}}
@@ -93,21 +105,34 @@ class HumanAgreement:
             "pair_errors": dict(errors),
             "judgements_scored": sum(1 for j in judgements.judgements if (j.image, j.caption) in scores),
             "columns": columns,
-            "bootstrap": {"n_resamples": self.n_resamples, "confidence": self.confidence, "seed": self.seed,
-                          "method": "percentile, resampling judgements with replacement"},  # fmt: skip
+            "bootstrap": {
+                "n_resamples": self.n_resamples,
+                "confidence": self.confidence,
+                "seed": self.seed,
+                "method": "percentile, resampling judgements with replacement",
+            },
             "warnings": provenance["warnings"],
             "scorers": provenance["scorers"],
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    def _samples(self, by_image: dict[str, list[Judgement]], folder: ImageFolder, missing: set[str]) -> Iterator[Sample]:
+    def _samples(
+        self, by_image: dict[str, list[Judgement]], folder: ImageFolder, missing: set[str]
+    ) -> Iterator[Sample]:
         for image in sorted(by_image):
             if image in missing:
                 continue
             data = folder.path(image).read_bytes()
             # decode once: every caption of the image shares the decoded picture (or its decode error)
-            decoded = self.scorer.decoded(Sample(uid=pair_uid(image), shard="eval", key=image, image_bytes=data,
-                                                 image_format=sniff_image_format(data)))  # fmt: skip
+            decoded = self.scorer.decoded(
+                Sample(
+                    uid=pair_uid(image),
+                    shard="eval",
+                    key=image,
+                    image_bytes=data,
+                    image_format=sniff_image_format(data),
+                )
+            )
             for i, caption in enumerate(sorted({j.caption for j in by_image[image]})):
                 sample = PairScorer.share_image(decoded, pair_uid(image, caption), f"{image}#{i}", caption)
                 sample.meta["image"] = image

@@ -34,7 +34,9 @@ class CorruptionCheck:
     def __init__(self, scorer: PairScorer, generator: NegativeGenerator, columns: Sequence[str] | None = None):
         unknown = sorted(set(columns or ()) - set(scorer.columns))
         if unknown:
-            raise ValueError(f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}")
+            raise ValueError(
+                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}"
+            )
         self.scorer = scorer
         self.generator = generator
         self.columns = list(columns) if columns else scorer.columns
@@ -106,7 +108,9 @@ class CorruptionCheck:
                     examples[negative.kind].append(
                         {"original": negative.original, "corrupted": negative.caption, "detail": negative.detail}
                     )
-                variant = PairScorer.share_image(decoded, pair_uid(decoded.uid, negative.kind), negative.kind, negative.caption)
+                variant = PairScorer.share_image(
+                    decoded, pair_uid(decoded.uid, negative.kind), negative.kind, negative.caption
+                )
                 variant.meta["original_uid"] = decoded.uid
                 yield variant
 

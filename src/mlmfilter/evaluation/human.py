@@ -98,8 +98,11 @@ class ExpertAnnotations:
                 judgements.append(Judgement(image, _normalise(caption), value, caption_id, f"expert{rater}"))
         aggregation = (
             "each of the 3 expert scores (1-4) is one judgement (flattened, not averaged), as in CLIPScore; "
-            + ("candidates that are one of the image's own reference captions are dropped"
-               if self.drop_reference_captions else "reference captions kept")  # fmt: skip
+            + (
+                "candidates that are one of the image's own reference captions are dropped"
+                if self.drop_reference_captions
+                else "reference captions kept"
+            )
         )
         return JudgementSet(self.benchmark, str(self.path), judgements, "c", aggregation, dict(dropped))
 

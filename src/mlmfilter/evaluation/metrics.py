@@ -86,7 +86,9 @@ def correlations(
 
     x, y = np.asarray(scores, dtype=np.float64), np.asarray(human, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"scores and human ratings must be two 1-D sequences of one length, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"scores and human ratings must be two 1-D sequences of one length, got {x.shape} and {y.shape}"
+        )
     unknown = sorted(set(which) - set(CORRELATIONS))
     if unknown:
         raise ValueError(f"unknown correlations {', '.join(unknown)}; known: {', '.join(CORRELATIONS)}")
@@ -106,10 +108,16 @@ def correlations(
                 # resamples that draw one value only give NaN: the interval is then NaN, reported as None
                 warnings.simplefilter("ignore")
                 result = stats.bootstrap(
-                    (x, y), statistic, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+                    (x, y),
+                    statistic,
+                    paired=True,
+                    vectorized=vectorized,
+                    n_resamples=n_resamples,
                     batch=max(1, 2_000_000 // len(x)),  # bounded memory: about 2M resampled values at a time
-                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
-                )  # fmt: skip
+                    confidence_level=confidence,
+                    method="percentile",
+                    rng=np.random.default_rng(seed),
+                )
             lows = np.atleast_1d(result.confidence_interval.low)
             highs = np.atleast_1d(result.confidence_interval.high)
         for name, value, low, high in zip(names, values, lows, highs):

@@ -41,22 +41,58 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 #: sign, poster, product and slide text of the kind alt-text repeats
 PHRASES = [
-    "Fresh coffee daily", "SALE 50% OFF", "Welcome to Portland", "Happy Birthday Anna",
-    "Keep calm and carry on", "Grand opening Saturday", "No parking any time", "Best pizza in town",
-    "Live music tonight", "Open 24 hours", "Summer collection 2024", "Free Wi-Fi inside",
-    "Mountain View Trail", "Organic farm market", "Vote for change", "Thank you for visiting",
-    "Main Street Bakery", "Exit only", "Closed on Mondays", "Buy one get one free",
-    "Hotel California", "Danger high voltage", "Save the planet", "World Cup final",
-    "Introduction to machine learning", "Quarterly results", "Lost dog reward", "Ice cold beer",
-    "Handmade jewelry", "Park closes at dusk", "Merry Christmas", "Slow down children at play",
-    "Fish and chips", "The best is yet to come", "Rooftop bar", "Books for sale",
-    "Clearance event", "Tickets available here", "Enjoy the ride", "Green energy now",
+    "Fresh coffee daily",
+    "SALE 50% OFF",
+    "Welcome to Portland",
+    "Happy Birthday Anna",
+    "Keep calm and carry on",
+    "Grand opening Saturday",
+    "No parking any time",
+    "Best pizza in town",
+    "Live music tonight",
+    "Open 24 hours",
+    "Summer collection 2024",
+    "Free Wi-Fi inside",
+    "Mountain View Trail",
+    "Organic farm market",
+    "Vote for change",
+    "Thank you for visiting",
+    "Main Street Bakery",
+    "Exit only",
+    "Closed on Mondays",
+    "Buy one get one free",
+    "Hotel California",
+    "Danger high voltage",
+    "Save the planet",
+    "World Cup final",
+    "Introduction to machine learning",
+    "Quarterly results",
+    "Lost dog reward",
+    "Ice cold beer",
+    "Handmade jewelry",
+    "Park closes at dusk",
+    "Merry Christmas",
+    "Slow down children at play",
+    "Fish and chips",
+    "The best is yet to come",
+    "Rooftop bar",
+    "Books for sale",
+    "Clearance event",
+    "Tickets available here",
+    "Enjoy the ride",
+    "Green energy now",
 ]
 
 #: fonts that ship with matplotlib (so every machine renders the same glyphs)
 FONTS = [
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
 ]
 _PALETTE = [(255, 255, 255), (0, 0, 0), (255, 221, 0), (220, 20, 20), (20, 60, 200), (30, 160, 60), (255, 140, 0)]
 
@@ -131,15 +167,23 @@ def render_text(photo: Image.Image, text: str, style: TextStyle) -> RenderedText
 def _text_layer(text: str, style: TextStyle, size: int) -> tuple[Image.Image, Image.Image]:
     font = ImageFont.truetype(str(font_path(style.font)), size)
     stroke = max(1, size // 15) if style.outline else 0
-    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font, stroke_width=stroke)
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
+        (0, 0), text, font=font, stroke_width=stroke
+    )
     pad = max(2, size // 4)
     width, height = right - left + 2 * pad, bottom - top + 2 * pad
     layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     if style.plate:
         draw.rounded_rectangle((0, 0, width - 1, height - 1), radius=pad, fill=(*style.plate, 255))
-    draw.text((pad - left, pad - top), text, font=font, fill=(*style.colour, 255),
-              stroke_width=stroke, stroke_fill=(*style.outline, 255) if style.outline else None)
+    draw.text(
+        (pad - left, pad - top),
+        text,
+        font=font,
+        fill=(*style.colour, 255),
+        stroke_width=stroke,
+        stroke_fill=(*style.outline, 255) if style.outline else None,
+    )
     region = Image.new("L", (width, height), 0)
     ImageDraw.Draw(region).rectangle((pad, pad, width - pad - 1, height - pad - 1), fill=255)
     if style.angle:
@@ -194,7 +238,9 @@ def evaluate(
     from mlmfilter.sample import Sample
     from mlmfilter.scorers.ocr import OcrScorer, caption_overlap
 
-    scorer = OcrScorer(OcrScorer.Options(det_side=det_side, image_size=image_size, threads=threads, batch_size=batch_size))
+    scorer = OcrScorer(
+        OcrScorer.Options(det_side=det_side, image_size=image_size, threads=threads, batch_size=batch_size)
+    )
     scorer.ensure_setup()
     spec = DecodeSpec(shorter_side=image_size)
 
@@ -206,12 +252,16 @@ def evaluate(
     for i, (path, flickr_caption) in enumerate(pairs):
         photo = Image.open(path).convert("RGB")
         if upscale != 1.0:
-            photo = photo.resize((round(photo.width * upscale), round(photo.height * upscale)), Image.Resampling.LANCZOS)
+            photo = photo.resize(
+                (round(photo.width * upscale), round(photo.height * upscale)), Image.Resampling.LANCZOS
+            )
         phrase = PHRASES[i % len(PHRASES)]
         r = render_text(photo, phrase, random_style(random.Random(f"{seed}/{i}"), text_height))
         rendered.append((r, phrase, flickr_caption))
         text_samples.append(decoded(jpeg_bytes(r.image), phrase, f"text{i}"))
-        plain_samples.append(decoded(path.read_bytes() if upscale == 1.0 else jpeg_bytes(photo), flickr_caption, f"plain{i}"))
+        plain_samples.append(
+            decoded(path.read_bytes() if upscale == 1.0 else jpeg_bytes(photo), flickr_caption, f"plain{i}")
+        )
 
     t0 = time.perf_counter()
     text_rows = scorer.score(text_samples)
@@ -278,21 +328,36 @@ def _mean(values: list[int]) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data" / "flickr8k_dev")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data" / "flickr8k_dev"
+    )
     parser.add_argument("--det-side", type=int, action="append", help="detector sizes to compare (repeatable)")
     parser.add_argument("--image-size", type=int, default=960)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="first N photos only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text-height", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
-                        help="text height range, as a share of the photo's shorter side")
+    parser.add_argument(
+        "--text-height",
+        type=float,
+        nargs=2,
+        default=(0.05, 0.14),
+        metavar=("MIN", "MAX"),
+        help="text height range, as a share of the photo's shorter side",
+    )
     parser.add_argument("--upscale", type=float, default=1.0, help="enlarge the photos first (larger web images)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = parser.parse_args(argv)
     pairs = flickr_pairs(args.data)[: args.limit]
     results = [
-        evaluate(pairs, det_side=side, image_size=args.image_size, threads=args.threads, seed=args.seed,
-                 text_height=tuple(args.text_height), upscale=args.upscale)
+        evaluate(
+            pairs,
+            det_side=side,
+            image_size=args.image_size,
+            threads=args.threads,
+            seed=args.seed,
+            text_height=tuple(args.text_height),
+            upscale=args.upscale,
+        )
         for side in (args.det_side or [960])
     ]
     for result in results:

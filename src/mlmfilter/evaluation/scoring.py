@@ -66,8 +66,16 @@ class PairScorer:
     @staticmethod
     def share_image(source: Sample, uid: str, key: str, caption: str) -> Sample:
         """A sample with another caption for an already decoded image (the decoder leaves it as is)."""
-        sample = Sample(uid=uid, shard=source.shard, key=key, caption=caption, image_format=source.image_format,
-                        image=source.image, width=source.width, height=source.height)  # fmt: skip
+        sample = Sample(
+            uid=uid,
+            shard=source.shard,
+            key=key,
+            caption=caption,
+            image_format=source.image_format,
+            image=source.image,
+            width=source.width,
+            height=source.height,
+        )
         if not source.ok:
             sample.fail(source.error, source.error_detail or "")
         return sample

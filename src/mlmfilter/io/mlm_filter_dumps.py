@@ -44,7 +44,9 @@ def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "sc
     names = set(run.schema(stage).names)
     metrics = [(long, short) for long, short in METRICS.items() if short in names]
     if not metrics:
-        raise ValueError(f"{run_dir} has no MLM-Filter score columns ({', '.join(METRICS.values())}) in stage {stage!r}")
+        raise ValueError(
+            f"{run_dir} has no MLM-Filter score columns ({', '.join(METRICS.values())}) in stage {stage!r}"
+        )
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     options = ReadOptions(**run.read_options())
@@ -96,7 +98,9 @@ def import_mlm_filter(
         if match:
             files[match["shard"]][long_to_short[match["metric"]]] = path
     if not files:
-        raise ValueError(f"{dumps} holds no MLM-Filter score files ({{shard}}_{{metric}}.parquet, metric one of {', '.join(METRICS)})")
+        raise ValueError(
+            f"{dumps} holds no MLM-Filter score files ({{shard}}_{{metric}}.parquet, metric one of {', '.join(METRICS)})"
+        )
     metrics = sorted({short for per_shard in files.values() for short in per_shard}, key=list(METRICS.values()).index)
     sources = {shard_stem(s.url): s for s in expand_inputs(shards)} if shards else {}
     tables: dict[str, pa.Table] = {}
@@ -108,7 +112,9 @@ def import_mlm_filter(
             for record in pq.read_table(path).to_pylist():
                 key = str(record.get("key") or record.get("__key__") or "")
                 uid = normalize_uid(record.get("uid")) or derive_uid(f"{shard_id}.tar", key)
-                row = rows.setdefault(uid, {"uid": uid, "shard": shard_id, "key": key, "error": None, "error_detail": None})
+                row = rows.setdefault(
+                    uid, {"uid": uid, "shard": shard_id, "key": key, "error": None, "error_detail": None}
+                )
                 text = record.get(f"{long}_score")
                 text = "" if text is None else str(text)
                 row[f"{short}_raw"] = text
@@ -129,9 +135,15 @@ def import_mlm_filter(
         raise ValueError(f"--shards has no tar for score files of shard(s) {', '.join(missing[:5])}")
     registered = [type(s)(id=sid, url=s.url, format=s.format) for sid, s in sources.items() if sid in tables]
     write_tables(
-        run_dir, stage, tables, sources=registered,
+        run_dir,
+        stage,
+        tables,
+        sources=registered,
         identity={"kind": "imported", "format": "mlm-filter", "dumps": str(dumps.resolve()), "metrics": metrics},
-        provenance={"imported_from": str(dumps.resolve()), "format": "mlm-filter score files",
-                    "readout": "generate (the released scripts' greedy answer)"},
-    )  # fmt: skip
+        provenance={
+            "imported_from": str(dumps.resolve()),
+            "format": "mlm-filter score files",
+            "readout": "generate (the released scripts' greedy answer)",
+        },
+    )
     return counts

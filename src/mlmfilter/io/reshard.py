@@ -87,7 +87,9 @@ def reshard_selected(
                 counts["kept"] += 1
             if remaining:
                 counts["kept_not_found"] += len(remaining)
-                missing.append(f"{shard_id}: {len(remaining)} kept keys not in the shard (e.g. {sorted(remaining)[0]!r})")
+                missing.append(
+                    f"{shard_id}: {len(remaining)} kept keys not in the shard (e.g. {sorted(remaining)[0]!r})"
+                )
         shards = writer.close()
     return _finish(output_dir, counts, skipped_errors, shards, overwrite, missing)
 
@@ -192,7 +194,9 @@ def output_files(sample: Sample, replacement: str | None) -> dict[str, bytes | s
     }
 
 
-def _finish(output_dir: str, counts: Counter, skipped_errors: Counter, shards: list, overwrite: bool, missing: list[str]) -> dict[str, Any]:
+def _finish(
+    output_dir: str, counts: Counter, skipped_errors: Counter, shards: list, overwrite: bool, missing: list[str]
+) -> dict[str, Any]:
     written = {os.path.basename(str(p)) for p in shards}
     removed = []
     if overwrite:

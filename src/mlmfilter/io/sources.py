@@ -150,7 +150,9 @@ def _shards_in_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The shard files directly in a folder (img2dataset's output folder), sidecars left out."""
     from mlmfilter.io.readers.options import CAPTIONS_FILES, IMAGE_EXTS
 
-    names = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]  # one listing, no stat per entry
+    names = [
+        e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"
+    ]  # one listing, no stat per entry
     # images or a captions table beside them: an image folder that happens to hold a parquet
     if any(n.rsplit("/", 1)[-1] in CAPTIONS_FILES or n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
         return []
@@ -161,7 +163,8 @@ def without_sidecars(paths: list[str]) -> list[str]:
     """``paths`` less each ``.parquet`` that has a tar of the same stem beside it (img2dataset's sidecar)."""
     tar_stems = {(p.rsplit("/", 1)[0] if "/" in p else "", shard_stem(p)) for p in paths if format_of_name(p) == "tar"}
     return [
-        p for p in paths
+        p
+        for p in paths
         if format_of_name(p) != "parquet" or ((p.rsplit("/", 1)[0] if "/" in p else "", shard_stem(p)) not in tar_stems)
     ]
 
@@ -184,7 +187,9 @@ def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, spec: str) ->
         return
     mode = os.stat(path).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        kind = (
+            "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        )
         raise ValueError(f"input {spec!r}: {os.path.realpath(path)!r} is a {kind}, not a regular file or folder")
 
 

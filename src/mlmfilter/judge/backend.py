@@ -85,7 +85,9 @@ class JudgeBackend(Protocol):
         """Per request an array (n_prompts, 101): log P(s) for s = 0..100 (see judge.readout), or a
         :class:`TopKDistribution` from a ``top_k`` backend."""
 
-    def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None) -> list[list[str] | RequestFailure]:
+    def generate(
+        self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None
+    ) -> list[list[str] | RequestFailure]:
         """Per request the greedy continuation of each prompt (special tokens removed).
 
         ``max_new_tokens=None`` lets the backend pick enough tokens to write "100" and see it end.
@@ -106,7 +108,9 @@ def capabilities_of(backend: Any) -> BackendCapabilities:
     declared = getattr(backend, "capabilities", None)
     if isinstance(declared, BackendCapabilities):
         return declared
-    return BackendCapabilities("exact", getattr(backend, "image_size", None), int(getattr(backend, "batch_size", 1) or 1))
+    return BackendCapabilities(
+        "exact", getattr(backend, "image_size", None), int(getattr(backend, "batch_size", 1) or 1)
+    )
 
 
 def refuse_unsupported_readout(readout: str, capabilities: BackendCapabilities, backend_name: str) -> None:

@@ -85,7 +85,15 @@ def _llava_v0(user_turn: str) -> str:
 
 def _qwen_instruct(user_turn: str) -> str:
     # SeparatorStyle.MPT: system + sep, then role + msg + sep, empty assistant -> role
-    return "<|im_start|>system\n" + LLAVA_UNIFIED_QWEN_SYSTEM + "<|im_end|>" + "<|im_start|>user\n" + user_turn + "<|im_end|>" + "<|im_start|>assistant\n"
+    return (
+        "<|im_start|>system\n"
+        + LLAVA_UNIFIED_QWEN_SYSTEM
+        + "<|im_end|>"
+        + "<|im_start|>user\n"
+        + user_turn
+        + "<|im_end|>"
+        + "<|im_start|>assistant\n"
+    )
 
 
 def _qwen_instruct_train(user_turn: str) -> str:
@@ -149,11 +157,17 @@ FORMATS: dict[str, ConversationFormat] = {
     ),
     "qwen": ConversationFormat("qwen", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_qwen", _qwen, "<|im_end|>"),
     "llava_v0": ConversationFormat(
-        "llava_v0", "Victorwz/LLaVA-Unified llava/conversation.py conv_llava_v0", _llava_v0, "###",
+        "llava_v0",
+        "Victorwz/LLaVA-Unified llava/conversation.py conv_llava_v0",
+        _llava_v0,
+        "###",
         force_answer_token=True,
     ),
     "qwen_instruct": ConversationFormat(
-        "qwen_instruct", "Victorwz/LLaVA-Unified llava/conversation.py conv_qwen_instruct", _qwen_instruct, "<|im_end|>",
+        "qwen_instruct",
+        "Victorwz/LLaVA-Unified llava/conversation.py conv_qwen_instruct",
+        _qwen_instruct,
+        "<|im_end|>",
         force_answer_token=True,
     ),
     "qwen_instruct_train": ConversationFormat(

@@ -131,9 +131,7 @@ class ScoreTrie:
         tok = torch.as_tensor(self.edge_tokens, device=logits.device)
         return lse, log_continue, logits[ctx, tok]
 
-    def combine(
-        self, lse: "torch.Tensor", log_continue: "torch.Tensor", edge_logits: "torch.Tensor"
-    ) -> "torch.Tensor":
+    def combine(self, lse: "torch.Tensor", log_continue: "torch.Tensor", edge_logits: "torch.Tensor") -> "torch.Tensor":
         """log P(s), s = 0..100, from per-context reductions (..., K) and edge logits (..., N)."""
         import torch
 

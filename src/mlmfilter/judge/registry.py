@@ -125,7 +125,9 @@ REGISTRY: dict[str, ReleasedJudge] = {
         vision="CLIP ViT-L/14-336, mlp2x_gelu (LLaVA-Unified llava_llama)",
         image_tokens=576,
         trained=_LLAMA3_TRAINED,
-        released_script=replace(_LLAMA3_TRAINED, template="v2", conversation="qwen_instruct", pad_to_square=False, dtype="fp16"),
+        released_script=replace(
+            _LLAMA3_TRAINED, template="v2", conversation="qwen_instruct", pad_to_square=False, dtype="fp16"
+        ),
         script="MLM_Filter mlm_filter_scoring_datacomp_batch_inference_v2.py at HEAD (default --conv-mode qwen_instruct)",
         notes=("Llama-3 writes up to 3 digits as one token: the script generates 1 token",),
     ),
@@ -136,7 +138,9 @@ REGISTRY: dict[str, ReleasedJudge] = {
         vision="SigLIP so400m-patch14-384 (projector from config.json; the author's pretraining uses aapool_mlp)",
         image_tokens=144,
         trained=_LLAMA3_TRAINED,
-        released_script=replace(_LLAMA3_TRAINED, template="v2", conversation="qwen_instruct", pad_to_square=False, dtype="fp16"),
+        released_script=replace(
+            _LLAMA3_TRAINED, template="v2", conversation="qwen_instruct", pad_to_square=False, dtype="fp16"
+        ),
         script="MLM_Filter mlm_filter_scoring_datacomp_batch_inference_v2.py at HEAD (default --conv-mode qwen_instruct)",
         notes=("its template (v1 or v2) is not documented: override `template` to try the other one",),
     ),
@@ -190,7 +194,10 @@ def identify(config: Mapping[str, Any]) -> ReleasedJudge | None:
     if "mm_projector_type" not in config and "mm_vision_tower" not in config:
         return None
     projector = config.get("mm_projector_type", "linear")
-    siglip = int(config.get("mm_hidden_size") or 0) == _SIGLIP_SO400M_WIDTH or "siglip" in str(config.get("mm_vision_tower", "")).lower()
+    siglip = (
+        int(config.get("mm_hidden_size") or 0) == _SIGLIP_SO400M_WIDTH
+        or "siglip" in str(config.get("mm_vision_tower", "")).lower()
+    )
     if "Qwen" in arch or "qwen" in arch:
         return REGISTRY["mlm-filter-qwen2.5-1.5b"] if projector == "aapool_mlp" else None
     if "llava_llama" in arch or "LlavaLlama" in arch:

@@ -52,7 +52,9 @@ def read_trained_format(model: str) -> TrainedFormat | None:
         return None
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if data.get("format_version") != RECORD_VERSION:
-        raise ValueError(f"{path}: unknown format_version {data.get('format_version')!r} (this mlmfilter reads {RECORD_VERSION})")
+        raise ValueError(
+            f"{path}: unknown format_version {data.get('format_version')!r} (this mlmfilter reads {RECORD_VERSION})"
+        )
     return TrainedFormat(
         conversation=data["conversation"],
         answer_prefix=data["answer_prefix"],
@@ -129,4 +131,3 @@ class PromptIdentifier:
             if match:
                 return PromptMatch(name, metric, match.group(1) if match.groups() else "")
         return None
-

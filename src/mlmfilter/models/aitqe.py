@@ -55,8 +55,13 @@ class AitqeCheckpoint(OriginalLlavaCheckpoint):
     def __init__(self, path: str | Path):
         config_file = self._read_config(path)
         if "image_tile_tokens" not in self.config or "visual_hidden_dim" not in self.config:
-            raise LlavaConversionError(f"{config_file} has no image_tile_tokens/visual_hidden_dim: not an AITQE checkpoint")
-        if self.config.get("mm_projector_type", "mlp") != "mlp" or self.config.get("image_aspect_ratio", "square") != "square":
+            raise LlavaConversionError(
+                f"{config_file} has no image_tile_tokens/visual_hidden_dim: not an AITQE checkpoint"
+            )
+        if (
+            self.config.get("mm_projector_type", "mlp") != "mlp"
+            or self.config.get("image_aspect_ratio", "square") != "square"
+        ):
             raise LlavaConversionError("only AITQE's mlp projector with square images is supported")
         self.weight_files = self._find_weight_files()
 
@@ -90,7 +95,9 @@ def _embedded_siglip_config(shapes: dict[str, tuple[int, ...]], layer_norm_eps: 
     )
 
 
-def convert_aitqe_checkpoint(src: str | Path, dst: str | Path, dtype: str = "auto", vision_tower: str | None = None) -> Path:
+def convert_aitqe_checkpoint(
+    src: str | Path, dst: str | Path, dtype: str = "auto", vision_tower: str | None = None
+) -> Path:
     """Convert an AITQE checkpoint folder into a llava-hf folder ``dst``.
 
     ``vision_tower``: a local SigLIP folder whose config and preprocessor settings to use (normally
@@ -149,7 +156,9 @@ def convert_aitqe_checkpoint(src: str | Path, dst: str | Path, dtype: str = "aut
                     layer = "linear_1" if key.startswith("mm_projector.0") else "linear_2"
                     shard[f"model.multi_modal_projector.{layer}.{key.rsplit('.', 1)[1]}"] = tensor
                     if key == "mm_projector.2.weight":  # Linear(bias=False) == Linear with a zero bias
-                        shard["model.multi_modal_projector.linear_2.bias"] = torch.zeros(tensor.shape[0], dtype=tensor.dtype)
+                        shard["model.multi_modal_projector.linear_2.bias"] = torch.zeros(
+                            tensor.shape[0], dtype=tensor.dtype
+                        )
                 else:
                     raise LlavaConversionError(f"unexpected tensor {key!r} in the AITQE checkpoint")
             yield shard
@@ -164,4 +173,6 @@ def convert_aitqe_checkpoint(src: str | Path, dst: str | Path, dtype: str = "aut
         pad_to_square=False,
         source_fields=identifying_fields(checkpoint.config),
     )
-    return write_llava_folder(spec, tokenizer, renamed_shards, len(checkpoint.weight_files), Path(dst).expanduser(), target_dtype)
+    return write_llava_folder(
+        spec, tokenizer, renamed_shards, len(checkpoint.weight_files), Path(dst).expanduser(), target_dtype
+    )

@@ -196,7 +196,9 @@ def _hf_preprocessing(name_or_path: str, config) -> ClipPreprocessing:
         proc = AutoImageProcessor.from_pretrained(name_or_path, **safe_pretrained_kwargs())
     except OSError:
         side = int(config.vision_config.image_size)
-        log.warning("%s has no preprocessor_config.json; using %s defaults (%d px)", name_or_path, config.model_type, side)
+        log.warning(
+            "%s has no preprocessor_config.json; using %s defaults (%d px)", name_or_path, config.model_type, side
+        )
         crop = config.model_type == "clip"
         return ClipPreprocessing(side, side, crop, default_mean, default_std)
     size, crop_size = proc.size, getattr(proc, "crop_size", None)
@@ -290,7 +292,11 @@ def clip_provenance(
         "dtype": dtype_name(dtype),
         "device": str(device),
         "preprocessing": spec.preprocessing.describe(),
-        "text": {"max_length": text_length, "truncation": f"tokens beyond {text_length} dropped, EOS kept", "padding": padding},
+        "text": {
+            "max_length": text_length,
+            "truncation": f"tokens beyond {text_length} dropped, EOS kept",
+            "padding": padding,
+        },
         "libraries": library_versions(),
         "formula": COSINE_FORMULA,
     }
@@ -405,7 +411,7 @@ def _import_open_clip():
 
 
 def _split_open_clip_name(name: str) -> tuple[str, str | None]:
-    """"open_clip:ViT-B-32/laion2b_s34b_b79k" -> ("ViT-B-32", "laion2b_s34b_b79k"); hf-hub: names stay whole."""
+    """ "open_clip:ViT-B-32/laion2b_s34b_b79k" -> ("ViT-B-32", "laion2b_s34b_b79k"); hf-hub: names stay whole."""
     spec = name[len(OPEN_CLIP_PREFIX) :]
     if spec.startswith("hf-hub:"):
         return spec, None

@@ -32,7 +32,7 @@ from mlmfilter.errors import ModelUnavailableError  # noqa: E402  (re-exported: 
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is checked to exist on this machine."""
+    """ "auto" -> cuda when available, else cpu; anything else is checked to exist on this machine."""
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -58,7 +58,10 @@ _MULTIMODAL_FIELDS = re.compile(
 _SKIPPED = re.compile(r"(\.rotary_emb\.inv_freq$|^model\.image_newline$|^model\.vision_tower\.)")
 _PROJECTOR_LAYERS = {
     "mlp2x_gelu": {"model.mm_projector.0.": "linear_1", "model.mm_projector.2.": "linear_2"},
-    "aapool_mlp": {"model.mm_projector.mlp_projector.0.": "linear_1", "model.mm_projector.mlp_projector.2.": "linear_2"},
+    "aapool_mlp": {
+        "model.mm_projector.mlp_projector.0.": "linear_1",
+        "model.mm_projector.mlp_projector.2.": "linear_2",
+    },
 }
 
 
@@ -133,7 +136,11 @@ def load_tower(name: str, local_only: bool = True) -> Tower:
         )
         return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
 
-    settings = siglip_image_settings(name, config, local_only) if kind == "siglip" else _clip_image_settings(name, config, local_only)
+    settings = (
+        siglip_image_settings(name, config, local_only)
+        if kind == "siglip"
+        else _clip_image_settings(name, config, local_only)
+    )
     return Tower(config, kind, settings, tensors)
 
 
@@ -219,8 +226,12 @@ def write_llava_folder(
     if spec.pooled_tokens:
         side = math.isqrt(spec.pooled_tokens)
         if spec.tower.image_size % side:
-            raise LlavaConversionError(f"image size {spec.tower.image_size} is not a multiple of the pooled grid {side}")
-        config = PooledLlavaConfig(pooled_image_tokens=spec.pooled_tokens, image_seq_length=spec.pooled_tokens, **common)
+            raise LlavaConversionError(
+                f"image size {spec.tower.image_size} is not a multiple of the pooled grid {side}"
+            )
+        config = PooledLlavaConfig(
+            pooled_image_tokens=spec.pooled_tokens, image_seq_length=spec.pooled_tokens, **common
+        )
         model_class = PooledLlavaForConditionalGeneration
         processor_patch = spec.tower.image_size // side  # the processor then writes side*side <image> tokens
     else:
@@ -299,7 +310,9 @@ def convert_unified_checkpoint(
     tokenizer = load_original_tokenizer(checkpoint.path, text_config)
     scored = len(tokenizer)  # load_pretrained_model: model.resize_token_embeddings(len(tokenizer))
     if scored > text_config.vocab_size:
-        log.info("tokenizer (%d) is longer than the embeddings (%d): new rows get the mean", scored, text_config.vocab_size)
+        log.info(
+            "tokenizer (%d) is longer than the embeddings (%d): new rows get the mean", scored, text_config.vocab_size
+        )
 
     def renamed_shards():
         for weight_file in checkpoint.weight_files:
@@ -317,7 +330,9 @@ def convert_unified_checkpoint(
         tower=tower,
         feature_layer=checkpoint.vision_select_layer,
         scored_vocab=scored,
-        pooled_tokens=int(checkpoint.config.get("mm_num_image_tokens", 256)) if checkpoint.projector_type == "aapool_mlp" else None,
+        pooled_tokens=int(checkpoint.config.get("mm_num_image_tokens", 256))
+        if checkpoint.projector_type == "aapool_mlp"
+        else None,
         projector_bias=True,
         pad_to_square=checkpoint.pads_to_square,
         source_fields=identifying_fields(checkpoint.config),
@@ -360,7 +375,7 @@ def _rename(key: str, layers: dict[str, str]) -> str | None:
         return None
     for prefix, layer in layers.items():
         if key.startswith(prefix):
-            return f"model.multi_modal_projector.{layer}.{key[len(prefix):]}"
+            return f"model.multi_modal_projector.{layer}.{key[len(prefix) :]}"
     if key.startswith("model.mm_projector."):
         raise LlavaConversionError(f"unexpected projector tensor {key!r}")
     if key == "lm_head.weight":

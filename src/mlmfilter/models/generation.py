@@ -119,7 +119,9 @@ class TransformersCaptionGenerator:
         self.encoder = PromptEncoder(
             self.processor, self.family, self.conversation, "", loaded.spec.pixel_budget, self.max_length
         )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         fmt = FORMATS.get(self.conversation)
         self.format_stops = (fmt.stop,) if fmt else ()
 
@@ -138,7 +140,9 @@ class TransformersCaptionGenerator:
         return results
 
     def describe(self) -> dict[str, Any]:
-        prov = vlm_provenance(self.loaded.spec, self.conversation, "", self.loaded.device, self.loaded.dtype, self.max_length)
+        prov = vlm_provenance(
+            self.loaded.spec, self.conversation, "", self.loaded.device, self.loaded.dtype, self.max_length
+        )
         prov.update({"backend": "transformers-generate", "padding": "left (positions from the attention mask)"})
         for key in ("answer_prefix", "image_encoded_once_per_pair", "prefix_kv_shared"):
             prov.pop(key, None)
@@ -146,7 +150,9 @@ class TransformersCaptionGenerator:
 
     # -- running ------------------------------------------------------------------------------------
 
-    def _generate_isolated(self, chunk: list[GenerationRequest], params: SamplingParams) -> list[list[Generated] | RequestFailure]:
+    def _generate_isolated(
+        self, chunk: list[GenerationRequest], params: SamplingParams
+    ) -> list[list[Generated] | RequestFailure]:
         """One micro-batch; when it fails as a whole, each request alone, so a bad one fails alone."""
         from mlmfilter.scorers.base import is_infrastructure_failure
 
@@ -161,7 +167,9 @@ class TransformersCaptionGenerator:
             log.warning("generation batch of %d failed (%s); retrying one by one", len(chunk), exc)
             return [out for item in chunk for out in self._generate_isolated([item], params)]
 
-    def _generate_chunk(self, chunk: list[GenerationRequest], params: SamplingParams) -> list[list[Generated] | RequestFailure]:
+    def _generate_chunk(
+        self, chunk: list[GenerationRequest], params: SamplingParams
+    ) -> list[list[Generated] | RequestFailure]:
         outputs: list[Any] = [None] * len(chunk)
         judge_requests = [JudgeRequest(r.image, [r.prompt]) for r in chunk]
         batch = self.encoder.encode(judge_requests, list(range(len(chunk))), params.max_new_tokens)

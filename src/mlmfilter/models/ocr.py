@@ -175,7 +175,9 @@ class OcrEngine:
         if angle_classifier:
             from rapidocr.ch_ppocr_cls import TextClassifier
 
-            cfg.Cls.update(model_path=str(model_file(CLASSIFIER_FILE)), engine_cfg=engine_cfg, cls_batch_num=rec_batch_size)
+            cfg.Cls.update(
+                model_path=str(model_file(CLASSIFIER_FILE)), engine_cfg=engine_cfg, cls_batch_num=rec_batch_size
+            )
             self._classifier = TextClassifier(cfg.Cls)
             self.files.append(CLASSIFIER_FILE)
 

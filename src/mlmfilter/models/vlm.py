@@ -77,7 +77,14 @@ from mlmfilter.models.common import (
     safe_weights_kwargs,
     unavailable_message,
 )
-from mlmfilter.models.tree_attention import BranchBlock, DecodeSteps, PrefixLayout, PromptRows, gather_rows, length_groups
+from mlmfilter.models.tree_attention import (
+    BranchBlock,
+    DecodeSteps,
+    PrefixLayout,
+    PromptRows,
+    gather_rows,
+    length_groups,
+)
 from mlmfilter.models.vlm_encoding import EncodedBatch, PromptEncoder
 from mlmfilter.models.vlm_families import VlmFamily, family_for_model_type, guess_family, image_only_processor_class
 
@@ -305,7 +312,9 @@ def _select_rows(cache: Any, rows: list[int], device: torch.device) -> Any:
     from transformers import DynamicCache
 
     index = torch.as_tensor(rows, device=device)
-    return DynamicCache([(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers])
+    return DynamicCache(
+        [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+    )
 
 
 class TransformersJudgeBackend:
@@ -336,7 +345,12 @@ class TransformersJudgeBackend:
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length or loaded.spec.max_positions)
         self.encoder = PromptEncoder(
-            self.processor, self.family, self.conversation, self.answer_prefix, loaded.spec.pixel_budget, self.max_length
+            self.processor,
+            self.family,
+            self.conversation,
+            self.answer_prefix,
+            loaded.spec.pixel_budget,
+            self.max_length,
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.text_config = self.model.config.get_text_config()
@@ -360,12 +374,20 @@ class TransformersJudgeBackend:
 
     def describe(self) -> dict[str, Any]:
         return vlm_provenance(
-            self.loaded.spec, self.conversation, self.answer_prefix, self.loaded.device, self.loaded.dtype, self.max_length
+            self.loaded.spec,
+            self.conversation,
+            self.answer_prefix,
+            self.loaded.device,
+            self.loaded.dtype,
+            self.max_length,
         )
 
     def readout_provenance(self) -> dict[str, str]:
         """The expected readout this backend computes: its definition and error bound."""
-        return {"readout_definition": EXACT_EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.trie_threshold)}
+        return {
+            "readout_definition": EXACT_EXPECTED_DEFINITION,
+            "readout_bound": adaptive_trie_bound(self.trie_threshold),
+        }
 
     @property
     def capabilities(self) -> BackendCapabilities:
@@ -494,7 +516,9 @@ class TransformersJudgeBackend:
         for group in length_groups([len(b) for b in branches]):
             pairs = [owner[r] for r in group]
             layout = PrefixLayout(
-                [prefix.layout.lengths[i] for i in pairs], [prefix.layout.next_positions[i] for i in pairs], prefix.layout.width
+                [prefix.layout.lengths[i] for i in pairs],
+                [prefix.layout.next_positions[i] for i in pairs],
+                prefix.layout.width,
             )
             rows = _CachedPrefix(_select_rows(prefix.cache, pairs, self.loaded.device), layout)
             log_probs[group] = self._expected_rows(rows, [branches[r] for r in group])
@@ -598,4 +622,6 @@ class TransformersJudgeBackend:
         window = getattr(self.text_config, "sliding_window", None)
         layer_types = getattr(self.text_config, "layer_types", None) or []
         if window and any("sliding" in t for t in layer_types) and max_position >= window:
-            raise RuntimeError(f"prompt reaches position {max_position}, beyond the sliding window {window}: not supported")
+            raise RuntimeError(
+                f"prompt reaches position {max_position}, beyond the sliding window {window}: not supported"
+            )

@@ -102,7 +102,9 @@ class PromptEncoder:
         for piece in pieces[1:]:
             if apart and piece.startswith(apart):  # AITQE: its processor's newline is encoded on its own
                 head = list(self.tokenizer(apart).input_ids)
-                chunks.append(head + list(self.tokenizer(piece[len(apart) :]).input_ids)[1 if self._tokenizer_adds_bos else 0 :])
+                chunks.append(
+                    head + list(self.tokenizer(piece[len(apart) :]).input_ids)[1 if self._tokenizer_adds_bos else 0 :]
+                )
             else:
                 chunks.append(list(self.tokenizer(piece).input_ids))
         offset = 1 if self._tokenizer_adds_bos else 0

@@ -57,7 +57,12 @@ QWEN2_VL_DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 FAMILIES: dict[str, VlmFamily] = {
     "llava": VlmFamily("llava", ("llava", "mlmfilter_pooled_llava"), "<image>", "<image>", "1d", False),
     "qwen2_vl": VlmFamily(
-        "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>", "mrope", True
+        "qwen2_vl",
+        ("qwen2_vl", "qwen2_5_vl"),
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|image_pad|>",
+        "mrope",
+        True,
     ),
     "idefics3": VlmFamily("idefics3", ("idefics3", "smolvlm"), "<image>", "<image>", "1d", True),
 }

@@ -220,10 +220,17 @@ def gather_report(
             section.gallery = False
         columns.append(section)
     pairs = [
-        PairSection(a, b, sample[a], sample[b], rho,
-                    disagreement.first_higher[(a, b)].rows(), disagreement.second_higher[(a, b)].rows())
+        PairSection(
+            a,
+            b,
+            sample[a],
+            sample[b],
+            rho,
+            disagreement.first_higher[(a, b)].rows(),
+            disagreement.second_higher[(a, b)].rows(),
+        )
         for a, b, rho in column_pairs
-    ]  # fmt: skip
+    ]
     enhancement = _gather_enhancement(run, k)
     provenance = {stage: _safe(run.provenance, stage) for stage in run.stages()}
     data = ReportData(
@@ -412,7 +419,9 @@ class _RewriteCollector:
             after = batch.scalar("caption", i)
             if after is None:  # rejected: show the best candidate that was turned down
                 after = next(iter(batch.scalar("candidates", i) or []), None)
-            bucket.append(Rewrite(batch.ref(i, self.shown), batch.scalar("original_caption", i), after, decision, reason))
+            bucket.append(
+                Rewrite(batch.ref(i, self.shown), batch.scalar("original_caption", i), after, decision, reason)
+            )
 
 
 def _completeness(run: RunLike) -> dict[str, Any]:

@@ -50,7 +50,9 @@ def find_pairs(
     collector = MatchCollector(limit, shown_columns)
     scan(dataset, [collector], shown_columns, filter=condition)
     keep = ThumbnailMaker(thumbnail_side) if thumbnails else _caption_only
-    found = lookup_samples(run.sources(), {r.where for r in collector.rows if r.in_shard}, keep, ReadOptions(**run.read_options()))
+    found = lookup_samples(
+        run.sources(), {r.where for r in collector.rows if r.in_shard}, keep, ReadOptions(**run.read_options())
+    )
     return Matches(collector.matched, collector.rows, dict(found), shown_columns, found.missing)
 
 

@@ -62,8 +62,14 @@ def kept_curve_svg(profile: ColumnProfile, cut: float | None = None) -> Markup:
     ax.plot(thresholds, fraction, color=BAR, linewidth=1.6)
     if cut is not None:
         ax.axvline(cut, color=CUT, linewidth=1.5, linestyle="--")
-        ax.annotate(f"{profile.kept_fraction(cut):.1%} kept", (cut, profile.kept_fraction(cut)),
-                    textcoords="offset points", xytext=(6, 6), color=CUT, fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{profile.kept_fraction(cut):.1%} kept",
+            (cut, profile.kept_fraction(cut)),
+            textcoords="offset points",
+            xytext=(6, 6),
+            color=CUT,
+            fontsize=8,
+        )
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"threshold on {profile.name} (keep >=)")
     ax.set_ylabel("fraction kept")
@@ -72,13 +78,21 @@ def kept_curve_svg(profile: ColumnProfile, cut: float | None = None) -> Markup:
 
 
 def scatter_png(
-    a: str, b: str, x: np.ndarray, y: np.ndarray, a_over_b: list[tuple[float, float]], b_over_a: list[tuple[float, float]]
+    a: str,
+    b: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    a_over_b: list[tuple[float, float]],
+    b_over_a: list[tuple[float, float]],
 ) -> str:
     """A scatter of sampled rows; the most disagreeing pairs drawn on top in two colours."""
     fig, ax = _figure(4.6, 3.4)
     both = ~np.isnan(x) & ~np.isnan(y)
     ax.scatter(x[both], y[both], s=6, alpha=0.35, color=BAR, linewidths=0, label="sampled pairs")
-    for points, color, label in ((a_over_b, DISAGREE_A, f"{a} high, {b} low"), (b_over_a, DISAGREE_B, f"{b} high, {a} low")):
+    for points, color, label in (
+        (a_over_b, DISAGREE_A, f"{a} high, {b} low"),
+        (b_over_a, DISAGREE_B, f"{b} high, {a} low"),
+    ):
         if points:
             px, py = zip(*points)
             ax.scatter(px, py, s=28, color=color, edgecolors="black", linewidths=0.5, label=label)

@@ -82,7 +82,9 @@ class ColumnProfile:
         return self.edges[::group], self.counts.reshape(bins, group).sum(axis=1)
 
 
-def profile_columns(dataset: ds.Dataset, columns: Sequence[str], batch_rows: int | None = None) -> dict[str, ColumnProfile]:
+def profile_columns(
+    dataset: ds.Dataset, columns: Sequence[str], batch_rows: int | None = None
+) -> dict[str, ColumnProfile]:
     """Profiles of ``columns`` in two passes over ``dataset``."""
     kwargs = {"batch_rows": batch_rows} if batch_rows else {}
     ranges = RangeCollector(columns)

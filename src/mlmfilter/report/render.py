@@ -85,14 +85,25 @@ def render_report(data: ReportData, options: ReportOptions | None = None) -> str
     shown_columns = data.card_columns
     # a failed flag is explained by its scorer's measurements (rules_ok: rules_words, rules_min_side...)
     flag_columns = {
-        flag.name: [*shown_columns, *(c.profile.name for c in data.columns
-                                      if c.profile.name.startswith(flag.name.split("_")[0] + "_"))]
+        flag.name: [
+            *shown_columns,
+            *(c.profile.name for c in data.columns if c.profile.name.startswith(flag.name.split("_")[0] + "_")),
+        ]
         for flag in data.flags
-    }  # fmt: skip
-    return _environment().get_template("report.html.j2").render(
-        data=data, columns=columns, pairs=pairs, errors_plot=errors_plot, shown_columns=shown_columns,
-        flag_columns=flag_columns, options=options,
-    )  # fmt: skip
+    }
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            data=data,
+            columns=columns,
+            pairs=pairs,
+            errors_plot=errors_plot,
+            shown_columns=shown_columns,
+            flag_columns=flag_columns,
+            options=options,
+        )
+    )
 
 
 def _points(a: str, b: str, refs: list[PairRef]) -> list[tuple[float, float]]:
@@ -114,12 +125,16 @@ class ContactSheet:
 def render_contact_sheet(
     sheet: ContactSheet, *, run: str, title: str, matched: int, columns: Sequence[str], warnings: Sequence[str] = ()
 ) -> str:
-    return _environment().get_template("contact_sheet.html.j2").render(
-        data=sheet,
-        run=run,
-        title=title,
-        matched=matched,
-        columns=list(columns),
-        warnings=list(warnings),
-        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return (
+        _environment()
+        .get_template("contact_sheet.html.j2")
+        .render(
+            data=sheet,
+            run=run,
+            title=title,
+            matched=matched,
+            columns=list(columns),
+            warnings=list(warnings),
+            generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        )
     )

@@ -124,8 +124,13 @@ def scan(
     wanted = [*IDENTITY_COLUMNS, *ERROR_COLUMNS, *value_columns, *extra_columns]
     columns = [c for c in dict.fromkeys(wanted) if c in names]
     rows = 0
-    batches = dataset.to_batches(columns=columns, filter=filter, batch_size=batch_rows,
-                                 batch_readahead=BATCH_READAHEAD, fragment_readahead=FRAGMENT_READAHEAD)  # fmt: skip
+    batches = dataset.to_batches(
+        columns=columns,
+        filter=filter,
+        batch_size=batch_rows,
+        batch_readahead=BATCH_READAHEAD,
+        fragment_readahead=FRAGMENT_READAHEAD,
+    )
     for arrow_batch in batches:
         if arrow_batch.num_rows == 0:
             continue
@@ -252,8 +257,14 @@ class DisagreementCollector:
     differ by more than ``min_gap`` count as disagreeing: in a small or unanimous run a gallery
     of near-ties would claim disagreements that are not there."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], percentile: dict[str, Callable[[np.ndarray], np.ndarray]],
-                 k: int, shown: Sequence[str], min_gap: float = 0.25):  # fmt: skip
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        percentile: dict[str, Callable[[np.ndarray], np.ndarray]],
+        k: int,
+        shown: Sequence[str],
+        min_gap: float = 0.25,
+    ):
         self.pairs = list(pairs)
         self.min_gap = min_gap
         self.percentile = percentile

@@ -20,8 +20,10 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 
 def headline(profile: ColumnProfile) -> str:
-    return (f"{profile.name}: {profile.count} values, {profile.missing} missing, "
-            f"min {format_number(profile.low)}, mean {format_number(profile.mean)}, max {format_number(profile.high)}")  # fmt: skip
+    return (
+        f"{profile.name}: {profile.count} values, {profile.missing} missing, "
+        f"min {format_number(profile.low)}, mean {format_number(profile.mean)}, max {format_number(profile.high)}"
+    )
 
 
 def quantile_table(profile: ColumnProfile) -> Table:
@@ -30,8 +32,7 @@ def quantile_table(profile: ColumnProfile) -> Table:
     table.add_column("value", justify="right")
     table.add_column("kept at >=", justify="right")
     for q, value in profile.quantiles(DEFAULT_QUANTILES).items():
-        table.add_row(f"{q * 100:g}%", format_number(value),
-                      f"{profile.kept_fraction(value):.1%}")  # fmt: skip
+        table.add_row(f"{q * 100:g}%", format_number(value), f"{profile.kept_fraction(value):.1%}")
     return table
 
 

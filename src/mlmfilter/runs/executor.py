@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
-def execute_task(stage: Stage, task: StageTask, fingerprint: str, progress: ProgressCallback | None = None) -> dict[str, Any]:
+def execute_task(
+    stage: Stage, task: StageTask, fingerprint: str, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
     """Run ``stage`` on one shard and write its table, stats and marker; returns the stats."""
     stats = task.stats
     with Stopwatch(stats):
@@ -61,8 +63,14 @@ def execute_task(stage: Stage, task: StageTask, fingerprint: str, progress: Prog
         "host": os.uname().nodename if hasattr(os, "uname") else "",
     }
     folder.finish_shard(task.shard_id, table, stats, marker)
-    log.info("%s: shard %s done, %d rows (%d errors) in %.1f s", task.stage_name, task.shard_id, stats.rows,
-             stats.errored, stats.seconds)  # fmt: skip
+    log.info(
+        "%s: shard %s done, %d rows (%d errors) in %.1f s",
+        task.stage_name,
+        task.shard_id,
+        stats.rows,
+        stats.errored,
+        stats.seconds,
+    )
     return stats.to_json()
 
 
@@ -166,8 +174,15 @@ def _limit_threads(threads: int) -> None:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(spec_json: dict, run_url: str, stage_name: str, progress_queue: Any, threads: int,
-                 slots: Any = None, devices_by_slot: Sequence[Sequence[str]] = ()) -> None:  # fmt: skip
+def _init_worker(
+    spec_json: dict,
+    run_url: str,
+    stage_name: str,
+    progress_queue: Any,
+    threads: int,
+    slots: Any = None,
+    devices_by_slot: Sequence[Sequence[str]] = (),
+) -> None:
     slot = slots.get(timeout=60) if slots is not None else None
     if slot is not None and devices_by_slot:  # before anything can initialise CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices_by_slot[slot])
@@ -220,7 +235,9 @@ class LocalExecutor:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _run_inline(self, tasks, stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport) -> None:
+    def _run_inline(
+        self, tasks, stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport
+    ) -> None:
         if not tasks:
             return
         folder = RunFolder(tasks[0].run_url)
@@ -242,7 +259,9 @@ class LocalExecutor:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
 
-    def _run_pool(self, tasks: list[StageTask], stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport) -> None:
+    def _run_pool(
+        self, tasks: list[StageTask], stage: Stage, fingerprint: str, progress: RunProgress, report: ExecutionReport
+    ) -> None:
         # spawn: torch and fork do not mix; each worker is a fresh interpreter building the stage
         ctx = mp.get_context("spawn")
         progress_queue = ctx.Queue()
@@ -260,10 +279,21 @@ class LocalExecutor:
                 slots = ctx.Queue()  # each process of this pool takes one slot, hence its own devices
                 for slot in range(size):
                     slots.put(slot)
-                init = (_init_worker, (stage.spec().model_dump(), tasks[0].run_url, tasks[0].stage_name, progress_queue,
-                                       threads, slots, devices_by_slot))  # fmt: skip
-                pool = ProcessPoolExecutor(size, mp_context=ctx, initializer=worker_initializer,
-                                           initargs=(os.getpid(), init))  # fmt: skip
+                init = (
+                    _init_worker,
+                    (
+                        stage.spec().model_dump(),
+                        tasks[0].run_url,
+                        tasks[0].stage_name,
+                        progress_queue,
+                        threads,
+                        slots,
+                        devices_by_slot,
+                    ),
+                )
+                pool = ProcessPoolExecutor(
+                    size, mp_context=ctx, initializer=worker_initializer, initargs=(os.getpid(), init)
+                )
                 finished = False
                 try:
                     pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}

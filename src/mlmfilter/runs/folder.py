@@ -107,8 +107,12 @@ class Completeness:
         return self.total > 0 and not self.missing
 
     def to_json(self) -> dict[str, Any]:
-        return {"complete": self.complete, "shards_done": self.done, "shards_total": self.total,
-                "missing": list(self.missing[:20])}  # fmt: skip
+        return {
+            "complete": self.complete,
+            "shards_done": self.done,
+            "shards_total": self.total,
+            "missing": list(self.missing[:20]),
+        }
 
 
 class StageFolder:
@@ -264,7 +268,9 @@ class RunFolder:
         return StageFolder(self.storage, name)
 
     def stages(self) -> list[str]:
-        return [d for d in self.storage.list_dirs() if d not in RESERVED_NAMES and self.storage.exists(f"{d}/stage.yaml")]
+        return [
+            d for d in self.storage.list_dirs() if d not in RESERVED_NAMES and self.storage.exists(f"{d}/stage.yaml")
+        ]
 
     def logs_dir(self) -> str | None:
         return self.storage.local_path(LOGS_DIR)
@@ -280,12 +286,16 @@ class RunFolder:
 
     def sources(self) -> dict[str, ShardSource]:
         record = self.read_record()
-        return {sid: ShardSource(id=sid, url=s["url"], format=s["format"]) for sid, s in record.get("sources", {}).items()}
+        return {
+            sid: ShardSource(id=sid, url=s["url"], format=s["format"]) for sid, s in record.get("sources", {}).items()
+        }
 
     def read_options(self) -> dict[str, Any]:
         return dict(self.read_record().get("read") or {})
 
-    def open(self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]) -> list[ShardSource]:
+    def open(
+        self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]
+    ) -> list[ShardSource]:
         """Create or extend the run with ``sources``; returns them with their run-wide ids.
 
         The run's read options are part of what every table means: extending a run with other
@@ -295,10 +305,20 @@ class RunFolder:
         with _RecordLock(self):
             return self._open_locked(inputs, sources, read_options)
 
-    def _open_locked(self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]) -> list[ShardSource]:
-        record = self.read_record() if self.is_run else {
-            "mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": dict(read_options), "sources": {},
-        }  # fmt: skip
+    def _open_locked(
+        self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]
+    ) -> list[ShardSource]:
+        record = (
+            self.read_record()
+            if self.is_run
+            else {
+                "mlmfilter": __version__,
+                "created": now_iso(),
+                "inputs": [],
+                "read": dict(read_options),
+                "sources": {},
+            }
+        )
         if (record.get("read") or {}) != dict(read_options):
             raise ConfigMismatch(
                 f"{self.url} was read with read options {record.get('read') or {}}, not {dict(read_options)}; "
@@ -394,8 +414,10 @@ class RunLock:
             since = _dt.datetime.fromisoformat(info.get("since", "1970-01-01T00:00:00+00:00"))
             age = (_dt.datetime.now(_dt.timezone.utc) - since).total_seconds()
             if age < self.stale_after:
-                raise RunLocked(f"{storage.url} is in use by another mlmfilter process ({info}); "
-                                f"wait for it, or delete {name} if that process is gone")  # fmt: skip
+                raise RunLocked(
+                    f"{storage.url} is in use by another mlmfilter process ({info}); "
+                    f"wait for it, or delete {name} if that process is gone"
+                )
             log.warning("taking over a stale lock of %s (%s)", storage.url, info)
         storage.write_bytes(name, json.dumps(self.holder()))
         self._remote_name = name

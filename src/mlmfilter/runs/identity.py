@@ -51,7 +51,11 @@ def options_identity(options: dict[str, Any]) -> dict[str, Any]:
 
 def directory_hash(path: str | os.PathLike) -> str:
     root = Path(path).expanduser().resolve()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()

@@ -50,8 +50,9 @@ class RunProgress:
         #: set once the shards are counted; counting runs beside the run, so it never delays its start
         self.estimated = threading.Event()
         if self.enabled and sources:
-            threading.Thread(target=self._estimate, args=(list(sources), estimate), daemon=True,
-                             name="progress-estimate").start()  # fmt: skip
+            threading.Thread(
+                target=self._estimate, args=(list(sources), estimate), daemon=True, name="progress-estimate"
+            ).start()
         else:
             self.estimated.set()
         self._started = time.perf_counter()
@@ -113,8 +114,15 @@ class RunProgress:
                 transient=False,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.stage, total=self.expected_rows, rate=0.0, errors=0, shards=0,
-                                            total_shards=self.total, expected=self._expected_text())  # fmt: skip
+            self._task = self._bar.add_task(
+                self.stage,
+                total=self.expected_rows,
+                rate=0.0,
+                errors=0,
+                shards=0,
+                total_shards=self.total,
+                expected=self._expected_text(),
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -150,9 +158,15 @@ class RunProgress:
         return str(expected) if self._known and not self._unknown else f"~{expected}"
 
     def _refresh(self) -> None:
-        self._bar.update(self._task, completed=self.rows, total=self.expected_rows, rate=self.rows / self.elapsed,
-                         errors=self.errors, shards=self.shards_done + self.shards_failed,
-                         expected=self._expected_text())  # fmt: skip
+        self._bar.update(
+            self._task,
+            completed=self.rows,
+            total=self.expected_rows,
+            rate=self.rows / self.elapsed,
+            errors=self.errors,
+            shards=self.shards_done + self.shards_failed,
+            expected=self._expected_text(),
+        )
 
     def _line(self, final: bool = False) -> None:
         self._last_line = time.perf_counter()
@@ -161,6 +175,13 @@ class RunProgress:
         tail = f", eta {eta:.0f} s" if eta is not None and not final and finished < self.total else ""
         log.info(
             "%s: %d/%s pairs, %d/%d shards (%d failed), %.1f pairs/s, %d errors%s",
-            self.stage, self.rows, self._expected_text(), finished, self.total, self.shards_failed,
-            self.rows / self.elapsed, self.errors, tail,
-        )  # fmt: skip
+            self.stage,
+            self.rows,
+            self._expected_text(),
+            finished,
+            self.total,
+            self.shards_failed,
+            self.rows / self.elapsed,
+            self.errors,
+            tail,
+        )

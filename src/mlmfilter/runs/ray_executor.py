@@ -51,8 +51,14 @@ def _retriable_errors() -> tuple[type[BaseException], ...]:
     """Ray's errors for a lost worker, actor, node or object: the shard itself may be fine."""
     import ray.exceptions as rex
 
-    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
-             "OutOfMemoryError", "LocalRayletDiedError")  # fmt: skip
+    names = (
+        "RayActorError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "ObjectLostError",
+        "OutOfMemoryError",
+        "LocalRayletDiedError",
+    )
     return tuple(getattr(rex, name) for name in names if hasattr(rex, name))
 
 
@@ -101,8 +107,15 @@ class _ProgressInbox:
 class RayExecutor:
     """Shards as Ray actor tasks: ``num_actors`` actors of ``num_cpus``/``num_gpus`` each."""
 
-    def __init__(self, address: str | None = None, num_actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 max_retries: int = 2, local_num_cpus: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        address: str | None = None,
+        num_actors: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        max_retries: int = 2,
+        local_num_cpus: int | None = None,
+    ):
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:  # refused before the run folder is touched
@@ -116,8 +129,14 @@ class RayExecutor:
 
     @classmethod
     def from_options(cls, options: RayOptions, workers: int = 1) -> "RayExecutor":
-        return cls(address=options.address, num_actors=options.num_actors or workers, num_cpus=options.num_cpus,
-                   num_gpus=options.num_gpus, max_retries=options.max_retries, local_num_cpus=options.local_num_cpus)  # fmt: skip
+        return cls(
+            address=options.address,
+            num_actors=options.num_actors or workers,
+            num_cpus=options.num_cpus,
+            num_gpus=options.num_gpus,
+            max_retries=options.max_retries,
+            local_num_cpus=options.local_num_cpus,
+        )
 
     def run(self, tasks: Sequence[StageTask], stage: Stage, fingerprint: str, progress: RunProgress) -> ExecutionReport:
         report = ExecutionReport()
@@ -149,8 +168,16 @@ class RayExecutor:
             ray.init(num_cpus=self.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         return True
 
-    def _run_pool(self, ray: Any, tasks: list[StageTask], stage: Stage, fingerprint: str, progress: RunProgress,
-                  report: ExecutionReport, actors: list[Any]) -> None:  # fmt: skip
+    def _run_pool(
+        self,
+        ray: Any,
+        tasks: list[StageTask],
+        stage: Stage,
+        fingerprint: str,
+        progress: RunProgress,
+        report: ExecutionReport,
+        actors: list[Any],
+    ) -> None:
         retriable = _retriable_errors()
         inbox = ray.remote(num_cpus=0)(_ProgressInbox).remote()
         actor_class = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_StageActor)
@@ -180,12 +207,18 @@ class RayExecutor:
                     attempts[task.shard_id] += 1
                     self._discard(ray, actor, actors)
                     if attempts[task.shard_id] <= self.max_retries:
-                        log.warning("shard %s: lost its Ray worker (%s); retrying on a fresh actor",
-                                    task.shard_id, _failure_line(exc))  # fmt: skip
+                        log.warning(
+                            "shard %s: lost its Ray worker (%s); retrying on a fresh actor",
+                            task.shard_id,
+                            _failure_line(exc),
+                        )
                         todo.append(task)
                         idle.append(new_actor())
                         continue
-                    shard_id, error = task.shard_id, f"Ray worker lost {attempts[task.shard_id]} times: {_failure_line(exc)}"
+                    shard_id, error = (
+                        task.shard_id,
+                        f"Ray worker lost {attempts[task.shard_id]} times: {_failure_line(exc)}",
+                    )
                     if todo:
                         idle.append(new_actor())
                 except Exception as exc:  # e.g. a result Ray could not ship back: this shard only

@@ -89,18 +89,25 @@ def run_stage(
         stage_folder = folder.stage(stage.name)
         stage_folder.create()
         fingerprint = stage.fingerprint()
-        stage_folder.check_or_write_settings({
-            "kind": stage.kind,
-            "name": stage.name,
-            "options": stage.options.model_dump(mode="json"),
-            "identity": stage.identity(),
-            "fingerprint": fingerprint,
-            "created": now_iso(),
-        })  # fmt: skip
+        stage_folder.check_or_write_settings(
+            {
+                "kind": stage.kind,
+                "name": stage.name,
+                "options": stage.options.model_dump(mode="json"),
+                "identity": stage.identity(),
+                "fingerprint": fingerprint,
+                "created": now_iso(),
+            }
+        )
         provenance = stage_folder.read_provenance()
         if not provenance:  # the first run's record stays: a resume has the same fingerprint
-            provenance = {"mlmfilter": __version__, "python": platform.python_version(),
-                          "fingerprint": fingerprint, "stage": stage.name, **stage.provenance()}  # fmt: skip
+            provenance = {
+                "mlmfilter": __version__,
+                "python": platform.python_version(),
+                "fingerprint": fingerprint,
+                "stage": stage.name,
+                **stage.provenance(),
+            }
             stage_folder.write_provenance(provenance)
 
         todo, skipped = [], []
@@ -109,8 +116,14 @@ def run_stage(
         if skipped:
             log.info("stage %s: %d of %d shards already done", stage.name, len(skipped), len(registered))
         tasks = [
-            StageTask(shard_id=s.id, source=s, run_url=folder.url, stage_name=stage.name, read_options=read,
-                      source_identity=source_identity(s))  # fmt: skip
+            StageTask(
+                shard_id=s.id,
+                source=s,
+                run_url=folder.url,
+                stage_name=stage.name,
+                read_options=read,
+                source_identity=source_identity(s),
+            )
             for s in todo
         ]
         with RunProgress(stage.name, len(tasks), enabled=show_progress, sources=[t.source for t in tasks]) as progress:
@@ -150,8 +163,11 @@ def write_tables(
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     by_id = {s.id: s for s in sources or []}
     with RunLock(folder):
-        record = folder.read_record() if folder.is_run else {
-            "mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": {}, "sources": {}}  # fmt: skip
+        record = (
+            folder.read_record()
+            if folder.is_run
+            else {"mlmfilter": __version__, "created": now_iso(), "inputs": [], "read": {}, "sources": {}}
+        )
         for shard_id in tables:
             if shard_id not in record["sources"]:
                 source = by_id.get(shard_id)
@@ -163,15 +179,27 @@ def write_tables(
         stage_folder.create()
         identity = identity or {"kind": "imported", "stage": stage_name}
         fingerprint = fingerprint_of(identity)
-        stage_folder.check_or_write_settings({"kind": identity.get("kind", "imported"), "name": stage_name, "options": {},
-                                              "identity": identity, "fingerprint": fingerprint, "created": now_iso()})  # fmt: skip
+        stage_folder.check_or_write_settings(
+            {
+                "kind": identity.get("kind", "imported"),
+                "name": stage_name,
+                "options": {},
+                "identity": identity,
+                "fingerprint": fingerprint,
+                "created": now_iso(),
+            }
+        )
         stage_folder.write_provenance({"mlmfilter": __version__, "fingerprint": fingerprint, **(provenance or {})})
         for shard_id, table in tables.items():
             stats = ShardStats(shards=1)
             errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
             stats.add_rows(errors)
-            marker = {"shard": shard_id, "source": record["sources"][shard_id], "fingerprint": fingerprint,
-                      "finished": now_iso()}  # fmt: skip
+            marker = {
+                "shard": shard_id,
+                "source": record["sources"][shard_id],
+                "fingerprint": fingerprint,
+                "finished": now_iso(),
+            }
             stage_folder.finish_shard(shard_id, table, stats, marker)
         stage_folder.write_merged_stats()
     return folder

@@ -81,11 +81,15 @@ class ScoringStage(Stage):
     kind = "score"
     Options = ScoringOptions
 
-    def __init__(self, options: ScoringOptions | None = None, name: str | None = None, scorers: list[Scorer] | None = None):
+    def __init__(
+        self, options: ScoringOptions | None = None, name: str | None = None, scorers: list[Scorer] | None = None
+    ):
         super().__init__(options, name)
         # scorers are built at once: options are validated here, before any work starts, and
         # provenance/identity come from config files without loading weights
-        self.scorers = scorers if scorers is not None else [build_scorer(s.name, s.options) for s in self.options.scorers]
+        self.scorers = (
+            scorers if scorers is not None else [build_scorer(s.name, s.options) for s in self.options.scorers]
+        )
         self._decoder = None
 
     def schema(self) -> pa.Schema:
@@ -119,7 +123,10 @@ class ScoringStage(Stage):
             options = scorer.options
             if getattr(options, "backend", None) == "openai":
                 continue  # the model runs on the server
-            if getattr(options, "backend", None) == "vllm" or str(getattr(options, "device", "cpu")) not in ("cpu", "mps"):
+            if getattr(options, "backend", None) == "vllm" or str(getattr(options, "device", "cpu")) not in (
+                "cpu",
+                "mps",
+            ):
                 return True
         return False
 
@@ -161,7 +168,9 @@ class ScoringStage(Stage):
 
         table = task.run.table(task.shard_id, self.options.only_stage)
         if table is None:  # a shard-level failure: the cascade cannot be decided yet
-            raise RuntimeError(f"stage {self.options.only_stage!r} has not finished shard {task.shard_id!r}; run it first")
+            raise RuntimeError(
+                f"stage {self.options.only_stage!r} has not finished shard {task.shard_id!r}; run it first"
+            )
         columns = {f.name: f.type for f in table.schema}
         condition = parse_expression(self.options.only, columns).expression
         import pyarrow.dataset as ds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions, ScorerStats
+from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions, ScorerStats
 
 #: name -> "module:Class"; each class has a pydantic ``Options`` model for its settings
 REGISTRY: dict[str, str] = {

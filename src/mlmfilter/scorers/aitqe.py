@@ -26,7 +26,7 @@ from mlmfilter.judge import aitqe
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.readout import ExpectedScore
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
+from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 
 DEFAULT_MODEL = "HymanH/AITQE"
 
@@ -166,7 +166,7 @@ class AITQEScorer(Scorer):
         if o.readout == "expected":
             prov["expected_definition"] = (
                 "distribution over 0..100 at the overall score's position, after the prompt and the "
-                "generated text up to '\"Overall Score\": \"' re-encoded as text"
+                'generated text up to \'"Overall Score": "\' re-encoded as text'
             )
         if self.backend is not None:
             prov["model"] = self.backend.describe()

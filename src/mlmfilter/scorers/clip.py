@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from mlmfilter import errors
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
-from mlmfilter.scorers.text_mask import TextMaskOptions, TextMasking
+from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
+from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021, for OpenAI CLIP ViT-B/32
 CLIPSCORE_FORMULA = f"clip_score = {CLIPSCORE_WEIGHT} * max(clip_cosine, 0)  (Hessel et al. 2021)"
@@ -84,7 +84,11 @@ class ClipScorer(TextMasking, Scorer):
             clip = self.loaded
             pre = clip.preprocessing
             pixels = to_pixel_values(
-                [self.masked(samples[i].image) for i in todo], pre.crop_size, pre.mean, pre.std, crop=pre.center_crop,
+                [self.masked(samples[i].image) for i in todo],
+                pre.crop_size,
+                pre.mean,
+                pre.std,
+                crop=pre.center_crop,
                 dtype=clip.dtype if clip.dtype == torch.bfloat16 else None,
             )
             with torch.inference_mode():

@@ -44,8 +44,8 @@ from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_nam
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import InfrastructureError, Scorer, ScoreFailure
-from mlmfilter.scorers.text_mask import TextMaskOptions, TextMasking
+from mlmfilter.scorers.base import InfrastructureError, ScoreFailure, Scorer
+from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
@@ -253,7 +253,9 @@ class MLMScorer(TextMasking, Scorer):
                 row[f"{short}_unplaced"] = float(unplaced[n])
             summary = ExpectedScore.from_log_probs(log_probs)
             if summary is None:
-                return ScoreFailure(errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100", partial=row)
+                return ScoreFailure(
+                    errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100", partial=row
+                )
             row[short] = summary.mean
             row[f"{short}_mass"] = summary.mass
             row[f"{short}_std"] = summary.std
@@ -292,7 +294,10 @@ class MLMScorer(TextMasking, Scorer):
             from mlmfilter.models.backends.openai_backend import readout_provenance
 
             return readout_provenance(self.options)
-        return {"readout_definition": EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.options.trie_threshold)}
+        return {
+            "readout_definition": EXPECTED_DEFINITION,
+            "readout_bound": adaptive_trie_bound(self.options.trie_threshold),
+        }
 
     def _described_backend(self) -> dict[str, Any]:
         if self.backend is not None:

@@ -47,7 +47,7 @@ from pydantic import Field
 
 from mlmfilter import errors
 from mlmfilter.sample import Sample
-from mlmfilter.scorers.base import Scorer, ScoreFailure, ScorerOptions
+from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 
 OVERLAP_FORMULA = (
     "tokens = NFKC + casefold, non-letters/digits -> space, split on whitespace; an OCR token that is not "

@@ -183,7 +183,9 @@ class JoinedTables:
             batch = batch.set_column(batch.schema.get_field_index("uid"), "uid", uids.fill_null(_NULL_UID))
         return self.parts[0].uid_halves(batch), valid
 
-    def _merge_shared(self, arrays: dict[str, pa.Array], other: "_IndexedRun", take: pa.Array, wanted: list[str]) -> None:
+    def _merge_shared(
+        self, arrays: dict[str, pa.Array], other: "_IndexedRun", take: pa.Array, wanted: list[str]
+    ) -> None:
         """error / error_detail / skipped of another run folded in (only those this pass reads)."""
         if "error" in other.tables.columns and ("error" in wanted or "error_detail" in wanted):
             theirs = other.column("error").take(take)

@@ -143,12 +143,15 @@ class SelectionResult:
             missing = ", ".join(f"{n} from {run}" for run, n in self.missing.items() if n)
             lines.append(f"{self.in_every_run} rows are in every run" + (f"; missing: {missing}" if missing else ""))
         lines.append(
-            f"kept {self.kept}" + (f" of target {self.target}" if self.target is not None else "")
+            f"kept {self.kept}"
+            + (f" of target {self.target}" if self.target is not None else "")
             + f" ({self.passed} passed the expression, {self.qualified} qualified)"
         )
         for entry in self.uid_lists:
-            lines.append(f"--{entry['mode']} {entry['path']}: {entry['uids']} uids, {entry['matched']} rows of the pool"
-                         + (f", {entry['added']} added" if entry["mode"] == "union" else f", {entry['removed']} removed"))
+            lines.append(
+                f"--{entry['mode']} {entry['path']}: {entry['uids']} uids, {entry['matched']} rows of the pool"
+                + (f", {entry['added']} added" if entry["mode"] == "union" else f", {entry['removed']} removed")
+            )
         if self.threshold:
             lines.append(f"boundary {self.threshold['by']} = {self.threshold['score']} (uid {self.threshold['uid']})")
         lines += self.notes
@@ -194,9 +197,17 @@ def select_run(
     joined = isinstance(tables, JoinedTables)
     run_dir = tables.run_dir
     completeness = parts[0].completeness.to_json()
-    arguments = {"run_dir": str(run_dir), "stage": stage, "expression": expression, "top_fraction": top_fraction,
-                 "by": by, "ascending": ascending, "allow_incomplete": allow_incomplete,
-                 "intersect": [str(p) for p in intersect], "union": [str(p) for p in union]}  # fmt: skip
+    arguments = {
+        "run_dir": str(run_dir),
+        "stage": stage,
+        "expression": expression,
+        "top_fraction": top_fraction,
+        "by": by,
+        "ascending": ascending,
+        "allow_incomplete": allow_incomplete,
+        "intersect": [str(p) for p in intersect],
+        "union": [str(p) for p in union],
+    }
     if joined:
         arguments["runs"] = [f"{name}={path}" if name else str(path) for name, path in specs]
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
@@ -209,7 +220,9 @@ def select_run(
 
     notes = []
     if outputs.unique_uids != outputs.rows:
-        notes.append(f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids")
+        notes.append(
+            f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids"
+        )
     if plan.top_fraction is not None and counts.qualified < plan.target(counts.read):
         notes.append(
             f"only {counts.qualified} rows qualify, fewer than the target {plan.target(counts.read)} "
@@ -217,8 +230,10 @@ def select_run(
         )
     for part in parts:
         if not part.completeness.complete:
-            notes.append(f"incomplete run {part.run_dir}: selected from {part.completeness.done} of "
-                         f"{part.completeness.total} shards")  # fmt: skip
+            notes.append(
+                f"incomplete run {part.run_dir}: selected from {part.completeness.done} of "
+                f"{part.completeness.total} shards"
+            )
     missing = runs = None
     if joined:
         runs = tables.runs_json()
@@ -303,7 +318,9 @@ class ScoreTables:
         elif all(c in self.columns for c in UID_HALF_COLUMNS):
             self.uid_columns = UID_HALF_COLUMNS
         else:
-            raise SelectionError(f"the score files have no {UID_COLUMN!r} column (nor {' and '.join(UID_HALF_COLUMNS)})")
+            raise SelectionError(
+                f"the score files have no {UID_COLUMN!r} column (nor {' and '.join(UID_HALF_COLUMNS)})"
+            )
         self.presence: pc.Expression | None = None  # one run: every row is in it
 
     def batches(self, projection: dict[str, pc.Expression], reads: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
@@ -347,8 +364,9 @@ class _Plan:
     expression_columns: list[str]
 
     @classmethod
-    def build(cls, tables: ScoreTables, expression: str | None, top_fraction: float | None,
-              by: str | None, ascending: bool) -> "_Plan":  # fmt: skip
+    def build(
+        cls, tables: ScoreTables, expression: str | None, top_fraction: float | None, by: str | None, ascending: bool
+    ) -> "_Plan":
         expression = expression if expression and expression.strip() else None
         if expression is None and top_fraction is None:
             raise SelectionError("nothing to select by: give an expression, a top fraction, or both")
@@ -356,7 +374,9 @@ class _Plan:
             if not (isinstance(top_fraction, (int, float)) and math.isfinite(top_fraction) and 0 < top_fraction <= 1):
                 raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
             if by is None:
-                raise SelectionError(f"top_fraction needs `by`, the column to rank by; score columns: {_score_columns(tables)}")
+                raise SelectionError(
+                    f"top_fraction needs `by`, the column to rank by; score columns: {_score_columns(tables)}"
+                )
         elif by is not None:
             raise SelectionError("`by` ranks rows for top_fraction; give top_fraction too, or drop `by`")
 
@@ -424,8 +444,9 @@ def _keep_passing(tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_
     return 1
 
 
-def _keep_top_fraction(tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_KeptOutputs",
-                       cap: int) -> tuple[int, dict[str, Any] | None]:  # fmt: skip
+def _keep_top_fraction(
+    tables: ScoreTables, plan: _Plan, counts: _Counts, outputs: "_KeptOutputs", cap: int
+) -> tuple[int, dict[str, Any] | None]:
     """Find the threshold, then one more pass keeps the rows at or above it.
     Returns the number of passes and what to report about the threshold."""
     threshold = _find_threshold(tables, plan, counts, cap)
@@ -454,18 +475,22 @@ def _find_threshold(tables: ScoreTables, plan: _Plan, counts: _Counts, cap: int)
     return search.threshold
 
 
-def _score_batches(tables: ScoreTables, plan: _Plan, columns: list[str],
-                   count: bool = False) -> Iterator[tuple[ScoreBatch, pa.RecordBatch]]:  # fmt: skip
+def _score_batches(
+    tables: ScoreTables, plan: _Plan, columns: list[str], count: bool = False
+) -> Iterator[tuple[ScoreBatch, pa.RecordBatch]]:
     """The batches of one pass reading ``columns``, as top-k sees them (uids only if read)."""
     ordinal = 0
     with_uids = all(name in columns for name in tables.uid_columns)
     for batch in plan.scan(columns, count=count):
-        yield ScoreBatch(
-            scores=_numpy_values(batch.column(plan.by)),
-            eligible=_bool_mask(batch.column(_QUALIFIES)),
-            first_ordinal=ordinal,
-            uid_halves=_uid_reader(tables, batch) if with_uids else _no_uids,
-        ), batch
+        yield (
+            ScoreBatch(
+                scores=_numpy_values(batch.column(plan.by)),
+                eligible=_bool_mask(batch.column(_QUALIFIES)),
+                first_ordinal=ordinal,
+                uid_halves=_uid_reader(tables, batch) if with_uids else _no_uids,
+            ),
+            batch,
+        )
         ordinal += batch.num_rows
 
 
@@ -567,8 +592,16 @@ class _UidLists:
                     uids = read_uid_list(path)
                 except ValueError as exc:
                     raise SelectionError(str(exc)) from None
-                self.entries.append({"mode": mode, "path": str(path), "uids": UidIndex(uids),
-                                     "found": np.zeros(len(uids), dtype=bool), "matched": 0, "changed": 0})  # fmt: skip
+                self.entries.append(
+                    {
+                        "mode": mode,
+                        "path": str(path),
+                        "uids": UidIndex(uids),
+                        "found": np.zeros(len(uids), dtype=bool),
+                        "matched": 0,
+                        "changed": 0,
+                    }
+                )
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -596,8 +629,13 @@ class _UidLists:
     def to_json(self) -> list[dict[str, Any]]:
         out = []
         for entry in self.entries:
-            item = {"mode": entry["mode"], "path": entry["path"], "uids": len(entry["uids"]),
-                    "matched": entry["matched"], "outside_pool": int((~entry["found"]).sum())}  # fmt: skip
+            item = {
+                "mode": entry["mode"],
+                "path": entry["path"],
+                "uids": len(entry["uids"]),
+                "matched": entry["matched"],
+                "outside_pool": int((~entry["found"]).sum()),
+            }
             item["removed" if entry["mode"] == "intersect" else "added"] = entry["changed"]
             out.append(item)
         return out
@@ -628,8 +666,11 @@ def _rank_keys(tables: ScoreTables, by: str, ascending: bool) -> ScoreKeys:
 
 
 def _score_columns(tables: ScoreTables) -> list[str]:
-    rankable = [name for name, t in tables.columns.items()
-                if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)]  # fmt: skip
+    rankable = [
+        name
+        for name, t in tables.columns.items()
+        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    ]
     return [name for name in rankable if name not in IDENTITY_COLUMNS]
 
 

@@ -218,8 +218,7 @@ class RadixTopK:
         self._candidates = []
         if len(candidates) < self._needed:
             raise RuntimeError(
-                f"the data changed between passes: expected at least {self._needed} candidates, "
-                f"found {len(candidates)}"
+                f"the data changed between passes: expected at least {self._needed} candidates, found {len(candidates)}"
             )
         order = np.lexsort(candidates.T[::-1])  # ascending by word 0, then 1, 2, 3
         key = tuple(int(word) for word in candidates[order[len(candidates) - self._needed]])

@@ -48,10 +48,20 @@ def balance(rows: list[dict[str, Any]], options: BalanceOptions) -> tuple[list[d
     bins_by_row: dict[int, int] = {}
     metrics = sorted({r["metric"] for r in rows})
     for metric in metrics:
-        index = np.array([i for i, r in enumerate(rows) if r["metric"] == metric and r.get("error") is None
-                          and r.get("score") is not None], dtype=np.int64)  # fmt: skip
+        index = np.array(
+            [
+                i
+                for i, r in enumerate(rows)
+                if r["metric"] == metric and r.get("error") is None and r.get("score") is not None
+            ],
+            dtype=np.int64,
+        )
         errored = sum(1 for r in rows if r["metric"] == metric) - len(index)
-        bins = bin_of(np.array([rows[i]["score"] for i in index], dtype=np.float64), options) if len(index) else np.zeros(0, np.int64)
+        bins = (
+            bin_of(np.array([rows[i]["score"] for i in index], dtype=np.float64), options)
+            if len(index)
+            else np.zeros(0, np.int64)
+        )
         members = [index[bins == b] for b in range(options.bins)]
         quotas = even_allocation([len(m) for m in members], options.target)
         kept_bins = []
@@ -62,9 +72,14 @@ def balance(rows: list[dict[str, Any]], options: BalanceOptions) -> tuple[list[d
                 bins_by_row[int(i)] = b
             kept_bins.extend([b] * quota)
         report["metrics"][metric] = {
-            "labelled": int(len(index)), "errors": int(errored), "kept": int(sum(quotas)),
-            "before": histogram(bins, options.bins), "after": histogram(np.array(kept_bins, np.int64), options.bins),
-            "short_bins": [b for b, (m, q) in enumerate(zip(members, quotas)) if len(m) == q and q < options.target // options.bins],
-        }  # fmt: skip
+            "labelled": int(len(index)),
+            "errors": int(errored),
+            "kept": int(sum(quotas)),
+            "before": histogram(bins, options.bins),
+            "after": histogram(np.array(kept_bins, np.int64), options.bins),
+            "short_bins": [
+                b for b, (m, q) in enumerate(zip(members, quotas)) if len(m) == q and q < options.target // options.bins
+            ],
+        }
     kept = [{**rows[i], "bin": bins_by_row[i]} for i in sorted(keep)]
     return kept, report

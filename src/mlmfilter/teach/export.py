@@ -56,7 +56,10 @@ def llava_record(row: dict[str, Any], pair: TeachPair, requests: TeacherRequests
     return {
         "id": f"{row['uid']}_{row['metric']}",
         "image": image_path,
-        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt_value(row["score"], row["rationale"])}],
+        "conversations": [
+            {"from": "human", "value": human},
+            {"from": "gpt", "value": gpt_value(row["score"], row["rationale"])},
+        ],
     }
 
 
@@ -145,10 +148,17 @@ def export(
     atomic_write(out / LLAVA_FILE, json.dumps(mixed, ensure_ascii=False, indent=1))
     trl_lines = [json.dumps(r, ensure_ascii=False) for r in map(trl_record, mixed) if r is not None]
     atomic_write(out / TRL_FILE, "\n".join(trl_lines) + ("\n" if trl_lines else ""))
-    summary = {"quality_records": quality, "rewrite_records": len(records) - quality, "rewrite_per_kind": rewrite_counts,
-               "rewrite_skipped": rewrite_skipped, "general_records": len(general), "images": len(written),
-               "records": len(mixed), "trl_records": len(trl_lines),
-               "files": {"llava": LLAVA_FILE, "trl": TRL_FILE, "images": options.image_folder}}  # fmt: skip
+    summary = {
+        "quality_records": quality,
+        "rewrite_records": len(records) - quality,
+        "rewrite_per_kind": rewrite_counts,
+        "rewrite_skipped": rewrite_skipped,
+        "general_records": len(general),
+        "images": len(written),
+        "records": len(mixed),
+        "trl_records": len(trl_lines),
+        "files": {"llava": LLAVA_FILE, "trl": TRL_FILE, "images": options.image_folder},
+    }
     full_card = {**card, "export": {"options": options.model_dump(), **summary}}
     atomic_write_json(out / "card.json", full_card)
     atomic_write(out / "README.md", render_card(full_card))
@@ -168,8 +178,19 @@ def _general_records(options: ExportOptions, quality: int) -> list[dict[str, Any
 
 
 def render_card(card: dict[str, Any]) -> str:
-    lines = ["# MLM-Filter instruction data", "",
-             "Built with `mlmfilter teach`. Every choice of every step is below (also in `card.json`).", ""]  # fmt: skip
+    lines = [
+        "# MLM-Filter instruction data",
+        "",
+        "Built with `mlmfilter teach`. Every choice of every step is below (also in `card.json`).",
+        "",
+    ]
     for step, content in card.items():
-        lines += [f"## {step}", "", "```json", json.dumps(content, indent=2, ensure_ascii=False, default=str), "```", ""]
+        lines += [
+            f"## {step}",
+            "",
+            "```json",
+            json.dumps(content, indent=2, ensure_ascii=False, default=str),
+            "```",
+            "",
+        ]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from mlmfilter.clients.credentials import resolve_api_key
 from mlmfilter.io.writers import atomic_write_json, atomic_write_parquet
 from mlmfilter.teach.balance import BalanceOptions, balance
 from mlmfilter.teach.export import ExportOptions, export
-from mlmfilter.teach.label import LABEL_SCHEMA, LabelOptions, Labeler, TeacherRequests
+from mlmfilter.teach.label import LABEL_SCHEMA, Labeler, LabelOptions, TeacherRequests
 from mlmfilter.teach.pairs import TeachPair, negative_uid, read_pairs, write_pairs
 
 STAT_NAMES = ("requests", "answered", "cache_hits", "retries", "prompt_tokens", "completion_tokens")
@@ -101,15 +101,32 @@ class TeachFolder:
         out: list[TeachPair] = []
         for pair in pairs:  # its own caption is never picked as "another pair's"
             for n, neg in enumerate(generator.corrupt(pair.caption, uid=pair.uid, other_captions=captions)):
-                out.append(TeachPair(uid=negative_uid(pair.uid, neg.kind, n), shard=pair.shard, key=f"{pair.key}#{neg.kind}",
-                                     caption=neg.caption, image=pair.image, image_format=pair.image_format,
-                                     image_uid=pair.image_uid, cluster=pair.cluster, parent_uid=pair.uid,
-                                     corruption=neg.kind, corruption_detail=neg.detail))  # fmt: skip
+                out.append(
+                    TeachPair(
+                        uid=negative_uid(pair.uid, neg.kind, n),
+                        shard=pair.shard,
+                        key=f"{pair.key}#{neg.kind}",
+                        caption=neg.caption,
+                        image=pair.image,
+                        image_format=pair.image_format,
+                        image_uid=pair.image_uid,
+                        cluster=pair.cluster,
+                        parent_uid=pair.uid,
+                        corruption=neg.kind,
+                        corruption_detail=neg.detail,
+                    )
+                )
         write_pairs(self.path / "negatives.parquet", out)
         counts: dict[str, int] = {}
         for p in out:
             counts[p.corruption] = counts.get(p.corruption, 0) + 1
-        info = {"seed": seed, "kinds": list(generator.kinds), "from_pairs": len(pairs), "negatives": len(out), "per_kind": counts}
+        info = {
+            "seed": seed,
+            "kinds": list(generator.kinds),
+            "from_pairs": len(pairs),
+            "negatives": len(out),
+            "per_kind": counts,
+        }
         for stale in ("rewrites.parquet", "rewrite_targets.parquet"):  # made from other pairs or settings
             (self.path / stale).unlink(missing_ok=True)
         if rewrites:
@@ -141,14 +158,22 @@ class TeachFolder:
         inputs = [str(self.require("sample.parquet", "sample"))]
         if (self.path / "negatives.parquet").exists():
             inputs.append(str(self.path / "negatives.parquet"))
-        stage = TeachLabelStage(TeachLabelOptions(label=options, client=client_options,
-                                                  cache=str(self.cache_path) if cache else None))  # fmt: skip
+        stage = TeachLabelStage(
+            TeachLabelOptions(label=options, client=client_options, cache=str(self.cache_path) if cache else None)
+        )
         try:
             overwrite = "stage" if self._has_retryable_errors(stage.name) else False
             try:
-                summary = run_stage(self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite=overwrite)
-            except (ConfigMismatch, SourceChanged):  # other settings or re-sampled pairs: relabel (cached answers are free)
-                summary = run_stage(self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite="stage")
+                summary = run_stage(
+                    self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite=overwrite
+                )
+            except (
+                ConfigMismatch,
+                SourceChanged,
+            ):  # other settings or re-sampled pairs: relabel (cached answers are free)
+                summary = run_stage(
+                    self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite="stage"
+                )
         finally:
             stage.close()
         if summary.shards_failed:
@@ -174,11 +199,17 @@ class TeachFolder:
         api_key_source = resolve_api_key(client_options.api_key_env, client_options.api_key_file).source
         info = {
             **stage.requests.identity(),
-            "client": client_options.describe(), "api_key_source": api_key_source, "stage": stage.name,
-            "run": str(self.run_path), "pairs_tables": inputs, "rows": len(rows),
-            "ok": len(rows) - sum(errors.values()), "errors": errors,
-            "stats": stats, "shards_skipped": list(summary.shards_skipped),
-        }  # fmt: skip
+            "client": client_options.describe(),
+            "api_key_source": api_key_source,
+            "stage": stage.name,
+            "run": str(self.run_path),
+            "pairs_tables": inputs,
+            "rows": len(rows),
+            "ok": len(rows) - sum(errors.values()),
+            "errors": errors,
+            "stats": stats,
+            "shards_skipped": list(summary.shards_skipped),
+        }
         if rewrites is not None:
             info["rewrites"] = rewrites
         self.record("label", info)
@@ -209,8 +240,12 @@ class TeachFolder:
         for row in filled:
             if row["error"]:
                 errors[row["error"]] = errors.get(row["error"], 0) + 1
-        return {"samples": len(filled), "ok": len(filled) - sum(errors.values()), "errors": errors,
-                "stats": {name: int(client_stats[name]) for name in STAT_NAMES}}  # fmt: skip
+        return {
+            "samples": len(filled),
+            "ok": len(filled) - sum(errors.values()),
+            "errors": errors,
+            "stats": {name: int(client_stats[name]) for name in STAT_NAMES},
+        }
 
     def _has_retryable_errors(self, stage_name: str) -> bool:
         from mlmfilter.teach.stage import RETRYABLE
@@ -224,8 +259,14 @@ class TeachFolder:
                 return True
         return False
 
-    def write_batch(self, options: LabelOptions, client: ChatClient, path: str | Path | None = None,
-                    max_requests: int | None = None, max_bytes: int | None = None) -> list[Path]:  # fmt: skip
+    def write_batch(
+        self,
+        options: LabelOptions,
+        client: ChatClient,
+        path: str | Path | None = None,
+        max_requests: int | None = None,
+        max_bytes: int | None = None,
+    ) -> list[Path]:
         """Batch API files holding every request whose answer is not cached yet. A Batch API file takes one
         model, so the describer's requests (text mode) go to files of their own, ``<stem>-<model>-NNNNN``."""
         labeler = Labeler(options, client)
@@ -287,7 +328,6 @@ class TeachFolder:
         self.record("export", {"out": str(out_dir), "labels": name, **summary, "options": options.model_dump()})
         return summary
 
-
     def _rewrite_targets(self) -> list[dict[str, Any]] | None:
         planned = self.rewrite_rows()
         if planned is None:
@@ -295,7 +335,9 @@ class TeachFolder:
         path = self.path / "rewrite_targets.parquet"
         targets = pq.read_table(path).to_pylist() if path.exists() else None
         if targets is None or [r["uid"] for r in targets] != [r["uid"] for r in planned]:
-            raise FileNotFoundError(f"{path} is missing or older than rewrites.parquet: run `mlmfilter teach label` again")
+            raise FileNotFoundError(
+                f"{path} is missing or older than rewrites.parquet: run `mlmfilter teach label` again"
+            )
         return targets
 
 

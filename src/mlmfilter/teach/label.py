@@ -36,24 +36,26 @@ DESCRIBE_PROMPT = (
 TEXT_ONLY_TEMPLATE = "Image Description: {description}\n\n{prompt}"
 _SCORE_LINE = re.compile(r"^\W*(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*/\s*100)?\W*$", re.IGNORECASE)
 
-LABEL_SCHEMA = pa.schema([
-    pa.field("uid", pa.string()),
-    pa.field("shard", pa.string()),
-    pa.field("key", pa.string()),
-    pa.field("metric", pa.string()),  # short name: itm, odf, ctq, su
-    pa.field("score", pa.int16()),
-    pa.field("rationale", pa.string()),
-    pa.field("reply", pa.string()),  # the teacher's raw text, also for rows that did not parse
-    pa.field("description", pa.string()),  # text-only mode: what the teacher saw instead of the image
-    pa.field("teacher", pa.string()),
-    pa.field("mode", pa.string()),
-    pa.field("parent_uid", pa.string()),
-    pa.field("corruption", pa.string()),
-    pa.field("request_key", pa.string()),
-    pa.field("cached", pa.bool_()),
-    pa.field("error", pa.string()),
-    pa.field("error_detail", pa.string()),
-])  # fmt: skip
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("metric", pa.string()),  # short name: itm, odf, ctq, su
+        pa.field("score", pa.int16()),
+        pa.field("rationale", pa.string()),
+        pa.field("reply", pa.string()),  # the teacher's raw text, also for rows that did not parse
+        pa.field("description", pa.string()),  # text-only mode: what the teacher saw instead of the image
+        pa.field("teacher", pa.string()),
+        pa.field("mode", pa.string()),
+        pa.field("parent_uid", pa.string()),
+        pa.field("corruption", pa.string()),
+        pa.field("request_key", pa.string()),
+        pa.field("cached", pa.bool_()),
+        pa.field("error", pa.string()),
+        pa.field("error_detail", pa.string()),
+    ]
+)
 
 
 class LabelOptions(BaseModel):
@@ -138,15 +140,24 @@ class TeacherRequests:
         else:
             url = image_data_url(pending.pair.image, pending.pair.image_format)
             content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
-        body = {"model": self.options.model, "messages": [{"role": "user", "content": content}],
-                **self.params(self.options.max_tokens)}  # fmt: skip
+        body = {
+            "model": self.options.model,
+            "messages": [{"role": "user", "content": content}],
+            **self.params(self.options.max_tokens),
+        }
         return ChatRequest(body, tag=pending)
 
     def describe(self, pair: TeachPair) -> ChatRequest:
         url = image_data_url(pair.image, pair.image_format)
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": self.options.describe_prompt}]
-        body = {"model": self.options.describer_model or self.options.model,
-                "messages": [{"role": "user", "content": content}], **self.params(self.options.describe_max_tokens)}  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": self.options.describe_prompt},
+        ]
+        body = {
+            "model": self.options.describer_model or self.options.model,
+            "messages": [{"role": "user", "content": content}],
+            **self.params(self.options.describe_max_tokens),
+        }
         return ChatRequest(body, tag=pair)
 
     def identity(self) -> dict[str, Any]:
@@ -198,7 +209,9 @@ class Labeler:
                 usable.append(pair)
             else:  # no image: nothing to show the teacher; every metric is an error row
                 for metric in metrics:
-                    yield self._row(PendingLabel(pair, metric), None, errors.MISSING_IMAGE, "the pair has no image bytes")
+                    yield self._row(
+                        PendingLabel(pair, metric), None, errors.MISSING_IMAGE, "the pair has no image bytes"
+                    )
         if self.options.mode == "text":
             pending: list[PendingLabel] = []
             # one request per distinct image: a pair and its negatives share one description (asked once,
@@ -229,18 +242,34 @@ class Labeler:
                 continue
             yield self._row(result.tag, result, None, None, score=score, rationale=rationale)
 
-    def _row(self, pending: PendingLabel, result: ChatResult | None, error: str | None, detail: str | None,
-             score: int | None = None, rationale: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def _row(
+        self,
+        pending: PendingLabel,
+        result: ChatResult | None,
+        error: str | None,
+        detail: str | None,
+        score: int | None = None,
+        rationale: str | None = None,
+    ) -> dict[str, Any]:
         pair = pending.pair
         return {
-            "uid": pair.uid, "shard": pair.shard, "key": pair.key, "metric": short_name(pending.metric),
-            "score": score, "rationale": rationale, "reply": result.text if result is not None else None,
-            "description": pending.description, "teacher": self.options.model, "mode": self.options.mode,
-            "parent_uid": pair.parent_uid, "corruption": pair.corruption,
+            "uid": pair.uid,
+            "shard": pair.shard,
+            "key": pair.key,
+            "metric": short_name(pending.metric),
+            "score": score,
+            "rationale": rationale,
+            "reply": result.text if result is not None else None,
+            "description": pending.description,
+            "teacher": self.options.model,
+            "mode": self.options.mode,
+            "parent_uid": pair.parent_uid,
+            "corruption": pair.corruption,
             "request_key": result.key if result is not None else None,
             "cached": bool(result.cached) if result is not None else False,
-            "error": error, "error_detail": detail,
-        }  # fmt: skip
+            "error": error,
+            "error_detail": detail,
+        }
 
 
 def sort_label_rows(rows: list[dict[str, Any]], pairs: list[TeachPair], metrics: list[str]) -> list[dict[str, Any]]:

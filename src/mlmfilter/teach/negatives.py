@@ -83,25 +83,99 @@ class RewritePair:
 
 # -- curated vocabulary: (singular, plural) per class ------------------------------------------
 NOUN_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "people": (("man", "men"), ("woman", "women"), ("boy", "boys"), ("girl", "girls"), ("child", "children"),
-               ("person", "people"), ("baby", "babies"), ("kid", "kids"), ("lady", "ladies"), ("guy", "guys"),
-               ("player", "players"), ("skier", "skiers"), ("surfer", "surfers"), ("biker", "bikers")),
-    "animals": (("dog", "dogs"), ("cat", "cats"), ("horse", "horses"), ("cow", "cows"), ("bird", "birds"),
-                ("puppy", "puppies"), ("duck", "ducks"), ("bear", "bears"), ("elephant", "elephants"),
-                ("giraffe", "giraffes"), ("zebra", "zebras"), ("goat", "goats"), ("camel", "camels")),
-    "vehicles": (("car", "cars"), ("bus", "buses"), ("truck", "trucks"), ("bicycle", "bicycles"), ("bike", "bikes"),
-                 ("motorcycle", "motorcycles"), ("train", "trains"), ("boat", "boats"), ("airplane", "airplanes")),
-    "objects": (("ball", "balls"), ("frisbee", "frisbees"), ("hat", "hats"), ("shirt", "shirts"),
-                ("dress", "dresses"), ("jacket", "jackets"), ("umbrella", "umbrellas"), ("bag", "bags"),
-                ("book", "books"), ("chair", "chairs"), ("table", "tables"), ("toy", "toys"), ("stick", "sticks"),
-                ("kite", "kites"), ("skateboard", "skateboards"), ("surfboard", "surfboards"), ("rope", "ropes")),
-    "places": (("beach", "beaches"), ("street", "streets"), ("field", "fields"), ("park", "parks"),
-               ("mountain", "mountains"), ("river", "rivers"), ("road", "roads"), ("building", "buildings"),
-               ("tree", "trees"), ("lake", "lakes"), ("pool", "pools"), ("forest", "forests"), ("hill", "hills")),
-    "ground": (("water", "water"), ("grass", "grass"), ("sand", "sand"), ("snow", "snow"), ("mud", "mud"),
-               ("dirt", "dirt"), ("ice", "ice")),
-    "food": (("pizza", "pizzas"), ("sandwich", "sandwiches"), ("cake", "cakes"), ("apple", "apples"),
-             ("banana", "bananas"), ("donut", "donuts")),
+    "people": (
+        ("man", "men"),
+        ("woman", "women"),
+        ("boy", "boys"),
+        ("girl", "girls"),
+        ("child", "children"),
+        ("person", "people"),
+        ("baby", "babies"),
+        ("kid", "kids"),
+        ("lady", "ladies"),
+        ("guy", "guys"),
+        ("player", "players"),
+        ("skier", "skiers"),
+        ("surfer", "surfers"),
+        ("biker", "bikers"),
+    ),
+    "animals": (
+        ("dog", "dogs"),
+        ("cat", "cats"),
+        ("horse", "horses"),
+        ("cow", "cows"),
+        ("bird", "birds"),
+        ("puppy", "puppies"),
+        ("duck", "ducks"),
+        ("bear", "bears"),
+        ("elephant", "elephants"),
+        ("giraffe", "giraffes"),
+        ("zebra", "zebras"),
+        ("goat", "goats"),
+        ("camel", "camels"),
+    ),
+    "vehicles": (
+        ("car", "cars"),
+        ("bus", "buses"),
+        ("truck", "trucks"),
+        ("bicycle", "bicycles"),
+        ("bike", "bikes"),
+        ("motorcycle", "motorcycles"),
+        ("train", "trains"),
+        ("boat", "boats"),
+        ("airplane", "airplanes"),
+    ),
+    "objects": (
+        ("ball", "balls"),
+        ("frisbee", "frisbees"),
+        ("hat", "hats"),
+        ("shirt", "shirts"),
+        ("dress", "dresses"),
+        ("jacket", "jackets"),
+        ("umbrella", "umbrellas"),
+        ("bag", "bags"),
+        ("book", "books"),
+        ("chair", "chairs"),
+        ("table", "tables"),
+        ("toy", "toys"),
+        ("stick", "sticks"),
+        ("kite", "kites"),
+        ("skateboard", "skateboards"),
+        ("surfboard", "surfboards"),
+        ("rope", "ropes"),
+    ),
+    "places": (
+        ("beach", "beaches"),
+        ("street", "streets"),
+        ("field", "fields"),
+        ("park", "parks"),
+        ("mountain", "mountains"),
+        ("river", "rivers"),
+        ("road", "roads"),
+        ("building", "buildings"),
+        ("tree", "trees"),
+        ("lake", "lakes"),
+        ("pool", "pools"),
+        ("forest", "forests"),
+        ("hill", "hills"),
+    ),
+    "ground": (
+        ("water", "water"),
+        ("grass", "grass"),
+        ("sand", "sand"),
+        ("snow", "snow"),
+        ("mud", "mud"),
+        ("dirt", "dirt"),
+        ("ice", "ice"),
+    ),
+    "food": (
+        ("pizza", "pizzas"),
+        ("sandwich", "sandwiches"),
+        ("cake", "cakes"),
+        ("apple", "apples"),
+        ("banana", "bananas"),
+        ("donut", "donuts"),
+    ),
 }
 
 ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -130,14 +204,37 @@ BOILERPLATE = (
 
 #: QWERTY neighbours, for substitution typos
 KEY_NEIGHBOURS = {
-    "a": "qwsz", "b": "vghn", "c": "xdfv", "d": "serfcx", "e": "wsdr", "f": "drtgvc", "g": "ftyhbv",
-    "h": "gyujnb", "i": "ujko", "j": "huikmn", "k": "jiolm", "l": "kop", "m": "njk", "n": "bhjm",
-    "o": "iklp", "p": "ol", "q": "wa", "r": "edft", "s": "awedxz", "t": "rfgy", "u": "yhji",
-    "v": "cfgb", "w": "qase", "x": "zsdc", "y": "tghu", "z": "asx",
-}  # fmt: skip
+    "a": "qwsz",
+    "b": "vghn",
+    "c": "xdfv",
+    "d": "serfcx",
+    "e": "wsdr",
+    "f": "drtgvc",
+    "g": "ftyhbv",
+    "h": "gyujnb",
+    "i": "ujko",
+    "j": "huikmn",
+    "k": "jiolm",
+    "l": "kop",
+    "m": "njk",
+    "n": "bhjm",
+    "o": "iklp",
+    "p": "ol",
+    "q": "wa",
+    "r": "edft",
+    "s": "awedxz",
+    "t": "rfgy",
+    "u": "yhji",
+    "v": "cfgb",
+    "w": "qase",
+    "x": "zsdc",
+    "y": "tghu",
+    "z": "asx",
+}
 
-_NOUN_INDEX = {form: (group, number) for group, pairs in NOUN_GROUPS.items()
-               for pair in pairs for number, form in enumerate(pair)}  # fmt: skip
+_NOUN_INDEX = {
+    form: (group, number) for group, pairs in NOUN_GROUPS.items() for pair in pairs for number, form in enumerate(pair)
+}
 _ATTRIBUTE_INDEX = {word: group for group, words in ATTRIBUTE_GROUPS.items() for word in words}
 _NUMBER_INDEX = {word: i + 1 for i, word in enumerate(NUMBER_WORDS)}
 _WORD = re.compile(r"[A-Za-z]{3,}")
@@ -276,8 +373,11 @@ class NegativeGenerator:
             return _replace(tokens, {token.i: new}), f"{token.text}->{new}"
         # no number: "a dog" -> "three dogs" for a singular noun whose plural the vocabulary knows
         # (mass nouns, whose plural is the same word, index as plural and are left alone)
-        articles = [t for t in tokens[:-1] if t.text.lower() in ("a", "an")
-                    and _NOUN_INDEX.get(tokens[t.i + 1].text.lower(), (None, 1))[1] == 0]  # fmt: skip
+        articles = [
+            t
+            for t in tokens[:-1]
+            if t.text.lower() in ("a", "an") and _NOUN_INDEX.get(tokens[t.i + 1].text.lower(), (None, 1))[1] == 0
+        ]
         if not articles:
             return None
         article = rng.choice(articles)

@@ -17,19 +17,21 @@ import pyarrow.parquet as pq
 
 from mlmfilter.io.writers import atomic_write_parquet
 
-PAIR_SCHEMA = pa.schema([
-    pa.field("uid", pa.string()),
-    pa.field("shard", pa.string()),
-    pa.field("key", pa.string()),
-    pa.field("caption", pa.string()),
-    pa.field("image", pa.binary()),
-    pa.field("image_format", pa.string()),
-    pa.field("image_uid", pa.string()),  # whose image this is: itself, or the good pair a negative came from
-    pa.field("cluster", pa.int32()),
-    pa.field("parent_uid", pa.string()),  # a negative's good pair
-    pa.field("corruption", pa.string()),  # a negative's corruption kind; None for a sampled pair
-    pa.field("corruption_detail", pa.string()),
-])  # fmt: skip
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("image_format", pa.string()),
+        pa.field("image_uid", pa.string()),  # whose image this is: itself, or the good pair a negative came from
+        pa.field("cluster", pa.int32()),
+        pa.field("parent_uid", pa.string()),  # a negative's good pair
+        pa.field("corruption", pa.string()),  # a negative's corruption kind; None for a sampled pair
+        pa.field("corruption_detail", pa.string()),
+    ]
+)
 
 
 @dataclass

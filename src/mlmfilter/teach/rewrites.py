@@ -39,24 +39,26 @@ POOR = "poor_caption"
 REWRITE_REJECTED = "teacher_rewrite_rejected"
 DESCRIBE_FAILED = "teacher_describe_failed"
 
-REWRITE_SCHEMA = pa.schema([
-    pa.field("uid", pa.string()),  # the sample's own id (stable for its pair and kind)
-    pa.field("parent_uid", pa.string()),  # the good pair: its image is the sample's image
-    pa.field("shard", pa.string()),
-    pa.field("key", pa.string()),
-    pa.field("kind", pa.string()),  # unrelated_caption | poor_caption
-    pa.field("caption", pa.string()),  # what the student is asked to rewrite
-    pa.field("target", pa.string()),  # the rewrite it learns; None until labelled (poor) or on error
-    pa.field("original", pa.string()),  # the good pair's caption
-    pa.field("detail", pa.string()),  # how the caption was made (corruption kind and what changed)
-    pa.field("teacher", pa.string()),  # poor_caption: the model that wrote the target
-    pa.field("reply", pa.string()),  # the teacher's raw text
-    pa.field("description", pa.string()),  # text mode: what the teacher saw instead of the image
-    pa.field("request_key", pa.string()),
-    pa.field("cached", pa.bool_()),
-    pa.field("error", pa.string()),
-    pa.field("error_detail", pa.string()),
-])  # fmt: skip
+REWRITE_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),  # the sample's own id (stable for its pair and kind)
+        pa.field("parent_uid", pa.string()),  # the good pair: its image is the sample's image
+        pa.field("shard", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("kind", pa.string()),  # unrelated_caption | poor_caption
+        pa.field("caption", pa.string()),  # what the student is asked to rewrite
+        pa.field("target", pa.string()),  # the rewrite it learns; None until labelled (poor) or on error
+        pa.field("original", pa.string()),  # the good pair's caption
+        pa.field("detail", pa.string()),  # how the caption was made (corruption kind and what changed)
+        pa.field("teacher", pa.string()),  # poor_caption: the model that wrote the target
+        pa.field("reply", pa.string()),  # the teacher's raw text
+        pa.field("description", pa.string()),  # text mode: what the teacher saw instead of the image
+        pa.field("request_key", pa.string()),
+        pa.field("cached", pa.bool_()),
+        pa.field("error", pa.string()),
+        pa.field("error_detail", pa.string()),
+    ]
+)
 
 
 def make_rewrites(pairs: Sequence[TeachPair], generator) -> list[dict[str, Any]]:
@@ -65,13 +67,26 @@ def make_rewrites(pairs: Sequence[TeachPair], generator) -> list[dict[str, Any]]
     rows = []
     for pair in pairs:  # its own caption is never picked as the unrelated one
         for sample in generator.rewrite_pairs(pair.caption, uid=pair.uid, other_captions=captions):
-            rows.append({
-                "uid": negative_uid(pair.uid, "rewrite_" + sample.kind), "parent_uid": pair.uid, "shard": pair.shard,
-                "key": f"{pair.key}#rewrite_{sample.kind}", "kind": sample.kind, "caption": sample.caption,
-                "target": sample.target, "original": sample.original, "detail": sample.detail, "teacher": None,
-                "reply": None, "description": None, "request_key": None, "cached": False, "error": None,
-                "error_detail": None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "uid": negative_uid(pair.uid, "rewrite_" + sample.kind),
+                    "parent_uid": pair.uid,
+                    "shard": pair.shard,
+                    "key": f"{pair.key}#rewrite_{sample.kind}",
+                    "kind": sample.kind,
+                    "caption": sample.caption,
+                    "target": sample.target,
+                    "original": sample.original,
+                    "detail": sample.detail,
+                    "teacher": None,
+                    "reply": None,
+                    "description": None,
+                    "request_key": None,
+                    "cached": False,
+                    "error": None,
+                    "error_detail": None,
+                }
+            )
     return rows
 
 
@@ -96,9 +111,15 @@ class Rewriter:
         # the checks that make sense for a target: a rewrite of a poor caption may change its numbers,
         # names, language and length (that is the point), so those checks are off
         self.checker = CaptionChecker(
-            CheckOptions(min_length_ratio=0.0, max_length_ratio=1e9, check_language=False, keep_numbers=False, keep_entities=False),
+            CheckOptions(
+                min_length_ratio=0.0,
+                max_length_ratio=1e9,
+                check_language=False,
+                keep_numbers=False,
+                keep_entities=False,
+            ),
             instructions=self.prompts.instruction_texts("rewrite"),
-        )  # fmt: skip
+        )
 
     def request(self, row: dict[str, Any], pair: TeachPair, description: str | None = None) -> ChatRequest:
         prompt = self.prompts.render_rewrite(row["caption"])
@@ -108,8 +129,11 @@ class Rewriter:
         else:
             url = image_data_url(pair.image, pair.image_format)
             content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
-        body = {"model": self.options.model, "messages": [{"role": "user", "content": content}],
-                **self.requests.params(self.options.rewrite_max_tokens)}  # fmt: skip
+        body = {
+            "model": self.options.model,
+            "messages": [{"role": "user", "content": content}],
+            **self.requests.params(self.options.rewrite_max_tokens),
+        }
         return ChatRequest(body, tag=row)
 
     def plan(self, rows: Iterable[dict[str, Any]], pairs: dict[str, TeachPair]) -> Iterator[ChatRequest]:
@@ -134,11 +158,21 @@ class Rewriter:
         for row in out:
             if row["kind"] != POOR:
                 continue
-            row.update(target=None, teacher=self.options.model, reply=None, description=None, request_key=None,
-                       cached=False, error=None, error_detail=None)  # fmt: skip
+            row.update(
+                target=None,
+                teacher=self.options.model,
+                reply=None,
+                description=None,
+                request_key=None,
+                cached=False,
+                error=None,
+                error_detail=None,
+            )
             pair = pairs.get(row["parent_uid"])
             if pair is None or not pair.image:
-                row.update(error="missing_image", error_detail="the sample's pair has no image bytes in the teach folder")
+                row.update(
+                    error="missing_image", error_detail="the sample's pair has no image bytes in the teach folder"
+                )
             else:
                 todo.append(row)
         descriptions: dict[str, str] = {}
@@ -151,8 +185,11 @@ class Rewriter:
                 else:
                     for row in todo:
                         if row["parent_uid"] == result.tag.uid:
-                            row.update(error=result.error or DESCRIBE_FAILED, reply=result.text,
-                                       error_detail=f"describing the image: {result.error_detail or 'empty description'}")  # fmt: skip
+                            row.update(
+                                error=result.error or DESCRIBE_FAILED,
+                                reply=result.text,
+                                error_detail=f"describing the image: {result.error_detail or 'empty description'}",
+                            )
             todo = [row for row in todo if row["error"] is None]
         requests = (self.request(row, pairs[row["parent_uid"]], descriptions.get(row["parent_uid"])) for row in todo)
         for result in self.client.complete_many(requests):

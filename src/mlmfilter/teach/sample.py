@@ -74,13 +74,20 @@ class CaptionEmbedder:
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", batch_size: int = 128):
         from transformers import AutoModel, AutoTokenizer
 
-        from mlmfilter.models.common import check_model_path, refuse_pickle_only_folder, safe_pretrained_kwargs, safe_weights_kwargs
+        from mlmfilter.models.common import (
+            check_model_path,
+            refuse_pickle_only_folder,
+            safe_pretrained_kwargs,
+            safe_weights_kwargs,
+        )
 
         if model_path is not None:
             check_model_path(str(model_path))
             if not Path(model_path).expanduser().is_dir():
-                raise ValueError(f"caption encoder {str(model_path)!r} is not a local folder (a sentence-transformers "
-                                 "model folder with config.json, tokenizer files and model.safetensors)")  # fmt: skip
+                raise ValueError(
+                    f"caption encoder {str(model_path)!r} is not a local folder (a sentence-transformers "
+                    "model folder with config.json, tokenizer files and model.safetensors)"
+                )
         path = Path(model_path).expanduser() if model_path else minilm_path()
         refuse_pickle_only_folder(str(path))
         pooling = path / "1_Pooling" / "config.json"
@@ -98,7 +105,9 @@ class CaptionEmbedder:
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="pt").to(
+                    self.device
+                )
                 states = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
                 pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -149,7 +158,11 @@ class NpyAppender:
         self._header_len = 0
 
     def _header(self) -> None:
-        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, *self.row_shape)}
+        d = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.rows, *self.row_shape),
+        }
         np.lib.format.write_array_header_1_0(self._fh, d)
 
     def append(self, block: np.ndarray) -> None:
@@ -275,16 +288,25 @@ class SampleReport:
     embeddings: dict[str, Any] = field(default_factory=dict)  # the file, its dtype and shape
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "usable": self.usable, "skipped": dict(self.skipped), "k": self.k, "clusters": self.clusters,
-                "picked": self.picked, "per_cluster": {str(k): v for k, v in sorted(self.per_cluster.items())},
-                "embeddings": self.embeddings}  # fmt: skip
+        return {
+            "read": self.read,
+            "usable": self.usable,
+            "skipped": dict(self.skipped),
+            "k": self.k,
+            "clusters": self.clusters,
+            "picked": self.picked,
+            "per_cluster": {str(k): v for k, v in sorted(self.per_cluster.items())},
+            "embeddings": self.embeddings,
+        }
 
 
 class PoolSampler:
     """``work_dir`` holds ``embeddings.npy`` (one row per usable pair, in pool order) and
     ``embedding_uids.npy`` (their uids as halves): memory holds neither, only the labels (4 bytes a pair)."""
 
-    def __init__(self, options: SampleOptions, read_options: ReadOptions | None = None, work_dir: str | Path | None = None):
+    def __init__(
+        self, options: SampleOptions, read_options: ReadOptions | None = None, work_dir: str | Path | None = None
+    ):
         self.options = options
         self.read_options = read_options or ReadOptions()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -315,8 +337,16 @@ class PoolSampler:
             return [], report
         k = opts.clusters or math.ceil(opts.n / 10)
         report.k = min(k, report.usable)
-        labels, _ = cluster(embeddings, k, opts.seed, opts.kmeans_batch_size, opts.kmeans_n_init, keep=keep,
-                            in_memory_rows=opts.kmeans_in_memory_rows, epochs=opts.kmeans_epochs)  # fmt: skip
+        labels, _ = cluster(
+            embeddings,
+            k,
+            opts.seed,
+            opts.kmeans_batch_size,
+            opts.kmeans_n_init,
+            keep=keep,
+            in_memory_rows=opts.kmeans_in_memory_rows,
+            epochs=opts.kmeans_epochs,
+        )
         chosen = pick_evenly(labels, opts.n, opts.seed)
         report.clusters = int(len(np.unique(labels[keep])))
         report.picked = int(len(chosen))
@@ -325,7 +355,9 @@ class PoolSampler:
         return self._fetch(sources, wanted), report
 
     # -- pass 1: captions (+ rules) -> embeddings on disk -----------------------------------------
-    def _embed_pool(self, sources: Sequence[ShardSource], report: SampleReport, work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    def _embed_pool(
+        self, sources: Sequence[ShardSource], report: SampleReport, work_dir: Path
+    ) -> tuple[np.ndarray, np.ndarray]:
         opts = self.options
         if opts.encoder == "clip":
             embedder: Any = ImageEmbedder(self.encoder_name(), opts.device, opts.batch_size)
@@ -389,16 +421,27 @@ class PoolSampler:
         for source in sources:
             for sample in read_shard(source, self.read_options):
                 if sample.uid in wanted and _unusable(sample) is None:
-                    pairs.append(TeachPair(uid=sample.uid, shard=sample.shard, key=sample.key, caption=sample.caption,
-                                           image=sample.image_bytes, image_format=sample.image_format,
-                                           cluster=wanted.pop(sample.uid)))  # fmt: skip
+                    pairs.append(
+                        TeachPair(
+                            uid=sample.uid,
+                            shard=sample.shard,
+                            key=sample.key,
+                            caption=sample.caption,
+                            image=sample.image_bytes,
+                            image_format=sample.image_format,
+                            cluster=wanted.pop(sample.uid),
+                        )
+                    )
         if wanted:
             raise RuntimeError(f"{len(wanted)} picked pairs were not found again in the pool (did a shard change?)")
         return pairs
 
     def identity(self) -> dict[str, Any]:
-        return {"options": self.options.model_dump(mode="json"), "encoder": self.encoder_name(),
-                "read_options": self.read_options.model_dump(mode="json")}  # fmt: skip
+        return {
+            "options": self.options.model_dump(mode="json"),
+            "encoder": self.encoder_name(),
+            "read_options": self.read_options.model_dump(mode="json"),
+        }
 
 
 def _unusable(sample) -> str | None:

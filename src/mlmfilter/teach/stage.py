@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from mlmfilter.clients.cache import RequestCache
 from mlmfilter.clients.chat import BAD_RESPONSE, NOT_IN_BATCH_OUTPUT, REQUEST_FAILED, ChatClient, ClientOptions
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask
-from mlmfilter.teach.label import LABEL_SCHEMA, LabelOptions, Labeler, TeacherRequests, sort_label_rows
+from mlmfilter.teach.label import LABEL_SCHEMA, Labeler, LabelOptions, TeacherRequests, sort_label_rows
 from mlmfilter.teach.pairs import PAIR_SCHEMA, TeachPair, read_pairs
 
 #: errors a later run may fix by asking again (the cache holds no answer for them)
@@ -49,8 +49,13 @@ class TeachLabelStage(Stage):
         return {"kind": self.kind, **self.requests.identity()}
 
     def provenance(self) -> dict[str, Any]:
-        return {"kind": self.kind, "teacher": self.options.label.model, "mode": self.options.label.mode,
-                "endpoint": self.options.client.base_url, "template": self.requests.template.name}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "teacher": self.options.label.model,
+            "mode": self.options.label.mode,
+            "endpoint": self.options.client.base_url,
+            "template": self.requests.template.name,
+        }
 
     def setup(self) -> None:
         if self.client is None:
@@ -85,8 +90,17 @@ def _read_pairs(task: StageTask) -> list[TeachPair]:
     else:
         from mlmfilter.io.readers import ReadOptions, read_shard
 
-        pairs = [TeachPair(uid=s.uid, shard=s.shard, key=s.key, caption=s.caption or "", image=s.image_bytes,
-                           image_format=s.image_format) for s in read_shard(task.source, ReadOptions(**task.read_options))]  # fmt: skip
+        pairs = [
+            TeachPair(
+                uid=s.uid,
+                shard=s.shard,
+                key=s.key,
+                caption=s.caption or "",
+                image=s.image_bytes,
+                image_format=s.image_format,
+            )
+            for s in read_shard(task.source, ReadOptions(**task.read_options))
+        ]
     for pair in pairs:
         pair.shard = task.shard_id  # the run's id of the shard, as every stage table has it
     return pairs

@@ -107,7 +107,9 @@ def parse_record(record: Any, image_folder: Path, index: int | str = 0) -> Train
     elif "prompt" in record and "completion" in record:
         prompt_value, answer, image = _prompt_completion_fields(record)
     else:
-        raise RecordError(BAD_RECORD, "neither a LLaVA record ('conversations') nor prompt-completion ('prompt', 'completion')")
+        raise RecordError(
+            BAD_RECORD, "neither a LLaVA record ('conversations') nor prompt-completion ('prompt', 'completion')"
+        )
     if not image:
         raise RecordError(NO_IMAGE, "the record has no image (a judge always sees one)")
     if not isinstance(answer, str) or not answer.strip():
@@ -140,7 +142,9 @@ def _prompt_completion_fields(record: dict) -> tuple[str, str, str | None]:
     images = record.get("images", record.get("image"))
     if isinstance(images, list):
         if len(images) != 1:
-            raise RecordError(NO_IMAGE if not images else BAD_RECORD, f"{len(images)} images: a judge example has exactly one")
+            raise RecordError(
+                NO_IMAGE if not images else BAD_RECORD, f"{len(images)} images: a judge example has exactly one"
+            )
         images = images[0]
     if isinstance(images, dict):  # a datasets Image feature exported as {"path": ...}
         images = images.get("path")
@@ -165,7 +169,9 @@ def _message_with_image(content: Any) -> str:
     parts = [p for p in content if isinstance(p, dict)]
     kinds = [p.get("type") for p in parts]
     if kinds.count("image") != 1:
-        raise RecordError(NO_IMAGE if "image" not in kinds else BAD_RECORD, f"{kinds.count('image')} image parts in the prompt")
+        raise RecordError(
+            NO_IMAGE if "image" not in kinds else BAD_RECORD, f"{kinds.count('image')} image parts in the prompt"
+        )
     if kinds[0] != "image":
         raise RecordError(IMAGE_NOT_FIRST, "the image must come before the text (the judge's request order)")
     return IMAGE_PLACEHOLDER + "\n" + _message_text(parts[1:])
@@ -180,7 +186,10 @@ def _message_text(content: Any) -> str:
 def _prompt_after_image(value: str) -> str:
     """``"<image>\\n" + prompt`` -> prompt (the judge's user turn, reference step 1, in reverse)."""
     if value.count(IMAGE_PLACEHOLDER) != 1:
-        raise RecordError(NO_IMAGE if IMAGE_PLACEHOLDER not in value else BAD_RECORD, f"{value.count(IMAGE_PLACEHOLDER)} '<image>' placeholders in the human turn")
+        raise RecordError(
+            NO_IMAGE if IMAGE_PLACEHOLDER not in value else BAD_RECORD,
+            f"{value.count(IMAGE_PLACEHOLDER)} '<image>' placeholders in the human turn",
+        )
     if not value.startswith(IMAGE_PLACEHOLDER + "\n"):
         raise RecordError(IMAGE_NOT_FIRST, "the human turn must start with '<image>\\n' (the judge's request order)")
     prompt = value[len(IMAGE_PLACEHOLDER) + 1 :]

@@ -168,7 +168,13 @@ def train(data: list[str | Path] | str | Path, output: str | Path, options: Trai
     template, metrics = _identify_template(examples, options.template)
     log.info(
         "%d examples (%d skipped), %d-%d tokens; template %s, metrics %s, conversation %s",
-        len(examples), len(instructions.skipped), min(lengths), max(lengths), template, metrics, conversation,
+        len(examples),
+        len(instructions.skipped),
+        min(lengths),
+        max(lengths),
+        template,
+        metrics,
+        conversation,
     )
 
     from transformers import set_seed
@@ -202,8 +208,14 @@ def train(data: list[str | Path] | str | Path, output: str | Path, options: Trai
     record.write(out)
     losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(
-        out, trainer.state.global_step, resume.name if resume else None, len(examples),
-        instructions.skipped_by_reason(), losses, time.perf_counter() - started, record,
+        out,
+        trainer.state.global_step,
+        resume.name if resume else None,
+        len(examples),
+        instructions.skipped_by_reason(),
+        losses,
+        time.perf_counter() - started,
+        record,
     )
     _write_summary(out, result, trainer)
     return result
@@ -247,7 +259,11 @@ def _check_output(out: Path, options: TrainOptions) -> Path | None:
 
 def _record_start(out: Path, options: TrainOptions, resume: Path | None) -> None:
     step = int(json.loads((resume / "trainer_state.json").read_text())["global_step"]) if resume else 0
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_from": resume.name if resume else None, "start_step": step}
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resumed_from": resume.name if resume else None,
+        "start_step": step,
+    }
     with open(out / RECORDS / "starts.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
 

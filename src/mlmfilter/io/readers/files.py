@@ -53,7 +53,9 @@ def open_regular_file(path: str) -> Iterator[IO[bytes]]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise SampleProblem(errors.NOT_A_REGULAR_FILE, f"{path!r} is a {file_kind(mode)}, not a regular file: not opened")
+            raise SampleProblem(
+                errors.NOT_A_REGULAR_FILE, f"{path!r} is a {file_kind(mode)}, not a regular file: not opened"
+            )
         os.set_blocking(fd, True)
         handle = os.fdopen(fd, "rb")
     except BaseException:
@@ -76,9 +78,7 @@ def open_shard_file(url: str) -> Iterator[IO[bytes]]:
 
 
 def too_large(what: str, size: int, cap: int) -> SampleProblem:
-    return SampleProblem(
-        errors.MEMBER_TOO_LARGE, f"{what} has {size} bytes, over max_member_bytes={cap}: not read"
-    )
+    return SampleProblem(errors.MEMBER_TOO_LARGE, f"{what} has {size} bytes, over max_member_bytes={cap}: not read")
 
 
 def read_capped(fs: Any, path: str, cap: int) -> bytes:
@@ -132,7 +132,8 @@ class DatasetFiles:
         path = self._resolve(name)
         if not self.allow_outside and not self._inside(path):
             raise SampleProblem(
-                errors.UNSAFE_PATH, f"image path {name!r} leads outside the dataset folder {self.root!r}: not read; {_ALLOW_HINT}"
+                errors.UNSAFE_PATH,
+                f"image path {name!r} leads outside the dataset folder {self.root!r}: not read; {_ALLOW_HINT}",
             )
         return self.fs, path
 

@@ -118,7 +118,9 @@ def _sidecar_samples(dataset: DatasetFiles, files: list[str], builder: SampleBui
             except SampleProblem as exc:
                 problem = problem or exc
             except Exception as exc:  # vanished or a broken symlink: that part is missing
-                problem = problem or SampleProblem(_missing_reason(ext, builder.options), f"{rel!r} cannot be read: {exc}")
+                problem = problem or SampleProblem(
+                    _missing_reason(ext, builder.options), f"{rel!r} cannot be read: {exc}"
+                )
         yield builder.from_members(key, members, problem, tuple(groups[key]))
 
 
@@ -160,7 +162,9 @@ def _table_samples(
         if isinstance(row, str):
             entries.append((f"{table}:{line_no}", None, row, None))
             continue
-        image_field = image_field or _first_field(row, (options.image_path_column, options.image_column) + IMAGE_PATH_COLUMNS)
+        image_field = image_field or _first_field(
+            row, (options.image_path_column, options.image_column) + IMAGE_PATH_COLUMNS
+        )
         caption_field = caption_field or _first_field(row, (options.caption_column,) + CAPTION_COLUMNS)
         value = str(row.get(image_field) or "") if image_field else ""
         rel, problem = None, None

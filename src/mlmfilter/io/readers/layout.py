@@ -44,8 +44,10 @@ def shard_hint(source: ShardSource, options: ReadOptions, rows: int, error_count
         if source.format != "parquet":
             return f"input {source.url} could not be read ({where} found: [{listed}])"
         if "not found" in suggest.get("problem", ""):  # a column named in the flags or the recipe
-            return (f"input {source.url}: {suggest['problem']}; check --image-column, --caption-column, "
-                    "--uid-column, --url-column (or the recipe's read: block)")
+            return (
+                f"input {source.url}: {suggest['problem']}; check --image-column, --caption-column, "
+                "--uid-column, --url-column (or the recipe's read: block)"
+            )
         lack = "image"  # the other layout reason a parquet is refused: no image column at all
     else:
         lack = "caption" if errors.MISSING_CAPTION in failed and errors.MISSING_IMAGE not in failed else "image"
@@ -55,7 +57,7 @@ def shard_hint(source: ShardSource, options: ReadOptions, rows: int, error_count
         return f"input {source.url}: {urls_only_detail(suggest['urls_only'])}"
     both = errors.MISSING_CAPTION in failed and errors.MISSING_IMAGE in failed
     parts = []
-    for what in (("image", "caption") if both else (lack,)):
+    for what in ("image", "caption") if both else (lack,):
         guess, used = suggest.get(what), suggest.get(f"used_{what}")
         if used and guess in (None, used):  # the column is there, its values are not
             parts.append(f"column {used!r} holds no {what} in any row (columns: [{listed}]); pass {flag_of[what]} NAME")

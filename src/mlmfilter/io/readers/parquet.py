@@ -54,7 +54,11 @@ class _ParquetColumns:
         named = find_column(names, explicit_image) if explicit_image is not None else None
         if named is not None and _is_text_type(schema.field(named).type):  # --image-column naming file paths
             explicit_image, explicit_path = None, explicit_path or named
-        self.image = None if explicit_image is None and explicit_path else pick(explicit_image, IMAGE_BYTES_COLUMNS, _is_image_bytes_type)
+        self.image = (
+            None
+            if explicit_image is None and explicit_path
+            else pick(explicit_image, IMAGE_BYTES_COLUMNS, _is_image_bytes_type)
+        )
         self.image_path = pick(explicit_path, IMAGE_PATH_COLUMNS, _is_text_type)
         if self.image_path == self.image:
             self.image_path = None
@@ -97,10 +101,14 @@ def read_parquet(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
             parquet = pq.ParquetFile(stack.enter_context(open_shard_file(source.url)))
             columns = _ParquetColumns(parquet.schema_arrow, options)
         except Exception as exc:
-            yield builder.broken("__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}")
+            yield builder.broken(
+                "__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}"
+            )
             return
         fs, shard_path = fsspec.core.url_to_fs(source.url)
-        images = DatasetFiles(fs, posixpath.dirname(shard_path.rstrip("/")), options)  # paths are relative to its folder
+        images = DatasetFiles(
+            fs, posixpath.dirname(shard_path.rstrip("/")), options
+        )  # paths are relative to its folder
         group_start = 0
         for group in range(parquet.num_row_groups):
             group_end = group_start + parquet.metadata.row_group(group).num_rows
@@ -170,5 +178,7 @@ def _split_image_value(value: Any, column: str | None) -> tuple[bytes | None, st
 
 
 def urls_only_detail(url_column: str | None) -> str:
-    return (f"no image bytes, only an image URL (column {url_column!r}): download the images first, e.g. "
-            f"`img2dataset --input_format parquet --url_col {url_column} --output_format webdataset`, then score the tars")
+    return (
+        f"no image bytes, only an image URL (column {url_column!r}): download the images first, e.g. "
+        f"`img2dataset --input_format parquet --url_col {url_column} --output_format webdataset`, then score the tars"
+    )

@@ -92,7 +92,9 @@ def read_tar(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
             raw = stack.enter_context(_open_stream(source))
             tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r|*"))
         except Exception as exc:  # anything at all: the shard is one error row, the run goes on
-            yield builder.broken("__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}")
+            yield builder.broken(
+                "__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}"
+            )
             return
         # header data beyond this is refused; member reads never ask for more than cap + 1
         max_read = options.max_member_bytes + tarfile.BLOCKSIZE
@@ -127,7 +129,9 @@ def _grouped_members(tar: tarfile.TarFile, builder: SampleBuilder) -> Iterator[_
             detail = f"tar header at byte {tar.offset} declares {exc.size} bytes of header data, over the cap: shard ends here"
             raise _TarBreak(str(tar.offset), errors.MEMBER_TOO_LARGE, detail) from exc
         except Exception as exc:  # any damage ends the stream; it is reported, not raised
-            raise _TarBreak(str(tar.offset), errors.TRUNCATED_SHARD, f"tar stream broke after byte {tar.offset}: {exc}") from exc
+            raise _TarBreak(
+                str(tar.offset), errors.TRUNCATED_SHARD, f"tar stream broke after byte {tar.offset}: {exc}"
+            ) from exc
         tar.members = []  # tarfile keeps every header it saw; a 30k-member shard does not need that
         if member.isdir():
             continue
@@ -177,8 +181,18 @@ def _unsafe_kind(member: tarfile.TarInfo) -> SampleProblem | None:
         return None
     if member.issym() or member.islnk():
         kind = "symlink" if member.issym() else "hardlink"
-        return SampleProblem(errors.UNSAFE_MEMBER, f"tar member {member.name!r} is a {kind} to {member.linkname!r}: not followed")
-    kind = "character device" if member.ischr() else "block device" if member.isblk() else "FIFO" if member.isfifo() else "special member"
+        return SampleProblem(
+            errors.UNSAFE_MEMBER, f"tar member {member.name!r} is a {kind} to {member.linkname!r}: not followed"
+        )
+    kind = (
+        "character device"
+        if member.ischr()
+        else "block device"
+        if member.isblk()
+        else "FIFO"
+        if member.isfifo()
+        else "special member"
+    )
     return SampleProblem(errors.UNSAFE_MEMBER, f"tar member {member.name!r} is a {kind}: not read")
 
 

@@ -69,8 +69,8 @@ def build_backend(options: Any):
 def _build_vllm(options: Any, settings):
     from transformers import AutoProcessor
 
-    from mlmfilter.models.backends.vllm_backend import VllmEngine, VllmJudgeBackend, requested_token_ids
     from mlmfilter.judge.readout import ScoreTrie
+    from mlmfilter.models.backends.vllm_backend import VllmEngine, VllmJudgeBackend, requested_token_ids
     from mlmfilter.models.common import safe_pretrained_kwargs
     from mlmfilter.models.vlm import inspect_vlm
 

@@ -134,10 +134,18 @@ class OpenAIOptions(BaseModel):
         from mlmfilter.clients.chat import ClientOptions
 
         if not self.base_url:
-            raise ValueError("--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)")
-        return ClientOptions(base_url=self.base_url, api_key_env=self.api_key_env, api_key_file=self.api_key_file,
-                             concurrency=self.max_concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries,
-                             backoff_s=self.backoff_s)  # fmt: skip
+            raise ValueError(
+                "--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return ClientOptions(
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            api_key_file=self.api_key_file,
+            concurrency=self.max_concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+        )
 
 
 # -- plain functions ----------------------------------------------------------------------------------
@@ -153,7 +161,9 @@ def refuse_unservable(conversation: str, answer_prefix: str | None) -> None:
             "(the server's chat template)"
         )
     if answer_prefix:
-        raise ValueError("answer_prefix cannot be sent to a chat endpoint (the server writes the assistant cue); leave it unset")
+        raise ValueError(
+            "answer_prefix cannot be sent to a chat endpoint (the server writes the assistant cue); leave it unset"
+        )
 
 
 def decoded_image_url(image: Any, image_format: str = "jpeg", quality: int = 95) -> str:
@@ -168,8 +178,15 @@ def decoded_image_url(image: Any, image_format: str = "jpeg", quality: int = 95)
     return image_data_url(buffer.getvalue(), image_format)
 
 
-def chat_body(model: str, image_url: str, prompt: str, max_tokens: int, top_logprobs: int | None = None,
-              token_ids: bool = False, answer_start: str | None = None) -> dict[str, Any]:  # fmt: skip
+def chat_body(
+    model: str,
+    image_url: str,
+    prompt: str,
+    max_tokens: int,
+    top_logprobs: int | None = None,
+    token_ids: bool = False,
+    answer_start: str | None = None,
+) -> dict[str, Any]:
     """One judge prompt as a chat completion body: image first, then the metric prompt, greedy.
 
     ``answer_start``: the assistant's answer so far (a trie node's digits), continued by the server
@@ -177,10 +194,15 @@ def chat_body(model: str, image_url: str, prompt: str, max_tokens: int, top_logp
     """
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}},
-            {"type": "text", "text": prompt},
-        ]}],  # fmt: skip
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": prompt},
+                ],
+            }
+        ],
         "temperature": 0.0,
         "max_tokens": int(max_tokens),
     }
@@ -234,7 +256,9 @@ def top_k_distribution(steps: Sequence[dict[str, Any]], trie: ScoreTrie, names: 
     unplaced = 0.0
     node, path = -1, 1.0  # current node and its path probability P(t_1 .. t_k | prompt)
     for depth, step in enumerate(steps):
-        entries = [(str(e.get("token", "")), float(e.get("logprob", -math.inf))) for e in step.get("top_logprobs") or []]
+        entries = [
+            (str(e.get("token", "")), float(e.get("logprob", -math.inf))) for e in step.get("top_logprobs") or []
+        ]
         chosen = names.token_id(str(step.get("token", "")))
         covered = min(1.0, sum(math.exp(lp) for _, lp in entries))
         unplaced += path * (1.0 - covered)
@@ -317,11 +341,16 @@ def describe_settings(options: Any) -> dict[str, Any]:
         "base_url": settings.base_url,
         "conversation": {"name": AUTO, "source": "the server's chat template"},
         "answer_prefix": "",
-        "image": {"shorter_side": settings.image_size, "format": settings.image_format,
-                  **({"jpeg_quality": settings.jpeg_quality} if settings.image_format == "jpeg" else {})},  # fmt: skip
+        "image": {
+            "shorter_side": settings.image_size,
+            "format": settings.image_format,
+            **({"jpeg_quality": settings.jpeg_quality} if settings.image_format == "jpeg" else {}),
+        },
         "distribution": "top-k log-probabilities along the greedy answer" if options.readout == "expected" else None,
         "top_logprobs": settings.top_logprobs if options.readout == "expected" else None,
-        "tokens_named_by": ("id (return_tokens_as_token_ids)" if settings.token_ids else "text") if options.readout == "expected" else None,
+        "tokens_named_by": ("id (return_tokens_as_token_ids)" if settings.token_ids else "text")
+        if options.readout == "expected"
+        else None,
         "trie_walk": settings.trie_walk if options.readout == "expected" else None,
     }
 
@@ -355,7 +384,9 @@ class OpenAIJudgeBackend:
     def _max_tokens(self, max_new_tokens: int | None = None) -> int:
         return int(max_new_tokens or (self.trie.max_new_tokens if self.trie is not None else 4))
 
-    def _ask(self, requests: Sequence[JudgeRequest], max_tokens: int, top_logprobs: int | None) -> dict[tuple[int, int], Any]:
+    def _ask(
+        self, requests: Sequence[JudgeRequest], max_tokens: int, top_logprobs: int | None
+    ) -> dict[tuple[int, int], Any]:
         from mlmfilter.clients.chat import ChatRequest
 
         def bodies():
@@ -374,7 +405,9 @@ class OpenAIJudgeBackend:
         reason = JUDGE_BAD_RESPONSE if result.error == BAD_RESPONSE else JUDGE_REQUEST_FAILED
         return RequestFailure(reason, result.error_detail or result.error or "")
 
-    def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None) -> list[list[str] | RequestFailure]:
+    def generate(
+        self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None
+    ) -> list[list[str] | RequestFailure]:
         results = self._ask(requests, self._max_tokens(max_new_tokens), None)
         out: list[Any] = []
         for r, request in enumerate(requests):
@@ -429,12 +462,24 @@ class OpenAIJudgeBackend:
         failed: dict[int, RequestFailure] = {}
         wanted = [(i, -1) for i in range(len(rows))]  # -1: the root (the prompt itself)
         while wanted:
+
             def bodies():
                 for i, node in wanted:
                     r, p = rows[i]
-                    start = None if node < 0 else self.tokenizer.decode([trie.nodes[n].token_id for n in trie.ancestors(node)])
-                    body = chat_body(self.model, urls[r], requests[r].prompts[p], 1, self.settings.top_logprobs,
-                                     self.settings.token_ids, answer_start=start)  # fmt: skip
+                    start = (
+                        None
+                        if node < 0
+                        else self.tokenizer.decode([trie.nodes[n].token_id for n in trie.ancestors(node)])
+                    )
+                    body = chat_body(
+                        self.model,
+                        urls[r],
+                        requests[r].prompts[p],
+                        1,
+                        self.settings.top_logprobs,
+                        self.settings.token_ids,
+                        answer_start=start,
+                    )
                     yield ChatRequest(body, tag=(i, node))
 
             for result in self.client.complete_many(bodies()):
@@ -478,9 +523,14 @@ def prefill_mismatch(template_owner: Any) -> str | None:
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Rate it."}]}]
     answer = [{"role": "assistant", "content": [{"type": "text", "text": "42"}]}]
     cue = template_owner.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-    filled = template_owner.apply_chat_template(turn + answer, add_generation_prompt=False, continue_final_message=True,
-                                                tokenize=False)  # fmt: skip
-    return None if filled == cue + "42" else f"cue + answer ends {(cue + '42')[-24:]!r}, the prefilled answer {filled[-24:]!r}"
+    filled = template_owner.apply_chat_template(
+        turn + answer, add_generation_prompt=False, continue_final_message=True, tokenize=False
+    )
+    return (
+        None
+        if filled == cue + "42"
+        else f"cue + answer ends {(cue + '42')[-24:]!r}, the prefilled answer {filled[-24:]!r}"
+    )
 
 
 def _check_prefill(name: str) -> str | None:

@@ -56,7 +56,9 @@ class VllmOptions(BaseModel):
 # -- plain functions (CPU-tested) ---------------------------------------------------------------------
 
 
-def render_prompt(prompt: str, conversation: str, answer_prefix: str, image_placeholder: str, processor: Any = None) -> str:
+def render_prompt(
+    prompt: str, conversation: str, answer_prefix: str, image_placeholder: str, processor: Any = None
+) -> str:
     """The text the model reads, identical to ``PromptEncoder.prompt_text`` of the transformers backend."""
     if conversation == AUTO:
         if processor is None:
@@ -71,9 +73,7 @@ def answer_prefix_for(conversation: str, answer_prefix: str | None) -> str:
     return default_answer_prefix(conversation) if answer_prefix is None else answer_prefix
 
 
-def step_requests(
-    prompt_ids: Sequence[int], image: Any, nodes: Sequence[int], trie: ScoreTrie
-) -> list[dict[str, Any]]:
+def step_requests(prompt_ids: Sequence[int], image: Any, nodes: Sequence[int], trie: ScoreTrie) -> list[dict[str, Any]]:
     """vLLM token prompts for trie contexts: -1 is the root (the prompt itself), else a node index."""
     out = []
     for node in nodes:
@@ -252,7 +252,9 @@ class VllmJudgeBackend:
             row += len(request.prompts)
         return out
 
-    def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None) -> list[list[str] | RequestFailure]:
+    def generate(
+        self, requests: Sequence[JudgeRequest], max_new_tokens: int | None = None
+    ) -> list[list[str] | RequestFailure]:
         steps = int(max_new_tokens or self.trie.max_new_tokens)
         results: list[Any] = []
         for request in requests:
@@ -278,9 +280,11 @@ class VllmJudgeBackend:
         }
 
     def readout_provenance(self) -> dict[str, str]:
-        return {"readout_definition": EXACT_EXPECTED_DEFINITION, "readout_bound": adaptive_trie_bound(self.trie_threshold)}
+        return {
+            "readout_definition": EXACT_EXPECTED_DEFINITION,
+            "readout_bound": adaptive_trie_bound(self.trie_threshold),
+        }
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
             self.engine.close()
-
