@@ -42,8 +42,8 @@ from typing import Any
 
 from _common import CLIP_TOKENIZER_DIR, ROOT, flickr_pairs, load_average, require
 
-sys.path.insert(0, str(ROOT))  # tests.builders: the same shard writer the tests use
-from tests.builders import flickr_shards  # noqa: E402
+sys.path.insert(0, str(ROOT))  # tests.support.builders: the same shard writer the tests use
+from tests.support.builders import flickr_shards  # noqa: E402
 
 SPEEDUP_TARGET = 4.0
 OVERHEAD_TARGET = 0.15
@@ -91,8 +91,8 @@ def batches_as_the_pipeline_cuts_them(n_pairs: int, per_shard: int, chunk_size: 
 
 def decode_pool_start_seconds(blob: bytes) -> float:
     """Seconds until a fresh decode pool (the pipeline starts one per shard) returns one decoded image."""
-    from mlmfilter.imaging import DecodeSpec, decode_stream
-    from mlmfilter.sample import Sample
+    from mlmfilter.core.sample import Sample
+    from mlmfilter.images.decode import DecodeSpec, decode_stream
 
     t0 = time.perf_counter()
     list(decode_stream([Sample(uid="0" * 32, shard="s", key="0", image_bytes=blob)], DecodeSpec(224), workers=1))
@@ -226,7 +226,7 @@ class BareModelPath:
     """The image and text forwards + cosine only, on inputs prepared beforehand."""
 
     def __init__(self, model_dir: Path, dtype: str, blobs: list[bytes], captions: list[str], batches: list[range]):
-        from mlmfilter.imaging import DecodeSpec, decode_image, to_pixel_values
+        from mlmfilter.images.decode import DecodeSpec, decode_image, to_pixel_values
         from mlmfilter.models.clip import load_clip
 
         t0 = time.perf_counter()
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     from mlmfilter.models.common import dtype_name, resolve_dtype
-    from mlmfilter.runs.scoring import ScoringOptions
+    from mlmfilter.scorers.stage import ScoringOptions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=128, help="image-caption pairs (default 128)")

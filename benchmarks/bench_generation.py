@@ -7,7 +7,7 @@ loaded model, on N real Flickr8k photos with the enhancer's rewrite prompt, gree
 
 * reference: ``TransformersJudgeBackend.generate`` (built to read a few score tokens: every step
   rebuilds the 4D mask over all earlier steps, O(steps^2));
-* ours: ``TransformersCaptionGenerator`` (``mlmfilter.models.generation``): the model's own KV-cached
+* ours: ``TransformersCaptionGenerator`` (``mlmfilter.backends.generation``): the model's own KV-cached
   ``generate`` on the left-padded batch.
 
 The texts of both are compared (same prompt ids, greedy: they must agree); printed: wall time (best
@@ -44,9 +44,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from mlmfilter.backends.generation import GenerationRequest, SamplingParams, TransformersCaptionGenerator
     from mlmfilter.enhance.prompts import EnhancePrompts
     from mlmfilter.judge.backend import JudgeRequest
-    from mlmfilter.models.generation import GenerationRequest, SamplingParams, TransformersCaptionGenerator
     from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
 
     torch.set_num_threads(args.threads)

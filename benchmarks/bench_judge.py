@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int, repeats: int) -> dict[str, Any]:
     """Time the reference, our scorer (expected readout) and our scorer (generate, 2 tokens) in ``dtype``."""
-    from mlmfilter.sample import Sample
+    from mlmfilter.core.sample import Sample
     from mlmfilter.scorers.mlm import MLMScorer
 
     def options(**readout: Any):

@@ -10,11 +10,11 @@ sys.path.insert(0, ".")
 import numpy as np
 from PIL import Image
 
+from mlmfilter.backends import build_backend
 from mlmfilter.judge.backend import JudgeRequest
 from mlmfilter.judge.prompts import resolve_template
-from mlmfilter.models.backends import build_backend
 from mlmfilter.scorers.mlm import MLMOptions
-from tests.fault_server import FaultServer
+from tests.support.fault_server import FaultServer
 
 t = resolve_template("v2")
 rng = np.random.RandomState(0)

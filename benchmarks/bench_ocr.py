@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "src"))
 def build_samples(n_photos: int, image_size: int):
     from PIL import Image
 
+    from mlmfilter.core.sample import Sample
     from mlmfilter.evaluation.ocr_synthetic import PHRASES, jpeg_bytes, random_style, render_text
-    from mlmfilter.imaging import DecodeSpec, decode_image
-    from mlmfilter.sample import Sample
+    from mlmfilter.images.decode import DecodeSpec, decode_image
 
     photos = list(flickr_captions().items())[:n_photos]
     with_text, plain = [], []

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import load_average  # noqa: E402
 from mlmfilter.clients import ChatClient, ChatRequest, ClientOptions, RequestCache  # noqa: E402
-from tests.fault_server import FaultServer  # noqa: E402
+from tests.support.fault_server import FaultServer  # noqa: E402
 
 
 def _requests(n: int, tag: str) -> list[ChatRequest]:

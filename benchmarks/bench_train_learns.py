@@ -194,8 +194,8 @@ def label(pairs, teacher: ScriptedTeacher, template: str) -> list[dict]:
 
 
 def judge_scores(model: str, pairs, options: dict) -> tuple[np.ndarray, float]:
-    from mlmfilter.imaging import DecodeSpec, decode_image
-    from mlmfilter.sample import Sample
+    from mlmfilter.core.sample import Sample
+    from mlmfilter.images.decode import DecodeSpec, decode_image
     from mlmfilter.scorers import build_scorer
 
     scorer = build_scorer("mlm", {"model": model, "metrics": "ctq", "batch_size": 8, **options})

@@ -1,4 +1,4 @@
-"""Write the bundled sample WebDataset shards (see mlmfilter.demo_data) to a folder.
+"""Write the bundled sample WebDataset shards (see mlmfilter.demo.data) to a folder.
 
 python scripts/make_sample_data.py OUTPUT_DIR [--samples-per-shard 8]
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlmfilter.demo_data import make_sample_shards
+from mlmfilter.demo.data import make_sample_shards
 
 
 def main() -> None:

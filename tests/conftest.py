@@ -6,18 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.builders import build_tiny_clip
+from tests.support.data import shared_path
+
 # tests never reach a model hub; without this a missing model costs ~25 s of download retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def shared_path(*parts: str) -> Path:
-    """A path inside ../shared; fail loudly (not skip) when the folder is missing."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"test data missing: {path} (the tests need ../shared beside the project root)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +40,9 @@ def reference_prompts() -> dict:
 def smollm2_cache_dir(tmp_path_factory) -> str:
     """Where the SmolLM2 tokenizer, converted once from its GGUF, is kept for the session."""
     return str(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A randomly initialised CLIPModel of the real architecture, saved as a user's checkpoint would be."""
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

@@ -54,10 +54,10 @@ def score(
     ``partition="i/N"`` scores only job i's share of the inputs, so N jobs (a Slurm array) can
     score into one run folder side by side; ``select`` then sees one run.
     """
+    from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
-    from mlmfilter.processes import unguarded_main_call
     from mlmfilter.runs.runner import partition_sources, run_stage
-    from mlmfilter.runs.scoring import ScoringOptions, ScoringStage
+    from mlmfilter.scorers.stage import ScoringOptions, ScoringStage
 
     if config is None:
         if inputs is None or output is None:
@@ -150,10 +150,10 @@ def _layout_hints(summary, read_options) -> list[str]:
 def _executor(config: ScoreConfig, workers: int):
     """The local executor, or Ray's (``ray.num_actors`` defaults to ``workers``)."""
     if config.executor == "ray":
-        from mlmfilter.runs.ray_executor import RayExecutor
+        from mlmfilter.runs.executors.ray import RayExecutor
 
         return RayExecutor.from_options(config.ray, workers=workers)
-    from mlmfilter.runs.executor import LocalExecutor
+    from mlmfilter.runs.executors.local import LocalExecutor
 
     return LocalExecutor(workers=workers)
 

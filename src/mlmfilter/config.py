@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlmfilter.imaging import DEFAULT_MAX_PIXELS
+from mlmfilter.images.decode import DEFAULT_MAX_PIXELS
 from mlmfilter.io.readers import ReadOptions
-from mlmfilter.runs.ray_executor import RayOptions
-from mlmfilter.runs.scoring import ScorerSpec, names_to_specs
+from mlmfilter.runs.executors.ray import RayOptions
+from mlmfilter.scorers.stage import ScorerSpec, names_to_specs
 
 __all__ = ["ScoreConfig", "ScorerSpec", "load_recipe"]
 

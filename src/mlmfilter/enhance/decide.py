@@ -23,10 +23,10 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.backends.generation import Generated
+from mlmfilter.core.sample import Sample
+from mlmfilter.core.stats import BlockStats
 from mlmfilter.enhance.checks import CaptionChecker, OriginalFacts
-from mlmfilter.models.generation import Generated
-from mlmfilter.runs.stats import BlockStats
-from mlmfilter.sample import Sample
 from mlmfilter.scorers.base import Scorer
 
 ACCEPTED = "accepted"

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from mlmfilter.backends.generation import CaptionGenerator, Generated, GenerationRequest, SamplingParams
 from mlmfilter.enhance.prompts import EnhancePrompts
 from mlmfilter.judge.backend import RequestFailure
-from mlmfilter.models.generation import CaptionGenerator, Generated, GenerationRequest, SamplingParams
 
 MODES = ("rewrite", "fuse", "aitqe")
 

@@ -22,19 +22,19 @@ from typing import Any, Iterator, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from mlmfilter.backends.generation import CaptionGenerator, SamplingParams
+from mlmfilter.core.identity import options_identity, stable_identity
+from mlmfilter.core.sample import Sample
 from mlmfilter.enhance.checks import CaptionChecker, CheckOptions
 from mlmfilter.enhance.decide import ACCEPTED, REJECTED, Decider, Decision, DecisionOptions, Rescorer, judge_pairs
 from mlmfilter.enhance.modes import AitqeMode, FuseMode, RewriteMode, Written
 from mlmfilter.enhance.prompts import EnhancePrompts
-from mlmfilter.imaging import DEFAULT_MAX_PIXELS, DecodeSpec, decode_sample
+from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, DecodeSpec, decode_sample
 from mlmfilter.io.readers import ReadOptions, read_shard
-from mlmfilter.models.generation import CaptionGenerator, SamplingParams
-from mlmfilter.runs.identity import options_identity, stable_identity
-from mlmfilter.runs.scoring import ScorerSpec, names_to_specs
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask, identity_schema
-from mlmfilter.sample import Sample
 from mlmfilter.scorers import Scorer, build_scorer
 from mlmfilter.scorers.base import iter_batches
+from mlmfilter.scorers.stage import ScorerSpec, names_to_specs
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class EnhanceStage(Stage):
     def setup(self) -> None:
         o: EnhanceOptions = self.options
         if self.generator is None:
-            from mlmfilter.models.generation import load_caption_generator
+            from mlmfilter.backends.generation import load_caption_generator
 
             self.generator = load_caption_generator(
                 o.model,

@@ -13,11 +13,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.evaluation.human import Judgement, JudgementSet
 from mlmfilter.evaluation.metrics import CORRELATIONS, correlations
 from mlmfilter.evaluation.scoring import PairScorer, pair_uid
 from mlmfilter.io.readers.samples import sniff_image_format
-from mlmfilter.sample import Sample
 
 #: listed in full up to this many; the count is always complete
 MAX_LISTED_MISSING = 200

@@ -19,9 +19,9 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Iterator, Sequence
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.evaluation.metrics import paired_comparison
 from mlmfilter.evaluation.scoring import PairScorer, pair_uid
-from mlmfilter.sample import Sample
 from mlmfilter.teach.negatives import CORRUPTION_KINDS, NegativeGenerator
 
 TRUE_KEY = "true"

@@ -212,7 +212,7 @@ def flickr_pairs(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _box_mask(size: tuple[int, int], flat_boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
-    from mlmfilter.imaging_text_mask import text_region_mask
+    from mlmfilter.images.text_mask import text_region_mask
 
     return [text_region_mask(size, [np.asarray(b, dtype=np.float64).reshape(4, 2)]) for b in flat_boxes]
 
@@ -234,8 +234,8 @@ def evaluate(
     """
     from sklearn.metrics import roc_auc_score
 
-    from mlmfilter.imaging import DecodeSpec, decode_image
-    from mlmfilter.sample import Sample
+    from mlmfilter.core.sample import Sample
+    from mlmfilter.images.decode import DecodeSpec, decode_image
     from mlmfilter.scorers.ocr import OcrScorer, caption_overlap
 
     scorer = OcrScorer(

@@ -1,9 +1,9 @@
 """Score evaluation pairs with the same scorers, decoder and chunking a run uses.
 
 Evaluation pairs are not shards: a human-judgement set names image files and captions, a
-corruption check makes several captions for one image. Both become :class:`~mlmfilter.sample.Sample`
-objects scored by :func:`mlmfilter.runs.scoring.score_chunk`, after the one decode path
-(:func:`mlmfilter.imaging.decode_sample`) at the size :func:`mlmfilter.runs.scoring.decode_spec`
+corruption check makes several captions for one image. Both become :class:`~mlmfilter.core.sample.Sample`
+objects scored by :func:`mlmfilter.scorers.stage.score_chunk`, after the one decode path
+(:func:`mlmfilter.images.decode.decode_sample`) at the size :func:`mlmfilter.scorers.stage.decode_spec`
 picks for the scorers. An image is decoded once and shared by all the captions scored against it.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
-from mlmfilter.imaging import DEFAULT_MAX_PIXELS, decode_sample
-from mlmfilter.sample import Sample
+from mlmfilter.core.sample import Sample
+from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, decode_sample
 
 
 def pair_uid(*parts: str) -> str:
@@ -33,8 +33,8 @@ class PairScorer:
     """Scorers built from ``mlmfilter score``-style specs, scoring decoded samples chunk by chunk."""
 
     def __init__(self, specs: Sequence[dict[str, Any]], max_pixels: int = DEFAULT_MAX_PIXELS, chunk_size: int = 64):
-        from mlmfilter.runs.scoring import decode_spec
         from mlmfilter.scorers import build_scorer
+        from mlmfilter.scorers.stage import decode_spec
 
         if not specs:
             raise ValueError("give at least one scorer (--scorer rules,clip ...)")
@@ -51,8 +51,8 @@ class PairScorer:
 
     def score(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, dict[str, Any]]]:
         """(sample, row) in input order; a sample that fails (decode or scorer) has ``error`` set in its row."""
-        from mlmfilter.runs.scoring import score_chunk
         from mlmfilter.scorers.base import iter_batches
+        from mlmfilter.scorers.stage import score_chunk
 
         for chunk in iter_batches(samples, self.chunk_size):
             for sample in chunk:

@@ -14,9 +14,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Mapping, TypeVar
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.sample import Sample
 
 T = TypeVar("T")
 PairKey = tuple[str, str]  # (shard id, key inside the shard)

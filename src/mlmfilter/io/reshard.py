@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard, sniff_image_format
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import HALVES_DTYPE, is_sorted_halves, locate_sorted, sort_halves, uids_to_halves
 from mlmfilter.io.writers import TarShardWriter
-from mlmfilter.sample import Sample
 
 BATCH_SIZE = 512
 #: extensions a written image member may have; anything else is sniffed from the bytes

@@ -48,7 +48,7 @@ class JudgeRequest:
 
 @dataclass
 class RequestFailure:
-    reason: str  # an mlmfilter.errors code
+    reason: str  # an mlmfilter.core.errors code
     detail: str = ""
 
 

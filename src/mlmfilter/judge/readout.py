@@ -33,9 +33,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch only where a backend computes probabilities
+    import torch
 
 SCORES = tuple(range(101))
 DIGITS = "0123456789"

@@ -28,7 +28,7 @@ _DTYPE_ALIASES: dict[str, torch.dtype] = {
 _PROVENANCE_DISTRIBUTIONS = ("mlmfilter", "torch", "transformers", "tokenizers", "pillow", "numpy", "safetensors")
 
 
-from mlmfilter.errors import ModelUnavailableError  # noqa: E402  (re-exported: loaders raise it)
+from mlmfilter.core.errors import ModelUnavailableError  # noqa: E402  (re-exported: loaders raise it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -165,13 +165,13 @@ def unavailable_message(name_or_path: str, cause: BaseException | None = None) -
     )
 
 
-from mlmfilter.hub import use_offline_hub  # noqa: E402,F401  (kept importable from here)
+from mlmfilter.models.hub import use_offline_hub  # noqa: E402,F401  (kept importable from here)
 
 
 def check_model_path(name_or_path: str) -> None:
     """A name written as a path (``/x``, ``./x``, ``../x``, ``~/x``, ``a/b/c``) must exist here;
     it is never sent to the hub as a repo id, where it would fail slowly and confusingly."""
-    from mlmfilter.hub import names_a_local_path
+    from mlmfilter.models.hub import names_a_local_path
 
     if names_a_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ModelUnavailableError(f"model path {name_or_path!r} does not exist")

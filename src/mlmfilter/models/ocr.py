@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlmfilter.errors import ModelUnavailableError
+from mlmfilter.core.errors import ModelUnavailableError
 
 DETECTOR_FILE = "PP-OCRv6_det_small.onnx"
 RECOGNIZER_FILE = "PP-OCRv6_rec_small.onnx"

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from mlmfilter import errors
+from mlmfilter.core import errors
 from mlmfilter.judge.backend import JudgeRequest, RequestFailure
 from mlmfilter.judge.conversations import AUTO, FORMATS, render_with_chat_template
 from mlmfilter.models.vlm_families import VlmFamily

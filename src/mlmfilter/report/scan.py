@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from mlmfilter import errors
+from mlmfilter.core import errors
 
 BATCH_ROWS = 1 << 16
 SHARD_ERRORS = frozenset((errors.TRUNCATED_SHARD, errors.UNREADABLE_SHARD))

@@ -1,7 +1,7 @@
 """Pairs as they are shown: caption, a small inline thumbnail, and why there is no image.
 
 A thumbnail is made from the sample's bytes as soon as the shard yields it (see
-:mod:`mlmfilter.io.lookup`), through the one decode path (:func:`mlmfilter.imaging.decode_image`,
+:mod:`mlmfilter.io.lookup`), through the one decode path (:func:`mlmfilter.images.decode.decode_image`,
 so EXIF rotation, CMYK, palettes and bombs behave as in scoring), and kept only as a small JPEG
 data URI: a page of thumbnails opens offline and stays small.
 """
@@ -12,8 +12,8 @@ import base64
 import io
 from dataclasses import dataclass
 
-from mlmfilter.imaging import DecodeSpec, ImageDecodeError, decode_image
-from mlmfilter.sample import Sample
+from mlmfilter.core.sample import Sample
+from mlmfilter.images.decode import DecodeSpec, ImageDecodeError, decode_image
 
 THUMBNAIL_SIDE = 160  # longer side in pixels
 JPEG_QUALITY = 80
@@ -34,7 +34,7 @@ class ShownSample:
 def thumbnail_data_uri(data: bytes, side: int = THUMBNAIL_SIDE) -> tuple[str, int, int]:
     """(JPEG data URI with the longer side at most ``side``, original width, height).
 
-    Raises :class:`mlmfilter.imaging.ImageDecodeError` for bytes that do not decode."""
+    Raises :class:`mlmfilter.images.decode.ImageDecodeError` for bytes that do not decode."""
     # decode at about the thumbnail size (JPEG draft mode), then fit the longer side
     image, width, height = decode_image(data, DecodeSpec(shorter_side=side))
     image.thumbnail((side, side))

@@ -32,8 +32,8 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from mlmfilter import __version__
+from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource, shard_stem
-from mlmfilter.runs.stats import ShardStats
 from mlmfilter.runs.storage import RunStorage
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from mlmfilter import __version__
+from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.runs.executor import ExecutionReport, Executor, LocalExecutor
+from mlmfilter.runs.executors.local import ExecutionReport, Executor, LocalExecutor
 from mlmfilter.runs.folder import RunFolder, RunLock, now_iso, source_identity
 from mlmfilter.runs.progress import RunProgress
 from mlmfilter.runs.stage import Stage, StageTask
-from mlmfilter.runs.stats import ShardStats
 
 if TYPE_CHECKING:
     import pyarrow as pa

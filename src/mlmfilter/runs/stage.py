@@ -1,6 +1,6 @@
 """A stage turns one input shard into one table plus stats; the run layer does everything else.
 
-Scoring is the first stage (:mod:`mlmfilter.runs.scoring`); teacher labelling, caption
+Scoring is the first stage (:mod:`mlmfilter.scorers.stage`); teacher labelling, caption
 enhancement, evaluation and resharding are others. A stage implements only its own work:
 
 - ``name`` (default folder name ``RUN/<name>/``) and an ``Options`` pydantic model;
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.runs.stats import ShardStats
 
 if TYPE_CHECKING:
     from mlmfilter.runs.read import RunReader
@@ -119,7 +119,7 @@ class StageSpec(BaseModel):
 
 #: kind -> "module:Class"; imported lazily so that a rules-only run never imports torch
 STAGE_REGISTRY: dict[str, str] = {
-    "score": "mlmfilter.runs.scoring:ScoringStage",
+    "score": "mlmfilter.scorers.stage:ScoringStage",
     "enhance": "mlmfilter.enhance.stage:EnhanceStage",
     "teach_label": "mlmfilter.teach.stage:TeachLabelStage",
 }

@@ -21,11 +21,11 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.judge import aitqe
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.readout import ExpectedScore
-from mlmfilter.sample import Sample
 from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 
 DEFAULT_MODEL = "HymanH/AITQE"

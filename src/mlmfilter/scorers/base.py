@@ -16,10 +16,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from mlmfilter import errors
-from mlmfilter.runs.identity import options_identity, stable_identity
-from mlmfilter.runs.stats import BlockStats
-from mlmfilter.sample import Sample
+from mlmfilter.core import errors
+from mlmfilter.core.identity import options_identity, stable_identity
+from mlmfilter.core.sample import Sample
+from mlmfilter.core.stats import BlockStats
 
 log = logging.getLogger(__name__)
 

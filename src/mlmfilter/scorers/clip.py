@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from mlmfilter import errors
-from mlmfilter.sample import Sample
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
@@ -69,7 +69,7 @@ class ClipScorer(TextMasking, Scorer):
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         import torch
 
-        from mlmfilter.imaging import to_pixel_values
+        from mlmfilter.images.decode import to_pixel_values
 
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
         todo = []

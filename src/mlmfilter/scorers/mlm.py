@@ -27,7 +27,8 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.judge.backend import (
     EXACT_EXPECTED_DEFINITION,
     JudgeBackend,
@@ -43,7 +44,6 @@ from mlmfilter.judge.conversations import default_answer_prefix, validate_conver
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
-from mlmfilter.sample import Sample
 from mlmfilter.scorers.base import InfrastructureError, ScoreFailure, Scorer
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
@@ -86,11 +86,11 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
 
     @model_validator(mode="after")
     def _valid_backend_options(self):
-        from mlmfilter.models.backends import validate_backend_options
+        from mlmfilter.backends import validate_backend_options
 
         self.backend_options = validate_backend_options(self.backend, self.backend_options)
         if self.backend == "openai":  # refused now rather than in a worker
-            from mlmfilter.models.backends.openai_backend import refuse_unservable
+            from mlmfilter.backends.openai import refuse_unservable
 
             refuse_unservable(self.conversation, self.answer_prefix)
         return self
@@ -149,7 +149,7 @@ class MLMScorer(TextMasking, Scorer):
         return columns
 
     def _declared_distribution(self) -> str:
-        from mlmfilter.models.backends import declared_distribution
+        from mlmfilter.backends import declared_distribution
 
         return declared_distribution(self.options.backend)
 
@@ -159,7 +159,7 @@ class MLMScorer(TextMasking, Scorer):
         if self.backend is not None:
             return capabilities_of(self.backend).image_size
         if self.options.backend == "openai":
-            from mlmfilter.models.backends import backend_settings
+            from mlmfilter.backends import backend_settings
 
             return backend_settings(self.options).image_size
         return self._spec().image_size
@@ -175,7 +175,7 @@ class MLMScorer(TextMasking, Scorer):
             return
         o = self.options
         if o.backend != "transformers":
-            from mlmfilter.models.backends import build_backend
+            from mlmfilter.backends import build_backend
 
             backend = build_backend(o)
             try:
@@ -232,7 +232,7 @@ class MLMScorer(TextMasking, Scorer):
         if not (sample.caption or "").strip():
             return ScoreFailure(errors.EMPTY_CAPTION, "the caption is empty")
         if sample.image is None and sample.image_bytes is not None:
-            from mlmfilter.imaging import DecodeSpec, decode_sample
+            from mlmfilter.images.decode import DecodeSpec, decode_sample
 
             decode_sample(sample, DecodeSpec(shorter_side=self.image_size))
             if sample.error:
@@ -279,7 +279,7 @@ class MLMScorer(TextMasking, Scorer):
     # -- provenance -----------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        from mlmfilter.models.backends import identity_options
+        from mlmfilter.backends import identity_options
 
         identity = super().identity()
         options = identity["options"]
@@ -291,7 +291,7 @@ class MLMScorer(TextMasking, Scorer):
         if readout is not None:
             return readout()
         if self.options.backend == "openai":
-            from mlmfilter.models.backends.openai_backend import readout_provenance
+            from mlmfilter.backends.openai import readout_provenance
 
             return readout_provenance(self.options)
         return {
@@ -303,7 +303,7 @@ class MLMScorer(TextMasking, Scorer):
         if self.backend is not None:
             return self.backend.describe()
         if self.options.backend == "openai":  # a served model may have no local files: described from settings
-            from mlmfilter.models.backends.openai_backend import describe_settings
+            from mlmfilter.backends.openai import describe_settings
 
             return describe_settings(self.options)
         return {}

@@ -45,8 +45,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 from pydantic import Field
 
-from mlmfilter import errors
-from mlmfilter.sample import Sample
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 
 OVERLAP_FORMULA = (
@@ -137,7 +137,7 @@ class OcrScorer(Scorer):
         return results  # type: ignore[return-value]
 
     def _row(self, sample: Sample, shape: tuple[int, ...], read: list) -> dict[str, Any]:
-        from mlmfilter.imaging_text_mask import text_area_fraction
+        from mlmfilter.images.text_mask import text_area_fraction
 
         height, width = shape[:2]
         # boxes are reported in the original image's pixels, whatever size it was decoded to

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from mlmfilter.sample import Sample
+from mlmfilter.core.sample import Sample
 from mlmfilter.scorers.base import Scorer, ScorerOptions
 
 

@@ -2,7 +2,7 @@
 
 When set, the scorer first runs the PP-OCR text detector (detection only, no recognition) on the
 image it was given and fills every detected box with the image's mean colour
-(:func:`mlmfilter.imaging_text_mask.fill_text_regions`); its own preprocessing then starts from
+(:func:`mlmfilter.images.text_mask.fill_text_regions`); its own preprocessing then starts from
 that masked copy. The shared decoded image is never modified, so other scorers in the same run
 (``ocr`` included) still see the original pixels. The setting and the detector (model hash,
 detector input size) are recorded in the scorer's provenance.
@@ -45,7 +45,7 @@ class TextMasker:
     def __call__(self, image: Image.Image) -> Image.Image:
         import numpy as np
 
-        from mlmfilter.imaging_text_mask import fill_text_regions
+        from mlmfilter.images.text_mask import fill_text_regions
 
         boxes = self.engine.detect(np.asarray(image.convert("RGB") if image.mode != "RGB" else image))
         return fill_text_regions(image, [box.points for box in boxes])

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlmfilter import errors
 from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url, message_text
+from mlmfilter.core import errors
 from mlmfilter.enhance.prompts import REWRITE_PROMPT, EnhancePrompts
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name

@@ -243,7 +243,7 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 @lru_cache(maxsize=1)
 def load_tagger():
     """spaCy's small English pipeline, tagger only (parser, NER and lemmatizer are not needed)."""
-    from mlmfilter.errors import ModelUnavailableError
+    from mlmfilter.core.errors import ModelUnavailableError
 
     try:
         import spacy

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlmfilter.errors import ModelUnavailableError
+from mlmfilter.core.errors import ModelUnavailableError
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import empty_halves, halves_to_uids, uids_to_halves
@@ -128,7 +128,7 @@ class ImageEmbedder:
     def embed_samples(self, samples: list) -> np.ndarray:
         import torch
 
-        from mlmfilter.imaging import to_pixel_values
+        from mlmfilter.images.decode import to_pixel_values
 
         pre = self.loaded.preprocessing
         out = []
@@ -365,7 +365,7 @@ class PoolSampler:
             embedder = CaptionEmbedder(opts.encoder_model, opts.device, opts.batch_size)
         rules = decode = None
         if opts.rules or opts.encoder == "clip":
-            from mlmfilter.imaging import DecodeSpec, decode_sample
+            from mlmfilter.images.decode import DecodeSpec, decode_sample
 
             decode = decode_sample
             spec = DecodeSpec(shorter_side=embedder.loaded.image_size if opts.encoder == "clip" else None)

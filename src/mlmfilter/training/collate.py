@@ -6,7 +6,7 @@ prefix, LLaVA-style chunked tokenization, the processor's image-token expansion 
 budget). The answer half is the answer's tokens (a number spelled as the judge's score trie reads it:
 no dummy-prefix space, the answer prefix already holds it) and the end of the answer
 (:func:`mlmfilter.judge.conversations.end_of_answer`). Labels are ``-100`` on the prompt and the
-padding: the loss is on the answer only. Images are decoded by :mod:`mlmfilter.imaging`, the
+padding: the loss is on the answer only. Images are decoded by :mod:`mlmfilter.images.decode`, the
 pipeline's decode path, at the size the judge decodes to.
 """
 
@@ -73,7 +73,7 @@ class TrainingEncoder:
     # -- images ---------------------------------------------------------------------------------------
 
     def load_image(self, example: TrainingExample):
-        from mlmfilter.imaging import DecodeSpec, decode_image
+        from mlmfilter.images.decode import DecodeSpec, decode_image
 
         image, _, _ = decode_image(example.image.read_bytes(), DecodeSpec(shorter_side=self.spec.image_size))
         return image

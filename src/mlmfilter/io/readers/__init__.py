@@ -1,8 +1,8 @@
 """ShardSource -> Iterator[Sample] for WebDataset tars, parquet files and image folders.
 
 Readers never raise for one bad sample or a damaged shard: every problem becomes a Sample with
-``error`` set (codes in :mod:`mlmfilter.errors`), so every pair is counted. Image bytes are
-passed through undecoded (decoding belongs to :mod:`mlmfilter.imaging`).
+``error`` set (codes in :mod:`mlmfilter.core.errors`), so every pair is counted. Image bytes are
+passed through undecoded (decoding belongs to :mod:`mlmfilter.images.decode`).
 
 Layouts
 - tar (:mod:`.tar`): img2dataset / DataComp WebDataset shards, members ``KEY.jpg|jpeg|png|webp``,
@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.folder import read_folder
 from mlmfilter.io.readers.options import ReadOptions
 from mlmfilter.io.readers.parquet import read_parquet
 from mlmfilter.io.readers.samples import TRUNCATED_KEY_PREFIX, sniff_image_format, split_member_name
 from mlmfilter.io.readers.tar import read_tar
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.sample import Sample
 
 __all__ = ["ReadOptions", "TRUNCATED_KEY_PREFIX", "read_shard", "sniff_image_format", "split_member_name"]
 

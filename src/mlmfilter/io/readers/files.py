@@ -19,7 +19,7 @@ from typing import IO, Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mlmfilter import errors
+from mlmfilter.core import errors
 from mlmfilter.io.readers.options import ReadOptions
 from mlmfilter.io.readers.samples import SampleProblem
 

@@ -21,12 +21,12 @@ from typing import Any, Iterator, Mapping
 
 import fsspec
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.files import DatasetFiles, is_local, open_regular_file
 from mlmfilter.io.readers.options import CAPTION_COLUMNS, CAPTIONS_FILES, IMAGE_PATH_COLUMNS, ReadOptions, find_column
 from mlmfilter.io.readers.samples import SampleBuilder, SampleProblem, extension, split_member_name
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.sample import Sample
 
 
 def read_folder(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:

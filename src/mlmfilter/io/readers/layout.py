@@ -14,7 +14,7 @@ from typing import Mapping
 
 import fsspec
 
-from mlmfilter import errors
+from mlmfilter.core import errors
 from mlmfilter.io.readers.files import open_shard_file
 from mlmfilter.io.readers.options import CAPTIONS_FILES, ReadOptions
 from mlmfilter.io.readers.samples import split_member_name

@@ -10,7 +10,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.files import DatasetFiles, open_shard_file, too_large
 from mlmfilter.io.readers.options import (
     CAPTION_COLUMNS,
@@ -29,7 +30,6 @@ from mlmfilter.io.readers.samples import (
     sniff_image_format,
 )
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.sample import Sample
 
 
 class _ParquetColumns:

@@ -6,17 +6,17 @@ import json
 import posixpath
 from typing import Any, Mapping
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.options import ReadOptions
 from mlmfilter.io.sources import ShardSource, shard_basename
 from mlmfilter.io.uid import derive_uid, normalize_uid
-from mlmfilter.sample import Sample
 
 TRUNCATED_KEY_PREFIX = "__truncated__@"
 
 
 class SampleProblem(Exception):
-    """Why one sample's part was not read; ``reason`` is an :mod:`mlmfilter.errors` code."""
+    """Why one sample's part was not read; ``reason`` is an :mod:`mlmfilter.core.errors` code."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)

@@ -15,12 +15,12 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
-from mlmfilter import errors
+from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.files import open_shard_file, too_large
 from mlmfilter.io.readers.options import ReadOptions
 from mlmfilter.io.readers.samples import TRUNCATED_KEY_PREFIX, SampleBuilder, SampleProblem, split_member_name
 from mlmfilter.io.sources import PIPE_PREFIX, ShardSource
-from mlmfilter.sample import Sample
 
 log = logging.getLogger(__name__)
 

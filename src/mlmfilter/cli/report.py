@@ -1,0 +1,145 @@
+"""`mlmfilter report`, `inspect` and `stats`: look at a run's scores and pairs without writing code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)
+    app.command("inspect")(inspect)
+    app.command("stats")(stats)
+
+
+def report(
+    run: str = typer.Argument(..., help="Run folder (path or fsspec URL)."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
+    selection: Optional[str] = typer.Option(None, help="Selection folder (default: RUN/selection when present)."),
+    column: list[str] = typer.Option(None, "--column", "-c", help="Score columns to show (default: all)."),
+    gallery_size: int = typer.Option(8, help="Pairs per gallery."),
+) -> None:
+    """One self-contained HTML page: distributions, thresholds, disagreements, galleries, errors, provenance."""
+    from pydantic import ValidationError
+
+    from mlmfilter.cli.app import console, user_errors
+    from mlmfilter.report import MissingExtra, ReportOptions, write_report
+
+    try:
+        options = ReportOptions(columns=column or None, gallery_size=gallery_size)
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.errors()[0]["msg"]) from None
+    try:
+        with user_errors():
+            path = write_report(run, output, selection, options)
+    except MissingExtra as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB); open it in any browser, offline")
+
+
+def inspect(
+    run: str = typer.Argument(..., help="Run folder (path or fsspec URL)."),
+    where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'not rules_ok' or 'itm < 30'."),
+    limit: int = typer.Option(20, help="Pairs to show at most."),
+    column: list[str] = typer.Option(None, "--column", "-c", help="Score columns to show (default: all)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet with thumbnails here."),
+) -> None:
+    """The pairs matching an expression: uid, caption, scores and error, read back from the shards."""
+    from rich.table import Table
+
+    from mlmfilter.cli.app import console, user_errors
+    from mlmfilter.io.writers import atomic_write
+    from mlmfilter.report import open_run
+    from mlmfilter.report.inspect import find_pairs
+    from mlmfilter.report.render import ContactSheet, format_number, render_contact_sheet
+
+    if limit < 1:
+        raise typer.BadParameter("--limit must be at least 1")
+    with user_errors():
+        reader = open_run(run)
+        matches = find_pairs(reader, where, limit, columns=column or None, thumbnails=html is not None)
+    table = Table(
+        title=f"{matches.matched} pair(s) match {where or '(everything)'}; showing {len(matches.rows)}", show_lines=True
+    )
+    table.add_column("uid", no_wrap=True, min_width=32)  # whole, so it can be copied
+    table.add_column("shard/key", no_wrap=True)
+    for name in ("caption", "scores", "error"):
+        table.add_column(name, overflow="fold", ratio=1)
+    for ref in matches.rows:
+        shown = matches.sample(ref)
+        if shown is None:
+            caption = "(not found in its shard)" if ref.in_shard else "(no sample: the shard broke here)"
+        else:
+            caption = shown.caption if shown.caption is not None else "(no caption)"
+        scores = ", ".join(f"{k} {format_number(v)}" for k, v in ref.values.items() if v is not None)
+        error = f"{ref.error}: {ref.error_detail or ''}" if ref.error else ""
+        table.add_row(ref.uid, f"{ref.shard}/{ref.key}", caption, scores, error)
+    typer.echo(_render(table))
+    if matches.not_found:
+        console.print(f"[yellow]{len(matches.not_found)} pair(s) were not found in their shards again[/]")
+    if html is not None:
+        page = render_contact_sheet(
+            ContactSheet(matches.rows, matches.shown),
+            run=reader.url,
+            title=f"pairs where {where or 'everything'}",
+            matched=matches.matched,
+            columns=matches.columns,
+            warnings=reader.warnings(),
+        )
+        html.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(html, page)
+        console.print(f"contact sheet written to {html}")
+
+
+def stats(
+    run: str = typer.Argument(..., help="Run folder (path or fsspec URL)."),
+    column: list[str] = typer.Option(None, "--column", "-c", help="Score columns (default: every numeric one)."),
+    bins: int = typer.Option(16, help="Histogram bars (a divisor of 4096: 8, 16, 32, 64)."),
+) -> None:
+    """Quantiles and a terminal histogram per score column, to pick a threshold without code."""
+    from mlmfilter.cli.app import user_errors
+    from mlmfilter.report import open_run
+    from mlmfilter.report.profile import FINE_BINS, profile_columns
+    from mlmfilter.report.scan import numeric_columns
+    from mlmfilter.report.terminal import headline, histogram_table, quantile_table
+
+    if bins < 1 or FINE_BINS % bins:
+        raise typer.BadParameter(f"--bins must divide {FINE_BINS} (e.g. 8, 16, 32, 64)")
+    with user_errors():
+        reader = open_run(run)
+        dataset = reader.dataset("score")
+        available = numeric_columns(dataset.schema)
+        names = column or available
+        unknown = [c for c in names if c not in available]
+        if unknown:
+            raise ValueError(
+                f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})"
+            )
+        profiles = profile_columns(dataset, names)
+    for warning in reader.warnings():
+        typer.secho(warning, fg="red", bold=True, err=True)
+    for name in names:
+        profile = profiles[name]
+        if profile.empty:
+            typer.echo(f"{name}: no values ({profile.missing} rows missing)\n")
+            continue
+        typer.echo(headline(profile))
+        typer.echo(_render(quantile_table(profile)))
+        typer.echo(_render(histogram_table(profile, bins)) + "\n")
+
+
+def _render(renderable) -> str:
+    """Rich output as plain text on stdout (pipes and files get it too, without colour codes)."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    Console(file=buffer, width=max(shutil.get_terminal_size((120, 24)).columns, 100), color_system=None).print(
+        renderable
+    )
+    return buffer.getvalue().rstrip()

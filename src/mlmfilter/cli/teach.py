@@ -1,0 +1,270 @@
+"""`mlmfilter teach ...`: build MLM-Filter instruction data from a pool with a teacher (mlmfilter.teach)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlmfilter.cli.common import (
+    CAPTION_COLUMN_OPTION,
+    CAPTIONS_FILE_OPTION,
+    IMAGE_COLUMN_OPTION,
+    UID_COLUMN_OPTION,
+    URL_COLUMN_OPTION,
+    VERBOSE_OPTION,
+)
+
+teach_app = typer.Typer(
+    no_args_is_help=True, help="Build judge instruction data: sample, negatives, label, balance, export."
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(teach_app, name="teach")
+
+
+def _split(text: Optional[str]) -> Optional[list[str]]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@teach_app.command("sample")
+def sample(
+    pool: list[str] = typer.Argument(..., help="Pool shards: paths, globs, brace patterns or fsspec URLs."),
+    output: Path = typer.Option(..., "--output", "-o", help="The teach folder."),
+    n: int = typer.Option(10_000, "--n", help="Pairs to pick (MLM-Filter: 10k from CC12M)."),
+    clusters: Optional[int] = typer.Option(None, help="k of k-means (default: ceil(n / 10))."),
+    seed: int = typer.Option(0),
+    encoder: str = typer.Option("minilm", help="minilm (caption text, offline all-MiniLM-L6-v2) or clip (images)."),
+    encoder_model: Optional[str] = typer.Option(
+        None, help="Local sentence-encoder folder, or the CLIP model for --encoder clip."
+    ),
+    rules: bool = typer.Option(False, "--rules/--no-rules", help="Pre-filter with DataComp's basic rules."),
+    embedding_dtype: str = typer.Option(
+        "float16", help="float16 or float32: OUTPUT/embeddings.npy, read back as a memmap."
+    ),
+    device: str = typer.Option("cpu", help="Where the encoder runs (cpu, cuda, ...)."),
+    image_column: Optional[str] = IMAGE_COLUMN_OPTION,
+    caption_column: Optional[str] = CAPTION_COLUMN_OPTION,
+    uid_column: Optional[str] = UID_COLUMN_OPTION,
+    url_column: Optional[str] = URL_COLUMN_OPTION,
+    captions_file: Optional[str] = CAPTIONS_FILE_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Pick diverse pairs: embed, k-means, sample evenly across clusters."""
+    from mlmfilter.cli.app import _setup_logging, console, read_flags, user_errors
+    from mlmfilter.io.readers import ReadOptions
+
+    _setup_logging(verbose)
+    with user_errors():
+        from pydantic import ValidationError
+
+        from mlmfilter.io.sources import expand_inputs
+        from mlmfilter.teach.folder import TeachFolder
+        from mlmfilter.teach.sample import SampleOptions
+
+        try:
+            options = SampleOptions(
+                n=n,
+                clusters=clusters,
+                seed=seed,
+                encoder=encoder,
+                encoder_model=encoder_model,
+                rules=rules,
+                embedding_dtype=embedding_dtype,
+                device=device,
+            )
+        except ValidationError as exc:
+            raise ValueError(f"{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        sources = expand_inputs(pool)
+        if not sources:
+            raise ValueError(f"no shards match {pool}")
+        read = ReadOptions(**read_flags(image_column, caption_column, uid_column, url_column, captions_file))
+        report = TeachFolder(output).sample(sources, options, read)["report"]
+    console.print(
+        f"picked {report['picked']} of {report['usable']} usable pairs ({report['read']} read) "
+        f"from {report['clusters']} clusters -> {output / 'sample.parquet'}"
+    )
+
+
+@teach_app.command("negatives")
+def negatives(
+    folder: Path = typer.Argument(..., help="The teach folder (after `teach sample`)."),
+    kinds: Optional[str] = typer.Option(None, help="Comma-separated corruption kinds (default: all)."),
+    seed: int = typer.Option(0),
+    rewrites: bool = typer.Option(
+        True,
+        "--rewrites/--no-rewrites",
+        help="Also the enhancement task's samples: an unrelated caption -> the pair's own, "
+        "a poor caption -> the teacher's rewrite (asked for by `teach label`).",
+    ),
+) -> None:
+    """Make tagged low-quality variants of the sampled pairs (labelled by the teacher like any pair)."""
+    from mlmfilter.cli.app import console, user_errors
+
+    with user_errors():
+        from mlmfilter.teach.folder import TeachFolder
+
+        info = TeachFolder(folder).negatives(_split(kinds), seed, rewrites=rewrites)
+    console.print(f"{info['negatives']} negatives from {info['from_pairs']} pairs: {info['per_kind']}")
+    if "rewrites" in info:
+        console.print(f"{info['rewrites']['samples']} rewrite samples: {info['rewrites']['per_kind']}")
+
+
+@teach_app.command("label")
+def label(
+    folder: Path = typer.Argument(..., help="The teach folder (after `teach sample`, optionally `teach negatives`)."),
+    model: str = typer.Option(..., help="The teacher model, as the endpoint names it."),
+    base_url: str = typer.Option(
+        "https://api.openai.com/v1", help="OpenAI-compatible endpoint (vLLM, SGLang, transformers serve ...)."
+    ),
+    metrics: str = typer.Option("all", help="itm,odf,ctq,su or all."),
+    template: str = typer.Option("v2", help="Prompt template: v2, v1 or a custom string."),
+    mode: str = typer.Option("image", help="image (the teacher sees the image) or text (it sees a VLM's description)."),
+    describer_model: Optional[str] = typer.Option(
+        None, help="Text mode: the VLM that describes the images (default: --model)."
+    ),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
+    api_key_file: Optional[Path] = typer.Option(None, help="File holding the key (bare, or YAML/JSON with api_key)."),
+    concurrency: int = typer.Option(8, help="Requests in flight at once."),
+    timeout: float = typer.Option(120.0, help="Per-request timeout, seconds."),
+    max_retries: int = typer.Option(5, help="Retries on 429 / 5xx / timeouts (retry-after honoured)."),
+    max_tokens: int = typer.Option(512),
+    temperature: float = typer.Option(0.0),
+    batch_file: Optional[Path] = typer.Option(
+        None, help="Write OpenAI Batch JSONL request files here instead of sending."
+    ),
+    collect: Optional[list[Path]] = typer.Option(
+        None, help="Batch output file(s) to ingest; then label from them only."
+    ),
+    rewrite_prompt: Optional[Path] = typer.Option(
+        None,
+        metavar="FILE",
+        help="Text file: the prompt asking for the poor captions' rewrites (has {caption}; default: the enhancer's).",
+    ),
+    rewrite_max_tokens: Optional[int] = typer.Option(None, metavar="N", help="Token limit of a rewrite answer."),
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
+    from mlmfilter.cli.app import _setup_logging, console, user_errors
+
+    _setup_logging(verbose)
+    with user_errors():
+        from pydantic import ValidationError
+
+        from mlmfilter.clients.chat import ClientOptions
+        from mlmfilter.teach.folder import TeachFolder
+        from mlmfilter.teach.label import LabelOptions
+
+        teach = TeachFolder(folder)
+        try:
+            rewrite = {"rewrite_prompt": rewrite_prompt.read_text(encoding="utf-8")} if rewrite_prompt else {}
+            if rewrite_max_tokens is not None:
+                rewrite["rewrite_max_tokens"] = rewrite_max_tokens
+            options = LabelOptions(
+                model=model,
+                metrics=_split(metrics) or ["all"],
+                template=template,
+                mode=mode,
+                describer_model=describer_model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **rewrite,
+            )
+            options.resolved_metrics()
+            client_options = ClientOptions(
+                base_url=base_url,
+                api_key_env=api_key_env,
+                api_key_file=str(api_key_file) if api_key_file else None,
+                concurrency=concurrency,
+                timeout_s=timeout,
+                max_retries=max_retries,
+                cache_only=bool(collect),
+            )
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["loc"][0].__str__() + ": " + exc.errors()[0]["msg"]) from None
+        if collect:
+            ingested = teach.collect(collect)
+            console.print(
+                f"collected {ingested['stored']} answers from {ingested['lines']} output lines "
+                f"({ingested['failed']} without an answer)"
+            )
+        if batch_file is not None:
+            client = teach.client(client_options)  # for its cache: answered requests are not written again
+            try:
+                files = teach.write_batch(options, client, batch_file)
+            finally:
+                client.close()
+            console.print(f"wrote {len(files)} batch file(s): " + ", ".join(map(str, files)))
+            return
+        info = teach.label(options, client_options)
+    stats = info["stats"]
+    if "rewrites" in info:
+        rewrites = info["rewrites"]
+        console.print(
+            f"{rewrites['samples']} rewrite samples ({rewrites['ok']} ok, errors {rewrites['errors'] or 'none'})"
+        )
+    console.print(
+        f"{info['rows']} labels ({info['ok']} ok, errors {info['errors'] or 'none'}); requests {stats['requests']}, "
+        f"cache hits {stats['cache_hits']}, retries {stats['retries']}, tokens "
+        f"{stats['prompt_tokens']}+{stats['completion_tokens']}"
+    )
+
+
+@teach_app.command("balance")
+def balance(
+    folder: Path = typer.Argument(..., help="The teach folder (after `teach label`)."),
+    target: int = typer.Option(1000, help="Labels to keep per metric."),
+    bins: int = typer.Option(10, help="Equal-width score bins over 0..100."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample evenly across score bins per metric; print histograms before and after."""
+    from mlmfilter.cli.app import console, user_errors
+
+    with user_errors():
+        from mlmfilter.teach.balance import BalanceOptions
+        from mlmfilter.teach.folder import TeachFolder
+
+        report = TeachFolder(folder).balance(BalanceOptions(target=target, bins=bins, seed=seed))
+    for metric, info in report["metrics"].items():
+        console.print(
+            f"{metric}: kept {info['kept']} of {info['labelled']}  before {info['before']}  after {info['after']}"
+        )
+
+
+@teach_app.command("export")
+def export(
+    folder: Path = typer.Argument(..., help="The teach folder (after `teach balance`, or --all-labels)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Export folder: LLaVA JSON, TRL JSONL, images, dataset card."
+    ),
+    mix: Optional[Path] = typer.Option(None, help="A general LLaVA instruction set to mix in."),
+    mix_ratio: Optional[float] = typer.Option(
+        None, help="General records per quality record (46k:4k = 11.5); default all."
+    ),
+    all_labels: bool = typer.Option(False, "--all-labels", help="Export every parsed label, not the balanced set."),
+    image_folder: str = typer.Option(
+        "mlm_filter_images", help="Image subfolder (paths in the JSON are relative to OUTPUT)."
+    ),
+    rewrites: bool = typer.Option(
+        True, "--rewrites/--no-rewrites", help="Include the enhancement task's rewrite samples."
+    ),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its card."""
+    from mlmfilter.cli.app import console, user_errors
+
+    with user_errors():
+        from mlmfilter.teach.export import ExportOptions
+        from mlmfilter.teach.folder import TeachFolder
+
+        options = ExportOptions(
+            image_folder=image_folder, mix=str(mix) if mix else None, mix_ratio=mix_ratio, seed=seed, rewrites=rewrites
+        )
+        summary = TeachFolder(folder).export(output, options, balanced=not all_labels)
+    console.print(
+        f"{summary['records']} records ({summary['quality_records']} quality, {summary['rewrite_records']} rewrite, "
+        f"{summary['general_records']} general), "
+        f"{summary['images']} images -> {output}"
+    )

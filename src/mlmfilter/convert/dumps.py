@@ -1,0 +1,149 @@
+"""Score files in the layout the released MLM-Filter scoring scripts write.
+
+The scripts write, per input shard ``{id:08d}.tar`` and metric, ``{id:08d}_{metric}.parquet``: one
+row per sample holding every field of the sample's ``.json`` plus ``{metric}_score``, the decoded
+greedy answer as a STRING (e.g. ``"85"``; Open-Qwen2VL's ``apply_filter.py`` then parses its first
+line with ``int()``). :func:`export_mlm_filter` writes that layout from a run's ``score`` stage:
+
+* with the ``generate`` readout, ``{metric}_score`` is the raw answer (``<m>_raw``), as the script wrote it;
+* with the ``expected`` readout it is the expected score rounded to an integer, as a string;
+* an error row (no score) gets an empty string, which ``int()`` rejects like any unparsable answer.
+
+The sample's json fields are read back from the run's own input shards.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from mlmfilter.judge.prompts import METRICS
+
+
+def _score_text(row: dict[str, Any], short: str) -> str:
+    raw = row.get(f"{short}_raw")
+    if isinstance(raw, str):
+        return raw
+    value = row.get(short)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(int(round(float(value))))
+
+
+def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:
+    """Write ``{shard}_{metric}.parquet`` for every completed shard and every MLM metric the run scored."""
+    from mlmfilter.io.readers import read_shard
+    from mlmfilter.io.readers.options import ReadOptions
+    from mlmfilter.io.writers import atomic_write_parquet
+    from mlmfilter.runs.read import RunReader
+
+    run = RunReader(run_dir)
+    names = set(run.schema(stage).names)
+    metrics = [(long, short) for long, short in METRICS.items() if short in names]
+    if not metrics:
+        raise ValueError(
+            f"{run_dir} has no MLM-Filter score columns ({', '.join(METRICS.values())}) in stage {stage!r}"
+        )
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    options = ReadOptions(**run.read_options())
+    written: list[Path] = []
+    for shard_id, source in run.sources().items():
+        table = run.table(shard_id, stage)
+        if table is None:
+            continue
+        metas = {sample.key: sample.meta for sample in read_shard(source, options)}
+        rows = table.to_pylist()
+        for long, short in metrics:
+            records = []
+            for row in rows:
+                record = dict(metas.get(row["key"]) or {})
+                record.setdefault("uid", row["uid"])
+                record[f"{long}_score"] = _score_text(row, short)
+                records.append(record)
+            written.append(atomic_write_parquet(pa.Table.from_pylist(records), out / f"{shard_id}_{long}.parquet"))
+    return written
+
+
+def import_mlm_filter(
+    dumps: str | Path, run_dir: str | Path, shards: list[str] | None = None, stage: str = "score"
+) -> dict[str, int]:
+    """Turn published ``{shard}_{metric}.parquet`` score files into a run ``select`` reads.
+
+    Rows of one shard are joined on ``uid`` across metrics (a sample missing from one metric's
+    file gets no score for it). A ``{metric}_score`` whose first line is not an integer 0..100 is
+    an ``unparseable_score`` error row that keeps the text in ``<m>_raw``. ``shards`` (input
+    specs) are the tar shards the dumps describe: given, they are registered under the same ids,
+    so ``reshard`` can write the kept pairs.
+    """
+    import re
+    from collections import defaultdict
+
+    import pyarrow.parquet as pq
+
+    from mlmfilter.core import errors
+    from mlmfilter.io.sources import expand_inputs, shard_stem
+    from mlmfilter.io.uid import derive_uid, normalize_uid
+    from mlmfilter.runs.runner import write_tables
+
+    dumps = Path(dumps).expanduser()
+    long_to_short = dict(METRICS)
+    pattern = re.compile(r"^(?P<shard>.+)_(?P<metric>" + "|".join(map(re.escape, long_to_short)) + r")\.parquet$")
+    files: dict[str, dict[str, Path]] = defaultdict(dict)
+    for path in sorted(dumps.glob("*.parquet")):
+        match = pattern.match(path.name)
+        if match:
+            files[match["shard"]][long_to_short[match["metric"]]] = path
+    if not files:
+        raise ValueError(
+            f"{dumps} holds no MLM-Filter score files ({{shard}}_{{metric}}.parquet, metric one of {', '.join(METRICS)})"
+        )
+    metrics = sorted({short for per_shard in files.values() for short in per_shard}, key=list(METRICS.values()).index)
+    sources = {shard_stem(s.url): s for s in expand_inputs(shards)} if shards else {}
+    tables: dict[str, pa.Table] = {}
+    counts = {"shards": 0, "rows": 0, "unparseable": 0}
+    for shard_id, per_metric in sorted(files.items()):
+        rows: dict[str, dict[str, Any]] = {}
+        for short, path in per_metric.items():
+            long = next(k for k, v in METRICS.items() if v == short)
+            for record in pq.read_table(path).to_pylist():
+                key = str(record.get("key") or record.get("__key__") or "")
+                uid = normalize_uid(record.get("uid")) or derive_uid(f"{shard_id}.tar", key)
+                row = rows.setdefault(
+                    uid, {"uid": uid, "shard": shard_id, "key": key, "error": None, "error_detail": None}
+                )
+                text = record.get(f"{long}_score")
+                text = "" if text is None else str(text)
+                row[f"{short}_raw"] = text
+                first = text.strip().splitlines()[0].strip() if text.strip() else ""
+                value = int(first) if first.isdigit() and 0 <= int(first) <= 100 else None
+                row[short] = float(value) if value is not None else None
+                if value is None and row["error"] is None:
+                    row["error"], row["error_detail"] = errors.UNPARSEABLE_SCORE, f"{long}_score {text[:200]!r}"
+                    counts["unparseable"] += 1
+        fields = [pa.field(c, pa.string()) for c in ("uid", "shard", "key")]
+        fields += [f for m in metrics for f in (pa.field(m, pa.float32()), pa.field(f"{m}_raw", pa.string()))]
+        fields += [pa.field("error", pa.string()), pa.field("error_detail", pa.string())]
+        tables[shard_id] = pa.Table.from_pylist(list(rows.values()), schema=pa.schema(fields))
+        counts["shards"] += 1
+        counts["rows"] += len(rows)
+    missing = sorted(set(tables) - set(sources)) if sources else []
+    if missing:
+        raise ValueError(f"--shards has no tar for score files of shard(s) {', '.join(missing[:5])}")
+    registered = [type(s)(id=sid, url=s.url, format=s.format) for sid, s in sources.items() if sid in tables]
+    write_tables(
+        run_dir,
+        stage,
+        tables,
+        sources=registered,
+        identity={"kind": "imported", "format": "mlm-filter", "dumps": str(dumps.resolve()), "metrics": metrics},
+        provenance={
+            "imported_from": str(dumps.resolve()),
+            "format": "mlm-filter score files",
+            "readout": "generate (the released scripts' greedy answer)",
+        },
+    )
+    return counts

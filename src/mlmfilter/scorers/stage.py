@@ -1,0 +1,196 @@
+"""The scoring stage: read -> decode (worker processes) -> scorers -> one table per shard.
+
+The first user of the stage interface (:mod:`mlmfilter.runs.stage`). Scorers are built and
+their models loaded once per worker process; so is the decode pool, which every shard of the
+worker reuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from mlmfilter.core.sample import Sample
+from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, DecodeSpec
+from mlmfilter.io.readers import ReadOptions, read_shard
+from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask, identity_schema
+from mlmfilter.scorers import Scorer, build_scorer
+from mlmfilter.scorers.base import iter_batches
+
+#: the shorter side decoded for runs whose scorers look at no pixels: draft mode makes it cheap
+#: and decoding still proves the image is readable and yields its size
+HEADER_ONLY_SIDE = 64
+
+
+class ScorerSpec(StageOptions):
+    """A scorer by registry name plus its options (validated by the scorer's own Options model)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def names_to_specs(value: Any) -> Any:
+    """A recipe may list plain names (`scorers: [rules, clip]`): make them specs."""
+    if isinstance(value, (list, tuple)):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class ScoringOptions(StageOptions):
+    scorers: list[ScorerSpec] = Field(default_factory=lambda: [ScorerSpec(name="rules")])
+    decode_workers: int = 1  # image-decoding processes per shard worker (0: decode inline)
+    chunk_size: int = 64  # samples handed to the scorers at a time (decoding runs a chunk ahead)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit on the source image
+    #: cascade: score only the pairs passing this expression over ``only_stage``'s columns of the
+    #: same run (e.g. "rules_ok and clip_cosine >= 0.2"); the others keep a row marked ``skipped``
+    only: str | None = None
+    only_stage: str = "score"
+
+    _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
+
+
+def table_schema(scorers: Sequence[Scorer], cascade: bool = False) -> pa.Schema:
+    fields = [f for scorer in scorers for f in scorer.schema_fields()]
+    return identity_schema(fields + ([pa.field("skipped", pa.bool_())] if cascade else []))
+
+
+def decode_spec(scorers: Sequence[Scorer], max_pixels: int) -> DecodeSpec:
+    """Decode once, at the largest size any scorer wants; each scorer crops/normalises from there."""
+    sizes = [s.image_size for s in scorers if s.image_size]
+    return DecodeSpec(shorter_side=max(sizes) if sizes else HEADER_ONLY_SIDE, max_pixels=max_pixels)
+
+
+def score_chunk(samples: list[Sample], scorers: Sequence[Scorer], stats=None) -> list[dict[str, Any]]:
+    """Rows for a chunk of decoded samples: identity columns, every scorer's columns, the first error."""
+    rows = [{"uid": s.uid, "shard": s.shard, "key": s.key} for s in samples]
+    for scorer in scorers:
+        block = stats.block(scorer.name) if stats is not None else None
+        for row, scored in zip(rows, scorer.score(samples, block)):
+            row.update(scored)
+    for row, sample in zip(rows, samples):
+        row["error"] = sample.error
+        row["error_detail"] = sample.error_detail
+        if sample.skipped:
+            row["skipped"] = True
+    return rows
+
+
+class ScoringStage(Stage):
+    kind = "score"
+    Options = ScoringOptions
+
+    def __init__(
+        self, options: ScoringOptions | None = None, name: str | None = None, scorers: list[Scorer] | None = None
+    ):
+        super().__init__(options, name)
+        # scorers are built at once: options are validated here, before any work starts, and
+        # provenance/identity come from config files without loading weights
+        self.scorers = (
+            scorers if scorers is not None else [build_scorer(s.name, s.options) for s in self.options.scorers]
+        )
+        self._decoder = None
+
+    def schema(self) -> pa.Schema:
+        return table_schema(self.scorers, cascade=self.options.only is not None)
+
+    def identity(self) -> dict[str, Any]:
+        identity = {
+            "kind": self.kind,
+            "scorers": [s.identity() for s in self.scorers],
+            "max_pixels": self.options.max_pixels,
+        }
+        if self.options.only is not None:
+            identity["only"] = {"expression": self.options.only, "stage": self.options.only_stage}
+        return identity
+
+    def provenance(self) -> dict[str, Any]:
+        provenance = {"kind": self.kind, "scorers": {s.name: s.provenance() for s in self.scorers}}
+        warnings = [w for p in provenance["scorers"].values() for w in p.get("warnings", [])]
+        if warnings:
+            provenance["warnings"] = warnings
+        return provenance
+
+    def setup(self) -> None:
+        self._image_decoder().start()  # decoders spawn while the models load
+        for scorer in self.scorers:
+            scorer.ensure_setup()
+
+    def wants_gpu(self) -> bool:
+        """A scorer runs a model in this process on an accelerator (device auto/cuda, or the vllm backend)."""
+        for scorer in self.scorers:
+            options = scorer.options
+            if getattr(options, "backend", None) == "openai":
+                continue  # the model runs on the server
+            if getattr(options, "backend", None) == "vllm" or str(getattr(options, "device", "cpu")) not in (
+                "cpu",
+                "mps",
+            ):
+                return True
+        return False
+
+    @property
+    def decoder(self):
+        """The stage's one image decoder (None before the first shard): one pool for all its shards."""
+        return self._decoder
+
+    def _image_decoder(self):
+        from mlmfilter.images.pool import ImageDecoder
+
+        if self._decoder is None:
+            spec = decode_spec(self.scorers, self.options.max_pixels)
+            # keep the decoders a whole chunk ahead of the scorers, so the model never waits on them
+            self._decoder = ImageDecoder(spec, self.options.decode_workers, prefetch=2 * self.options.chunk_size)
+        return self._decoder
+
+    def process(self, task: StageTask, progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
+        schema = self.schema()
+        samples = read_shard(task.source, ReadOptions(**task.read_options))
+        if self.options.only is not None:
+            samples = self._mark_skipped(samples, self._passing_keys(task), task)
+        decoded = self._image_decoder().decode(samples)
+        for chunk in iter_batches(decoded, self.options.chunk_size):
+            for sample in chunk:
+                sample.image_bytes = None  # decoded or failed: the bytes are no longer needed
+            rows = score_chunk(chunk, self.scorers, task.stats)
+            if self.options.only is not None:
+                for row in rows:
+                    row.setdefault("skipped", False)
+            errored = sum(1 for r in rows if r["error"])
+            yield pa.RecordBatch.from_pylist(rows, schema=schema)
+            if progress:
+                progress(len(rows), errored)
+
+    def _passing_keys(self, task: StageTask) -> set[str]:
+        """Keys of this shard passing the cascade expression over the earlier stage's table."""
+        from mlmfilter.selection.expression import parse_expression
+
+        table = task.run.table(task.shard_id, self.options.only_stage)
+        if table is None:  # a shard-level failure: the cascade cannot be decided yet
+            raise RuntimeError(
+                f"stage {self.options.only_stage!r} has not finished shard {task.shard_id!r}; run it first"
+            )
+        columns = {f.name: f.type for f in table.schema}
+        condition = parse_expression(self.options.only, columns).expression
+        import pyarrow.dataset as ds
+
+        return set(ds.dataset(table).to_table(columns=["key"], filter=condition)["key"].to_pylist())
+
+    @staticmethod
+    def _mark_skipped(samples, passing: set[str], task: StageTask):
+        for sample in samples:
+            if sample.ok and sample.key not in passing:
+                sample.skipped = True
+                sample.image_bytes = None
+                task.stats.count("skipped_by_cascade")
+            yield sample
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        for scorer in self.scorers:  # their backends (engines, HTTP clients), where they have any
+            close = getattr(scorer, "close", None)
+            if close is not None:
+                close()
