@@ -92,7 +92,8 @@ def batches_as_the_pipeline_cuts_them(n_pairs: int, per_shard: int, chunk_size: 
 def decode_pool_start_seconds(blob: bytes) -> float:
     """Seconds until a fresh decode pool (the pipeline starts one per shard) returns one decoded image."""
     from mlmfilter.core.sample import Sample
-    from mlmfilter.images.decode import DecodeSpec, decode_stream
+    from mlmfilter.images.decode import DecodeSpec
+    from mlmfilter.images.pool import decode_stream
 
     t0 = time.perf_counter()
     list(decode_stream([Sample(uid="0" * 32, shard="s", key="0", image_bytes=blob)], DecodeSpec(224), workers=1))
@@ -226,7 +227,8 @@ class BareModelPath:
     """The image and text forwards + cosine only, on inputs prepared beforehand."""
 
     def __init__(self, model_dir: Path, dtype: str, blobs: list[bytes], captions: list[str], batches: list[range]):
-        from mlmfilter.images.decode import DecodeSpec, decode_image, to_pixel_values
+        from mlmfilter.images.decode import DecodeSpec, decode_image
+        from mlmfilter.images.pixels import to_pixel_values
         from mlmfilter.models.clip import load_clip
 
         t0 = time.perf_counter()

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlmfilter.images.decode import DecodeSpec, decode_image, to_pixel_values
+from mlmfilter.images.decode import DecodeSpec, decode_image
+from mlmfilter.images.pixels import to_pixel_values
 
 FLICKR_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k_dev" / "images"
 SIZE = 224

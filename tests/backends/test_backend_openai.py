@@ -193,7 +193,7 @@ def test_a_replica_at_another_address_resumes_the_run_but_another_model_does_not
 
 @pytest.mark.slow
 def test_transformers_serve_generate_path_and_no_logprobs_refusal(tmp_path_factory):
-    from mlmfilter.scorers.base import InfrastructureError
+    from mlmfilter.core.errors import InfrastructureError
 
     model_dir = str(save_tiny_served_llava(tmp_path_factory.mktemp("served") / "model"))
     with transformers_serve(model_dir, tmp_path_factory.mktemp("serve-log")) as base_url:

@@ -21,10 +21,10 @@ from mlmfilter.images.decode import (
     ImageDecodeError,
     decode_image,
     decode_sample,
-    decode_stream,
     resized_size,
-    to_pixel_values,
 )
+from mlmfilter.images.pixels import to_pixel_values
+from mlmfilter.images.pool import decode_stream
 
 SPEC_224 = DecodeSpec(shorter_side=224)
 

@@ -154,7 +154,7 @@ class TransformersCaptionGenerator:
         self, chunk: list[GenerationRequest], params: SamplingParams
     ) -> list[list[Generated] | RequestFailure]:
         """One micro-batch; when it fails as a whole, each request alone, so a bad one fails alone."""
-        from mlmfilter.scorers.base import is_infrastructure_failure
+        from mlmfilter.core.errors import is_infrastructure_failure
 
         try:
             return self._generate_chunk(chunk, params)

@@ -27,3 +27,15 @@ UNPARSEABLE_SCORE = "unparseable_score"  # a generated answer that is not a numb
 
 class ModelUnavailableError(RuntimeError):
     """A model can be neither found locally nor downloaded (torch-free, so the CLI can catch it cheaply)."""
+
+
+class InfrastructureError(RuntimeError):
+    """The machine failed, not the sample (out of memory, a dead device): the shard fails and is retried."""
+
+
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    """Memory exhaustion and device loss are never a sample's fault; they must not become error rows."""
+    return isinstance(exc, (MemoryError, InfrastructureError)) or type(exc).__name__ in (
+        "OutOfMemoryError",  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
+        "AcceleratorError",
+    )

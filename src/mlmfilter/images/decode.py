@@ -13,7 +13,7 @@ Every scorer reads pixels through here, so an image is decoded once per pair:
   TIFF the first frame is the image (what PIL opens).
 
 Broken input never raises out of :func:`decode_sample`; it marks the sample with an
-:mod:`mlmfilter.core.errors` reason. :func:`decode_stream` runs decoding in worker processes
+:mod:`mlmfilter.core.errors` reason. :func:`mlmfilter.images.pool.decode_stream` runs decoding in worker processes
 so that a model in the parent does not wait on it, and :func:`to_pixel_values` turns
 decoded images into the normalised tensor a vision encoder takes.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, JpegImagePlugin
@@ -32,16 +32,14 @@ from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 
 if TYPE_CHECKING:  # torch is heavy; worker processes that only decode never import it
-    import torch
+    pass
 
 __all__ = [
     "DecodeSpec",
     "ImageDecodeError",
     "decode_image",
     "decode_sample",
-    "decode_stream",
     "resized_size",
-    "to_pixel_values",
 ]
 
 # EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose)
@@ -236,80 +234,3 @@ def decode_sample(sample: Sample, spec: DecodeSpec) -> Sample:
     sample.image, sample.width, sample.height = image, width, height
     sample.image_bytes = None
     return sample
-
-
-def decode_stream(
-    samples: Iterable[Sample], spec: DecodeSpec, workers: int = 1, prefetch: int = 64
-) -> Iterator[Sample]:
-    """Decode samples in order. ``workers=0`` decodes inline; otherwise a process pool does
-    (see :class:`mlmfilter.images.pool.ImageDecoder`, which a long-lived caller keeps open).
-
-    At most ``prefetch`` samples are in flight, so memory stays bounded however long the
-    input is. Closing the generator early shuts the pool down.
-    """
-    from mlmfilter.images.pool import ImageDecoder
-
-    with ImageDecoder(spec, workers, prefetch) as decoder:
-        yield from decoder.decode(samples)
-
-
-def to_pixel_values(
-    images: Sequence[Image.Image],
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop: bool = True,
-    dtype: "torch.dtype | None" = None,
-) -> "torch.Tensor":
-    """(N, 3, size, size) tensor, normalised, as CLIPImageProcessor would give: float32, or
-    ``dtype=torch.bfloat16`` for a bf16 model.
-
-    ``crop=True``: images whose shorter side is not ``size`` are first resized (bicubic)
-    so that it is; then the centre square is cut out. ``crop=False``: each image is
-    squashed to size x size. Normalisation goes through a 256-entry table per channel
-    built with the reference's arithmetic, so the values match it bit for bit. For bf16 the
-    table itself is rounded (as casting the float32 tensor would round each value), so the
-    tensor equals ``to_pixel_values(...).to(torch.bfloat16)`` with half the memory traffic
-    and no float32 copy: on 2 cores at bf16 this step is a visible share of a CLIP forward.
-    """
-    import torch
-
-    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        batch[i] = np.asarray(_square(image.convert("RGB") if image.mode != "RGB" else image, size, crop))
-    table = _normalisation_table(tuple(mean), tuple(std))
-    bf16 = dtype == torch.bfloat16
-    if bf16:  # bf16 bit patterns as int16: numpy has no bf16, torch reinterprets them below
-        table = torch.from_numpy(table).to(torch.bfloat16).view(torch.int16).numpy()
-    channels_first = batch.transpose(0, 3, 1, 2)
-    out = np.empty(channels_first.shape, dtype=table.dtype)
-    for c in range(3):
-        np.take(table[c], channels_first[:, c], out=out[:, c])
-    tensor = torch.from_numpy(out)
-    return tensor.view(torch.bfloat16) if bf16 else tensor
-
-
-def _square(image: Image.Image, size: int, crop: bool) -> Image.Image:
-    if not crop:
-        return image.resize((size, size), Image.Resampling.BICUBIC)
-    width, height = image.size
-    if min(width, height) != size:  # upscale small ones (the decoder never does), as CLIP does
-        short, long = min(width, height), max(width, height)
-        new_long = int(size * long / short)
-        width, height = (size, new_long) if width <= height else (new_long, size)
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-_TABLES: dict[tuple, np.ndarray] = {}
-
-
-def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: ((v * 1/255 in float64 -> float32) - mean) / std, as transformers computes it."""
-    key = (mean, std)
-    if key not in _TABLES:
-        scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-        _TABLES[key] = ((scaled[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
-    return _TABLES[key]

@@ -197,3 +197,16 @@ class ImageDecoder:
         for process in processes:
             if process.is_alive():
                 process.terminate()
+
+
+def decode_stream(
+    samples: Iterable[Sample], spec: DecodeSpec, workers: int = 1, prefetch: int = 64
+) -> Iterator[Sample]:
+    """Decode samples in order. ``workers=0`` decodes inline; otherwise a process pool does
+    (see :class:`mlmfilter.images.pool.ImageDecoder`, which a long-lived caller keeps open).
+
+    At most ``prefetch`` samples are in flight, so memory stays bounded however long the
+    input is. Closing the generator early shuts the pool down.
+    """
+    with ImageDecoder(spec, workers, prefetch) as decoder:
+        yield from decoder.decode(samples)

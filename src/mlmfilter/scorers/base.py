@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from mlmfilter.core import errors
+from mlmfilter.core.errors import is_infrastructure_failure
 from mlmfilter.core.identity import options_identity, stable_identity
 from mlmfilter.core.sample import Sample
 from mlmfilter.core.stats import BlockStats
@@ -35,18 +36,6 @@ class ScoreFailure:
 
 #: a scorer's lifetime counters (seen / done / skipped / failed by reason / batches / seconds)
 ScorerStats = BlockStats
-
-
-class InfrastructureError(RuntimeError):
-    """The machine failed, not the sample (out of memory, a dead device): the shard fails and is retried."""
-
-
-def is_infrastructure_failure(exc: BaseException) -> bool:
-    """Memory exhaustion and device loss are never a sample's fault; they must not become error rows."""
-    return isinstance(exc, (MemoryError, InfrastructureError)) or type(exc).__name__ in (
-        "OutOfMemoryError",  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
-        "AcceleratorError",
-    )
 
 
 class ScorerOptions(BaseModel):

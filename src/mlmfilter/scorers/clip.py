@@ -69,7 +69,7 @@ class ClipScorer(TextMasking, Scorer):
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         import torch
 
-        from mlmfilter.images.decode import to_pixel_values
+        from mlmfilter.images.pixels import to_pixel_values
 
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
         todo = []

@@ -28,6 +28,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from mlmfilter.core import errors
+from mlmfilter.core.errors import InfrastructureError
 from mlmfilter.core.sample import Sample
 from mlmfilter.judge.backend import (
     EXACT_EXPECTED_DEFINITION,
@@ -44,7 +45,7 @@ from mlmfilter.judge.conversations import default_answer_prefix, validate_conver
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
-from mlmfilter.scorers.base import InfrastructureError, ScoreFailure, Scorer
+from mlmfilter.scorers.base import ScoreFailure, Scorer
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)

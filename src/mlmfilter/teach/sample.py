@@ -128,7 +128,7 @@ class ImageEmbedder:
     def embed_samples(self, samples: list) -> np.ndarray:
         import torch
 
-        from mlmfilter.images.decode import to_pixel_values
+        from mlmfilter.images.pixels import to_pixel_values
 
         pre = self.loaded.preprocessing
         out = []
