@@ -11,11 +11,13 @@ import torch
 from mlmfilter.judge.readout import (
     AdaptiveTrieReadout,
     ExpectedScore,
+    ScoreLineError,
     ScoreTrie,
     UnsupportedTokenizerError,
     canonical_score_tokens,
     log1mexp,
     parse_generated_score,
+    read_score_line,
 )
 from mlmfilter.models.tiny_vlm import fallback_tokenizer
 from tests.support import mlm as mlm_support
@@ -57,13 +59,22 @@ def _multi_digit_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe)
 
 
+def _exact_log_probs(trie: ScoreTrie, logits: torch.Tensor) -> torch.Tensor:
+    """log P(s) from one full logit row per context (K, V): the reductions a backend computes, then combine()."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    log_continue = torch.logsumexp(logits[:, trie.continuation_ids], dim=-1) - lse
+    edge_logits = logits[trie.edge_contexts, trie.edge_tokens]
+    return trie.combine(lse, log_continue, edge_logits)
+
+
 def test_trie_combines_exactly_like_walking_each_number():
     tok = _multi_digit_tokenizer()
     trie = ScoreTrie.from_tokenizer(tok)
     assert any(len(seq) == 1 for seq in trie.sequences[10:])  # some multi-digit numbers are one token
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(trie.n_contexts, len(tok), generator=generator) * 3
-    fast = trie.score_log_probs(logits).double().numpy()
+    fast = _exact_log_probs(trie, logits).double().numpy()
     logp = torch.log_softmax(logits.double(), dim=-1)
     cont = torch.tensor(trie.continuation_ids)
     index = {}
@@ -106,7 +117,7 @@ def test_adaptive_trie_is_exact_at_zero_and_within_the_threshold_above(tokenizer
     logits = torch.randn(3, trie.n_contexts, vocab, generator=generator) * 4
     digits = torch.tensor(sorted(set(trie.edge_tokens)))
     logits[..., digits] += 6.0  # an answer that is mostly a number, as a judge's should be
-    exact = torch.stack([trie.score_log_probs(row) for row in logits]).double()
+    exact = torch.stack([_exact_log_probs(trie, row) for row in logits]).double()
     eager = tokenizer == "smollm2"
     full, computed = _adaptive(trie, logits, 0.0, eager)
     torch.testing.assert_close(full, exact, atol=1e-5, rtol=0)
@@ -174,3 +185,39 @@ def test_log1mexp_is_accurate_at_both_ends():
 )
 def test_generated_answers_parse_like_the_reference(text, value):
     assert parse_generated_score(text) == value
+
+
+@pytest.mark.parametrize(
+    "text, reference, lenient",
+    [
+        ("85\nThe caption matches.", (85, "The caption matches."), (85, "The caption matches.")),
+        ("  7 \n\nwhy", (7, "why"), (7, "why")),
+        ("+85\nx", (85, "x"), (85, "x")),
+        ("8_5\nx", (85, "x"), None),  # int() reads Python's digit separators; the teacher's line is plain digits
+        ("Score: 7\nwhy", None, (7, "why")),
+        ("**100**\nok", None, (100, "ok")),
+        ("64/100\nfine", None, (64, "fine")),
+        ("101\nx", None, None),
+        ("about 80\nx", None, None),
+        ("8 5\nx", None, None),
+        ("excellent\n90", None, None),
+        ("", None, None),
+    ],
+)
+def test_one_score_line_parser_with_a_lenient_mode_for_teachers(text, reference, lenient):
+    for mode, expected in ((False, reference), (True, lenient)):
+        if expected is None:
+            with pytest.raises(ScoreLineError):
+                read_score_line(text, lenient=mode)
+        else:
+            assert read_score_line(text, lenient=mode) == expected
+    assert parse_generated_score(text) == (reference[0] if reference else None)
+
+
+def test_score_line_errors_say_why():
+    with pytest.raises(ScoreLineError, match="empty reply"):
+        read_score_line("  \n ")
+    with pytest.raises(ScoreLineError, match=r"first line is not a score: 'about 80'"):
+        read_score_line("about 80\nx", lenient=True)
+    with pytest.raises(ScoreLineError, match="score 101 is outside 0..100"):
+        read_score_line("101")

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from mlmfilter.judge.prompts import METRICS
+from mlmfilter.judge.readout import parse_generated_score
 
 
 def _score_text(row: dict[str, Any], short: str) -> str:
@@ -118,8 +119,7 @@ def import_mlm_filter(
                 text = record.get(f"{long}_score")
                 text = "" if text is None else str(text)
                 row[f"{short}_raw"] = text
-                first = text.strip().splitlines()[0].strip() if text.strip() else ""
-                value = int(first) if first.isdigit() and 0 <= int(first) <= 100 else None
+                value = parse_generated_score(text)  # the released scripts' own parse: int() of the first line
                 row[short] = float(value) if value is not None else None
                 if value is None and row["error"] is None:
                     row["error"], row["error_detail"] = errors.UNPARSEABLE_SCORE, f"{long}_score {text[:200]!r}"

@@ -38,6 +38,7 @@ Step 3 is ``answer_prefix`` (``" "`` for the reference formats, ``""`` for ``aut
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,9 +66,66 @@ def reference_user_turn(prompt: str, image_placeholder: str = REFERENCE_IMAGE_TO
     return image_placeholder + "\n" + prompt
 
 
-def _vicuna_v1(user_turn: str) -> str:
-    # SeparatorStyle.TWO: system + sep, then "ROLE: msg" + sep (" "), empty assistant -> "ROLE:"
-    return VICUNA_V1_SYSTEM + " " + "USER: " + user_turn + " " + "ASSISTANT:"
+@dataclass(frozen=True)
+class SeparatorStyleTwo:
+    """LLaVA's ``SeparatorStyle.TWO`` conversation, written once for both places that render it.
+
+    :meth:`render_turn` is the judge's request text in Python; :meth:`chat_template` is the same
+    conversation as the Jinja chat template a converted LLaVA-1.5 checkpoint's processor carries
+    (``apply_chat_template``). ``get_prompt()`` of the original: ``system + sep``, then each turn as
+    ``"ROLE: " + message`` followed by ``sep`` (user) or ``sep2`` (assistant), and an empty assistant
+    turn as ``"ROLE:"``.
+    """
+
+    system: str
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+    sep2: str = "</s>"
+
+    def render_turn(self, user_turn: str) -> str:
+        """One user turn and the empty assistant cue."""
+        user, assistant = self.roles
+        return self.system + self.sep + user + ": " + user_turn + self.sep + assistant + ":"
+
+    def chat_template(self, eos_token: str | None = None) -> str:
+        """The Jinja chat template rendering this conversation exactly (``eos_token`` ends past answers; default sep2).
+
+        A user message's images come first, each as ``<image>\\n`` (:func:`reference_user_turn`), then
+        its text; ``add_generation_prompt`` writes the empty assistant cue. No BOS: the tokenizer adds
+        it, as in LLaVA. A system message replaces the default system prompt.
+        """
+        user, assistant = self.roles
+        image_line = _jinja_string(reference_user_turn("", REFERENCE_IMAGE_TOKEN))
+        return (
+            "{%- set ns = namespace(system=" + json.dumps(self.system) + ") -%}"
+            "{%- for message in messages if message['role'] == 'system' -%}"
+            "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+            "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text')"
+            " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{{- ns.system + " + _jinja_string(self.sep) + " -}}"
+            "{%- for message in messages if message['role'] != 'system' -%}"
+            "{%- if message['role'] == 'user' -%}{{- " + _jinja_string(user + ": ") + " -}}"
+            "{%- else -%}{{- " + _jinja_string(assistant + ": ") + " -}}{%- endif -%}"
+            "{%- if message['content'] is string -%}{{- message['content'] -}}"
+            "{%- else -%}"
+            "{%- for part in message['content'] if part['type'] == 'image' -%}{{- " + image_line + " -}}{%- endfor -%}"
+            "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -}}"
+            "{%- endif -%}"
+            "{%- if message['role'] == 'user' -%}{{- " + _jinja_string(self.sep) + " -}}"
+            "{%- else -%}{{- " + json.dumps(self.sep2 if eos_token is None else eos_token) + " -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + _jinja_string(assistant + ":") + " -}}{%- endif -%}"
+        )
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+#: conv_vicuna_v1 (haotian-liu/LLaVA): the LLaVA-1.5 13B judges' conversation
+VICUNA_V1 = SeparatorStyleTwo(VICUNA_V1_SYSTEM)
 
 
 def _llava_llama3(user_turn: str) -> str:
@@ -129,10 +187,6 @@ class ConversationFormat:
     #: scripts do, instead of being encoded with the text (byte-level BPE would merge "\n " into one token)
     force_answer_token: bool = False
 
-    @property
-    def is_reference(self) -> bool:
-        return True
-
     def render(self, prompt: str, image_placeholder: str) -> str:
         return self.render_turn(reference_user_turn(prompt, image_placeholder + self.split_after_image))
 
@@ -147,10 +201,13 @@ class ConversationFormat:
 
 FORMATS: dict[str, ConversationFormat] = {
     "vicuna_v1": ConversationFormat(
-        "vicuna_v1", "haotian-liu/LLaVA llava/conversation.py conv_vicuna_v1", _vicuna_v1, "</s>"
+        "vicuna_v1", "haotian-liu/LLaVA llava/conversation.py conv_vicuna_v1", VICUNA_V1.render_turn, VICUNA_V1.sep2
     ),
     "llama3": ConversationFormat(
-        "llama3", "Victorwz/LLaVA-Llama-3 llava/conversation.py conv_llama_3", _vicuna_v1, "<|end_of_text|>"
+        "llama3",
+        "Victorwz/LLaVA-Llama-3 llava/conversation.py conv_llama_3",
+        VICUNA_V1.render_turn,
+        "<|end_of_text|>",
     ),
     "llava_llama3": ConversationFormat(
         "llava_llama3", "LLaVA-VL/LLaVA-NeXT llava/conversation.py conv_llava_llama_3", _llava_llama3, "<|eot_id|>"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -119,21 +120,6 @@ class ScoreTrie:
     def edge_tokens(self) -> list[int]:
         return [node.token_id for node in self.nodes]
 
-    def reduce_logits(self, logits: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-        """One logit row per context (K, V) -> (logsumexp (K,), log P(continue) (K,), edge logits (N,)).
-
-        Float32. A backend with a large vocabulary calls this on chunks of rows it gathered itself.
-        """
-        import torch
-
-        logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        cont_ids = torch.as_tensor(self.continuation_ids, device=logits.device)
-        log_continue = torch.logsumexp(logits.index_select(-1, cont_ids), dim=-1) - lse
-        ctx = torch.as_tensor(self.edge_contexts, device=logits.device)
-        tok = torch.as_tensor(self.edge_tokens, device=logits.device)
-        return lse, log_continue, logits[ctx, tok]
-
     def combine(self, lse: "torch.Tensor", log_continue: "torch.Tensor", edge_logits: "torch.Tensor") -> "torch.Tensor":
         """log P(s), s = 0..100, from per-context reductions (..., K) and edge logits (..., N)."""
         import torch
@@ -173,18 +159,6 @@ class ScoreTrie:
             if node.parent >= 0:
                 out[..., n] |= out[..., node.parent]
         return out
-
-    def score_log_probs(self, logits: "torch.Tensor") -> "torch.Tensor":
-        """log P(s) for s in 0..100 from one logit row per context, shape (n_contexts, vocab)."""
-        return self.combine(*self.reduce_logits(logits))
-
-    def path_matrix(self, device: Any = None) -> "torch.Tensor":
-        import torch
-
-        path = torch.zeros(len(SCORES), len(self.nodes), device=device)
-        for s, end in enumerate(self.terminal):
-            path[s, self.ancestors(end)] = 1.0
-        return path
 
 
 class AdaptiveTrieReadout:
@@ -302,14 +276,44 @@ class ExpectedScore:
         return cls(mean=mean, std=std, mass=mass)
 
 
-def parse_generated_score(text: str) -> int | None:
-    """The reference parse: ``int()`` of the first line of the stripped text, kept if in 0..100."""
-    stripped = (text or "").strip()
-    if not stripped:
-        return None
-    first_line = stripped.splitlines()[0]
+#: a teacher's score line: ``85``, ``Score: 85``, ``**85**``, ``85/100`` (markup and a "score" label around the number)
+_LENIENT_SCORE_LINE = re.compile(r"^\W*(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*/\s*100)?\W*$", re.IGNORECASE)
+
+
+class ScoreLineError(ValueError):
+    """The text does not start with a score line 0..100 (the message says why)."""
+
+
+def read_score_line(text: str | None, lenient: bool = False) -> tuple[int, str]:
+    """The score on the first line of the stripped text, and the text after that line (a rationale).
+
+    The reference (``lenient=False``): ``int()`` of the first line, as the released MLM-Filter scripts
+    and Open-Qwen2VL's ``apply_filter.py`` parse a judge's answer. ``lenient``: a teacher's reply may
+    dress the number (``Score: 85``, ``**85**``, ``85/100``). Either way the score must be in 0..100;
+    otherwise :class:`ScoreLineError` says why.
+    """
+    lines = (text or "").strip().splitlines()
+    if not lines:
+        raise ScoreLineError("empty reply")
+    first = lines[0]
+    if lenient:
+        match = _LENIENT_SCORE_LINE.match(first.strip())
+        score = int(match.group(1)) if match else None
+    else:
+        try:
+            score = int(first)
+        except ValueError:
+            score = None
+    if score is None:
+        raise ScoreLineError(f"first line is not a score: {first[:100]!r}")
+    if not 0 <= score <= 100:
+        raise ScoreLineError(f"score {score} is outside 0..100")
+    return score, "\n".join(lines[1:]).strip()
+
+
+def parse_generated_score(text: str | None) -> int | None:
+    """The reference parse of a generated answer (:func:`read_score_line`); None when it is no score."""
     try:
-        value = int(first_line)
-    except ValueError:
+        return read_score_line(text)[0]
+    except ScoreLineError:
         return None
-    return value if 0 <= value <= 100 else None

@@ -14,7 +14,6 @@ raw reply: never dropped, never guessed.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -26,6 +25,8 @@ from mlmfilter.core import errors
 from mlmfilter.enhance.prompts import REWRITE_PROMPT, EnhancePrompts
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
+from mlmfilter.judge.readout import ScoreLineError as ReplyParseError
+from mlmfilter.judge.readout import read_score_line
 from mlmfilter.teach.pairs import TeachPair
 
 DESCRIBE_PROMPT = (
@@ -34,7 +35,6 @@ DESCRIBE_PROMPT = (
 )
 #: what the text-only teacher reads instead of the image (the paper's prompt is not published)
 TEXT_ONLY_TEMPLATE = "Image Description: {description}\n\n{prompt}"
-_SCORE_LINE = re.compile(r"^\W*(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*/\s*100)?\W*$", re.IGNORECASE)
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -86,22 +86,9 @@ class LabelOptions(BaseModel):
         return resolve_metrics(self.metrics)
 
 
-class ReplyParseError(ValueError):
-    pass
-
-
 def parse_reply(text: str | None) -> tuple[int, str]:
     """``"85\\nThe caption ..."`` -> (85, "The caption ..."); raises ReplyParseError otherwise."""
-    lines = (text or "").strip().splitlines()
-    if not lines:
-        raise ReplyParseError("empty reply")
-    match = _SCORE_LINE.match(lines[0].strip())
-    if not match:
-        raise ReplyParseError(f"first line is not a score: {lines[0][:100]!r}")
-    score = int(match.group(1))
-    if not 0 <= score <= 100:
-        raise ReplyParseError(f"score {score} is outside 0..100")
-    return score, "\n".join(lines[1:]).strip()
+    return read_score_line(text, lenient=True)
 
 
 @dataclass(frozen=True)
