@@ -315,3 +315,33 @@ def selection_run_dir(selection: Path) -> str:
     if not run_dir:
         raise ValueError(f"{info_path} does not name the run it selected from")
     return run_dir
+
+
+# -- foreign formats (mlmfilter.convert) -------------------------------------------------------------
+# `convert_checkpoint`, not `convert`: `mlmfilter.convert` is the package that does it
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, dtype: str = "auto", vision_tower: str | None = None
+) -> tuple[str, Path]:
+    """Convert a released judge from its original layout (LLaVA-1.5, LLaVA-Unified or AITQE, detected from
+    its config.json) into a folder transformers loads; ``src`` is a folder or a hub id. Returns (layout, folder)."""
+    from mlmfilter.convert.detect import convert_checkpoint as convert
+
+    return convert(src, dst, dtype=dtype, vision_tower=vision_tower)
+
+
+def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:
+    """Write a run's MLM scores as the released MLM-Filter scripts do: ``{shard}_{metric}.parquet``."""
+    from mlmfilter.convert.dumps import export_mlm_filter as export
+
+    return export(run_dir, out_dir, stage=stage)
+
+
+def import_mlm_filter(
+    dumps: str | Path, run_dir: str | Path, shards: Sequence[str] | None = None, stage: str = "score"
+) -> dict[str, int]:
+    """Turn published MLM-Filter score files into a run that ``select`` and ``reshard`` read; returns counts."""
+    from mlmfilter.convert.dumps import import_mlm_filter as import_dumps
+
+    return import_dumps(dumps, run_dir, shards=list(shards) if shards else None, stage=stage)

@@ -79,7 +79,7 @@ def original(tmp_path_factory, smollm2_cache_dir):
 
 @pytest.fixture(scope="module")
 def converted(original, tmp_path_factory):
-    from mlmfilter.cli.checkpoints import convert_checkpoint
+    from mlmfilter.api import convert_checkpoint
 
     layout, out = convert_checkpoint(original["src"], tmp_path_factory.mktemp("aitqe-hf") / "hf")
     assert layout == "aitqe"

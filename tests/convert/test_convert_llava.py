@@ -1,5 +1,5 @@
-"""convert-llava: a tiny checkpoint in the ORIGINAL LLaVA-1.5 layout, converted and checked against a
-hand-written LLaVA forward computed from the original tensors, on a real Flickr8k photo."""
+"""`convert` of the llava-1.5 layout: a tiny checkpoint in the ORIGINAL LLaVA-1.5 layout, converted and checked
+against a hand-written LLaVA forward computed from the original tensors, on a real Flickr8k photo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlmfilter.convert.llava import VICUNA_V1_SYSTEM, LlavaConversionError, convert_llava_checkpoint
+from mlmfilter.convert.llava import LlavaConversionError, convert_llava_checkpoint
+from mlmfilter.judge.conversations import VICUNA_V1, VICUNA_V1_SYSTEM
 from mlmfilter.models.tiny_vlm import smollm2_tokenizer
 from tests.support.llava import (
     IMAGE_SIDE,
@@ -198,3 +199,30 @@ def test_not_a_llava_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(LlavaConversionError, match="not an original LLaVA checkpoint"):
         convert_llava_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_the_convert_command_and_its_hidden_convert_llava_alias_write_what_the_library_writes(
+    original_checkpoint, converted, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli.app import app
+
+    runner = CliRunner()
+    src, tower = str(original_checkpoint["src"]), str(original_checkpoint["tower_dir"])
+    result = runner.invoke(app, ["convert", src, str(tmp_path / "convert"), "--vision-tower", tower])
+    assert result.exit_code == 0, result.output
+    assert f"llava-1.5 checkpoint converted to {tmp_path / 'convert'}" in result.output.replace("\n", "")
+    result = runner.invoke(app, ["convert-llava", src, str(tmp_path / "alias"), "--vision-tower", tower])
+    assert result.exit_code == 0, result.output
+    assert "converted checkpoint written to" in result.output
+    expected = {p.name: p.read_bytes() for p in converted.iterdir()}
+    eos = json.loads(expected["tokenizer_config.json"])["eos_token"]
+    assert expected["chat_template.jinja"].decode() == VICUNA_V1.chat_template(eos)  # generated from judge/
+    for folder in (tmp_path / "convert", tmp_path / "alias"):
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
+
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert " convert " in listed and "convert-llava" not in listed  # one command; the alias is hidden
+    refused = runner.invoke(app, ["convert", str(converted), str(tmp_path / "again")])
+    assert refused.exit_code == 2 and "already a transformers model folder" in refused.output

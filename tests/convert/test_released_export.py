@@ -91,3 +91,30 @@ def test_import_turns_published_score_files_into_a_run_that_select_and_reshard_r
     assert selection.read == 4 and selection.kept == 2 and selection.errors == {"unparseable_score": 1}
     stats = api.reshard(run / "selection", tmp_path / "out")
     assert stats["kept"] == 2 and stats["kept_uids_not_found"] == 0
+
+
+def test_import_parses_each_score_as_the_released_scripts_do(tmp_path):
+    """The judge's one score-line parser: int() of the first line (Open-Qwen2VL apply_filter.py), in 0..100."""
+    import pyarrow as pa
+
+    from mlmfilter import api
+    from mlmfilter.runs.read import RunReader
+
+    texts = ["+85", "100\nbecause", " 7 ", "８５", "²", "101", "85.5", "eighty", "", None]
+    expected = [85, 100, 7, 85, None, None, None, None, None, None]
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    uids = [f"{i:032x}" for i in range(len(texts))]
+    table = pa.table(
+        {"uid": uids, "key": [f"{i:08d}" for i in range(len(texts))], "image_text_matching_score": texts},
+        schema=pa.schema([("uid", pa.string()), ("key", pa.string()), ("image_text_matching_score", pa.string())]),
+    )
+    pq.write_table(table, dumps / "00000000_image_text_matching.parquet")
+
+    counts = api.import_mlm_filter(dumps, tmp_path / "run")
+    assert counts == {"shards": 1, "rows": len(texts), "unparseable": expected.count(None)}
+    rows = {row["uid"]: row for row in RunReader(tmp_path / "run").table("00000000").to_pylist()}
+    for uid, text, value in zip(uids, texts, expected):
+        row = rows[uid]
+        assert row["itm"] == value and row["itm_raw"] == (text or "")
+        assert row["error"] == (None if value is not None else "unparseable_score")

@@ -113,7 +113,7 @@ def original(request, tmp_path_factory, smollm2_cache_dir):
 
 @pytest.fixture(scope="module")
 def converted(original, tmp_path_factory):
-    from mlmfilter.cli.checkpoints import convert_checkpoint
+    from mlmfilter.api import convert_checkpoint
 
     dst = tmp_path_factory.mktemp("converted") / "hf"
     layout, out = convert_checkpoint(original["src"], dst, vision_tower=str(original["tower_dir"]))

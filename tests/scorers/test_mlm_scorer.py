@@ -180,7 +180,7 @@ def test_models_the_judge_cannot_load_are_named_with_the_fix(tmp_path):
     original = tmp_path / "llava-original"
     original.mkdir()
     (original / "config.json").write_text('{"model_type": "llava_llama", "mm_vision_tower": "openai/clip"}')
-    with pytest.raises(ValueError, match="convert-llava"):
+    with pytest.raises(ValueError, match="`mlmfilter convert SRC DST`"):
         scorer_for(str(original)).image_size
     clip = tmp_path / "clip"
     from transformers import CLIPConfig

@@ -468,25 +468,9 @@ def list_scorers() -> None:
     Console().print(table)
 
 
-@app.command("convert-llava")
-def convert_llava(
-    src: Path = typer.Argument(..., help="Original LLaVA-1.5-layout checkpoint folder."),
-    dst: Path = typer.Argument(..., help="Output folder in the Hugging Face llava-hf format."),
-    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision tower id/path (default: from its config)."),
-    dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
-) -> None:
-    """Convert an original LLaVA-1.5 checkpoint (e.g. mlm-filter-llava-13b-gpt4v) to llava-hf."""
-    from mlmfilter.convert.llava import convert_llava_checkpoint
-
-    _setup_logging(False)
-    with user_errors():
-        out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
-    console.print(f"converted checkpoint written to {out}")
-
-
 #: modules under mlmfilter.cli that add their commands to `app` (each has ``register(app)``);
 #: a command module's import must stay cheap: heavy imports go inside the command functions
-COMMAND_MODULES: list[str] = ["report", "checkpoints", "train", "enhance", "teach", "evaluate"]
+COMMAND_MODULES: list[str] = ["report", "convert", "train", "enhance", "teach", "evaluate"]
 
 
 def _register_command_modules() -> None:

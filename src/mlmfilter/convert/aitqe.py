@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mlmfilter.convert.llava import LlavaConversionError, OriginalLlavaCheckpoint, _resolve_target_dtype
+from mlmfilter.convert.original import LlavaConversionError, OriginalLlavaCheckpoint, resolve_target_dtype
 from mlmfilter.convert.unified import (
     LlavaFolderSpec,
     Tower,
@@ -41,16 +41,17 @@ log = logging.getLogger(__name__)
 
 _VISION_PREFIX = "vision_model."  # MMForCausalLM.vision_model (a SiglipVisionModel: its keys start vision_model.)
 _LLM_PREFIX = "model.model."
-_AITQE_ONLY_FIELDS = re.compile(
-    r"^(mm_|image_|pesudo_|visual_|pooling_|language_model_name|vision_model_name|pad_token_index$|"
-    r"eos_token_index$|IGNORE_INDEX$|architectures$|model_type$|_name_or_path$|auto_map$)"
-)
 #: SigLIP so400m's head count (its width 1152 is not a multiple of 64)
 _KNOWN_HEADS = {1152: 16, 768: 12, 1024: 16}
 
 
 class AitqeCheckpoint(OriginalLlavaCheckpoint):
     """An AITQE ``MMForCausalLM`` folder: config.json with ``image_tile_tokens``, weights, tokenizer."""
+
+    WRAPPER_FIELDS = re.compile(
+        r"^(mm_|image_|pesudo_|visual_|pooling_|language_model_name|vision_model_name|pad_token_index$|"
+        r"eos_token_index$|IGNORE_INDEX$|architectures$|model_type$|_name_or_path$|auto_map$)"
+    )
 
     def __init__(self, path: str | Path):
         config_file = self._read_config(path)
@@ -65,15 +66,10 @@ class AitqeCheckpoint(OriginalLlavaCheckpoint):
             raise LlavaConversionError("only AITQE's mlp projector with square images is supported")
         self.weight_files = self._find_weight_files()
 
-    def text_config(self):
+    def text_config_class(self):
         from transformers import Qwen2Config
 
-        fields = {k: v for k, v in self.config.items() if not _AITQE_ONLY_FIELDS.match(k)}
-        for key in ("torch_dtype", "dtype"):
-            fields.pop(key, None)
-        if fields.get("rope_scaling") is None:
-            fields.pop("rope_scaling", None)
-        return Qwen2Config.from_dict(fields)
+        return Qwen2Config
 
 
 def _embedded_siglip_config(shapes: dict[str, tuple[int, ...]], layer_norm_eps: float = 1e-6):
@@ -108,7 +104,7 @@ def convert_aitqe_checkpoint(
     from transformers import AutoConfig
 
     checkpoint = AitqeCheckpoint(src)
-    target_dtype = _resolve_target_dtype(dtype, checkpoint)
+    target_dtype = resolve_target_dtype(dtype, checkpoint)
     shapes = checkpoint.key_shapes()
     named = vision_tower or checkpoint.config.get("vision_model_name_or_path")
     vision_config, settings_source = None, None

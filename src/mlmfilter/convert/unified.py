@@ -33,28 +33,25 @@ from typing import Any, Callable
 
 import torch
 
-from mlmfilter.convert.llava import (
+from mlmfilter.convert.original import (
     EMBEDDING_PAD_MULTIPLE,
-    PAD_TOKEN,
     EmbeddingResizer,
     LlavaConversionError,
     OriginalLlavaCheckpoint,
     ShardWriter,
-    _check_complete,
-    _clip_image_settings,
-    _generation_config,
-    _resolve_target_dtype,
+    add_image_and_pad_tokens,
+    check_complete,
+    clip_image_settings,
+    expected_tensors,
+    generation_config,
+    resolve_target_dtype,
 )
-from mlmfilter.judge.conversations import REFERENCE_IMAGE_TOKEN as IMAGE_TOKEN
 from mlmfilter.judge.registry import SOURCE_KEY, identifying_fields
 
 log = logging.getLogger(__name__)
 
 #: the config key the judge backend reads: softmax over this many head rows (the trained vocabulary)
 SCORED_VOCAB_KEY = "mlmfilter_scored_vocab_size"
-_MULTIMODAL_FIELDS = re.compile(
-    r"^(mm_|tune_mm|freeze_mm|use_mm|image_|tokenizer_|unfreeze_mm|s2|architectures$|model_type$|_name_or_path$)"
-)
 _SKIPPED = re.compile(r"(\.rotary_emb\.inv_freq$|^model\.image_newline$|^model\.vision_tower\.)")
 _PROJECTOR_LAYERS = {
     "mlp2x_gelu": {"model.mm_projector.0.": "linear_1", "model.mm_projector.2.": "linear_2"},
@@ -67,6 +64,8 @@ _PROJECTOR_LAYERS = {
 
 class UnifiedCheckpoint(OriginalLlavaCheckpoint):
     """A LLaVA-Unified training-code checkpoint: LLaVA's layout plus Qwen LLMs, SigLIP and aapool_mlp."""
+
+    DROPPED_FIELDS = (*OriginalLlavaCheckpoint.DROPPED_FIELDS, SOURCE_KEY)
 
     @property
     def is_qwen(self) -> bool:
@@ -88,15 +87,10 @@ class UnifiedCheckpoint(OriginalLlavaCheckpoint):
         if self.config.get("image_aspect_ratio", "square") not in ("pad", "square", None):
             raise LlavaConversionError(f"image_aspect_ratio {self.config.get('image_aspect_ratio')!r} is not supported")
 
-    def text_config(self):
+    def text_config_class(self):
         from transformers import LlamaConfig, Qwen2Config
 
-        fields = {k: v for k, v in self.config.items() if not _MULTIMODAL_FIELDS.match(k)}
-        for key in ("torch_dtype", "dtype", SOURCE_KEY):
-            fields.pop(key, None)
-        if fields.get("rope_scaling") is None:
-            fields.pop("rope_scaling", None)
-        return (Qwen2Config if self.is_qwen else LlamaConfig).from_dict(fields)
+        return Qwen2Config if self.is_qwen else LlamaConfig
 
 
 @dataclass
@@ -139,7 +133,7 @@ def load_tower(name: str, local_only: bool = True) -> Tower:
     settings = (
         siglip_image_settings(name, config, local_only)
         if kind == "siglip"
-        else _clip_image_settings(name, config, local_only)
+        else clip_image_settings(name, config, local_only)
     )
     return Tower(config, kind, settings, tensors)
 
@@ -196,14 +190,12 @@ def write_llava_folder(
     generation_source: OriginalLlavaCheckpoint | None = None,
 ) -> Path:
     """Tokenizer with <image>, config, checked weight shards, processor: a folder AutoModel* loads."""
-    from transformers import AddedToken, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from mlmfilter.models.pooled_llava import PooledLlavaConfig, PooledLlavaForConditionalGeneration
 
-    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    image_token_id = add_image_and_pad_tokens(tokenizer)
     rows = max(len(tokenizer), spec.scored_vocab)
     if rows > spec.scored_vocab:
         rows = math.ceil(rows / EMBEDDING_PAD_MULTIPLE) * EMBEDDING_PAD_MULTIPLE
@@ -216,7 +208,7 @@ def write_llava_folder(
     common = dict(
         text_config=text_config,
         vision_config=spec.tower.config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_layer=spec.feature_layer,
         vision_feature_select_strategy=strategy,
@@ -241,11 +233,7 @@ def write_llava_folder(
     setattr(config, SCORED_VOCAB_KEY, spec.scored_vocab)
     setattr(config, SOURCE_KEY, spec.source_fields)
     config.dtype = dtype
-    with torch.device("meta"):
-        reference = model_class(config)
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    tied = set(getattr(reference, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
-    del reference
+    expected, tied = expected_tensors(model_class, config)
 
     dst.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(dst, total=shard_count + 1)
@@ -256,11 +244,11 @@ def write_llava_folder(
         writer.write({k: v.to(dtype).contiguous() for k, v in shard.items()})
     writer.write({_tower_key(k, expected): v for k, v in spec.tower.tensors(dtype).items()})
     writer.finish()
-    _check_complete(writer.shapes, expected, tied)
+    check_complete(writer.shapes, expected, tied)
 
     config.save_pretrained(dst)
     if generation_source is not None:
-        _generation_config(generation_source, tokenizer, GenerationConfig).save_pretrained(dst)
+        generation_config(generation_source, tokenizer).save_pretrained(dst)
     settings = dict(spec.tower.image_settings)
     settings.setdefault("do_center_crop", spec.tower.kind == "clip")
     image_processor = LlavaImageProcessorPil(do_pad=spec.pad_to_square, do_resize=True, **settings)
@@ -291,7 +279,7 @@ def convert_unified_checkpoint(
 
     checkpoint = UnifiedCheckpoint(src)
     checkpoint.check_supported()
-    target_dtype = _resolve_target_dtype(dtype, checkpoint)
+    target_dtype = resolve_target_dtype(dtype, checkpoint)
     tower_name = vision_tower or checkpoint.vision_tower_name
     if not tower_name:
         raise LlavaConversionError(f"{checkpoint.path}/config.json names no mm_vision_tower; pass --vision-tower")

@@ -22,7 +22,7 @@ DEMO_SCORERS = [
     {"name": "clip", "options": {"model": "openai/clip-vit-base-patch32", "allow_random_fallback": True}},
 ]
 # a small VLM that transformers loads as it is, used zero-shot as the judge; the released
-# MLM-Filter checkpoints are 8-13B and in the original LLaVA layout (`mlmfilter convert-llava`)
+# MLM-Filter checkpoints are 8-13B and in the original LLaVA layout (`mlmfilter convert`)
 DEMO_MLM = {
     "name": "mlm",
     "options": {

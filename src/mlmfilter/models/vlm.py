@@ -137,7 +137,7 @@ def inspect_vlm(name_or_path: str, allow_random_fallback: bool = False, max_imag
         raise ValueError(
             f"{name_or_path!r} is not a transformers image-text-to-text model ({str(exc).splitlines()[0]}). "
             "Original LLaVA-layout checkpoints (the MLM-Filter LLaVA judges) must first be converted: "
-            "`mlmfilter convert-llava SRC DST`."
+            "`mlmfilter convert SRC DST`."
         ) from exc
     except (OSError, ModelUnavailableError) as exc:  # transformers' word for "not local, not cached, not downloadable"
         if not allow_random_fallback:

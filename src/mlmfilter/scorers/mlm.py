@@ -48,7 +48,7 @@ from mlmfilter.judge.trained_format import apply_recorded_format
 from mlmfilter.scorers.base import ScoreFailure, Scorer
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
-#: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
+#: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
 EXPECTED_DEFINITION = EXACT_EXPECTED_DEFINITION  # the exact backends' definition (judge.backend)
 GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
