@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from mlmfilter.config import ScoreConfig, ScorerSpec
 
@@ -165,8 +165,7 @@ def _check_cascade(config: ScoreConfig) -> None:
 
     if config.only_stage == config.stage:
         raise ValueError(f"--only reads stage {config.only_stage!r}: give this scoring another --stage name")
-    schema = RunReader(config.output).schema(config.only_stage)
-    parse_expression(config.only, {f.name: f.type for f in schema})
+    parse_expression(config.only, RunReader(config.output).schema(config.only_stage))
 
 
 def _absolute_spec(spec: str) -> str:
@@ -199,6 +198,7 @@ def select(
     ``allow_incomplete``, ``intersect``, ``union`` among them). Output defaults to
     ``RUN/selection`` for one run; several runs need ``output`` (no run owns the selection).
     """
+    from mlmfilter.selection.folder import SelectionFolder
     from mlmfilter.selection.select import select_run
 
     runs = [run] if isinstance(run, (str, Path)) else list(run)
@@ -212,7 +212,7 @@ def select(
             )
         if "://" in str(run):
             raise ValueError("a run folder on object storage needs an explicit selection output folder")
-        output = Path(run) / "selection"
+        output = SelectionFolder.in_run(run).path
     return select_run(run, output, **kwargs)
 
 
@@ -239,9 +239,10 @@ def reshard(
     from mlmfilter.io.readers import ReadOptions
     from mlmfilter.io.reshard import ReshardError, reshard_selected
     from mlmfilter.runs.read import RunReader
+    from mlmfilter.selection.folder import SelectionFolder
 
-    selection = Path(selection)
-    run = RunReader(selection_run_dir(selection))
+    folder = SelectionFolder(Path(selection))
+    run = RunReader(folder.run_dir())
     sources = run.sources()
     piped = [s.url for s in sources.values() if s.is_pipe]
     if piped and not allow_pipe:
@@ -264,57 +265,15 @@ def reshard(
 
     stats = reshard_selected(
         sources,
-        _kept_groups(selection / "kept.parquet"),
+        folder.kept_groups(),
         output,
         samples_per_shard=samples_per_shard,
         captions_for=captions_for if (captions or captions_stage) else None,
         read_options=ReadOptions(**run.read_options()),
         overwrite=overwrite,
     )
-    stats["selection"] = str(selection.resolve())
+    stats["selection"] = str(folder.path.resolve())
     return stats
-
-
-def _kept_groups(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """(shard id, {key: uid}) for each run of kept rows of one shard (kept.parquet is in shard order)."""
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; re-run `mlmfilter select`")
-    current: str | None = None
-    keys: dict[str, str] = {}
-    seen: set[str] = set()
-    for batch in pq.ParquetFile(path).iter_batches(columns=["uid", "shard", "key"], batch_size=65_536):
-        for uid, shard, key in zip(*(batch.column(c).to_pylist() for c in ("uid", "shard", "key"))):
-            if shard != current:
-                if current is not None:
-                    yield current, keys
-                if shard in seen:
-                    raise ValueError(f"{path} is not in shard order (shard {shard!r} appears twice)")
-                seen.add(shard)
-                current, keys = shard, {}
-            keys[key] = uid
-    if current is not None:
-        yield current, keys
-
-
-def selection_run_dir(selection: Path) -> str:
-    """The run a selection was made from: beside it if the two moved together, else where it was."""
-    import json
-
-    info_path = selection / "selection.json"
-    if not info_path.exists():
-        raise FileNotFoundError(
-            f"{selection} is not a selection folder (no selection.json); run `mlmfilter select` first"
-        )
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    relative = info.get("run_dir_relative")
-    if relative and (selection / relative / "run.yaml").exists():
-        return str((selection / relative).resolve())
-    run_dir = info.get("run_dir") or info.get("arguments", {}).get("run_dir")
-    if not run_dir:
-        raise ValueError(f"{info_path} does not name the run it selected from")
-    return run_dir
 
 
 # -- foreign formats (mlmfilter.convert) -------------------------------------------------------------

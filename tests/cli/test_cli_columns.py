@@ -157,12 +157,12 @@ def test_tar_members_with_other_extensions_are_named_in_the_hint_and_read_with_t
     shard = tmp_path / "00000.tar"
     import tarfile
 
-    from tests.support.builders import add_member
+    from mlmfilter.io.writers import add_tar_member
 
     with tarfile.open(shard, "w") as tar:
         for i in range(2):
-            add_member(tar, f"k{i}.jpg", _jpeg())
-            add_member(tar, f"k{i}.caption", b"a caption with five words")
+            add_tar_member(tar, f"k{i}.jpg", _jpeg())
+            add_tar_member(tar, f"k{i}.caption", b"a caption with five words")
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
     assert code == 0 and "no caption found among [jpg, caption]; pass --caption-column caption" in text, out

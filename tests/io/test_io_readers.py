@@ -15,15 +15,14 @@ from mlmfilter.core import errors
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource, expand_inputs
 from mlmfilter.io.uid import derive_uid
+from mlmfilter.io.writers import add_tar_member
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            add_tar_member(tar, name, data)
     return buf.getvalue()
 
 

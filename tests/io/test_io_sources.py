@@ -11,15 +11,14 @@ import pytest
 from mlmfilter.core import errors
 from mlmfilter.io.readers import read_shard
 from mlmfilter.io.sources import ShardSource, expand_inputs
+from mlmfilter.io.writers import add_tar_member
 
 
 def small_tar(image: bytes, caption: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in (("000000000.jpg", image), ("000000000.txt", caption.encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            add_tar_member(tar, name, data)
     return buf.getvalue()
 
 

@@ -18,7 +18,13 @@ from mlmfilter.io.readers import read_shard
 from mlmfilter.io.reshard import reshard
 from mlmfilter.io.sources import expand_inputs
 from mlmfilter.io.uid import sort_halves, uids_to_halves
-from mlmfilter.io.writers import TarShardWriter, atomic_write, atomic_write_json, atomic_write_parquet
+from mlmfilter.io.writers import (
+    TarShardWriter,
+    add_tar_member,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_parquet,
+)
 
 
 def uid_of(i: int) -> str:
@@ -149,3 +155,22 @@ def test_tar_writer_discards_the_shard_in_progress_on_error(tmp_path):
         assert tar.getnames() == ["k0.txt", "k1.txt"]
     with pytest.raises(ValueError, match="invalid WebDataset key"):
         TarShardWriter(tmp_path).write("a.b", {"txt": "x"})
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])  # the writer's, the demo's
+def test_a_tar_member_header_depends_only_on_name_content_and_mtime(tmp_path, tar_format):
+    def build(path, mtime):
+        with tarfile.open(path, "w", format=tar_format) as tar:
+            add_tar_member(tar, "k0.txt", b"a caption", mtime=mtime)
+            add_tar_member(tar, "k0.jpg", b"\xff\xd8\xff not really a jpeg")
+        return path.read_bytes()
+
+    first = build(tmp_path / "a.tar", 1_700_000_000)
+    assert build(tmp_path / "b.tar", 1_700_000_000) == first != build(tmp_path / "c.tar", 0)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+        assert tar.extractfile("k0.txt").read() == b"a caption"
+    assert [(m.name, m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members] == [
+        ("k0.txt", 1_700_000_000, 0o644, 0, 0, "", ""),
+        ("k0.jpg", 0, 0o644, 0, 0, "", ""),
+    ]

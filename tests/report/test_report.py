@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from mlmfilter.core.stats import ShardStats
+from mlmfilter.io.sources import expand_inputs
 from mlmfilter.report import ReportOptions, gather_report, open_run, write_report
 from mlmfilter.runs.folder import RunFolder
 from mlmfilter.runs.stage import fingerprint_of
@@ -243,3 +244,25 @@ def test_report_of_a_run_scored_by_the_pipeline(tmp_path, flickr_pairs):
     assert kept == sum(1 for v in scores_of(summary.run_dir)["rules_ok"] if v)
     assert all(c["thumb"] for c in parsed.cards if c["heading"] == "Kept (random)")
     assert len(shards) == 2
+
+
+def test_an_incomplete_run_says_so_and_a_named_selection_must_be_one(tmp_path, flickr_pairs):
+    """Completeness, warnings and the selection come from the run layer's readers (RunReader,
+    SelectionFolder): the page states what is missing, and a folder that holds no selection is refused."""
+    from mlmfilter.report.render import render_report
+
+    shards = make_shards(flickr_pairs, tmp_path / "shards", n_shards=3, per_shard=4)
+    run_dir = build_run(tmp_path / "run", shards[:2])
+    RunFolder(run_dir).open([str(p) for p in shards], expand_inputs([str(p) for p in shards]), {})  # a third, unscored
+    run = open_run(run_dir)
+    data = gather_report(run, run.url)
+    assert data.completeness == run.completeness("score") and not data.completeness.complete
+    assert data.warnings == run.warnings() == [RANDOM_WARNING] and data.selection is None
+    text = render_report(data)
+    assert "shards 2/3 complete" in text
+    assert "The run is incomplete: 1 shard(s) not scored yet (00000002)" in text
+
+    with pytest.raises(
+        FileNotFoundError, match=r"nowhere is not a selection folder \(needs selection.json and uids.npy\)"
+    ):
+        gather_report(run, run.url, str(tmp_path / "nowhere"))

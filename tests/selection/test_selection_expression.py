@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlmfilter.selection.expression import ExpressionError, compile_expression, parse_expression
+from mlmfilter.selection.expression import (
+    ExpressionError,
+    compile_expression,
+    expression_names,
+    parse_expression,
+    passing_rows,
+)
 
 NAN = float("nan")
 ROWS = [  # clip_score, rules_ok, rules_words, itm, error
@@ -46,9 +52,8 @@ def table(tmp_path_factory) -> pa.Table:
 
 def passing(table: pa.Table, text: str) -> list[int]:
     """Row numbers where the expression passes."""
-    columns = {field.name: field.type for field in table.schema}
     indexed = table.append_column("row", pa.array(range(table.num_rows)))
-    return indexed.filter(compile_expression(text, columns))["row"].to_pylist()
+    return indexed.filter(compile_expression(text, table.schema))["row"].to_pylist()
 
 
 def present(value) -> bool:
@@ -74,7 +79,7 @@ def test_grammar_matches_python_on_rows_with_values(table, text, rule):
     """Python evaluates the same condition on the stored values; clip_score as numpy float32,
     so that literals compare in float32 precision (numpy's rule, which expressions follow)."""
     names = ("clip_score", "rules_ok", "rules_words", "itm")
-    used = parse_expression(text, {f.name: f.type for f in table.schema}).columns
+    used = parse_expression(text, table.schema).columns
     rows = table.select(list(names)).to_pylist()
     for row in rows:
         row["clip_score"] = np.float32(row["clip_score"]) if row["clip_score"] is not None else None
@@ -116,8 +121,33 @@ def test_string_comparison_and_literals(table):
 
 
 def test_parse_reports_columns_in_order_of_use(table):
-    compiled = parse_expression("itm > 3 and (clip_score < 1 or itm < 2)", {f.name: f.type for f in table.schema})
+    text = "itm > 3 and (clip_score < 1 or itm < 2)"
+    compiled = parse_expression(text, table.schema)
     assert compiled.columns == ("itm", "clip_score")
+    # a schema or a name -> type mapping: the same expression
+    from_mapping = parse_expression(text, dict(zip(table.schema.names, table.schema.types)))
+    assert from_mapping.columns == compiled.columns and from_mapping.expression.equals(compiled.expression)
+    # before any table is at hand (which judge columns an enhancement compares): the same names
+    assert expression_names(text) == ["itm", "clip_score"]
+    assert expression_names("10 > rules_words > 5 and (itm + clip_score) / 2 >= rules_words") == [
+        "rules_words",
+        "itm",
+        "clip_score",
+    ]
+    with pytest.raises(ExpressionError, match="invalid syntax in 'itm >'"):
+        expression_names("itm >")
+
+
+def test_passing_rows_of_a_stage_table(table):
+    """What the score cascade (by key) and enhance (by uid) pick: the rows the filter keeps."""
+    text = "clip_score > 0.2 and rules_ok"
+    picked = passing_rows(table, text, ["uid"])
+    assert picked.column_names == ["uid"]
+    assert picked["uid"].to_pylist() == [f"{i:032x}" for i in passing(table, text)] == [f"{i:032x}" for i in (2, 3)]
+    assert passing_rows(table, text).equals(table.filter(compile_expression(text, table.schema)))
+    assert passing_rows(table, "False", ["uid"]).num_rows == 0
+    with pytest.raises(ExpressionError, match="unknown column 'nope'"):
+        passing_rows(table, "nope > 1", ["uid"])
 
 
 @pytest.mark.parametrize(
@@ -152,13 +182,13 @@ def test_parse_reports_columns_in_order_of_use(table):
 def test_rejections_are_clear(table, text, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ExpressionError, match=message.replace("(", r"\(").replace("*", r"\*")):
-        compile_expression(text, {f.name: f.type for f in table.schema})
+        compile_expression(text, table.schema)
     assert not (tmp_path / "pwned").exists()  # nothing was executed
 
 
 def test_unknown_column_lists_columns_and_suggests(table):
     with pytest.raises(ExpressionError) as info:
-        compile_expression("clip_scor > 0.3 and rules_ok", {f.name: f.type for f in table.schema})
+        compile_expression("clip_scor > 0.3 and rules_ok", table.schema)
     message = str(info.value)
     assert "'clip_scor'" in message and "Did you mean 'clip_score'" in message
     assert "Available columns: clip_score, error, itm, rules_ok, rules_words, uid" in message

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
 from typing import Iterable
 
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
+from mlmfilter.io.writers import add_tar_member
 
 
 def write_shard(path: Path, samples: Iterable[dict]) -> Path:
@@ -24,12 +18,12 @@ def write_shard(path: Path, samples: Iterable[dict]) -> Path:
             key = sample["key"]
             for ext in ("jpg", "png", "webp"):
                 if ext in sample:
-                    add_member(tar, f"{key}.{ext}", sample[ext])
+                    add_tar_member(tar, f"{key}.{ext}", sample[ext])
             if "txt" in sample:
                 txt = sample["txt"]
-                add_member(tar, f"{key}.txt", txt.encode("utf-8") if isinstance(txt, str) else txt)
+                add_tar_member(tar, f"{key}.txt", txt.encode("utf-8") if isinstance(txt, str) else txt)
             if "json" in sample:
-                add_member(tar, f"{key}.json", json.dumps(sample["json"]).encode())
+                add_tar_member(tar, f"{key}.json", json.dumps(sample["json"]).encode())
     return path
 
 

@@ -62,6 +62,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from mlmfilter.io.writers import add_tar_member
+
 __all__ = ["PAIRS", "PHOTOS", "DemoPair", "Photo", "make_sample_shards"]
 
 JPEG_QUALITY = 90
@@ -316,10 +318,5 @@ def _write_tar(path: Path, members: dict[str, bytes]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(members):
-            data = members[name]
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+            add_tar_member(tar, name, members[name], mtime=TAR_MTIME)
     tmp.replace(path)

@@ -6,15 +6,16 @@ import json
 import tarfile
 from pathlib import Path
 
-import pyarrow.dataset as ds
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from mlmfilter import api
 from mlmfilter.demo.data import make_sample_shards
+from mlmfilter.io.uid import halves_to_uids
 from mlmfilter.models.hub import hub_reachable, use_offline_hub
 from mlmfilter.runs.read import RunReader
+from mlmfilter.selection.folder import SelectionFolder
 
 #: what the demo scores with: real hub models when they can be had, loud random stand-ins otherwise
 DEMO_SCORERS = [
@@ -60,7 +61,7 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     )
     console.print(
         f"[bold]3/3[/] selected with `{DEMO_WHERE}` + top {DEMO_TOP_FRACTION:.0%} by {by}: "
-        f"kept {selection.kept} -> {output / 'selection' / 'uids.npy'}"
+        f"kept {selection.kept} -> {selection.paths['subset']}"
     )
     console.print(_results_table(_table_rows(summary.run_dir, output / "selection", shards), by, console.width))
     console.print(legend(by, with_mlm), highlight=False)
@@ -89,7 +90,7 @@ _GAP = 1  # SIMPLE_HEAD puts one space between columns
 def _table_rows(run_dir: Path, selection_dir: Path, shards: list[Path]) -> list[dict]:
     """Every scored pair in shard order, with its demo label, caption and whether it was kept."""
     labels = _demo_labels(shards)
-    kept = set(ds.dataset(selection_dir / "kept.parquet").to_table(columns=["uid"])["uid"].to_pylist())
+    kept = set(halves_to_uids(SelectionFolder(selection_dir).uids()))
     rows = RunReader(run_dir).dataset().to_table().to_pylist()
     out = []
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):

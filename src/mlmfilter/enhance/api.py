@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlmfilter.enhance.stage import EnhanceOptions, EnhanceStage, names_in
+from mlmfilter.enhance.stage import EnhanceOptions, EnhanceStage
+from mlmfilter.selection.expression import expression_names, parse_expression
 
 
 def judge_from_run(run: str, where: str, source_stage: str = "score") -> list[dict[str, Any]]:
@@ -15,7 +16,7 @@ def judge_from_run(run: str, where: str, source_stage: str = "score") -> list[di
 
     settings = RunReader(run).settings(source_stage)
     specs = (settings.get("options") or {}).get("scorers") or []
-    read = set(names_in(where))
+    read = set(expression_names(where))
     judge = [s for s in specs if read & set(build_scorer(s["name"], s.get("options")).columns)]
     if not judge:
         raise ValueError(
@@ -35,9 +36,8 @@ def enhance(
     """
     from mlmfilter.runs.read import RunReader
     from mlmfilter.runs.runner import run_stage
-    from mlmfilter.selection.expression import parse_expression
 
     reader = RunReader(run)
-    parse_expression(options.where, {f.name: f.type for f in reader.schema(options.source_stage)})  # fail early
+    parse_expression(options.where, reader.schema(options.source_stage))  # fail early
     stage = EnhanceStage(options, name=name)
     return run_stage(run, stage, overwrite="stage" if overwrite else False, show_progress=show_progress)

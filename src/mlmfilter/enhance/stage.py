@@ -35,6 +35,7 @@ from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTas
 from mlmfilter.scorers import Scorer, build_scorer
 from mlmfilter.scorers.base import iter_batches
 from mlmfilter.scorers.stage import ScorerSpec, names_to_specs
+from mlmfilter.selection.expression import expression_names, passing_rows
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class EnhanceStage(Stage):
             if unknown:
                 raise ValueError(f"compare columns {unknown} are not judge columns ({', '.join(judged)})")
             return list(o.decision.compare)
-        compare = [c for c in names_in(o.where) if c in judged and pa.types.is_floating(judged[c])]
+        compare = [c for c in expression_names(o.where) if c in judged and pa.types.is_floating(judged[c])]
         if not compare:
             raise ValueError(
                 f"--where {o.where!r} reads no score column of the judge ({', '.join(judged)}): "
@@ -246,14 +247,11 @@ class EnhanceStage(Stage):
 
     def selected_uids(self, task: StageTask) -> set[str]:
         """uids of this shard's pairs that the selection picks in the source stage's table."""
-        from mlmfilter.selection.expression import parse_expression
-
         o: EnhanceOptions = self.options
         table = task.run.table(task.shard_id, o.source_stage)
         if table is None:  # the shard fails without a marker; a later run retries it
             raise RuntimeError(f"stage {o.source_stage!r} has not completed shard {task.shard_id!r} yet")
-        compiled = parse_expression(o.where, {f.name: f.type for f in table.schema})
-        return set(table.filter(compiled.expression).column("uid").to_pylist())
+        return set(passing_rows(table, o.where, ["uid"])["uid"].to_pylist())
 
     def process(self, task: StageTask, progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
@@ -337,18 +335,6 @@ class EnhanceStage(Stage):
     def close(self) -> None:
         self.generator = None
         self._mode = None
-
-
-def names_in(text: str) -> list[str]:
-    """The names an expression reads, in order of first use (the types are checked against the table later)."""
-    import ast
-
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"invalid --where expression {text!r}: {exc.msg}") from None
-    names = [(n.lineno, n.col_offset, n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)]
-    return list(dict.fromkeys(name for _, _, name in sorted(names)))
 
 
 def _spacy_versions(model: str) -> dict[str, str]:

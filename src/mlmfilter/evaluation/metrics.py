@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mlmfilter.selection.ranks import spearman
+
 CORRELATIONS = ("kendall_tau_b", "kendall_tau_c", "spearman", "pearson")
 
 
@@ -51,12 +53,6 @@ def kendall_b_and_c(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([tau_b, tau_c])
 
 
-def _spearman(x, y, axis=-1):
-    from scipy import stats
-
-    return stats.pearsonr(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis).statistic
-
-
 def _pearson(x, y, axis=-1):
     from scipy import stats
 
@@ -67,7 +63,7 @@ def _pearson(x, y, axis=-1):
 #: on many resamples at once; scipy's Kendall tau has none and runs once per resample
 _GROUPS = (
     (("kendall_tau_b", "kendall_tau_c"), kendall_b_and_c, False),
-    (("spearman",), _spearman, True),
+    (("spearman",), spearman, True),
     (("pearson",), _pearson, True),
 )
 

@@ -23,7 +23,7 @@ def pair_uid(*parts: str) -> str:
     return hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=16).hexdigest()
 
 
-def numeric_columns(scorers) -> list[str]:
+def correlatable_columns(scorers) -> list[str]:
     """The score columns a correlation or a win rate can be computed on (numbers and booleans)."""
     wanted = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
     return [name for s in scorers for name, dtype in s.columns.items() if any(test(dtype) for test in wanted)]
@@ -44,7 +44,7 @@ class PairScorer:
 
     @property
     def columns(self) -> list[str]:
-        return numeric_columns(self.scorers)
+        return correlatable_columns(self.scorers)
 
     def decoded(self, sample: Sample) -> Sample:
         return decode_sample(sample, self.decode)

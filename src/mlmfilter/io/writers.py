@@ -158,10 +158,16 @@ class TarShardWriter:
         self.next_index += 1
 
     def _add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = FIXED_MTIME
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        add_tar_member(self._tar, name, data)
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int = FIXED_MTIME) -> None:
+    """One regular file in a tar, its header fixed (mode 0644, owner 0, no user names, ``mtime``)
+    so that the tar's bytes depend only on the members' names and contents."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
-import json
-import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -25,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlmfilter.io.lookup import lookup_samples
 from mlmfilter.io.readers import ReadOptions
-from mlmfilter.io.uid import isin_sorted, sort_halves, uids_to_halves
+from mlmfilter.io.uid import isin_sorted, uids_to_halves
 from mlmfilter.report.profile import ColumnProfile, profile_columns
 from mlmfilter.report.scan import (
     BestRows,
@@ -41,6 +38,11 @@ from mlmfilter.report.scan import (
     scan,
 )
 from mlmfilter.report.thumbnails import ShownSample, ThumbnailMaker
+from mlmfilter.runs.folder import Completeness
+from mlmfilter.runs.read import RunReader
+from mlmfilter.selection.expression import parse_expression
+from mlmfilter.selection.folder import SelectionFolder
+from mlmfilter.selection.ranks import spearman
 
 SCORE_STAGE = "score"
 #: rule measurements (word counts, sizes, language probability) get histograms but no galleries:
@@ -64,17 +66,6 @@ class ReportOptions(BaseModel):
     max_column_pairs: int = Field(6, ge=0)  # scatter plots / disagreement galleries
     thumbnail_side: int = Field(160, ge=16, le=1024)
     seed: int = 0
-
-
-class RunLike(Protocol):
-    """The part of :class:`mlmfilter.runs.read.RunReader` the report reads."""
-
-    def stages(self) -> list[str]: ...
-    def sources(self) -> dict: ...
-    def dataset(self, stage: str = SCORE_STAGE) -> ds.Dataset: ...
-    def provenance(self, stage: str = SCORE_STAGE) -> dict: ...
-    def completeness(self, stage: str = SCORE_STAGE) -> Any: ...
-    def read_options(self) -> dict: ...
 
 
 @dataclass
@@ -146,7 +137,7 @@ class ReportData:
     generated: str
     rows: int
     card_columns: list[str]  # the values printed on each pair's card: scores and flags, not measurements
-    completeness: dict[str, Any]
+    completeness: Completeness  # of the score stage
     provenance: dict[str, dict]
     warnings: list[str]
     columns: list[ColumnSection]
@@ -163,7 +154,7 @@ class ReportData:
 
 
 def gather_report(
-    run: RunLike, run_url: str, selection_dir: str | None = None, options: ReportOptions | None = None
+    run: RunReader, run_url: str, selection_dir: str | None = None, options: ReportOptions | None = None
 ) -> ReportData:
     options = options or ReportOptions()
     dataset = run.dataset(SCORE_STAGE)
@@ -238,9 +229,9 @@ def gather_report(
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         rows=rows,
         card_columns=[*(c for c in gallery_columns if c not in aliases), *flags],
-        completeness=_completeness(run),
+        completeness=run.completeness(SCORE_STAGE),
         provenance=provenance,
-        warnings=_warnings(provenance),
+        warnings=run.warnings(),
         columns=columns,
         pairs=pairs,
         flags=[FlagSection(n, flag_rows.counts[n], flag_rows.false_examples[n]) for n in flags],
@@ -269,7 +260,7 @@ def _same_rankings(columns: list[str], sample: dict[str, np.ndarray]) -> dict[st
     aliases: dict[str, str] = {}
     for i, name in enumerate(columns):
         for earlier in columns[:i]:
-            rho = _spearman(sample[earlier], sample[name])
+            rho = _sampled_spearman(sample[earlier], sample[name])
             if earlier not in aliases and rho is not None and rho >= SAME_RANKING:
                 aliases[name] = earlier
                 break
@@ -280,39 +271,38 @@ def _distinct_pairs(columns: list[str], sample: dict[str, np.ndarray]) -> list[t
     """Column pairs worth comparing, least agreeing first, with their sampled rank correlation."""
     pairs = []
     for a, b in itertools.combinations(columns, 2):
-        rho = _spearman(sample[a], sample[b])
+        rho = _sampled_spearman(sample[a], sample[b])
         if rho is not None and rho >= SAME_RANKING:
             continue
         pairs.append((a, b, rho))
     return sorted(pairs, key=lambda p: 2.0 if p[2] is None else p[2])
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+def _sampled_spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rho over the rows of a sample where both columns have a value; None when fewer
+    than three do or one column is constant there (it ranks nothing)."""
     both = ~np.isnan(x) & ~np.isnan(y)
     if both.sum() < 3:
         return None
-    rx, ry = x[both].argsort().argsort(), y[both].argsort().argsort()
-    if rx.std() == 0 or ry.std() == 0:
+    x, y = x[both], y[both]
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearman(x, y))
 
 
 def _read_selection(run_url: str, selection_dir: str | None) -> dict[str, Any] | None:
-    """The selection's summary and its sorted uid halves, or None when there is none."""
-    folder = str(selection_dir) if selection_dir is not None else posixpath.join(str(run_url), "selection")
-    fs, root = fsspec.core.url_to_fs(folder)
-    summary_path, uids_path = posixpath.join(root, "selection.json"), posixpath.join(root, "uids.npy")
-    if not fs.exists(summary_path) or not fs.exists(uids_path):
-        if selection_dir is not None:
-            raise FileNotFoundError(f"{folder} is not a selection folder (needs selection.json and uids.npy)")
-        return None
-    summary = json.loads(fs.cat_file(summary_path))
-    with fs.open(uids_path, "rb") as fh:
-        halves = sort_halves(np.load(fh))
+    """The selection's summary and its sorted uid halves; None when the run holds none (and none was named)."""
+    if selection_dir is None:
+        folder = SelectionFolder.in_run(run_url)
+        if not folder.exists():
+            return None
+    else:
+        folder = SelectionFolder(selection_dir).require()
+    summary = folder.summary()
     threshold = summary.get("threshold") or {}
     by = (summary.get("arguments") or {}).get("by")
     cut = threshold.get("score") if isinstance(threshold, dict) else None
-    return {"path": folder, "summary": summary, "halves": halves, "by": by, "cut": cut}
+    return {"path": folder.url, "summary": summary, "halves": folder.uids(), "by": by, "cut": cut}
 
 
 class _SelectionEdges:
@@ -320,20 +310,17 @@ class _SelectionEdges:
     random kept pairs and pairs the expression dropped."""
 
     def __init__(self, selection: dict[str, Any], schema, k: int, shown: list[str], seed: int):
-        from mlmfilter.selection.expression import parse_expression
-
         self.halves = selection["halves"]
         self.by = selection.get("by")
         text = (selection["summary"].get("arguments") or {}).get("expression")
-        columns = {f.name: f.type for f in schema}
         if text and len(selection["summary"].get("runs") or []) > 1:
             # a selection joined over several runs: this run alone may not hold the columns it reads;
             # then kept/dropped are still shown, only the "passed the expression" split is not
             try:
-                parse_expression(text, columns)
+                parse_expression(text, schema)
             except ValueError:
                 text = None
-        self.expression = parse_expression(text, columns) if text else None
+        self.expression = parse_expression(text, schema) if text else None
         self.columns = list(self.expression.columns) if self.expression else []
         self.kept_lowest, self.dropped_highest = BestRows(k, shown), BestRows(k, shown)
         self.kept_sample, self.dropped_sample = BestRows(k, shown), BestRows(k, shown)
@@ -376,7 +363,7 @@ class _SelectionEdges:
         )
 
 
-def _gather_enhancement(run: RunLike, k: int) -> EnhanceSection | None:
+def _gather_enhancement(run: RunReader, k: int) -> EnhanceSection | None:
     """The first stage whose table holds rewrites (original_caption + decision), summarised."""
     for stage in run.stages():
         if stage == SCORE_STAGE:
@@ -424,11 +411,6 @@ class _RewriteCollector:
             )
 
 
-def _completeness(run: RunLike) -> dict[str, Any]:
-    c = run.completeness(SCORE_STAGE)
-    return {"done": c.done, "total": c.total, "missing": list(c.missing), "complete": c.complete}
-
-
 def _safe(read, stage: str) -> dict:
     try:
         return read(stage) or {}
@@ -436,19 +418,7 @@ def _safe(read, stage: str) -> dict:
         return {}
 
 
-def _warnings(provenance: dict[str, dict]) -> list[str]:
-    """Every warning any stage recorded (e.g. random weights), once each, in stage order."""
-    found: dict[str, None] = {}
-    for prov in provenance.values():
-        for warning in prov.get("warnings", []):
-            found[str(warning)] = None
-        for part in (prov.get("scorers") or {}).values():
-            for warning in part.get("warnings", []) if isinstance(part, dict) else []:
-                found[str(warning)] = None
-    return list(found)
-
-
-def _look_up(run: RunLike, data: ReportData, options: ReportOptions) -> None:
+def _look_up(run: RunReader, data: ReportData, options: ReportOptions) -> None:
     """Captions and thumbnails of every pair the report shows, one pass per shard."""
     refs: list[PairRef] = []
     for column in data.columns:

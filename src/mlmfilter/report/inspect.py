@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from mlmfilter.io.lookup import lookup_samples
 from mlmfilter.io.readers import ReadOptions
-from mlmfilter.report.gather import SCORE_STAGE, RunLike
+from mlmfilter.report.gather import SCORE_STAGE
 from mlmfilter.report.scan import MatchCollector, PairRef, flag_columns, numeric_columns, scan
 from mlmfilter.report.thumbnails import ShownSample, ThumbnailMaker
+from mlmfilter.runs.read import RunReader
+from mlmfilter.selection.expression import compile_expression
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Matches:
 
 
 def find_pairs(
-    run: RunLike,
+    run: RunReader,
     where: str | None,
     limit: int = 20,
     *,
@@ -36,17 +38,13 @@ def find_pairs(
     """The first ``limit`` rows where ``where`` holds (all rows without it), looked up in their shards.
 
     Raises :class:`mlmfilter.selection.expression.ExpressionError` (a ValueError) for a bad expression."""
-    from mlmfilter.selection.expression import parse_expression
-
     dataset = run.dataset(stage)
     schema = dataset.schema
     shown_columns = columns or [*numeric_columns(schema), *flag_columns(schema)]
     unknown = [c for c in shown_columns if c not in schema.names]
     if unknown:
         raise ValueError(f"no column {', '.join(map(repr, unknown))} (columns: {', '.join(schema.names)})")
-    condition = None
-    if where:
-        condition = parse_expression(where, {f.name: f.type for f in schema}).expression
+    condition = compile_expression(where, schema) if where else None
     collector = MatchCollector(limit, shown_columns)
     scan(dataset, [collector], shown_columns, filter=condition)
     keep = ThumbnailMaker(thumbnail_side) if thumbnails else _caption_only

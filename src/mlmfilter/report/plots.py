@@ -7,12 +7,12 @@ of points are PNG data URIs, which stay small where SVG would hold one element p
 
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
 from markupsafe import Markup
 
+from mlmfilter.clients.chat import image_data_url
 from mlmfilter.report.profile import ColumnProfile
 
 WIDTH, HEIGHT = 4.2, 2.6  # inches
@@ -41,7 +41,7 @@ def _svg(fig) -> Markup:
 def _png_uri(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return image_data_url(buffer.getvalue(), "png")
 
 
 def histogram_svg(profile: ColumnProfile, cut: float | None = None, bins: int = 32) -> Markup:

@@ -8,10 +8,10 @@ data URI: a page of thumbnails opens offline and stays small.
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass
 
+from mlmfilter.clients.chat import image_data_url
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DecodeSpec, ImageDecodeError, decode_image
 
@@ -40,7 +40,7 @@ def thumbnail_data_uri(data: bytes, side: int = THUMBNAIL_SIDE) -> tuple[str, in
     image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), width, height
+    return image_data_url(buffer.getvalue(), "jpeg"), width, height
 
 
 class ThumbnailMaker:

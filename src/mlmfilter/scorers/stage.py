@@ -164,18 +164,14 @@ class ScoringStage(Stage):
 
     def _passing_keys(self, task: StageTask) -> set[str]:
         """Keys of this shard passing the cascade expression over the earlier stage's table."""
-        from mlmfilter.selection.expression import parse_expression
+        from mlmfilter.selection.expression import passing_rows
 
         table = task.run.table(task.shard_id, self.options.only_stage)
         if table is None:  # a shard-level failure: the cascade cannot be decided yet
             raise RuntimeError(
                 f"stage {self.options.only_stage!r} has not finished shard {task.shard_id!r}; run it first"
             )
-        columns = {f.name: f.type for f in table.schema}
-        condition = parse_expression(self.options.only, columns).expression
-        import pyarrow.dataset as ds
-
-        return set(ds.dataset(table).to_table(columns=["key"], filter=condition)["key"].to_pylist())
+        return set(passing_rows(table, self.options.only, ["key"])["key"].to_pylist())
 
     @staticmethod
     def _mark_skipped(samples, passing: set[str], task: StageTask):

@@ -22,10 +22,11 @@ from __future__ import annotations
 import ast
 import difflib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 BOOL, NUMBER, STRING = "bool", "number", "string"
 
@@ -74,20 +75,18 @@ class CompiledExpression:
     columns: tuple[str, ...]  # the columns it reads, in order of first use
 
 
-def compile_expression(text: str, columns: Mapping[str, pa.DataType]) -> pc.Expression:
-    """The arrow expression for ``text`` over a table with ``columns`` (name -> arrow type)."""
+#: what an expression is checked against: a table's schema, or column name -> arrow type
+Columns = Union[pa.Schema, Mapping[str, pa.DataType]]
+
+
+def compile_expression(text: str, columns: Columns) -> pc.Expression:
+    """The arrow expression for ``text`` over a table with these columns (its schema)."""
     return parse_expression(text, columns).expression
 
 
-def parse_expression(text: str, columns: Mapping[str, pa.DataType]) -> CompiledExpression:
+def parse_expression(text: str, columns: Columns) -> CompiledExpression:
     """Like :func:`compile_expression`, also telling which columns the expression reads."""
-    if not text or not text.strip():
-        raise ExpressionError("the expression is empty")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
-        where = f" at column {exc.offset}" if exc.offset else ""
-        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}") from None
+    tree = _parse(text)
     translator = _Translator(columns)
     condition, kind = translator.visit(tree.body)
     if kind != BOOL:
@@ -100,6 +99,30 @@ def parse_expression(text: str, columns: Mapping[str, pa.DataType]) -> CompiledE
         present = pc.invert(pc.is_null(pc.field(name), nan_is_null=True))
         expression = pc.and_kleene(present, expression)
     return CompiledExpression(text=text, expression=expression, columns=tuple(translator.used))
+
+
+def expression_names(text: str) -> list[str]:
+    """The names ``text`` reads, in order of first use, before any table is at hand to check them
+    against (e.g. which of a judge's columns an enhancement's ``--where`` compares)."""
+    tree = _parse(text)
+    names = [(n.lineno, n.col_offset, n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    return list(dict.fromkeys(name for _, _, name in sorted(names)))
+
+
+def passing_rows(table: pa.Table, text: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of a stage's table where ``text`` passes (only ``columns`` of them, when given):
+    the cascade of ``score --only`` picks its keys with it, ``enhance --where`` its uids."""
+    return ds.dataset(table).to_table(columns=columns, filter=compile_expression(text, table.schema))
+
+
+def _parse(text: str) -> ast.Expression:
+    if not text or not text.strip():
+        raise ExpressionError("the expression is empty")
+    try:
+        return ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        where = f" at column {exc.offset}" if exc.offset else ""
+        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}") from None
 
 
 def column_kind(name: str, dtype: pa.DataType) -> str:
@@ -118,8 +141,8 @@ def column_kind(name: str, dtype: pa.DataType) -> str:
 class _Translator:
     """ast node -> (arrow expression, kind). Every node type not handled here is rejected."""
 
-    def __init__(self, columns: Mapping[str, pa.DataType]):
-        self.columns = dict(columns)
+    def __init__(self, columns: Columns):
+        self.columns = dict(zip(columns.names, columns.types)) if isinstance(columns, pa.Schema) else dict(columns)
         self.used: list[str] = []
 
     def visit(self, node: ast.AST) -> tuple[pc.Expression, str]:

@@ -16,14 +16,10 @@ Semantics (DataComp style):
   qualify than k, all of them are kept and the result says so.
 
 Everything streams: memory depends on the batch size and on how many rows are kept (16 bytes a
-uid for the sorted ``uids.npy``), not on the size of the run. Outputs, each written atomically::
-
-    OUTPUT/uids.npy        DataComp subset file (sorted unique uid halves)
-    OUTPUT/kept.parquet    uid, shard, key, the `by` column and the columns the expression reads
-    OUTPUT/selection.json  arguments and counts (this SelectionResult)
-
-Score files may identify rows by a ``uid`` string column (32 hex chars) or by two uint64
-columns ``uid_f0``/``uid_f1`` (its halves), which large synthetic tables use.
+uid for the sorted ``uids.npy``), not on the size of the run. The outputs, each written
+atomically, make a selection folder (:mod:`mlmfilter.selection.folder`): ``uids.npy``,
+``kept.parquet`` and ``selection.json`` (this SelectionResult). The run's score tables are read
+through :class:`~mlmfilter.selection.tables.ScoreTables`.
 
 Several runs (``run_dir`` a list) are joined on uid first: see :mod:`mlmfilter.selection.join`
 for the pool, the column names and duplicate uids. Each run must be complete (or
@@ -54,28 +50,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlmfilter import __version__
-from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
-from mlmfilter.io.writers import AtomicFile, atomic_write_json
-from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
+from mlmfilter.io.uid import HALVES_DTYPE
+from mlmfilter.io.writers import AtomicFile
+from mlmfilter.runs.read import DEFAULT_STAGE
 from mlmfilter.selection.expression import parse_expression
+from mlmfilter.selection.folder import SelectionFolder
 from mlmfilter.selection.join import JoinedTables
-from mlmfilter.selection.subset import SubsetAccumulator, UidIndex, read_uid_list
+from mlmfilter.selection.subset import SubsetAccumulator, UidLists
+from mlmfilter.selection.tables import BATCH_ROWS, ScoreTables, SelectionError
 from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
 
-SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
-UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
 ERROR_COLUMN = "error"
 IDENTITY_COLUMNS = ("uid", "uid_f0", "uid_f1", "shard", "key")
-BATCH_ROWS = 1 << 18
-# Scan readahead: arrow's defaults (16 batches, 4 files) hold hundreds of MB of decoded columns
-# for big row groups and buy no speed here, where numpy work per batch dominates.
-BATCH_READAHEAD, FRAGMENT_READAHEAD = 2, 2
 # Internal projected columns; the leading "__" keeps them apart from score columns.
 _PASSED, _QUALIFIES = "__passed", "__qualifies"
-
-
-class SelectionError(ValueError):
-    """The selection cannot run as asked: no score files, an unknown column, a bad fraction."""
 
 
 @dataclass
@@ -120,8 +108,7 @@ class SelectionResult:
         return {
             "mlmfilter": __version__,
             "run_dir": str(self.run_dir),
-            # a selection inside its run folder finds the run again wherever the two are moved
-            "run_dir_relative": _relative(self.run_dir, self.output_dir),
+            "run_dir_relative": SelectionFolder(self.output_dir).run_dir_relative(self.run_dir),
             "arguments": self.arguments,
             "completeness": self.completeness,
             "runs": self.runs,
@@ -185,11 +172,15 @@ def select_run(
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
+    folder = SelectionFolder(output_dir)
     specs = _run_specs(run_dir)
     parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
     for part in parts:
         _check_complete(part, stage, allow_incomplete)
-    uid_lists = _UidLists(intersect, union)  # malformed files are refused before anything is read
+    try:
+        uid_lists = UidLists(intersect, union)  # malformed files are refused before anything is read
+    except ValueError as exc:
+        raise SelectionError(str(exc)) from None
     try:
         tables = parts[0] if len(parts) == 1 and specs[0][0] is None else JoinedTables(parts, [n for n, _ in specs])
     except ValueError as exc:  # a column clash
@@ -212,7 +203,7 @@ def select_run(
         arguments["runs"] = [f"{name}={path}" if name else str(path) for name, path in specs]
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
     counts = _Counts()
-    with _KeptOutputs(output_dir, tables, plan.output_columns, uid_lists) as outputs:
+    with _KeptOutputs(folder, tables, plan.output_columns, uid_lists) as outputs:
         if plan.top_fraction is None:
             passes, threshold = _keep_passing(tables, plan, counts, outputs), None
         else:
@@ -257,7 +248,7 @@ def select_run(
         threshold=threshold,
         notes=notes,
         arguments=arguments,
-        paths={"subset": outputs.subset_path, "kept": outputs.kept_path, "summary": output_dir / SUMMARY_FILE},
+        paths=folder.paths(),
         passes=passes,
         seconds=time.perf_counter() - started,
         files=len(tables.files),
@@ -268,7 +259,7 @@ def select_run(
         in_every_run=tables.stats.in_every_run if joined else None,
         uid_lists=uid_lists.to_json(),
     )
-    atomic_write_json(output_dir / SUMMARY_FILE, result.to_json())
+    folder.write_summary(result.to_json())
     return result
 
 
@@ -294,60 +285,6 @@ def _check_complete(tables: "ScoreTables", stage: str, allow_incomplete: bool) -
             f"shards done (missing: {missing}); finish it (re-run `mlmfilter score`, it resumes) "
             "or pass --allow-incomplete to select from the done shards only"
         )
-
-
-class ScoreTables:
-    """A run's score tables (completed shards) as one arrow dataset, streamed in a fixed order."""
-
-    def __init__(self, run_dir: str | Path, batch_rows: int = BATCH_ROWS, stage: str = DEFAULT_STAGE):
-        try:
-            self.run = RunReader(run_dir)
-            self.files = self.run.table_files(stage)
-        except ValueError as exc:  # not a run, no such stage
-            raise SelectionError(str(exc)) from None
-        self.run_dir: Path | str = Path(self.run.url) if "://" not in self.run.url else self.run.url
-        if not self.files:
-            raise SelectionError(f"stage {stage!r} of {self.run.url} has no completed shard to select from")
-        self.completeness = self.run.completeness(stage)
-        self.dataset = self.run.dataset(stage)
-        self.schema = self.dataset.schema
-        self.batch_rows = batch_rows
-        self.columns = {f.name: f.type for f in self.schema}
-        if UID_COLUMN in self.columns:
-            self.uid_columns: tuple[str, ...] = (UID_COLUMN,)
-        elif all(c in self.columns for c in UID_HALF_COLUMNS):
-            self.uid_columns = UID_HALF_COLUMNS
-        else:
-            raise SelectionError(
-                f"the score files have no {UID_COLUMN!r} column (nor {' and '.join(UID_HALF_COLUMNS)})"
-            )
-        self.presence: pc.Expression | None = None  # one run: every row is in it
-
-    def batches(self, projection: dict[str, pc.Expression], reads: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
-        # ordered scan: every pass sees the rows in the same order, which the top-k relies on
-        yield from self.dataset.to_batches(
-            columns=projection,
-            batch_size=self.batch_rows,
-            batch_readahead=BATCH_READAHEAD,
-            fragment_readahead=FRAGMENT_READAHEAD,
-        )
-
-    def uid_halves(self, batch: pa.RecordBatch, rows: np.ndarray | None = None) -> np.ndarray:
-        if self.uid_columns == (UID_COLUMN,):
-            uids = batch.column(UID_COLUMN)
-            return uids_to_halves(uids if rows is None else uids.take(rows))
-        f0, f1 = (batch.column(name).to_numpy(zero_copy_only=False) for name in UID_HALF_COLUMNS)
-        out = np.empty(len(f0) if rows is None else len(rows), dtype=HALVES_DTYPE)
-        out["f0"], out["f1"] = (f0, f1) if rows is None else (f0[rows], f1[rows])
-        return out
-
-
-def _relative(run_dir: Path | str, output_dir: Path) -> str | None:
-    import os
-
-    if "://" in str(run_dir):
-        return None
-    return os.path.relpath(os.path.abspath(run_dir), os.path.abspath(output_dir))
 
 
 @dataclass
@@ -382,7 +319,7 @@ class _Plan:
 
         passed, expression_columns = pc.scalar(True), []
         if expression is not None:
-            compiled = parse_expression(expression, tables.columns)  # raises ExpressionError
+            compiled = parse_expression(expression, tables.schema)  # raises ExpressionError
             passed, expression_columns = compiled.expression, list(compiled.columns)
         if tables.presence is not None:  # joined runs: a uid missing from a run never passes
             passed = pc.and_kleene(tables.presence, passed)
@@ -532,13 +469,13 @@ class _KeptOutputs:
     """kept.parquet and uids.npy: kept rows stream to a temp parquet file and their uids to an
     accumulator; on a clean exit both files appear under their names, on an error neither."""
 
-    def __init__(self, output_dir: Path, tables: ScoreTables, columns: list[str], uid_lists: "_UidLists"):
+    def __init__(self, folder: SelectionFolder, tables: ScoreTables, columns: list[str], uid_lists: UidLists):
         self.columns = columns
         self.uid_halves = tables.uid_halves
         self.uid_columns = tables.uid_columns
         self.uid_lists = uid_lists
         schema = tables.schema
-        self.kept_path, self.subset_path = output_dir / KEPT_FILE, output_dir / SUBSET_FILE
+        self.kept_path, self.subset_path = folder.kept_path, folder.subset_path
         self.file = AtomicFile(self.kept_path)  # creates output_dir
         self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
         self.subset = SubsetAccumulator()
@@ -578,67 +515,6 @@ class _KeptOutputs:
             return
         self.file.commit()
         self.unique_uids = self.subset.write(self.subset_path)
-
-
-class _UidLists:
-    """``--intersect`` / ``--union`` uid lists: loaded (sorted, unique) before the scan, applied
-    to each batch's chosen rows, with how many rows each matched, removed or added."""
-
-    def __init__(self, intersect: Sequence[str | Path], union: Sequence[str | Path]):
-        self.entries: list[dict[str, Any]] = []
-        for mode, paths in (("intersect", intersect), ("union", union)):
-            for path in paths:
-                try:
-                    uids = read_uid_list(path)
-                except ValueError as exc:
-                    raise SelectionError(str(exc)) from None
-                self.entries.append(
-                    {
-                        "mode": mode,
-                        "path": str(path),
-                        "uids": UidIndex(uids),
-                        "found": np.zeros(len(uids), dtype=bool),
-                        "matched": 0,
-                        "changed": 0,
-                    }
-                )
-
-    def __bool__(self) -> bool:
-        return bool(self.entries)
-
-    def apply(self, halves_and_valid: tuple[np.ndarray, np.ndarray], mask: np.ndarray) -> np.ndarray:
-        halves, valid = halves_and_valid
-        members = []
-        for entry in self.entries:
-            found, position = entry["uids"].locate(halves)
-            found &= valid
-            entry["found"][position[found]] = True
-            entry["matched"] += int(found.sum())
-            members.append(found)
-        kept = mask.copy()
-        for entry, found in zip(self.entries, members):
-            if entry["mode"] == "intersect":
-                entry["changed"] += int((kept & ~found).sum())
-                kept &= found
-        for entry, found in zip(self.entries, members):
-            if entry["mode"] == "union":
-                entry["changed"] += int((found & ~kept).sum())
-                kept |= found
-        return kept
-
-    def to_json(self) -> list[dict[str, Any]]:
-        out = []
-        for entry in self.entries:
-            item = {
-                "mode": entry["mode"],
-                "path": entry["path"],
-                "uids": len(entry["uids"]),
-                "matched": entry["matched"],
-                "outside_pool": int((~entry["found"]).sum()),
-            }
-            item["removed" if entry["mode"] == "intersect" else "added"] = entry["changed"]
-            out.append(item)
-        return out
 
 
 def _threshold_info(plan: _Plan, threshold: TopKThreshold | None, ties: "_TieCount | None") -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""DataComp subset files: the uids of the kept pairs as a sorted, unique ``.npy`` array.
+"""DataComp subset files: the uids of the kept pairs as a sorted, unique ``.npy`` array; external
+uid lists (``--intersect`` / ``--union``) and their algebra over the selected rows (:class:`UidLists`).
 
 The format is DataComp's (``--subset_file`` of its resharder and training scripts): a numpy
 structured array of dtype ``[("f0", "<u8"), ("f1", "<u8")]`` -- the first and last 16 hex
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -174,3 +176,65 @@ class UidIndex:
             if len(retry):
                 found[retry], position[retry] = locate_sorted(self.keys, query[retry])
         return found, position
+
+
+class UidLists:
+    """``--intersect`` / ``--union`` uid lists: loaded (sorted, unique) before the scan, applied
+    to each batch's chosen rows, with how many rows each matched, removed or added.
+
+    A file that is not a uid list raises ValueError (naming it) before anything is read."""
+
+    def __init__(self, intersect: Sequence[str | os.PathLike], union: Sequence[str | os.PathLike]):
+        self.entries: list[dict[str, Any]] = []
+        for mode, paths in (("intersect", intersect), ("union", union)):
+            for path in paths:
+                uids = read_uid_list(path)
+                self.entries.append(
+                    {
+                        "mode": mode,
+                        "path": str(path),
+                        "uids": UidIndex(uids),
+                        "found": np.zeros(len(uids), dtype=bool),
+                        "matched": 0,
+                        "changed": 0,
+                    }
+                )
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def apply(self, halves_and_valid: tuple[np.ndarray, np.ndarray], mask: np.ndarray) -> np.ndarray:
+        """The rows kept once the lists apply: ``(selected ∩ intersect...) ∪ union...``, of the
+        rows of one batch (uid halves, and which rows have a uid at all)."""
+        halves, valid = halves_and_valid
+        members = []
+        for entry in self.entries:
+            found, position = entry["uids"].locate(halves)
+            found &= valid
+            entry["found"][position[found]] = True
+            entry["matched"] += int(found.sum())
+            members.append(found)
+        kept = mask.copy()
+        for entry, found in zip(self.entries, members):
+            if entry["mode"] == "intersect":
+                entry["changed"] += int((kept & ~found).sum())
+                kept &= found
+        for entry, found in zip(self.entries, members):
+            if entry["mode"] == "union":
+                entry["changed"] += int((found & ~kept).sum())
+                kept |= found
+        return kept
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in self.entries:
+            item = {
+                "mode": entry["mode"],
+                "path": entry["path"],
+                "uids": len(entry["uids"]),
+                "matched": entry["matched"],
+                "outside_pool": int((~entry["found"]).sum()),
+            }
+            item["removed" if entry["mode"] == "intersect" else "added"] = entry["changed"]
+            out.append(item)
+        return out
