@@ -69,10 +69,10 @@ def build_small_judge(dst: Path, seed: int = 0) -> Path:
 
 
 def make_pairs(n_train_images: int, n_heldout_images: int, seed: int, per_photo: int = 2):
-    """(train, held-out) lists of (TeachPair, kind): per photo ``per_photo`` clean captions and as many
+    """(train, held-out) lists of (pair Sample, kind): per photo ``per_photo`` clean captions and as many
     corrupted variants of its other captions (Flickr8k has 5 captions a photo)."""
+    from mlmfilter.core.sample import Sample
     from mlmfilter.teach.negatives import NegativeGenerator
-    from mlmfilter.teach.pairs import TeachPair
 
     photos = list(flickr_captions().items())
     random.Random(seed).shuffle(photos)
@@ -84,22 +84,22 @@ def make_pairs(n_train_images: int, n_heldout_images: int, seed: int, per_photo:
         pairs = train if i < n_train_images else heldout
         for j in range(per_photo):
             cuid = hashlib.blake2b(f"{uid}/clean/{j}".encode(), digest_size=16).hexdigest()
-            pairs.append((TeachPair(cuid, "flickr", path.stem, captions[j], image, "jpg", image_uid=uid), "clean"))
+            pairs.append(
+                (Sample(cuid, "flickr", path.stem, captions[j], image, "jpg", meta={"image_uid": uid}), "clean")
+            )
             negatives = generator.corrupt(captions[per_photo + j], uid=uid)
             negative = negatives[(i * per_photo + j) % len(negatives)]
             nuid = hashlib.blake2b(f"{uid}/{negative.kind}/{j}".encode(), digest_size=16).hexdigest()
             pairs.append(
                 (
-                    TeachPair(
+                    Sample(
                         nuid,
                         "flickr",
                         path.stem,
                         negative.caption,
                         image,
                         "jpg",
-                        image_uid=uid,
-                        parent_uid=uid,
-                        corruption=negative.kind,
+                        meta={"image_uid": uid, "parent_uid": uid, "corruption": negative.kind},
                     ),
                     negative.kind,
                 )
@@ -202,7 +202,7 @@ def judge_scores(model: str, pairs, options: dict) -> tuple[np.ndarray, float]:
     scorer.setup()
     samples = []
     for pair, _ in pairs:
-        image, w, h = decode_image(pair.image, DecodeSpec(shorter_side=scorer.image_size))
+        image, w, h = decode_image(pair.image_bytes, DecodeSpec(shorter_side=scorer.image_size))
         samples.append(Sample(pair.uid, "flickr", pair.key, caption=pair.caption, image=image, width=w, height=h))
     start = time.perf_counter()
     rows = scorer.score_batch(samples)

@@ -203,3 +203,28 @@ def test_api_key_sources(tmp_path, monkeypatch):
     assert resolve_api_key("NO_SUCH_KEY_VAR", mapping).value == SECRET
     with pytest.raises(ValueError, match="not found"):
         resolve_api_key("NO_SUCH_KEY_VAR", tmp_path / "missing")
+
+
+def test_one_user_turn_builder_and_close_owns_the_cache(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mlmfilter.clients import user_message
+    from mlmfilter.clients.chat import image_data_url
+
+    assert user_message("Rate it.") == {"role": "user", "content": [{"type": "text", "text": "Rate it."}]}
+    url = image_data_url(b"\x89PNG\r\n\x1a\n" + b"\0" * 8)
+    assert url.startswith("data:image/png;base64,")
+    image, text = user_message("Rate it.", url)["content"]  # the image first, as <image> precedes the prompt
+    assert image == {"type": "image_url", "image_url": {"url": url}} and text == {"type": "text", "text": "Rate it."}
+
+    with FaultServer() as server:
+        client = _client(server, RequestCache(tmp_path / "c.sqlite"), monkeypatch)
+        request = ChatRequest({"model": "teacher", "messages": [user_message("A dog .", url)], "max_tokens": 8})
+        assert client.complete(request).ok
+        client.close()
+        client.close()  # twice is harmless
+    with pytest.raises(sqlite3.ProgrammingError):  # the client closed its cache with it
+        client.cache.get(request.key)
+    reopened = RequestCache(tmp_path / "c.sqlite")
+    assert request.key in reopened  # the answer was kept
+    reopened.close()

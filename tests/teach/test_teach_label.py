@@ -201,7 +201,51 @@ def test_transformers_serve_happy_path(tmp_path, flickr_pairs, transformers_serv
     assert (folder.path / "run" / "teach_label" / "stage.yaml").exists() and len(
         list((folder.path / "run" / "teach_label" / "completions").iterdir())
     ) == 1
-    # other settings redo the stage; the answers already cached are free, the new metric is asked
-    third = folder.label(LabelOptions(model=model, metrics=["itm", "odf", "ctq"], max_tokens=6), client_options)
+    # other settings redo the stage when asked to; the answers already cached are free, the new metric is asked
+    other = LabelOptions(model=model, metrics=["itm", "odf", "ctq"], max_tokens=6)
+    with pytest.raises(ValueError, match="--relabel"):
+        folder.label(other, client_options)
+    third = folder.label(other, client_options, relabel=True)
     assert third["stats"]["cache_hits"] == 4 and third["stats"]["answered"] == 2 and third["rows"] == 6
+    assert_no_secret_under(folder.path)
+
+
+def test_other_settings_or_new_pairs_are_refused_unless_relabel(tmp_path, flickr_pairs, monkeypatch):
+    from mlmfilter.cli.app import app
+    from mlmfilter.runs.folder import ConfigMismatch, SourceChanged
+    from mlmfilter.teach.pairs import write_pair_table
+    from tests.support.teach import teach_pairs
+
+    monkeypatch.setenv("TEACH_KEY", SECRET)
+    captions = ["A dog runs on grass .", "A girl reads ."]
+    folder = teach_folder(tmp_path, flickr_pairs, captions)
+    with FaultServer() as server:
+        folder.label(LabelOptions(model="teacher-vlm", metrics=["itm"]), _client_options(server))
+        labelled = pq.read_table(folder.path / "labels.parquet").to_pylist()
+        sent = server.requests
+        with pytest.raises(ConfigMismatch, match=r"changed: metrics.*--relabel"):
+            folder.label(LabelOptions(model="teacher-vlm", metrics=["itm", "odf"]), _client_options(server))
+        assert server.requests == sent  # refused before any request
+        assert pq.read_table(folder.path / "labels.parquet").to_pylist() == labelled  # nothing overwritten
+
+        flags = ["teach", "label", str(folder.path), "--model", "teacher-vlm", "--metrics", "itm,odf"]
+        flags += ["--base-url", server.base_url, "--api-key-env", "TEACH_KEY", "--max-retries", "1"]
+        refused = CliRunner().invoke(app, flags)
+        assert refused.exit_code == 2 and server.requests == sent
+        line = refused.output.strip()
+        assert "\n" not in line and "changed: metrics" in line and "--relabel" in line
+        relabelled = CliRunner().invoke(app, [*flags, "--relabel"])
+        assert relabelled.exit_code == 0, relabelled.output
+        assert "4 labels (4 ok" in relabelled.output and "requests 2, cache hits 2" in relabelled.output
+        assert server.requests == sent + 2  # only the new metric is paid for
+
+        # re-made pairs (another `teach sample`): the labels of the old ones are not mixed in silently
+        write_pair_table(folder.path / "sample.parquet", teach_pairs(flickr_pairs, ["A cat sleeps .", *captions[1:]]))
+        options = LabelOptions(model="teacher-vlm", metrics=["itm", "odf"])
+        with pytest.raises(SourceChanged, match=r"sample\.parquet changed.*--relabel"):
+            folder.label(options, _client_options(server))
+        info = folder.label(options, _client_options(server), relabel=True)
+    assert info["stats"]["requests"] == 2 and info["stats"]["cache_hits"] == 2  # the new first pair's two labels
+    rows = pq.read_table(folder.path / "labels.parquet").to_pylist()
+    assert [r["key"] for r in rows] == ["k0", "k0", "k1", "k1"] and all(r["error"] is None for r in rows)
     assert_no_secret_under(folder.path)

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +20,7 @@ from typer.testing import CliRunner
 from mlmfilter.clients import ChatClient, RequestCache
 from mlmfilter.clients.chat import BAD_RESPONSE, ClientOptions
 from mlmfilter.enhance.prompts import REWRITE_PROMPT
+from mlmfilter.runs.read import RunReader
 from mlmfilter.teach.label import LabelOptions
 from mlmfilter.teach.negatives import NegativeGenerator
 from mlmfilter.teach.rewrites import POOR, REWRITE_REJECTED, UNRELATED, Rewriter, make_rewrites
@@ -103,14 +110,16 @@ def test_teacher_rewrites_faults_become_error_rows_and_a_rerun_is_free(flickr_pa
             prompt = REWRITE_PROMPT.format(caption=rows[0]["caption"])
             body = next(b for b in _rewrite_bodies(server) if b["messages"][0]["content"][1]["text"] == prompt)
             image, _text = body["messages"][0]["content"]
-            assert image["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(parent[0].image).decode()
+            assert (
+                image["image_url"]["url"]
+                == "data:image/jpeg;base64," + base64.b64encode(parent[0].image_bytes).decode()
+            )
             assert body["max_tokens"] == 256 and body["model"] == "teacher-vlm"
             before = server.requests
             again = Rewriter(options, client).fill(rows, pairs)
             assert server.requests - before == 4  # only the malformed one is asked again (4 attempts)
             assert again[0]["target"] == ok["target"] and again[0]["cached"]
-            client.close()
-            client.cache.close()
+            client.close()  # and its cache
 
 
 @pytest.mark.parametrize("mode", ["image", "text"])
@@ -140,9 +149,11 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
     assert info["stats"]["answered"] == info["rows"] + 4 + len(
         describes
     )  # labels + rewrites (+ descriptions) in the totals
-    assert (
-        again["rewrites"]["stats"]["cache_hits"] == 4 + (4 if mode == "text" else 0) and again["stats"]["requests"] == 0
-    )
+    # the rewrites are a stage of the run: its finished shard is skipped, nothing is asked again
+    assert again["rewrites"]["shards_skipped"] == ["rewrites"] and again["rewrites"]["stats"]["cache_hits"] == 0
+    assert again["stats"]["requests"] == 0 and again["stats"]["cache_hits"] == 0
+    counted = RunReader(folder.run_path).stats("teach_rewrite")["counters"]
+    assert counted["answered"] == 4 and counted.get("cache_hits", 0) == (4 if mode == "text" else 0)  # descriptions
     targets = pq.read_table(folder.path / "rewrite_targets.parquet").to_pylist()
     assert [t["uid"] for t in targets] == [p["uid"] for p in planned]
     poor = [t for t in targets if t["kind"] == POOR]
@@ -168,7 +179,7 @@ def test_negatives_label_export_with_rewrite_samples(tmp_path, flickr_pairs, mon
         human, gpt = record["conversations"]
         assert human == {"from": "human", "value": "<image>\n" + REWRITE_PROMPT.format(caption=row["caption"])}
         assert gpt == {"from": "gpt", "value": row["target"]}
-        assert (tmp_path / "out" / record["image"]).read_bytes() == sample_pairs[row["parent_uid"]].image
+        assert (tmp_path / "out" / record["image"]).read_bytes() == sample_pairs[row["parent_uid"]].image_bytes
         if row["kind"] == UNRELATED:
             assert row["target"] == sample_pairs[row["parent_uid"]].caption
     trl = {t["id"]: t for t in map(json.loads, (tmp_path / "out" / "train.jsonl").read_text().splitlines())}
@@ -273,7 +284,7 @@ def test_transformers_serve_writes_the_rewrites(tmp_path, flickr_pairs, transfor
         assert row["reply"] is not None and row["request_key"]
         assert (row["error"] is None and row["target"] == row["reply"].strip()) or row["error"] == REWRITE_REJECTED
     again = folder.label(options, client_options)
-    assert again["rewrites"]["stats"]["requests"] == 0 and again["rewrites"]["stats"]["cache_hits"] == 2
+    assert again["rewrites"]["stats"]["requests"] == 0 and again["rewrites"]["shards_skipped"] == ["rewrites"]
     assert_no_secret_under(folder.path)
 
 
@@ -299,3 +310,76 @@ def test_cli_rewrite_prompt_file_is_checked_before_any_request(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "must use {caption}" in result.output
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
+def test_a_stopped_label_run_resumes_its_rewrites_and_pays_nothing_twice(tmp_path, flickr_pairs, stop):
+    """`teach label` stopped during the teacher's rewrites: the labels' shards are done, the rewrites' shard is
+    not; the same command again skips the labels, takes the answered rewrites from the cache, asks the rest."""
+    folder = teach_folder(tmp_path, flickr_pairs, CAPTIONS)
+    folder.negatives(KINDS)
+    planned = pq.read_table(folder.path / "rewrites.parquet")
+    slow = [r | {"caption": r["caption"] + " [fault:slow]"} if r["kind"] == POOR else r for r in planned.to_pylist()]
+    pq.write_table(pa.Table.from_pylist(slow, schema=planned.schema), folder.path / "rewrites.parquet")
+    with FaultServer() as server:
+        command = [sys.executable, "-m", "mlmfilter.cli.app", "teach", "label", str(folder.path), "--model", "teacher"]
+        command += ["--metrics", "itm", "--base-url", server.base_url, "--api-key-env", "TEACH_KEY"]
+        command += ["--concurrency", "1"]  # one rewrite at a time, each answered after SLOW_S
+        env = {**os.environ, "TEACH_KEY": SECRET}
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while server.by_kind["slow"] < 3:  # the third rewrite asked: the first two are answered and cached
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "the rewrites were not asked within 120 s"
+                time.sleep(0.02)
+            proc.send_signal(stop)
+            output = proc.communicate(timeout=60)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if stop == signal.SIGINT:
+            assert proc.returncode == 130 and "re-run the same command to resume" in output
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        reader = RunReader(folder.run_path)
+        assert reader.marker("sample", "teach_label") and reader.marker("negatives", "teach_label")
+        assert reader.marker("rewrites", "teach_rewrite") is None  # not finished: no marker
+        assert not (folder.path / "rewrite_targets.parquet").exists()
+        asked = server.by_kind["slow"]
+
+        info = folder.label(LabelOptions(model="teacher", metrics=["itm"]), _options(server, concurrency=1))
+        rewrites = info["rewrites"]
+        assert sorted(info["shards_skipped"]) == ["negatives", "sample"] and rewrites["shards_skipped"] == []
+        assert rewrites["ok"] == rewrites["samples"] == 8
+        hits, sent = rewrites["stats"]["cache_hits"], rewrites["stats"]["requests"]
+        assert hits >= 2 and sent == 4 - hits and server.by_kind["slow"] - asked == sent  # the rest, once each
+        assert info["stats"]["requests"] == sent  # the labels were not asked again
+
+        again = folder.label(LabelOptions(model="teacher", metrics=["itm"]), _options(server, concurrency=1))
+        assert again["rewrites"]["shards_skipped"] == ["rewrites"] and again["stats"]["requests"] == 0
+    targets = pq.read_table(folder.path / "rewrite_targets.parquet").to_pylist()
+    assert [t["uid"] for t in targets] == [r["uid"] for r in slow] and all(t["error"] is None for t in targets)
+    assert_no_secret_under(tmp_path)
+
+
+def test_a_rewrite_that_may_succeed_later_is_asked_again_by_the_next_label(tmp_path, flickr_pairs, monkeypatch):
+    monkeypatch.setenv("TEACH_KEY", SECRET)
+    folder = teach_folder(tmp_path, flickr_pairs, CAPTIONS[:2])
+    folder.negatives(KINDS)
+    planned = pq.read_table(folder.path / "rewrites.parquet")
+    rows = planned.to_pylist()
+    first_poor = next(i for i, r in enumerate(rows) if r["kind"] == POOR)
+    rows[first_poor]["caption"] += " [fault:malformed]"
+    pq.write_table(pa.Table.from_pylist(rows, schema=planned.schema), folder.path / "rewrites.parquet")
+    options = LabelOptions(model="teacher", metrics=["itm"])
+    with FaultServer() as server:
+        first = folder.label(options, _options(server))
+        assert first["rewrites"]["errors"] == {BAD_RESPONSE: 1} and first["rewrites"]["ok"] == 3
+        sent = server.requests
+        again = folder.label(options, _options(server))
+        assert server.requests - sent == 4  # only the failed rewrite, on each of its 4 attempts
+    assert sorted(again["shards_skipped"]) == ["negatives", "sample"]  # the labels are not redone
+    counted = again["rewrites"]["stats"]
+    assert again["stats"] == counted and (counted["requests"], counted["cache_hits"], counted["answered"]) == (4, 1, 0)
+    assert again["rewrites"]["errors"] == {BAD_RESPONSE: 1}  # still malformed: kept as an error row

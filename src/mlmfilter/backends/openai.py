@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.clients.chat import user_message
 from mlmfilter.judge.backend import (
     BackendCapabilities,
     JudgeRequest,
@@ -194,15 +195,7 @@ def chat_body(
     """
     body: dict[str, Any] = {
         "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": prompt},
-                ],
-            }
-        ],
+        "messages": [user_message(prompt, image_url)],
         "temperature": 0.0,
         "max_tokens": int(max_tokens),
     }

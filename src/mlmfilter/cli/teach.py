@@ -144,6 +144,12 @@ def label(
         help="Text file: the prompt asking for the poor captions' rewrites (has {caption}; default: the enhancer's).",
     ),
     rewrite_max_tokens: Optional[int] = typer.Option(None, metavar="N", help="Token limit of a rewrite answer."),
+    relabel: bool = typer.Option(
+        False,
+        "--relabel",
+        help="Label again from scratch, also with other settings or re-made pairs than before "
+        "(answers already in the request cache cost nothing).",
+    ),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
@@ -198,7 +204,11 @@ def label(
                 client.close()
             console.print(f"wrote {len(files)} batch file(s): " + ", ".join(map(str, files)))
             return
-        info = teach.label(options, client_options)
+        try:
+            info = teach.label(options, client_options, relabel=relabel)
+        except KeyboardInterrupt:
+            console.print("interrupted: the shards done are kept; re-run the same command to resume")
+            raise typer.Exit(130) from None
     stats = info["stats"]
     if "rewrites" in info:
         rewrites = info["rewrites"]

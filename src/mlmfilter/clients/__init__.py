@@ -7,6 +7,15 @@
 """
 
 from mlmfilter.clients.cache import RequestCache, request_key
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, ClientOptions, ClientStats
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, ClientOptions, ClientStats, user_message
 
-__all__ = ["ChatClient", "ChatRequest", "ChatResult", "ClientOptions", "ClientStats", "RequestCache", "request_key"]
+__all__ = [
+    "ChatClient",
+    "ChatRequest",
+    "ChatResult",
+    "ClientOptions",
+    "ClientStats",
+    "RequestCache",
+    "request_key",
+    "user_message",
+]

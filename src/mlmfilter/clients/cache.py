@@ -61,4 +61,4 @@ class RequestCache:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._db.close()  # closing twice is harmless

@@ -199,9 +199,12 @@ class ChatClient:
                 yield from (f.result() for f in done)
 
     def close(self) -> None:
+        """Close the HTTP client and the request cache: the client owns both."""
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self.cache is not None:
+            self.cache.close()
 
     # -- one request with retries -----------------------------------------------------------------
     def _send(self, request: ChatRequest, key: str) -> ChatResult:
@@ -289,6 +292,16 @@ def image_data_url(data: bytes, image_format: str | None = None) -> str:
 
     fmt = (sniff_image_format(data) or image_format or "jpeg").lower()
     return f"data:{IMAGE_MIME.get(fmt, 'image/' + fmt)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def user_message(text: str, image_url: str | None = None) -> dict[str, Any]:
+    """A user turn of a chat request: the image first (the reference puts ``<image>`` before the prompt),
+    then the text. Text alone is still a list of parts, so a request's cache key never depends on the caller."""
+    content: list[dict[str, Any]] = []
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
 
 
 def message_text(response: dict[str, Any]) -> str | None:

@@ -226,13 +226,15 @@ class StageFolder:
         self.storage.remove(self.marker_rel(shard_id))
         return False
 
+    def read_stats(self, shard_id: str) -> ShardStats | None:
+        rel = self.stats_rel(shard_id)
+        if not self.storage.exists(rel):
+            return None
+        return ShardStats.from_json(json.loads(self.storage.read_text(rel)))
+
     def merged_stats(self) -> ShardStats:
-        parts = []
-        for shard_id in self.done_shards():
-            rel = self.stats_rel(shard_id)
-            if self.storage.exists(rel):
-                parts.append(ShardStats.from_json(json.loads(self.storage.read_text(rel))))
-        return ShardStats.total(parts)
+        parts = (self.read_stats(shard_id) for shard_id in self.done_shards())
+        return ShardStats.total(part for part in parts if part is not None)
 
     def write_merged_stats(self) -> ShardStats:
         stats = self.merged_stats()

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.runs.folder import Completeness, RunError, RunFolder
 
@@ -81,6 +82,11 @@ class RunReader:
 
     def stats(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
         return self._stage(stage).merged_stats().to_json()
+
+    def shard_stats(self, shard_id: str, stage: str = DEFAULT_STAGE) -> ShardStats | None:
+        """What one completed shard's run of the stage counted, or None if the shard is not done."""
+        folder = self._stage(stage)
+        return folder.read_stats(shard_id) if folder.read_marker(shard_id) is not None else None
 
     def completeness(self, stage: str = DEFAULT_STAGE) -> Completeness:
         self._stage(stage)

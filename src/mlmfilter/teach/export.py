@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.writers import atomic_write, atomic_write_json
 from mlmfilter.judge.prompts import SHORT_TO_LONG
 from mlmfilter.teach.label import TeacherRequests
-from mlmfilter.teach.pairs import TeachPair
+from mlmfilter.teach.pairs import image_uid
 
 LLAVA_FILE = "mlm_filter_instruct.json"
 TRL_FILE = "train.jsonl"
@@ -51,7 +53,7 @@ def gpt_value(score: int, rationale: str | None) -> str:
     return f"{score}\n{rationale}" if rationale else str(score)
 
 
-def llava_record(row: dict[str, Any], pair: TeachPair, requests: TeacherRequests, image_path: str) -> dict[str, Any]:
+def llava_record(row: dict[str, Any], pair: Sample, requests: TeacherRequests, image_path: str) -> dict[str, Any]:
     human = requests.judge_turn(SHORT_TO_LONG[row["metric"]], pair.caption)
     return {
         "id": f"{row['uid']}_{row['metric']}",
@@ -97,7 +99,7 @@ def trl_record(record: dict[str, Any]) -> dict[str, Any] | None:
 
 def export(
     labels: list[dict[str, Any]],
-    pairs: dict[str, TeachPair],
+    pairs: dict[str, Sample],
     out_dir: str | Path,
     requests: TeacherRequests,
     options: ExportOptions,
@@ -109,13 +111,13 @@ def export(
     records: list[dict[str, Any]] = []
     written: set[str] = set()
 
-    def image_of(pair: TeachPair) -> str:
-        image_uid = pair.image_uid or pair.uid
-        image_owner = pairs.get(image_uid, pair)
+    def image_of(pair: Sample) -> str:
+        owner_uid = image_uid(pair)
+        image_owner = pairs.get(owner_uid, pair)
         ext = (image_owner.image_format or "jpg").lower()
-        image_path = f"{options.image_folder}/{image_uid}.{ext}"
+        image_path = f"{options.image_folder}/{owner_uid}.{ext}"
         if image_path not in written:
-            atomic_write(out / image_path, image_owner.image)
+            atomic_write(out / image_path, image_owner.image_bytes)
             written.add(image_path)
         return image_path
 
@@ -123,25 +125,24 @@ def export(
         if row.get("error") is not None or row.get("score") is None:
             continue
         pair = pairs.get(row["uid"])
-        if pair is None or not pair.image:
+        if pair is None or not pair.image_bytes:
             raise ValueError(f"label {row['uid']}/{row['metric']} has no pair with an image in the teach folder")
         records.append(llava_record(row, pair, requests, image_of(pair)))
     quality = len(records)
-    rewrite_counts: dict[str, int] = {}
-    rewrite_skipped: dict[str, int] = {}
+    rewrite_counts: Counter = Counter()
+    rewrite_skipped: Counter = Counter()
     if rewrites:
         from mlmfilter.teach.rewrites import student_turn
 
         for row in rewrites:
             if row.get("error") is not None or not row.get("target"):
-                reason = row.get("error") or "no_target"
-                rewrite_skipped[reason] = rewrite_skipped.get(reason, 0) + 1
+                rewrite_skipped[row.get("error") or "no_target"] += 1
                 continue
             pair = pairs.get(row["parent_uid"])
-            if pair is None or not pair.image:
+            if pair is None or not pair.image_bytes:
                 raise ValueError(f"rewrite sample {row['uid']} has no pair with an image in the teach folder")
             records.append(rewrite_record(row, student_turn(requests.options, row["caption"]), image_of(pair)))
-            rewrite_counts[row["kind"]] = rewrite_counts.get(row["kind"], 0) + 1
+            rewrite_counts[row["kind"]] += 1
     general = _general_records(options, len(records))
     mixed = records + general
     random.Random(options.seed).shuffle(mixed)
@@ -151,8 +152,8 @@ def export(
     summary = {
         "quality_records": quality,
         "rewrite_records": len(records) - quality,
-        "rewrite_per_kind": rewrite_counts,
-        "rewrite_skipped": rewrite_skipped,
+        "rewrite_per_kind": dict(rewrite_counts),
+        "rewrite_skipped": dict(rewrite_skipped),
         "general_records": len(general),
         "images": len(written),
         "records": len(mixed),

@@ -9,14 +9,20 @@ DIR/negatives.parquet     corrupted variants of sampled pairs (same image, tagge
 DIR/rewrites.parquet      the enhancement task's contrastive samples (caption -> target rewrite, teach/rewrites.py)
 DIR/rewrite_targets.parquet  the same with the teacher's rewrites of the poor captions, or errors
 DIR/labels.parquet        one row per pair and metric: score, rationale, raw reply, or an error
+DIR/run/                  the run folder of the teacher's requests: stages teach_label and teach_rewrite
 DIR/balanced.parquet      the labels kept by balancing, with their bin; DIR/balance.json histograms
 DIR/cache/requests.sqlite the teacher request cache (answers only: no key, no headers)
 DIR/batch/                Batch API request files (``label --batch-file``)
 ```
 
-Labelling resumes through the request cache: a re-run, or a run after ``--collect``, sends only the
-requests whose answers are missing, and the labels table is rewritten whole (atomically). The
-teacher's rewrites of the poor captions go through the same client and cache after the labels.
+Every paid request is made by a stage of ``DIR/run`` (:mod:`.stage`): the labels (``teach_label``, one
+shard per pair table), then the teacher's rewrites of the poor captions (``teach_rewrite``, the shard
+``rewrites.parquet``). A finished shard is not asked again, a killed run resumes at the shards without
+a marker, and the request cache makes a redone shard free for every answer it has (a re-run after
+``--collect`` sends only the requests whose answers are missing). A shard whose table holds errors a
+new request may fix is redone. Other settings, or re-made pairs, are refused unless ``relabel``
+(``--relabel``) redoes the stages. ``labels.parquet`` and ``rewrite_targets.parquet`` are gathered from
+the stages' tables and rewritten whole (atomically).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,13 +41,26 @@ from mlmfilter.clients.batch import BatchFileWriter, ingest_batch_output
 from mlmfilter.clients.cache import RequestCache
 from mlmfilter.clients.chat import ChatClient, ClientOptions
 from mlmfilter.clients.credentials import resolve_api_key
+from mlmfilter.core.sample import Sample
+from mlmfilter.core.stats import ShardStats
+from mlmfilter.io.sources import expand_inputs
 from mlmfilter.io.writers import atomic_write_json, atomic_write_parquet
+from mlmfilter.runs.folder import ConfigMismatch, RunError, SourceChanged
+from mlmfilter.runs.read import RunReader
+from mlmfilter.runs.runner import Overwrite, StageSummary, run_stage
 from mlmfilter.teach.balance import BalanceOptions, balance
 from mlmfilter.teach.export import ExportOptions, export
 from mlmfilter.teach.label import LABEL_SCHEMA, Labeler, LabelOptions, TeacherRequests
-from mlmfilter.teach.pairs import TeachPair, negative_uid, read_pairs, write_pairs
-
-STAT_NAMES = ("requests", "answered", "cache_hits", "retries", "prompt_tokens", "completion_tokens")
+from mlmfilter.teach.pairs import image_uid, negative_uid, read_pair_table, write_pair_table
+from mlmfilter.teach.stage import (
+    REQUEST_COUNTERS,
+    RETRYABLE,
+    TeacherStage,
+    TeachLabelOptions,
+    TeachLabelStage,
+    TeachRewriteOptions,
+    TeachRewriteStage,
+)
 
 
 class TeachFolder:
@@ -56,6 +76,10 @@ class TeachFolder:
     def cache_path(self) -> Path:
         return self.path / "cache" / "requests.sqlite"
 
+    @property
+    def run_path(self) -> Path:
+        return self.path / "run"
+
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
 
@@ -70,10 +94,14 @@ class TeachFolder:
             raise FileNotFoundError(f"{path} does not exist: run `mlmfilter teach {step}` first")
         return path
 
-    def pairs(self) -> list[TeachPair]:
-        pairs = read_pairs(self.require("sample.parquet", "sample"))
+    def sampled(self) -> list[Sample]:
+        """The sampled pairs (``sample.parquet``), without their negatives."""
+        return read_pair_table(self.require("sample.parquet", "sample"))
+
+    def pairs(self) -> list[Sample]:
+        """The sampled pairs and their negatives: everything the teacher labels."""
         negatives = self.path / "negatives.parquet"
-        return pairs + (read_pairs(negatives) if negatives.exists() else [])
+        return self.sampled() + (read_pair_table(negatives) if negatives.exists() else [])
 
     def labels(self, name: str = "labels.parquet") -> list[dict[str, Any]]:
         return pq.read_table(self.require(name, "label" if name == "labels.parquet" else "balance")).to_pylist()
@@ -84,7 +112,7 @@ class TeachFolder:
 
         sampler = PoolSampler(options, read_options, work_dir=self.path)
         pairs, report = sampler.sample(sources)
-        write_pairs(self.path / "sample.parquet", pairs)
+        write_pair_table(self.path / "sample.parquet", pairs)
         info = {**sampler.identity(), "report": report.as_dict(), "inputs": [s.url for s in sources]}
         self.record("sample", info)
         return info
@@ -96,106 +124,70 @@ class TeachFolder:
         from mlmfilter.teach.rewrites import REWRITE_SCHEMA, make_rewrites
 
         generator = NegativeGenerator(seed=seed, kinds=kinds)
-        pairs = read_pairs(self.require("sample.parquet", "sample"))
+        pairs = self.sampled()
         captions = [p.caption for p in pairs]
-        out: list[TeachPair] = []
+        out: list[Sample] = []
         for pair in pairs:  # its own caption is never picked as "another pair's"
             for n, neg in enumerate(generator.corrupt(pair.caption, uid=pair.uid, other_captions=captions)):
+                meta = {
+                    "image_uid": image_uid(pair),
+                    "cluster": pair.meta.get("cluster"),
+                    "parent_uid": pair.uid,
+                    "corruption": neg.kind,
+                    "corruption_detail": neg.detail,
+                }
                 out.append(
-                    TeachPair(
+                    Sample(
                         uid=negative_uid(pair.uid, neg.kind, n),
                         shard=pair.shard,
                         key=f"{pair.key}#{neg.kind}",
                         caption=neg.caption,
-                        image=pair.image,
+                        image_bytes=pair.image_bytes,
                         image_format=pair.image_format,
-                        image_uid=pair.image_uid,
-                        cluster=pair.cluster,
-                        parent_uid=pair.uid,
-                        corruption=neg.kind,
-                        corruption_detail=neg.detail,
+                        meta=meta,
                     )
                 )
-        write_pairs(self.path / "negatives.parquet", out)
-        counts: dict[str, int] = {}
-        for p in out:
-            counts[p.corruption] = counts.get(p.corruption, 0) + 1
+        write_pair_table(self.path / "negatives.parquet", out)
         info = {
             "seed": seed,
             "kinds": list(generator.kinds),
             "from_pairs": len(pairs),
             "negatives": len(out),
-            "per_kind": counts,
+            "per_kind": dict(Counter(p.meta["corruption"] for p in out)),
         }
         for stale in ("rewrites.parquet", "rewrite_targets.parquet"):  # made from other pairs or settings
             (self.path / stale).unlink(missing_ok=True)
         if rewrites:
             rows = make_rewrites(pairs, generator)
             atomic_write_parquet(pa.Table.from_pylist(rows, schema=REWRITE_SCHEMA), self.path / "rewrites.parquet")
-            per_kind: dict[str, int] = {}
-            for row in rows:
-                per_kind[row["kind"]] = per_kind.get(row["kind"], 0) + 1
-            info["rewrites"] = {"samples": len(rows), "per_kind": per_kind}
+            info["rewrites"] = {"samples": len(rows), "per_kind": dict(Counter(row["kind"] for row in rows))}
         self.record("negatives", info)
         return info
 
     def client(self, client_options: ClientOptions, cache: bool = True) -> ChatClient:
         return ChatClient(client_options, cache=RequestCache(self.cache_path) if cache else None)
 
-    @property
-    def run_path(self) -> Path:
-        return self.path / "run"
-
-    def label(self, options: LabelOptions, client_options: ClientOptions, cache: bool = True) -> dict[str, Any]:
-        """Label every pair table of the folder as the ``teach_label`` stage of ``DIR/run``, then gather
-        the stage's tables into ``labels.parquet``. A shard is redone when its table holds errors a new
-        request may fix, or when the settings or the pair table changed; its cached answers cost nothing."""
-        from mlmfilter.io.sources import expand_inputs
-        from mlmfilter.runs.folder import ConfigMismatch, SourceChanged
-        from mlmfilter.runs.runner import run_stage
-        from mlmfilter.teach.stage import TeachLabelOptions, TeachLabelStage
-
+    def label(
+        self, options: LabelOptions, client_options: ClientOptions, cache: bool = True, relabel: bool = False
+    ) -> dict[str, Any]:
+        """Label every pair table of the folder (the ``teach_label`` stage of ``DIR/run``) into
+        ``labels.parquet``, then ask for the teacher's rewrites of the poor captions (the ``teach_rewrite``
+        stage) into ``rewrite_targets.parquet``. Shards already done are skipped; a shard whose table holds
+        errors a new request may fix is redone. Stages made with other settings or from other pairs are
+        refused, or with ``relabel`` done again (answers already in the cache cost nothing)."""
         inputs = [str(self.require("sample.parquet", "sample"))]
         if (self.path / "negatives.parquet").exists():
             inputs.append(str(self.path / "negatives.parquet"))
-        stage = TeachLabelStage(
-            TeachLabelOptions(label=options, client=client_options, cache=str(self.cache_path) if cache else None)
-        )
-        try:
-            overwrite = "stage" if self._has_retryable_errors(stage.name) else False
-            try:
-                summary = run_stage(
-                    self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite=overwrite
-                )
-            except (
-                ConfigMismatch,
-                SourceChanged,
-            ):  # other settings or re-sampled pairs: relabel (cached answers are free)
-                summary = run_stage(
-                    self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite="stage"
-                )
-        finally:
-            stage.close()
-        if summary.shards_failed:
-            raise RuntimeError(f"labelling failed for shard(s) {summary.shards_failed}")
-        from mlmfilter.runs.read import RunReader
-
-        table = RunReader(str(self.run_path)).dataset(stage.name).to_table()
-        rows = table.to_pylist()
-        atomic_write_parquet(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), self.path / "labels.parquet")
-        errors: dict[str, int] = {}
-        for r in rows:
-            if r["error"]:
-                errors[r["error"]] = errors.get(r["error"], 0) + 1
-        counters: dict[str, float] = {}  # this invocation's shards only (skipped ones were counted before)
-        for shard_id in summary.shards_completed:
-            shard_stats = json.loads((self.run_path / stage.name / "stats" / f"{shard_id}.json").read_text())
-            for name, value in shard_stats.get("counters", {}).items():
-                counters[name] = counters.get(name, 0) + value
-        stats = {name: int(counters.get(name, 0)) for name in STAT_NAMES}
-        rewrites = self._rewrite(options, client_options, cache)
+        cache_path = str(self.cache_path) if cache else None
+        stage = TeachLabelStage(TeachLabelOptions(label=options, client=client_options, cache=cache_path))
+        summary, stats = self._run(stage, inputs, relabel, "labelling")
+        table = self._gather(stage.name, LABEL_SCHEMA)
+        atomic_write_parquet(table, self.path / "labels.parquet")
+        outcome = _outcome(table)
+        rewrites = self._rewrite(options, client_options, cache_path, relabel)
         if rewrites is not None:  # the teacher's rewrites count in the run's totals too
-            stats = {name: stats[name] + rewrites["stats"][name] for name in STAT_NAMES}
+            rewrites, rewrite_stats = rewrites
+            stats = stats + rewrite_stats
         api_key_source = resolve_api_key(client_options.api_key_env, client_options.api_key_file).source
         info = {
             **stage.requests.identity(),
@@ -204,10 +196,10 @@ class TeachFolder:
             "stage": stage.name,
             "run": str(self.run_path),
             "pairs_tables": inputs,
-            "rows": len(rows),
-            "ok": len(rows) - sum(errors.values()),
-            "errors": errors,
-            "stats": stats,
+            "rows": outcome.rows,
+            "ok": outcome.ok,
+            "errors": dict(outcome.errors),
+            "stats": _request_counts(stats),
             "shards_skipped": list(summary.shards_skipped),
         }
         if rewrites is not None:
@@ -219,45 +211,109 @@ class TeachFolder:
         path = self.path / "rewrites.parquet"
         return pq.read_table(path).to_pylist() if path.exists() else None
 
-    def _rewrite(self, options: LabelOptions, client_options: ClientOptions, cache: bool) -> dict[str, Any] | None:
-        """The teacher's rewrites of the poor captions -> ``rewrite_targets.parquet`` (every row, errors too)."""
-        from mlmfilter.teach.rewrites import REWRITE_SCHEMA, Rewriter
+    def _rewrite(
+        self, options: LabelOptions, client_options: ClientOptions, cache_path: str | None, relabel: bool
+    ) -> tuple[dict[str, Any], ShardStats] | None:
+        """The teacher's rewrites of the poor captions -> ``rewrite_targets.parquet`` (every row, errors too);
+        the step's report and what its requests counted."""
+        from mlmfilter.teach.rewrites import REWRITE_SCHEMA
 
-        rows = self.rewrite_rows()
-        if rows is None:
+        planned = self.path / "rewrites.parquet"
+        if not planned.exists():
             return None
-        pairs = {p.uid: p for p in read_pairs(self.require("sample.parquet", "sample"))}
-        client = self.client(client_options, cache)
-        try:
-            filled = Rewriter(options, client).fill(rows, pairs)
-            client_stats = client.stats.as_dict()
-        finally:
-            client.close()
-            if client.cache is not None:
-                client.cache.close()
-        atomic_write_parquet(pa.Table.from_pylist(filled, schema=REWRITE_SCHEMA), self.path / "rewrite_targets.parquet")
-        errors: dict[str, int] = {}
-        for row in filled:
-            if row["error"]:
-                errors[row["error"]] = errors.get(row["error"], 0) + 1
-        return {
-            "samples": len(filled),
-            "ok": len(filled) - sum(errors.values()),
-            "errors": errors,
-            "stats": {name: int(client_stats[name]) for name in STAT_NAMES},
+        pairs = str(self.require("sample.parquet", "sample"))
+        stage = TeachRewriteStage(
+            TeachRewriteOptions(label=options, client=client_options, cache=cache_path, pairs=pairs)
+        )
+        summary, stats = self._run(stage, [str(planned)], relabel, "the teacher's rewrites")
+        table = self._gather(stage.name, REWRITE_SCHEMA)
+        atomic_write_parquet(table, self.path / "rewrite_targets.parquet")
+        outcome = _outcome(table)
+        info = {
+            "samples": outcome.rows,
+            "ok": outcome.ok,
+            "errors": dict(outcome.errors),
+            "stats": _request_counts(stats),
+            "stage": stage.name,
+            "shards_skipped": list(summary.shards_skipped),
         }
+        return info, stats
+
+    # -- the run of the teacher's requests ----------------------------------------------------------
+    def _run(self, stage: TeacherStage, inputs: list[str], relabel: bool, work: str) -> tuple[StageSummary, ShardStats]:
+        """Run a teacher stage over ``inputs``: its last summary, and what this invocation's requests counted.
+
+        A table holding errors that a new request may fix (found before this run) is redone after the
+        run layer checked the settings and the inputs, so a redo never hides a change of either."""
+        retry = not relabel and self._has_retryable_errors(stage.name)
+        summary = self._run_once(stage, inputs, "stage" if relabel else False, work)
+        stats = self._requests(stage.name, summary)
+        if retry:  # every answer the cache has is free: only the failed requests are asked again
+            summary = self._run_once(stage, inputs, "stage", work)
+            stats = stats + self._requests(stage.name, summary)
+        return summary, stats
+
+    def _run_once(self, stage: TeacherStage, inputs: list[str], overwrite: Overwrite, work: str) -> StageSummary:
+        """One run of the stage; a refusal of the run layer becomes one line naming what changed and the flag."""
+        try:
+            summary = run_stage(self.run_path, stage, sources=expand_inputs(inputs), inputs=inputs, overwrite=overwrite)
+        except ConfigMismatch:
+            changed = self._changed_settings(stage)
+            if not changed:
+                raise
+            raise ConfigMismatch(
+                f"{self.path} was labelled with other settings (changed: {', '.join(changed)}); "
+                "pass --relabel to label it again (answers already in the request cache cost nothing)"
+            ) from None
+        except SourceChanged:
+            names = ", ".join(Path(i).name for i in inputs)
+            raise SourceChanged(
+                f"{self.path}: {names} changed since the last `teach label` (teach sample or teach negatives "
+                "ran again); pass --relabel to label it again (answers already in the request cache cost nothing)"
+            ) from None
+        finally:
+            stage.close()
+        if summary.interrupted:
+            raise KeyboardInterrupt(f"{stage.name} interrupted; the same command resumes it")
+        if summary.shards_failed:
+            raise RuntimeError(f"{work} failed for shard(s) {summary.shards_failed}")
+        return summary
+
+    def _reader(self) -> RunReader | None:
+        try:
+            return RunReader(self.run_path)
+        except RunError:  # not labelled yet
+            return None
+
+    def _gather(self, stage_name: str, schema: pa.Schema) -> pa.Table:
+        """Every finished shard of the stage, as one table of ``schema`` (its columns in that order)."""
+        return self._reader().dataset(stage_name).to_table().select(schema.names).cast(schema)
+
+    def _requests(self, stage_name: str, summary: StageSummary) -> ShardStats:
+        """What this invocation's shards of the stage counted (the skipped ones were counted before)."""
+        reader = self._reader()
+        return ShardStats.total(reader.shard_stats(s, stage_name) or ShardStats() for s in summary.shards_completed)
 
     def _has_retryable_errors(self, stage_name: str) -> bool:
-        from mlmfilter.teach.stage import RETRYABLE
-
-        tables = self.run_path / stage_name / "tables"
-        if not tables.is_dir():
+        reader = self._reader()
+        if reader is None or stage_name not in reader.stages() or not reader.table_files(stage_name):
             return False
-        for path in tables.glob("*.parquet"):
-            column = pq.read_table(path, columns=["error"]).column("error").to_pylist()
-            if RETRYABLE & set(column):
-                return True
-        return False
+        errors = reader.dataset(stage_name).to_table(columns=["error"]).column("error").to_pylist()
+        return bool(RETRYABLE & set(errors))
+
+    def _changed_settings(self, stage: TeacherStage) -> list[str]:
+        """The settings that differ from the stage's earlier run, by their own names (``metrics``)."""
+        reader = self._reader()
+        before = (reader.settings(stage.name) if reader is not None else {}).get("identity") or {}
+        now = json.loads(json.dumps(stage.identity()))  # as stage.yaml holds it: lists, not tuples
+        changed: list[str] = []
+        for key in sorted(set(before) | set(now)):
+            old, new = before.get(key), now.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):
+                changed += [name for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+            elif old != new:
+                changed.append(key)
+        return list(dict.fromkeys(changed))
 
     def write_batch(
         self,
@@ -279,7 +335,7 @@ class TeachFolder:
             if rewrites is not None:
                 from mlmfilter.teach.rewrites import Rewriter
 
-                pairs = {p.uid: p for p in read_pairs(self.require("sample.parquet", "sample"))}
+                pairs = {p.uid: p for p in self.sampled()}
                 requests = itertools.chain(requests, Rewriter(options, client).plan(rewrites, pairs))
             for request in requests:
                 if client.cache is not None and request.key in client.cache:
@@ -339,6 +395,17 @@ class TeachFolder:
                 f"{path} is missing or older than rewrites.parquet: run `mlmfilter teach label` again"
             )
         return targets
+
+
+def _outcome(table: pa.Table) -> ShardStats:
+    """The table's rows, ok and errors by reason."""
+    stats = ShardStats()
+    stats.add_rows(table.column("error").to_pylist())
+    return stats
+
+
+def _request_counts(stats: ShardStats) -> dict[str, int]:
+    return {name: int(stats.counters.get(name, 0)) for name in REQUEST_COUNTERS}
 
 
 def _slug(model: str) -> str:

@@ -20,14 +20,15 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url, message_text
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url, message_text, user_message
 from mlmfilter.core import errors
+from mlmfilter.core.sample import Sample
 from mlmfilter.enhance.prompts import REWRITE_PROMPT, EnhancePrompts
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ScoreLineError as ReplyParseError
 from mlmfilter.judge.readout import read_score_line
-from mlmfilter.teach.pairs import TeachPair
+from mlmfilter.runs.stage import identity_schema
 
 DESCRIBE_PROMPT = (
     "Describe this image in detail: every visible object with its color, size, shape, material and position, "
@@ -36,11 +37,8 @@ DESCRIBE_PROMPT = (
 #: what the text-only teacher reads instead of the image (the paper's prompt is not published)
 TEXT_ONLY_TEMPLATE = "Image Description: {description}\n\n{prompt}"
 
-LABEL_SCHEMA = pa.schema(
+LABEL_SCHEMA = identity_schema(
     [
-        pa.field("uid", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("key", pa.string()),
         pa.field("metric", pa.string()),  # short name: itm, odf, ctq, su
         pa.field("score", pa.int16()),
         pa.field("rationale", pa.string()),
@@ -52,8 +50,6 @@ LABEL_SCHEMA = pa.schema(
         pa.field("corruption", pa.string()),
         pa.field("request_key", pa.string()),
         pa.field("cached", pa.bool_()),
-        pa.field("error", pa.string()),
-        pa.field("error_detail", pa.string()),
     ]
 )
 
@@ -93,7 +89,7 @@ def parse_reply(text: str | None) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class PendingLabel:
-    pair: TeachPair
+    pair: Sample
     metric: str  # long name
     description: str | None = None
 
@@ -119,30 +115,27 @@ class TeacherRequests:
             params["seed"] = self.options.seed
         return params
 
+    def message(self, prompt: str, pair: Sample, description: str | None = None) -> dict[str, Any]:
+        """The teacher's user turn for ``prompt`` about ``pair``: the image and the prompt, or in text mode
+        the description of the image in its place."""
+        if self.options.mode == "text":
+            return user_message(self.options.text_only_template.format(description=description, prompt=prompt))
+        return user_message(prompt, image_data_url(pair.image_bytes, pair.image_format))
+
     def label(self, pending: PendingLabel) -> ChatRequest:
         prompt = self.prompt(pending.metric, pending.pair.caption)
-        if self.options.mode == "text":
-            text = self.options.text_only_template.format(description=pending.description, prompt=prompt)
-            content: list[dict] = [{"type": "text", "text": text}]
-        else:
-            url = image_data_url(pending.pair.image, pending.pair.image_format)
-            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         body = {
             "model": self.options.model,
-            "messages": [{"role": "user", "content": content}],
+            "messages": [self.message(prompt, pending.pair, pending.description)],
             **self.params(self.options.max_tokens),
         }
         return ChatRequest(body, tag=pending)
 
-    def describe(self, pair: TeachPair) -> ChatRequest:
-        url = image_data_url(pair.image, pair.image_format)
-        content = [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": self.options.describe_prompt},
-        ]
+    def describe(self, pair: Sample) -> ChatRequest:
+        url = image_data_url(pair.image_bytes, pair.image_format)
         body = {
             "model": self.options.describer_model or self.options.model,
-            "messages": [{"role": "user", "content": content}],
+            "messages": [user_message(self.options.describe_prompt, url)],
             **self.params(self.options.describe_max_tokens),
         }
         return ChatRequest(body, tag=pair)
@@ -156,7 +149,7 @@ class TeacherRequests:
         }
 
 
-def cached_description(requests: TeacherRequests, cache, pair: TeachPair) -> tuple[ChatRequest, str]:
+def cached_description(requests: TeacherRequests, cache, pair: Sample) -> tuple[ChatRequest, str]:
     """A pair's describe request and its cached description ("" when not answered yet), for batch plans."""
     describe = requests.describe(pair)
     answer = cache.get(describe.key) if cache is not None else None
@@ -171,12 +164,12 @@ class Labeler:
         self.client = client
         self.requests = TeacherRequests(options)
 
-    def plan(self, pairs: Iterable[TeachPair]) -> Iterator[ChatRequest]:
+    def plan(self, pairs: Iterable[Sample]) -> Iterator[ChatRequest]:
         """The requests a live run would send next, for a batch file. Text mode goes in two rounds:
         descriptions not in the cache yet, then the label requests of pairs whose description is."""
         cache = self.client.cache
         for pair in pairs:
-            if not pair.image:
+            if not pair.image_bytes:
                 continue
             if self.options.mode == "text":
                 describe, text = cached_description(self.requests, cache, pair)
@@ -187,12 +180,12 @@ class Labeler:
             else:
                 yield from (self.requests.label(PendingLabel(pair, m)) for m in self.requests.metrics)
 
-    def label(self, pairs: Iterable[TeachPair]) -> Iterator[dict[str, Any]]:
+    def label(self, pairs: Iterable[Sample]) -> Iterator[dict[str, Any]]:
         pairs = list(pairs)
         metrics = self.requests.metrics
         usable = []
         for pair in pairs:
-            if pair.image:
+            if pair.image_bytes:
                 usable.append(pair)
             else:  # no image: nothing to show the teacher; every metric is an error row
                 for metric in metrics:
@@ -203,7 +196,7 @@ class Labeler:
             pending: list[PendingLabel] = []
             # one request per distinct image: a pair and its negatives share one description (asked once,
             # not once per pair in flight at the same time)
-            describe: dict[str, tuple[ChatRequest, list[TeachPair]]] = {}
+            describe: dict[str, tuple[ChatRequest, list[Sample]]] = {}
             for pair in usable:
                 request = self.requests.describe(pair)
                 describe.setdefault(request.key, (request, []))[1].append(pair)
@@ -250,8 +243,8 @@ class Labeler:
             "description": pending.description,
             "teacher": self.options.model,
             "mode": self.options.mode,
-            "parent_uid": pair.parent_uid,
-            "corruption": pair.corruption,
+            "parent_uid": pair.meta.get("parent_uid"),
+            "corruption": pair.meta.get("corruption"),
             "request_key": result.key if result is not None else None,
             "cached": bool(result.cached) if result is not None else False,
             "error": error,
@@ -259,7 +252,7 @@ class Labeler:
         }
 
 
-def sort_label_rows(rows: list[dict[str, Any]], pairs: list[TeachPair], metrics: list[str]) -> list[dict[str, Any]]:
+def sort_label_rows(rows: list[dict[str, Any]], pairs: list[Sample], metrics: list[str]) -> list[dict[str, Any]]:
     """Pair order, then metric order: the table does not depend on which answer came back first."""
     pair_index = {p.uid: i for i, p in enumerate(pairs)}
     metric_index = {short_name(m): i for i, m in enumerate(metrics)}

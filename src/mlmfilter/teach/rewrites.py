@@ -26,12 +26,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, image_data_url
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult
+from mlmfilter.core.sample import Sample
 from mlmfilter.enhance.checks import CaptionChecker, CheckOptions
 from mlmfilter.enhance.prompts import EnhancePrompts
 from mlmfilter.judge.conversations import reference_user_turn
 from mlmfilter.teach.label import LabelOptions, TeacherRequests, cached_description
-from mlmfilter.teach.pairs import TeachPair, negative_uid
+from mlmfilter.teach.pairs import negative_uid
 
 UNRELATED = "unrelated_caption"
 POOR = "poor_caption"
@@ -61,7 +62,7 @@ REWRITE_SCHEMA = pa.schema(
 )
 
 
-def make_rewrites(pairs: Sequence[TeachPair], generator) -> list[dict[str, Any]]:
+def make_rewrites(pairs: Sequence[Sample], generator) -> list[dict[str, Any]]:
     """The contrastive samples of every pair (a :class:`NegativeGenerator`: deterministic for its seed)."""
     captions = [p.caption for p in pairs]
     rows = []
@@ -121,27 +122,21 @@ class Rewriter:
             instructions=self.prompts.instruction_texts("rewrite"),
         )
 
-    def request(self, row: dict[str, Any], pair: TeachPair, description: str | None = None) -> ChatRequest:
+    def request(self, row: dict[str, Any], pair: Sample, description: str | None = None) -> ChatRequest:
         prompt = self.prompts.render_rewrite(row["caption"])
-        if self.options.mode == "text":
-            text = self.options.text_only_template.format(description=description, prompt=prompt)
-            content: list[dict] = [{"type": "text", "text": text}]
-        else:
-            url = image_data_url(pair.image, pair.image_format)
-            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         body = {
             "model": self.options.model,
-            "messages": [{"role": "user", "content": content}],
+            "messages": [self.requests.message(prompt, pair, description)],
             **self.requests.params(self.options.rewrite_max_tokens),
         }
         return ChatRequest(body, tag=row)
 
-    def plan(self, rows: Iterable[dict[str, Any]], pairs: dict[str, TeachPair]) -> Iterator[ChatRequest]:
+    def plan(self, rows: Iterable[dict[str, Any]], pairs: dict[str, Sample]) -> Iterator[ChatRequest]:
         """The requests a batch file needs next: descriptions not cached yet (text mode), then rewrites."""
         cache = self.client.cache
         for row in rows:
             pair = pairs.get(row["parent_uid"])
-            if row["kind"] != POOR or pair is None or not pair.image:
+            if row["kind"] != POOR or pair is None or not pair.image_bytes:
                 continue
             description = None
             if self.options.mode == "text":
@@ -151,7 +146,7 @@ class Rewriter:
                     continue
             yield self.request(row, pair, description)
 
-    def fill(self, rows: Sequence[dict[str, Any]], pairs: dict[str, TeachPair]) -> list[dict[str, Any]]:
+    def fill(self, rows: Sequence[dict[str, Any]], pairs: dict[str, Sample]) -> list[dict[str, Any]]:
         """Every row again, in the same order: ``poor_caption`` rows with a target or an error."""
         out = [dict(row) for row in rows]
         todo: list[dict[str, Any]] = []
@@ -169,7 +164,7 @@ class Rewriter:
                 error_detail=None,
             )
             pair = pairs.get(row["parent_uid"])
-            if pair is None or not pair.image:
+            if pair is None or not pair.image_bytes:
                 row.update(
                     error="missing_image", error_detail="the sample's pair has no image bytes in the teach folder"
                 )

