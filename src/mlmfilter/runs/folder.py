@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from mlmfilter import __version__
+from mlmfilter.core.ids import shard_id_for
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource, shard_stem
 from mlmfilter.runs.storage import RunStorage
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.yaml"
 LOGS_DIR = "logs"
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 #: folder names inside a run that are not stages
 RESERVED_NAMES = frozenset({LOGS_DIR, "selection"})
@@ -333,7 +333,7 @@ class RunFolder:
             identity = source_identity(source)
             sid = by_url.get(source.url)
             if sid is None:
-                sid = _new_id(source.url, taken)
+                sid = shard_id_for(shard_stem(source.url), source.url, taken)
                 taken.add(sid)
                 registered[sid] = {**identity, "added": now_iso()}
                 by_url[source.url] = sid
@@ -481,15 +481,6 @@ class _RecordLock:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _new_id(url: str, taken: set[str]) -> str:
-    import hashlib
-
-    stem = _UNSAFE_ID_CHARS.sub("_", shard_stem(url)).strip("._") or "shard"
-    if stem not in taken:
-        return stem
-    return f"{stem}-{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}"
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -62,15 +62,15 @@ class RunReader:
         files = self.table_files(stage)
         if not files:
             raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
-        fs = None if self.folder.storage.is_local else self.folder.storage.fs
-        schemas = [pq.read_schema(f, filesystem=fs) if fs else pq.read_schema(f) for f in files]
+        fs = self.folder.storage.arrow_filesystem
+        schemas = [pq.read_schema(f, filesystem=fs) for f in files]
         return pa.unify_schemas(schemas, promote_options="permissive")
 
     def dataset(self, stage: str = DEFAULT_STAGE) -> ds.Dataset:
         files = self.table_files(stage)
         if not files:
             raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
-        fs = None if self.folder.storage.is_local else self.folder.storage.fs
+        fs = self.folder.storage.arrow_filesystem
         return ds.dataset(files, schema=self.schema(stage), format="parquet", filesystem=fs)
 
     def provenance(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:

@@ -18,9 +18,7 @@ A stage never writes into the run folder itself.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
 
@@ -131,10 +130,6 @@ def stage_class(kind: str) -> type[Stage]:
     except KeyError:
         raise ValueError(f"unknown stage {kind!r}; known: {', '.join(sorted(STAGE_REGISTRY))}") from None
     return getattr(importlib.import_module(module), cls)
-
-
-def fingerprint_of(identity: Any) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def identity_schema(columns: list[pa.Field]) -> pa.Schema:

@@ -12,12 +12,12 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from mlmfilter.core.batching import batched
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, DecodeSpec
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask, identity_schema
 from mlmfilter.scorers import Scorer, build_scorer
-from mlmfilter.scorers.base import iter_batches
 
 #: the shorter side decoded for runs whose scorers look at no pixels: draft mode makes it cheap
 #: and decoding still proves the image is readable and yields its size
@@ -150,7 +150,7 @@ class ScoringStage(Stage):
         if self.options.only is not None:
             samples = self._mark_skipped(samples, self._passing_keys(task), task)
         decoded = self._image_decoder().decode(samples)
-        for chunk in iter_batches(decoded, self.options.chunk_size):
+        for chunk in batched(decoded, self.options.chunk_size):
             for sample in chunk:
                 sample.image_bytes = None  # decoded or failed: the bytes are no longer needed
             rows = score_chunk(chunk, self.scorers, task.stats)

@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlmfilter import __version__
+from mlmfilter.core.locations import as_path
 from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
 from mlmfilter.io.writers import AtomicFile, atomic_write_json
 from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
@@ -305,7 +306,7 @@ class ScoreTables:
             self.files = self.run.table_files(stage)
         except ValueError as exc:  # not a run, no such stage
             raise SelectionError(str(exc)) from None
-        self.run_dir: Path | str = Path(self.run.url) if "://" not in self.run.url else self.run.url
+        self.run_dir: Path | str = as_path(self.run.url)
         if not self.files:
             raise SelectionError(f"stage {stage!r} of {self.run.url} has no completed shard to select from")
         self.completeness = self.run.completeness(stage)

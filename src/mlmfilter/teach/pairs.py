@@ -7,7 +7,6 @@ so labelling and export never go back to the pool. It is also a parquet shard th
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +14,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlmfilter.core.ids import uid_of
 from mlmfilter.io.writers import atomic_write_parquet
 
 PAIR_SCHEMA = pa.schema(
@@ -55,7 +55,7 @@ class TeachPair:
 
 def negative_uid(parent_uid: str, kind: str, index: int = 0) -> str:
     """A negative's own uid: stable for its parent, kind and position, the same shape as a pair's."""
-    return hashlib.blake2b(f"{parent_uid}/negative/{kind}/{index}".encode(), digest_size=16).hexdigest()
+    return uid_of(f"{parent_uid}/negative/{kind}/{index}")
 
 
 def write_pairs(path: str | Path, pairs: Iterable[TeachPair]) -> int:
