@@ -148,14 +148,11 @@ def _layout_hints(summary, read_options) -> list[str]:
 
 
 def _executor(config: ScoreConfig, workers: int):
-    """The local executor, or Ray's (``ray.num_actors`` defaults to ``workers``)."""
-    if config.executor == "ray":
-        from mlmfilter.runs.executors.ray import RayExecutor
+    """The executor the recipe names, with the recipe's section of the same name as its settings
+    (``ray:``; ``ray.num_actors`` defaults to ``workers``)."""
+    from mlmfilter.runs.executors import build_executor
 
-        return RayExecutor.from_options(config.ray, workers=workers)
-    from mlmfilter.runs.executors.local import LocalExecutor
-
-    return LocalExecutor(workers=workers)
+    return build_executor(config.executor, workers=workers, options=getattr(config, config.executor, None))
 
 
 def _check_cascade(config: ScoreConfig) -> None:

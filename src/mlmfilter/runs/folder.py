@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.yaml"
 LOGS_DIR = "logs"
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-#: folder names inside a run that are not stages
-RESERVED_NAMES = frozenset({LOGS_DIR, "selection"})
+#: what a stage folder holds; a folder of the run holding anything else is not a stage's (a
+#: selection, a user's own folder) and is never written into or cleared as one
+STAGE_ENTRIES = frozenset({"stage.yaml", "provenance.json", "stats.json", "tables", "stats", "completions"})
 
 
 class RunError(ValueError):
@@ -119,8 +120,8 @@ class StageFolder:
     """``RUN/<stage>/``: one stage's tables, markers and stats."""
 
     def __init__(self, storage: RunStorage, name: str):
-        if not _STAGE_NAME.match(name) or name in RESERVED_NAMES:
-            raise RunError(f"invalid stage name {name!r} (letters, digits, - and _; not {sorted(RESERVED_NAMES)})")
+        if not _STAGE_NAME.match(name) or name == LOGS_DIR:
+            raise RunError(f"invalid stage name {name!r} (letters, digits, - and _; not {LOGS_DIR!r})")
         self.storage = storage
         self.name = name
 
@@ -141,8 +142,19 @@ class StageFolder:
         return self.storage.exists(self.rel("stage.yaml"))
 
     def create(self) -> None:
+        self._refuse_foreign_folder()
         for sub in ("tables", "stats", "completions"):
             self.storage.makedirs(self.rel(sub))
+
+    def _refuse_foreign_folder(self) -> None:
+        """``RUN/<name>`` may be missing, empty or a stage's; anything else is refused, untouched."""
+        entries = self.storage.list_names(self.name) + self.storage.list_dirs(self.name)
+        foreign = sorted(e for e in entries if e not in STAGE_ENTRIES and not e.startswith("."))
+        if foreign:
+            raise RunError(
+                f"{self.storage.path(self.name)} is not a stage folder (it holds {', '.join(foreign[:3])}); "
+                "give the stage another name (--stage NAME)"
+            )
 
     # -- stage settings ---------------------------------------------------------------------------
     def read_settings(self) -> dict[str, Any] | None:
@@ -240,6 +252,7 @@ class StageFolder:
         return stats
 
     def clear(self) -> None:
+        self._refuse_foreign_folder()
         self.storage.remove_tree(self.name)
 
 
@@ -268,9 +281,7 @@ class RunFolder:
         return StageFolder(self.storage, name)
 
     def stages(self) -> list[str]:
-        return [
-            d for d in self.storage.list_dirs() if d not in RESERVED_NAMES and self.storage.exists(f"{d}/stage.yaml")
-        ]
+        return [d for d in self.storage.list_dirs() if d != LOGS_DIR and self.storage.exists(f"{d}/stage.yaml")]
 
     def logs_dir(self) -> str | None:
         return self.storage.local_path(LOGS_DIR)

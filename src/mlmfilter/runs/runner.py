@@ -17,7 +17,8 @@ from mlmfilter import __version__
 from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.runs.executors.local import ExecutionReport, Executor, LocalExecutor
+from mlmfilter.runs.executors import ExecutionReport, Executor
+from mlmfilter.runs.executors.local import LocalExecutor
 from mlmfilter.runs.folder import RunFolder, RunLock, now_iso, source_identity
 from mlmfilter.runs.progress import RunProgress
 from mlmfilter.runs.stage import Stage, StageTask

@@ -57,7 +57,7 @@ from mlmfilter import __version__
 from mlmfilter.core.locations import as_path
 from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
 from mlmfilter.io.writers import AtomicFile, atomic_write_json
-from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
+from mlmfilter.runs.read import RunReader
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.join import JoinedTables
 from mlmfilter.selection.subset import SubsetAccumulator, UidIndex, read_uid_list
@@ -68,6 +68,8 @@ UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
 ERROR_COLUMN = "error"
 IDENTITY_COLUMNS = ("uid", "uid_f0", "uid_f1", "shard", "key")
 BATCH_ROWS = 1 << 18
+#: the stage selected from unless one is named: the folder `mlmfilter score` writes by default
+DEFAULT_STAGE = "score"
 # Scan readahead: arrow's defaults (16 batches, 4 files) hold hundreds of MB of decoded columns
 # for big row groups and buy no speed here, where numpy work per batch dominates.
 BATCH_READAHEAD, FRAGMENT_READAHEAD = 2, 2
