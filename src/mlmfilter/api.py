@@ -54,6 +54,7 @@ def score(
     ``partition="i/N"`` scores only job i's share of the inputs, so N jobs (a Slurm array) can
     score into one run folder side by side; ``select`` then sees one run.
     """
+    from mlmfilter.core.locations import as_path
     from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.runs.runner import partition_sources, run_stage
@@ -104,9 +105,8 @@ def score(
         log.debug(hint)  # the summary's notes carry it (the CLI prints them): not twice on the terminal
         notes.append(hint)
     stats = {"shards_done": summary.stats.shards, **summary.stats.to_json()}
-    run_dir: Path | str = Path(summary.run_url) if "://" not in summary.run_url else summary.run_url
     return ScoreSummary(
-        run_dir=run_dir,
+        run_dir=as_path(summary.run_url),
         stage=summary.stage,
         shards_total=summary.shards_total,
         shards_completed=summary.shards_completed,
@@ -148,14 +148,11 @@ def _layout_hints(summary, read_options) -> list[str]:
 
 
 def _executor(config: ScoreConfig, workers: int):
-    """The local executor, or Ray's (``ray.num_actors`` defaults to ``workers``)."""
-    if config.executor == "ray":
-        from mlmfilter.runs.executors.ray import RayExecutor
+    """The executor the recipe names, with the recipe's section of the same name as its settings
+    (``ray:``; ``ray.num_actors`` defaults to ``workers``)."""
+    from mlmfilter.runs.executors import build_executor
 
-        return RayExecutor.from_options(config.ray, workers=workers)
-    from mlmfilter.runs.executors.local import LocalExecutor
-
-    return LocalExecutor(workers=workers)
+    return build_executor(config.executor, workers=workers, options=getattr(config, config.executor, None))
 
 
 def _check_cascade(config: ScoreConfig) -> None:

@@ -7,13 +7,14 @@ a typo in a recipe is refused before anything is written or any shard is read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlmfilter.images.decode import DEFAULT_MAX_PIXELS
 from mlmfilter.io.readers import ReadOptions
+from mlmfilter.runs.executors import ExecutorName
 from mlmfilter.runs.executors.ray import RayOptions
 from mlmfilter.scorers.stage import ScorerSpec, names_to_specs
 
@@ -34,7 +35,7 @@ class ScoreConfig(BaseModel):
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit on the source image
     only: str | None = None  # cascade: score only pairs passing this expression over `only_stage`
     only_stage: str = "score"
-    executor: Literal["local", "ray"] = "local"  # ray: shards over a Ray cluster's actors (optional extra)
+    executor: ExecutorName = "local"  # ray: shards over a Ray cluster's actors (optional extra)
     ray: RayOptions = Field(default_factory=RayOptions)  # used by executor="ray"
 
     _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))

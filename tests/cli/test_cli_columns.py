@@ -30,7 +30,7 @@ def _score(*args) -> tuple[int, str]:
 
 def _table(run):
     reader = RunReader(run)
-    return pa.concat_tables([reader.table(shard) for shard in reader.sources()])
+    return pa.concat_tables([reader.table(shard, "score") for shard in reader.sources()])
 
 
 def _laion_parquet(path, n=3):

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import expand_inputs
 from mlmfilter.report import ReportOptions, gather_report, open_run, write_report
 from mlmfilter.runs.folder import RunFolder
-from mlmfilter.runs.stage import fingerprint_of
 from mlmfilter.selection.select import select_run
 from tests.support.headless import check_page, screenshot
 from tests.support.report import RANDOM_WARNING, build_run, make_shards, scores_of

@@ -75,7 +75,7 @@ def test_a_run_on_s3_resumes_selects_and_reshards_like_a_local_one(tmp_path, fli
     # every object a resume trusts is there: tables, stats, markers (marker written last)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{BUCKET}/runs/local-case/score/completions"))
     assert len(names) == 3 and all(n.endswith(".json") for n in names)
-    ours = RunReader(run).dataset().to_table().sort_by("uid")
+    ours = RunReader(run).dataset("score").to_table().sort_by("uid")
     assert ours.equals(scores_dataset(tmp_path / "local-run").to_table().sort_by("uid"))
 
     # a deleted table object is noticed: that shard alone is redone, to the same rows
@@ -84,7 +84,7 @@ def test_a_run_on_s3_resumes_selects_and_reshards_like_a_local_one(tmp_path, fli
     fs.invalidate_cache()
     again = api.score(inputs, run, ["rules"], decode_workers=0)
     assert len(again.shards_completed) == 1 and len(again.shards_skipped) == 2
-    assert RunReader(run).dataset().to_table().sort_by("uid").equals(ours)
+    assert RunReader(run).dataset("score").to_table().sort_by("uid").equals(ours)
 
     selection = api.select(run, tmp_path / "sel", top_fraction=0.5, by="rules_words")
     assert selection.kept == 6 and np.load(tmp_path / "sel" / "uids.npy").shape == (6,)
@@ -111,7 +111,7 @@ def test_a_ray_run_writes_its_run_folder_to_s3(tmp_path, flickr_pairs, s3_endpoi
         ray={"num_actors": 2, "num_cpus": 1, "local_num_cpus": 2},
     )
     assert on_ray.ok and sorted(on_ray.shards_completed) == sorted(local.shards_completed), on_ray.shards_failed
-    ours = RunReader(run).dataset().to_table().sort_by("uid")
+    ours = RunReader(run).dataset("score").to_table().sort_by("uid")
     assert ours.equals(scores_dataset(tmp_path / "local-run").to_table().sort_by("uid"))
     resumed = api.score(inputs, run, ["rules"], decode_workers=0)  # the local executor trusts Ray's markers
     assert resumed.shards_completed == [] and len(resumed.shards_skipped) == 4

@@ -139,7 +139,9 @@ def test_shard_of_a_killed_actor_is_retried_on_a_fresh_one(tmp_path, flickr_pair
     while killed is None and time.monotonic() < deadline and worker.is_alive():
         for process in psutil.Process().children(recursive=True):
             try:
-                if any("_StageActor" in part for part in process.cmdline()) and process.children(recursive=True):
+                if any(part.startswith("ray::Worker") for part in process.cmdline()) and process.children(
+                    recursive=True
+                ):
                     killed = process.pid  # busy in the shard: its `sleep` child is running
                     process.kill()
                     break

@@ -382,7 +382,10 @@ def test_a_run_folder_on_object_storage_works_like_a_local_one(tmp_path, flickr_
     assert remote.ok and remote.stats["read"] == local.stats["read"] == 6
     reader = RunReader("memory://runs/r1")
     assert (
-        reader.dataset().to_table().sort_by("uid").equals(scores_dataset(tmp_path / "local").to_table().sort_by("uid"))
+        reader.dataset("score")
+        .to_table()
+        .sort_by("uid")
+        .equals(scores_dataset(tmp_path / "local").to_table().sort_by("uid"))
     )
     assert fsspec.filesystem("memory").exists("runs/r1/score/completions/00000000.json")
     again = api.score(inputs, "memory://runs/r1", ["rules"], decode_workers=0)

@@ -13,7 +13,8 @@ from collections import defaultdict
 import pytest
 
 from mlmfilter.io.sources import expand_inputs
-from mlmfilter.runs.executors.local import LocalExecutor, visible_devices, worker_devices
+from mlmfilter.runs.executors.local import LocalExecutor
+from mlmfilter.runs.executors.worker import visible_devices, worker_devices
 from mlmfilter.runs.runner import run_stage
 from mlmfilter.scorers.stage import ScoringOptions, ScoringStage
 from tests.support.builders import build_tiny_clip, flickr_shards

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.images.decode import DecodeSpec, decode_sample
 from mlmfilter.io.readers import read_shard
 from mlmfilter.io.sources import expand_inputs
 from mlmfilter.runs.folder import RunFolder
-from mlmfilter.runs.stage import fingerprint_of
 from tests.support.builders import write_shard
 
 SCHEMA = pa.schema(

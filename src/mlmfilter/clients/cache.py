@@ -9,7 +9,6 @@ One sqlite file, WAL mode, safe to share between threads of one process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -17,13 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def canonical_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+from mlmfilter.core.ids import canonical_sha256
 
 
 def request_key(body: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+    """The sha256 of the request body as compact, unescaped canonical JSON (the cache's keys since its first version)."""
+    return canonical_sha256(body, ensure_ascii=False, compact=True)
 
 
 class RequestCache:

@@ -62,6 +62,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from mlmfilter.core.ids import uid_of
 from mlmfilter.io.writers import add_tar_member
 
 __all__ = ["PAIRS", "PHOTOS", "DemoPair", "Photo", "make_sample_shards"]
@@ -279,7 +280,7 @@ def _pair_members(key: str, pair: DemoPair, image: Image.Image) -> dict[str, byt
         jpeg = jpeg[: len(jpeg) // 2]
     caption = photo.caption if pair.caption is None else pair.caption
     meta = {
-        "uid": hashlib.blake2b(f"mlmfilter-demo/{key}".encode(), digest_size=16).hexdigest(),
+        "uid": uid_of(f"mlmfilter-demo/{key}"),
         "key": key,
         "url": photo.url,
         "caption": caption,

@@ -15,6 +15,7 @@ from mlmfilter.demo.data import make_sample_shards
 from mlmfilter.io.uid import halves_to_uids
 from mlmfilter.models.hub import hub_reachable, use_offline_hub
 from mlmfilter.runs.read import RunReader
+from mlmfilter.scorers.stage import SCORE_STAGE
 from mlmfilter.selection.folder import SelectionFolder
 
 #: what the demo scores with: real hub models when they can be had, loud random stand-ins otherwise
@@ -91,7 +92,7 @@ def _table_rows(run_dir: Path, selection_dir: Path, shards: list[Path]) -> list[
     """Every scored pair in shard order, with its demo label, caption and whether it was kept."""
     labels = _demo_labels(shards)
     kept = set(halves_to_uids(SelectionFolder(selection_dir).uids()))
-    rows = RunReader(run_dir).dataset().to_table().to_pylist()
+    rows = RunReader(run_dir).dataset(SCORE_STAGE).to_table().to_pylist()
     out = []
     for row in sorted(rows, key=lambda r: (r["shard"], r["key"])):
         label, caption = labels.get(row["uid"], ("?", ""))

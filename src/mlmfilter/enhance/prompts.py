@@ -13,11 +13,11 @@ caption never break a prompt; a template naming any other field is refused when 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
 
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from mlmfilter.core.ids import canonical_sha256
 
 REWRITE_PROMPT = (
     'This image comes with the caption: "{caption}"\n'
@@ -89,4 +89,4 @@ class EnhancePrompts(BaseModel):
         return texts
 
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+        return canonical_sha256(self.model_dump())

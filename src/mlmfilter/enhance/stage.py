@@ -23,6 +23,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from mlmfilter.backends.generation import CaptionGenerator, SamplingParams
+from mlmfilter.core.batching import batched
 from mlmfilter.core.identity import options_identity, stable_identity
 from mlmfilter.core.sample import Sample
 from mlmfilter.enhance.checks import CaptionChecker, CheckOptions
@@ -33,7 +34,6 @@ from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, DecodeSpec, decode_sampl
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask, identity_schema
 from mlmfilter.scorers import Scorer, build_scorer
-from mlmfilter.scorers.base import iter_batches
 from mlmfilter.scorers.stage import ScorerSpec, names_to_specs
 from mlmfilter.selection.expression import expression_names, passing_rows
 
@@ -261,7 +261,7 @@ class EnhanceStage(Stage):
             return
         spec = DecodeSpec(shorter_side=self._image_size(), max_pixels=self.options.max_pixels)
         picked = (s for s in read_shard(task.source, ReadOptions(**task.read_options)) if s.uid in wanted)
-        for chunk in iter_batches(picked, self.options.chunk_size):
+        for chunk in batched(picked, self.options.chunk_size):
             rows = self._chunk_rows([decode_sample(s, spec) for s in chunk], task)
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             if progress:

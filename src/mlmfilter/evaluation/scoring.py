@@ -9,18 +9,19 @@ picks for the scorers. An image is decoded once and shared by all the captions s
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
+from mlmfilter.core.batching import batched
+from mlmfilter.core.ids import uid_of
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, decode_sample
 
 
 def pair_uid(*parts: str) -> str:
     """A stable uid for an evaluation pair (no shard to derive it from)."""
-    return hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=16).hexdigest()
+    return uid_of("\x00".join(parts))
 
 
 def correlatable_columns(scorers) -> list[str]:
@@ -51,10 +52,9 @@ class PairScorer:
 
     def score(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, dict[str, Any]]]:
         """(sample, row) in input order; a sample that fails (decode or scorer) has ``error`` set in its row."""
-        from mlmfilter.scorers.base import iter_batches
         from mlmfilter.scorers.stage import score_chunk
 
-        for chunk in iter_batches(samples, self.chunk_size):
+        for chunk in batched(samples, self.chunk_size):
             for sample in chunk:
                 self.decoded(sample)
             yield from zip(chunk, score_chunk(chunk, self.scorers))

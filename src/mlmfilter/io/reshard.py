@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mlmfilter.core.batching import batched
+from mlmfilter.core.locations import is_url
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard, sniff_image_format
 from mlmfilter.io.sources import ShardSource
@@ -123,7 +124,7 @@ def reshard(
 
     with TarShardWriter(output_dir, samples_per_shard=samples_per_shard) as writer:
         for source in sources:
-            for batch in _batches(read_shard(source, read_options), BATCH_SIZE):
+            for batch in batched(read_shard(source, read_options), BATCH_SIZE):
                 counts["read"] += len(batch)
                 good = []
                 for sample in batch:
@@ -155,7 +156,7 @@ def prepare_output(output_dir: str, sources: Sequence[ShardSource], overwrite: b
     """Refuse an output folder that holds (or is inside) inputs, or that is not empty."""
     real_out = os.path.realpath(output_dir)
     for source in sources:
-        if "://" in source.url or source.is_pipe:
+        if is_url(source.url) or source.is_pipe:
             continue
         real_src = os.path.realpath(source.url)
         holder = real_src if source.format == "folder" else os.path.dirname(real_src)
@@ -223,9 +224,3 @@ def _finish(
 
 def _inside(path: str, folder: str) -> bool:
     return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _batches(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

@@ -19,7 +19,6 @@ arbitrary command, so they are refused unless the caller opts in with ``allow_pi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -31,6 +30,9 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
+from mlmfilter.core.ids import shard_id_for, shard_id_stem
+from mlmfilter.core.locations import location_of
+
 ShardFormat = Literal["tar", "parquet", "folder"]
 
 PIPE_PREFIX = "pipe:"
@@ -41,7 +43,6 @@ _FORMAT_OF_SUFFIX: tuple[tuple[str, ShardFormat], ...] = (
     (".parquet", "parquet"),
 )
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def without_sidecars(paths: list[str]) -> list[str]:
 
 
 def _classify(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> tuple[str, ShardFormat]:
-    url = _to_url(fs, path)
+    url = location_of(fs, path)
     _refuse_special_file(fs, path, spec)
     if fs.isdir(path):
         return url.rstrip("/"), "folder"
@@ -193,19 +194,8 @@ def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, spec: str) ->
         raise ValueError(f"input {spec!r}: {os.path.realpath(path)!r} is a {kind}, not a regular file or folder")
 
 
-def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Local files stay plain absolute paths; other filesystems keep their protocol."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return os.path.abspath(path)
-    return fs.unstrip_protocol(path)
-
-
 def _unique_ids(urls: list[str]) -> dict[str, str]:
     """File stems, made filename-safe; a short url hash is appended only where stems collide."""
-    stems = {url: _UNSAFE_ID_CHARS.sub("_", shard_stem(url)).strip("._") or "shard" for url in urls}
-    counts = Counter(stems.values())
-    return {
-        url: stem if counts[stem] == 1 else f"{stem}-{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}"
-        for url, stem in stems.items()
-    }
+    counts = Counter(shard_id_stem(shard_stem(url)) for url in urls)
+    colliding = {stem for stem, count in counts.items() if count > 1}
+    return {url: shard_id_for(shard_stem(url), url, colliding) for url in urls}

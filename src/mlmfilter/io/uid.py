@@ -8,12 +8,13 @@ last 16. Conversions in both directions are vectorized (no Python loop per uid).
 
 from __future__ import annotations
 
-import hashlib
 import string
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from mlmfilter.core.ids import uid_of
 
 UID_HEX_CHARS = 32
 HALVES_DTYPE = np.dtype([("f0", "<u8"), ("f1", "<u8")])
@@ -33,13 +34,14 @@ _ASCII_OF_NIBBLE = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 def derive_uid(shard_name: str, key: str) -> str:
     """A deterministic uid for a pair that has none.
 
-    ``blake2b(f"{shard_name}/{key}".encode("utf-8"), digest_size=16).hexdigest()``, where
+    ``blake2b(f"{shard_name}/{key}".encode("utf-8"), digest_size=16).hexdigest()``
+    (:func:`mlmfilter.core.ids.uid_of`), where
     ``shard_name`` is the basename of the shard file (e.g. ``"00000012.tar"``) and ``key`` the
     sample key inside it. Any directory or URL prefix is stripped first, so the same shard read
     from another location or filesystem yields the same uids.
     """
     basename = shard_name.rstrip("/").rsplit("/", 1)[-1]
-    return hashlib.blake2b(f"{basename}/{key}".encode("utf-8"), digest_size=16).hexdigest()
+    return uid_of(f"{basename}/{key}")
 
 
 def normalize_uid(value: Any) -> str | None:

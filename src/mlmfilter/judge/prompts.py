@@ -10,12 +10,13 @@ conversation around the prompt are added later (:mod:`mlmfilter.judge.conversati
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import string
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Sequence
+
+from mlmfilter.core.ids import canonical_sha256
 
 #: long metric name -> short column name, in the reference order
 METRICS: dict[str, str] = {
@@ -84,12 +85,8 @@ class PromptTemplate:
 
     def sha256(self, metrics: Sequence[str]) -> str:
         """Fingerprint of the exact texts a run sends: the template and the criteria of ``metrics``."""
-        payload = json.dumps(
-            {"template": self.text, "criteria": {m: self.criteria[m] for m in metrics}},
-            ensure_ascii=False,
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        payload = {"template": self.text, "criteria": {m: self.criteria[m] for m in metrics}}
+        return canonical_sha256(payload, ensure_ascii=False)
 
 
 def resolve_template(spec: str = "v2") -> PromptTemplate:

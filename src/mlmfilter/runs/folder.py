@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from mlmfilter import __version__
+from mlmfilter.core.ids import shard_id_for
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource, shard_stem
 from mlmfilter.runs.storage import RunStorage
@@ -40,10 +41,10 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.yaml"
 LOGS_DIR = "logs"
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-#: folder names inside a run that are not stages
-RESERVED_NAMES = frozenset({LOGS_DIR, "selection"})
+#: what a stage folder holds; a folder of the run holding anything else is not a stage's (a
+#: selection, a user's own folder) and is never written into or cleared as one
+STAGE_ENTRIES = frozenset({"stage.yaml", "provenance.json", "stats.json", "tables", "stats", "completions"})
 
 
 class RunError(ValueError):
@@ -119,8 +120,8 @@ class StageFolder:
     """``RUN/<stage>/``: one stage's tables, markers and stats."""
 
     def __init__(self, storage: RunStorage, name: str):
-        if not _STAGE_NAME.match(name) or name in RESERVED_NAMES:
-            raise RunError(f"invalid stage name {name!r} (letters, digits, - and _; not {sorted(RESERVED_NAMES)})")
+        if not _STAGE_NAME.match(name) or name == LOGS_DIR:
+            raise RunError(f"invalid stage name {name!r} (letters, digits, - and _; not {LOGS_DIR!r})")
         self.storage = storage
         self.name = name
 
@@ -141,8 +142,19 @@ class StageFolder:
         return self.storage.exists(self.rel("stage.yaml"))
 
     def create(self) -> None:
+        self._refuse_foreign_folder()
         for sub in ("tables", "stats", "completions"):
             self.storage.makedirs(self.rel(sub))
+
+    def _refuse_foreign_folder(self) -> None:
+        """``RUN/<name>`` may be missing, empty or a stage's; anything else is refused, untouched."""
+        entries = self.storage.list_names(self.name) + self.storage.list_dirs(self.name)
+        foreign = sorted(e for e in entries if e not in STAGE_ENTRIES and not e.startswith("."))
+        if foreign:
+            raise RunError(
+                f"{self.storage.path(self.name)} is not a stage folder (it holds {', '.join(foreign[:3])}); "
+                "give the stage another name (--stage NAME)"
+            )
 
     # -- stage settings ---------------------------------------------------------------------------
     def read_settings(self) -> dict[str, Any] | None:
@@ -242,6 +254,7 @@ class StageFolder:
         return stats
 
     def clear(self) -> None:
+        self._refuse_foreign_folder()
         self.storage.remove_tree(self.name)
 
 
@@ -270,9 +283,7 @@ class RunFolder:
         return StageFolder(self.storage, name)
 
     def stages(self) -> list[str]:
-        return [
-            d for d in self.storage.list_dirs() if d not in RESERVED_NAMES and self.storage.exists(f"{d}/stage.yaml")
-        ]
+        return [d for d in self.storage.list_dirs() if d != LOGS_DIR and self.storage.exists(f"{d}/stage.yaml")]
 
     def logs_dir(self) -> str | None:
         return self.storage.local_path(LOGS_DIR)
@@ -335,7 +346,7 @@ class RunFolder:
             identity = source_identity(source)
             sid = by_url.get(source.url)
             if sid is None:
-                sid = _new_id(source.url, taken)
+                sid = shard_id_for(shard_stem(source.url), source.url, taken)
                 taken.add(sid)
                 registered[sid] = {**identity, "added": now_iso()}
                 by_url[source.url] = sid
@@ -483,15 +494,6 @@ class _RecordLock:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _new_id(url: str, taken: set[str]) -> str:
-    import hashlib
-
-    stem = _UNSAFE_ID_CHARS.sub("_", shard_stem(url)).strip("._") or "shard"
-    if stem not in taken:
-        return stem
-    return f"{stem}-{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}"
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

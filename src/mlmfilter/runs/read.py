@@ -1,5 +1,6 @@
 """One read API for a run's tables: selection, reports, evaluation and later stages use it.
 
+Every read names its stage (a run may hold several; the run layer knows none of them by name).
 Only completed shards are read (a table without its marker may still be being written or be
 left from a killed run). Tables of a stage are one pyarrow dataset with a unified schema (a
 column that is all null in one shard widens to the others' type).
@@ -17,8 +18,6 @@ import pyarrow.parquet as pq
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.runs.folder import Completeness, RunError, RunFolder
-
-DEFAULT_STAGE = "score"
 
 
 class RunReader:
@@ -44,13 +43,13 @@ class RunReader:
             raise RunError(f"{self.url} has no stage {stage!r} (stages: {known})")
         return folder
 
-    def table_files(self, stage: str = DEFAULT_STAGE) -> list[str]:
+    def table_files(self, stage: str) -> list[str]:
         """Tables of the completed shards, in shard-id order (full paths or object keys)."""
         folder = self._stage(stage)
         rels = [folder.table_rel(sid) for sid in folder.done_shards()]
         return [self.folder.storage.path(rel) for rel in rels if self.folder.storage.exists(rel)]
 
-    def table(self, shard_id: str, stage: str = DEFAULT_STAGE, columns: list[str] | None = None) -> pa.Table | None:
+    def table(self, shard_id: str, stage: str, columns: list[str] | None = None) -> pa.Table | None:
         """One completed shard's table, or None if the shard is not done."""
         folder = self._stage(stage)
         if folder.read_marker(shard_id) is None:
@@ -59,40 +58,40 @@ class RunReader:
         with storage.fs.open(storage.path(folder.table_rel(shard_id)), "rb") as fh:
             return pq.read_table(fh, columns=columns)
 
-    def schema(self, stage: str = DEFAULT_STAGE) -> pa.Schema:
+    def schema(self, stage: str) -> pa.Schema:
         files = self.table_files(stage)
         if not files:
             raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
-        fs = None if self.folder.storage.is_local else self.folder.storage.fs
-        schemas = [pq.read_schema(f, filesystem=fs) if fs else pq.read_schema(f) for f in files]
+        fs = self.folder.storage.arrow_filesystem
+        schemas = [pq.read_schema(f, filesystem=fs) for f in files]
         return pa.unify_schemas(schemas, promote_options="permissive")
 
-    def dataset(self, stage: str = DEFAULT_STAGE) -> ds.Dataset:
+    def dataset(self, stage: str) -> ds.Dataset:
         files = self.table_files(stage)
         if not files:
             raise RunError(f"stage {stage!r} of {self.url} has no completed shard yet")
-        fs = None if self.folder.storage.is_local else self.folder.storage.fs
+        fs = self.folder.storage.arrow_filesystem
         return ds.dataset(files, schema=self.schema(stage), format="parquet", filesystem=fs)
 
-    def provenance(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+    def provenance(self, stage: str) -> dict[str, Any]:
         return self._stage(stage).read_provenance()
 
-    def settings(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+    def settings(self, stage: str) -> dict[str, Any]:
         return self._stage(stage).read_settings() or {}
 
-    def stats(self, stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+    def stats(self, stage: str) -> dict[str, Any]:
         return self._stage(stage).merged_stats().to_json()
 
-    def shard_stats(self, shard_id: str, stage: str = DEFAULT_STAGE) -> ShardStats | None:
+    def shard_stats(self, shard_id: str, stage: str) -> ShardStats | None:
         """What one completed shard's run of the stage counted, or None if the shard is not done."""
         folder = self._stage(stage)
         return folder.read_stats(shard_id) if folder.read_marker(shard_id) is not None else None
 
-    def completeness(self, stage: str = DEFAULT_STAGE) -> Completeness:
+    def completeness(self, stage: str) -> Completeness:
         self._stage(stage)
         return self.folder.completeness(stage)
 
-    def marker(self, shard_id: str, stage: str = DEFAULT_STAGE) -> dict[str, Any] | None:
+    def marker(self, shard_id: str, stage: str) -> dict[str, Any] | None:
         return self._stage(stage).read_marker(shard_id)
 
     def warnings(self) -> list[str]:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from mlmfilter import __version__
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
-from mlmfilter.runs.executors.local import ExecutionReport, Executor, LocalExecutor
+from mlmfilter.runs.executors import ExecutionReport, Executor
+from mlmfilter.runs.executors.local import LocalExecutor
 from mlmfilter.runs.folder import RunFolder, RunLock, now_iso, source_identity
 from mlmfilter.runs.progress import RunProgress
 from mlmfilter.runs.stage import Stage, StageTask
@@ -158,8 +160,6 @@ def write_tables(
     ``sources`` are the input shards the tables describe (registered under the same ids, so that
     ``reshard`` can read them); without them the shards are registered as ``imported:<id>``.
     """
-    from mlmfilter.runs.stage import fingerprint_of
-
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     by_id = {s.id: s for s in sources or []}
     with RunLock(folder):

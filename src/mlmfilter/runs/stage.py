@@ -3,13 +3,19 @@
 Scoring is the first stage (:mod:`mlmfilter.scorers.stage`); teacher labelling, caption
 enhancement, evaluation and resharding are others. A stage implements only its own work:
 
-- ``name`` (default folder name ``RUN/<name>/``) and an ``Options`` pydantic model;
+- ``kind`` (recorded in ``stage.yaml`` and the identity; the default folder name ``RUN/<kind>/``)
+  and an ``Options`` pydantic model;
 - :meth:`schema`: the arrow schema of its table, starting with ``uid, shard, key`` and ending
   with ``error, error_detail`` (:func:`identity_schema` builds those ends);
 - :meth:`identity`: everything that changes its output (settings, resolved model identity,
   library versions); hashed into the stage fingerprint that a resume must match;
 - :meth:`setup` (load models: once per worker process) and :meth:`close`;
-- :meth:`process`: the rows of one shard, as record batches, recording counters in ``task.stats``.
+- :meth:`process`: the rows of one shard, as record batches, recording counters in ``task.stats``;
+- where it differs from the defaults: :meth:`wants_gpu` (the executors give each worker process its
+  own devices) and :meth:`worker_info` (what the executors record per shard, e.g. pool processes).
+
+A stage is found by its class path (:class:`StageSpec`): a new stage is one new file, and no list
+in the run layer names it. Worker processes rebuild it from that spec.
 
 The runner (:func:`mlmfilter.runs.runner.run_stage`) owns the run folder: locking, source
 registration, fingerprint checks, markers, atomic writes, resume, logs, stats and provenance.
@@ -18,9 +24,6 @@ A stage never writes into the run folder itself.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -28,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from mlmfilter.core.classes import class_path, import_class
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource
 
@@ -63,9 +68,10 @@ class StageTask:
 
 
 class Stage(ABC):
-    """Subclasses set ``kind``/``name`` and ``Options`` and implement schema, identity and process."""
+    """Subclasses set ``kind`` and ``Options`` and implement schema, identity and process."""
 
-    #: registry name of the stage type (what a spec names); ``name`` is its folder in a run
+    #: the stage type, as stage.yaml and the identity record it (never change a released kind: the
+    #: fingerprint of existing runs includes it); the default of ``name``, its folder in a run
     kind: str = "stage"
     Options: type[StageOptions] = StageOptions
 
@@ -96,45 +102,40 @@ class Stage(ABC):
     def close(self) -> None:
         """Release models, pools and connections."""
 
+    def wants_gpu(self) -> bool:
+        """Whether a worker of this stage runs a model on an accelerator, so that each worker
+        process gets its own share of the visible devices. Assumed unless a stage says otherwise."""
+        return True
+
+    def worker_info(self) -> dict[str, Any]:
+        """What this stage runs with in its worker process (e.g. its decode pool's processes),
+        recorded by the executors for each shard it runs."""
+        return {}
+
     # -- owned by the base ------------------------------------------------------------------------
     def fingerprint(self) -> str:
         return fingerprint_of(self.identity())
 
     def spec(self) -> "StageSpec":
-        return StageSpec(kind=self.kind, name=self.name, options=self.options.model_dump(mode="json"))
+        return StageSpec(
+            stage_class=class_path(type(self)), name=self.name, options=self.options.model_dump(mode="json")
+        )
 
 
 class StageSpec(BaseModel):
-    """A stage by registry kind, folder name and options: what a worker process rebuilds it from."""
+    """A stage by class path, folder name and options: what a worker process rebuilds it from.
+
+    Only sent to workers, never written into a run folder (stage.yaml records ``kind``).
+    """
 
     model_config = ConfigDict(extra="forbid")
-    kind: str
+    stage_class: str  # "package.module:Class"
     name: str | None = None
     options: dict[str, Any] = {}
 
     def build(self) -> Stage:
-        cls = stage_class(self.kind)
+        cls: type[Stage] = import_class(self.stage_class, Stage)
         return cls(cls.Options(**self.options), name=self.name or cls.kind)
-
-
-#: kind -> "module:Class"; imported lazily so that a rules-only run never imports torch
-STAGE_REGISTRY: dict[str, str] = {
-    "score": "mlmfilter.scorers.stage:ScoringStage",
-    "enhance": "mlmfilter.enhance.stage:EnhanceStage",
-    "teach_label": "mlmfilter.teach.stage:TeachLabelStage",
-}
-
-
-def stage_class(kind: str) -> type[Stage]:
-    try:
-        module, cls = STAGE_REGISTRY[kind].split(":")
-    except KeyError:
-        raise ValueError(f"unknown stage {kind!r}; known: {', '.join(sorted(STAGE_REGISTRY))}") from None
-    return getattr(importlib.import_module(module), cls)
-
-
-def fingerprint_of(identity: Any) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def identity_schema(columns: list[pa.Field]) -> pa.Schema:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlmfilter.core.locations import is_local_filesystem, location_of
 from mlmfilter.io.writers import atomic_write, atomic_write_parquet
 
 
@@ -26,10 +27,10 @@ class RunStorage:
     def __init__(self, root: str | os.PathLike):
         root = os.fspath(root)
         self.fs, path = fsspec.core.url_to_fs(root)
-        self.is_local = _is_local(self.fs)
+        self.is_local = is_local_filesystem(self.fs)
         # local roots are made absolute once, so a run folder works from any working directory
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
-        self.url = self.root if self.is_local else self.fs.unstrip_protocol(self.root)
+        self.url = location_of(self.fs, self.root)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -72,9 +73,10 @@ class RunStorage:
         with self.fs.open(self.path(rel), "rb") as fh:
             return pq.ParquetFile(fh).metadata.num_rows
 
-    def open_dataset_paths(self, rels: list[str]) -> tuple[list[str], Any]:
-        """(paths, filesystem) for pyarrow.dataset over these files."""
-        return [self.path(r) for r in rels], (None if self.is_local else self.fs)
+    @property
+    def arrow_filesystem(self) -> Any:
+        """The filesystem pyarrow reads this folder's paths through: None (its own) for local ones."""
+        return None if self.is_local else self.fs
 
     # -- writing ----------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
@@ -106,13 +108,3 @@ class RunStorage:
     def remove_tree(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)
-
-    def walk_files(self, rel: str) -> Iterator[str]:
-        base = self.path(rel)
-        for path in self.fs.find(base):
-            yield posixpath.relpath(path, self.root)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols

@@ -12,12 +12,15 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from mlmfilter.core.batching import batched
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DEFAULT_MAX_PIXELS, DecodeSpec
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageOptions, StageTask, identity_schema
 from mlmfilter.scorers import Scorer, build_scorer
-from mlmfilter.scorers.base import iter_batches
+
+#: the score stage's kind, and the folder it writes unless given another name (``--stage``)
+SCORE_STAGE = "score"
 
 #: the shorter side decoded for runs whose scorers look at no pixels: draft mode makes it cheap
 #: and decoding still proves the image is readable and yields its size
@@ -46,7 +49,7 @@ class ScoringOptions(StageOptions):
     #: cascade: score only the pairs passing this expression over ``only_stage``'s columns of the
     #: same run (e.g. "rules_ok and clip_cosine >= 0.2"); the others keep a row marked ``skipped``
     only: str | None = None
-    only_stage: str = "score"
+    only_stage: str = SCORE_STAGE
 
     _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
 
@@ -78,7 +81,7 @@ def score_chunk(samples: list[Sample], scorers: Sequence[Scorer], stats=None) ->
 
 
 class ScoringStage(Stage):
-    kind = "score"
+    kind = SCORE_STAGE
     Options = ScoringOptions
 
     def __init__(
@@ -130,10 +133,13 @@ class ScoringStage(Stage):
                 return True
         return False
 
-    @property
-    def decoder(self):
-        """The stage's one image decoder (None before the first shard): one pool for all its shards."""
-        return self._decoder
+    def worker_info(self) -> dict[str, Any]:
+        """The stage's one image decoder (one pool for all its shards; None before the first) and its processes."""
+        decoder = self._decoder
+        return {
+            "decoder": id(decoder) if decoder is not None else None,
+            "decode_pids": decoder.worker_pids() if decoder is not None else [],
+        }
 
     def _image_decoder(self):
         from mlmfilter.images.pool import ImageDecoder
@@ -150,7 +156,7 @@ class ScoringStage(Stage):
         if self.options.only is not None:
             samples = self._mark_skipped(samples, self._passing_keys(task), task)
         decoded = self._image_decoder().decode(samples)
-        for chunk in iter_batches(decoded, self.options.chunk_size):
+        for chunk in batched(decoded, self.options.chunk_size):
             for sample in chunk:
                 sample.image_bytes = None  # decoded or failed: the bytes are no longer needed
             rows = score_chunk(chunk, self.scorers, task.stats)

@@ -52,12 +52,11 @@ import pyarrow.parquet as pq
 from mlmfilter import __version__
 from mlmfilter.io.uid import HALVES_DTYPE
 from mlmfilter.io.writers import AtomicFile
-from mlmfilter.runs.read import DEFAULT_STAGE
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.folder import SelectionFolder
 from mlmfilter.selection.join import JoinedTables
 from mlmfilter.selection.subset import SubsetAccumulator, UidLists
-from mlmfilter.selection.tables import BATCH_ROWS, ScoreTables, SelectionError
+from mlmfilter.selection.tables import BATCH_ROWS, DEFAULT_STAGE, ScoreTables, SelectionError
 from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
 
 ERROR_COLUMN = "error"

@@ -14,11 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlmfilter.core.locations import as_path
 from mlmfilter.io.uid import HALVES_DTYPE, uids_to_halves
-from mlmfilter.runs.read import DEFAULT_STAGE, RunReader
+from mlmfilter.runs.read import RunReader
 
 UID_COLUMN, UID_HALF_COLUMNS = "uid", ("uid_f0", "uid_f1")
 BATCH_ROWS = 1 << 18
+#: the stage selected from unless one is named: the folder `mlmfilter score` writes by default
+DEFAULT_STAGE = "score"
 # Scan readahead: arrow's defaults (16 batches, 4 files) hold hundreds of MB of decoded columns
 # for big row groups and buy no speed here, where numpy work per batch dominates.
 BATCH_READAHEAD, FRAGMENT_READAHEAD = 2, 2
@@ -37,7 +40,7 @@ class ScoreTables:
             self.files = self.run.table_files(stage)
         except ValueError as exc:  # not a run, no such stage
             raise SelectionError(str(exc)) from None
-        self.run_dir: Path | str = Path(self.run.url) if "://" not in self.run.url else self.run.url
+        self.run_dir: Path | str = as_path(self.run.url)
         if not self.files:
             raise SelectionError(f"stage {stage!r} of {self.run.url} has no completed shard to select from")
         self.completeness = self.run.completeness(stage)

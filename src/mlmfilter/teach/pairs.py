@@ -9,7 +9,6 @@ the parquet reader with its columns named (:data:`PAIR_COLUMNS`), like any parqu
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -17,6 +16,7 @@ from typing import Iterable
 import pyarrow as pa
 
 from mlmfilter.core import errors
+from mlmfilter.core.ids import uid_of
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
@@ -55,7 +55,7 @@ def image_uid(pair: Sample) -> str:
 
 def negative_uid(parent_uid: str, kind: str, index: int = 0) -> str:
     """A negative's own uid: stable for its parent, kind and position, the same shape as a pair's."""
-    return hashlib.blake2b(f"{parent_uid}/negative/{kind}/{index}".encode(), digest_size=16).hexdigest()
+    return uid_of(f"{parent_uid}/negative/{kind}/{index}")
 
 
 def write_pair_table(path: str | Path, pairs: Iterable[Sample]) -> int:

@@ -29,7 +29,6 @@ one source of that text; TRL is given the finished ``input_ids``/``labels`` (``s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.judge.conversations import validate_conversation
 from mlmfilter.judge.prompts import METRICS
 from mlmfilter.judge.trained_format import PromptIdentifier, TrainedFormat, read_trained_format
@@ -109,7 +109,7 @@ class TrainOptions(BaseModel):
     def fingerprint(self) -> str:
         """What makes two runs the same training (a resume with other values is refused)."""
         payload = self.model_dump(exclude={"save", "device", "logging_steps", "save_total_limit"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint_of(payload)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Mapping
 import fsspec
 
 from mlmfilter.core import errors
+from mlmfilter.core.locations import is_url
 from mlmfilter.io.readers.files import open_shard_file
 from mlmfilter.io.readers.options import CAPTIONS_FILES, ReadOptions
 from mlmfilter.io.readers.samples import split_member_name
@@ -163,7 +164,7 @@ def estimate_rows(source: ShardSource) -> int | None:
     from mlmfilter.io.sources import shard_stem
 
     url = source.url
-    if source.is_pipe or "://" in url or not os.path.isfile(url):
+    if source.is_pipe or is_url(url) or not os.path.isfile(url):
         return None
     try:
         if source.format == "parquet":

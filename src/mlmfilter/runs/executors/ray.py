@@ -1,8 +1,9 @@
 """Run a stage's shards on a Ray cluster (or a local Ray) through a pool of actors.
 
-Each actor rebuilds the stage once from its spec (models load once per actor, on the GPUs Ray
-gave it) and runs :func:`~mlmfilter.runs.executors.local.execute_task` on one shard at a time, so the
-table, stats and completion marker are written exactly as by the local executor. Image decoding
+Each actor is the one worker body (:class:`~mlmfilter.runs.executors.worker.Worker`, wrapped by
+``ray.remote``): it rebuilds the stage once from its spec (models load once per actor, on the GPUs
+Ray gave it) and runs one shard at a time, so the table, stats and completion marker are written
+exactly as by the local executor. Image decoding
 stays in the stage's own decode pool inside each actor (``decode_workers`` CPU processes), so a
 GPU actor never decodes JPEGs itself.
 
@@ -19,17 +20,15 @@ completed shards have markers, the others are redone by the next run.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import traceback
 from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlmfilter.runs.executors.local import ExecutionReport, _failure_line, _limit_threads, attach_log_file, execute_task
-from mlmfilter.runs.folder import RunFolder
+from mlmfilter.runs.executors import ExecutionReport
+from mlmfilter.runs.executors.worker import ShardResult, Worker, failure_line
 from mlmfilter.runs.progress import RunProgress
-from mlmfilter.runs.stage import Stage, StageSpec, StageTask
+from mlmfilter.runs.stage import Stage, StageTask
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +61,6 @@ def _retriable_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rex, name) for name in names if hasattr(rex, name))
 
 
-class _StageActor:
-    """Holds one built stage; runs one shard per call (wrapped by ``ray.remote`` at run time)."""
-
-    def __init__(self, spec_json: dict, run_url: str, stage_name: str, threads: int, inbox: Any):
-        _limit_threads(threads)
-        attach_log_file(RunFolder(run_url), f"{stage_name}-ray-{os.uname().nodename}-{os.getpid()}")
-        self.stage = StageSpec(**spec_json).build()
-        self.inbox = inbox
-        self.ready = False
-
-    def run(self, task: StageTask, fingerprint: str) -> tuple[str, dict | None, str | None]:
-        try:
-            if not self.ready:  # load models on the first shard, inside the actor's resources
-                self.stage.setup()
-                self.ready = True
-            report = lambda rows, errors: self.inbox.add.remote(rows, errors)  # noqa: E731 (fire and forget)
-            stats = execute_task(self.stage, task, fingerprint, report)
-            return task.shard_id, stats, None
-        except Exception as exc:  # the shard fails as a whole; a rerun retries it
-            log.error("shard %s failed:\n%s", task.shard_id, traceback.format_exc())
-            return task.shard_id, None, _failure_line(exc)
-
-    def close(self) -> None:
-        self.stage.close()
-
-
 class _ProgressInbox:
     """Rows reported by the actors, summed until the driver takes them (a fire-and-forget ``add``
     keeps actors from waiting on a round trip per chunk, which a ``ray.util.queue.Queue.put`` does)."""
@@ -102,6 +75,16 @@ class _ProgressInbox:
     def take(self) -> tuple[int, int]:
         taken, self.rows, self.errors = (self.rows, self.errors), 0, 0
         return taken
+
+
+class _ReportTo:
+    """A worker's progress callback that adds to the inbox without waiting for the round trip."""
+
+    def __init__(self, inbox: Any):
+        self.inbox = inbox
+
+    def __call__(self, rows: int, errors: int) -> None:
+        self.inbox.add.remote(rows, errors)
 
 
 class RayExecutor:
@@ -128,7 +111,9 @@ class RayExecutor:
         self.local_num_cpus = local_num_cpus
 
     @classmethod
-    def from_options(cls, options: RayOptions, workers: int = 1) -> "RayExecutor":
+    def from_options(cls, options: RayOptions | dict | None = None, workers: int = 1) -> "RayExecutor":
+        """The executor a recipe's ``ray:`` section describes (``num_actors`` defaults to ``workers``)."""
+        options = RayOptions.model_validate(options or {})
         return cls(
             address=options.address,
             num_actors=options.num_actors or workers,
@@ -180,12 +165,19 @@ class RayExecutor:
     ) -> None:
         retriable = _retriable_errors()
         inbox = ray.remote(num_cpus=0)(_ProgressInbox).remote()
-        actor_class = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_StageActor)
+        actor_class = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(Worker)
         threads = max(1, int(self.num_cpus))
         spec = stage.spec().model_dump()
 
         def new_actor() -> Any:
-            actor = actor_class.remote(spec, tasks[0].run_url, tasks[0].stage_name, threads, inbox)
+            actor = actor_class.remote(
+                spec,
+                tasks[0].run_url,
+                tasks[0].stage_name,
+                log_name="{stage}-ray-{host}-{pid}",
+                progress=_ReportTo(inbox),
+                threads=threads,
+            )
             actors.append(actor)
             return actor
 
@@ -202,7 +194,8 @@ class RayExecutor:
             for ref in done:
                 actor, task = running.pop(ref)
                 try:
-                    shard_id, _, error = ray.get(ref)
+                    result: ShardResult = ray.get(ref)
+                    shard_id, error = result.shard_id, result.error
                 except retriable as exc:  # the actor or its node is gone; the shard may be fine
                     attempts[task.shard_id] += 1
                     self._discard(ray, actor, actors)
@@ -210,19 +203,19 @@ class RayExecutor:
                         log.warning(
                             "shard %s: lost its Ray worker (%s); retrying on a fresh actor",
                             task.shard_id,
-                            _failure_line(exc),
+                            failure_line(exc),
                         )
                         todo.append(task)
                         idle.append(new_actor())
                         continue
                     shard_id, error = (
                         task.shard_id,
-                        f"Ray worker lost {attempts[task.shard_id]} times: {_failure_line(exc)}",
+                        f"Ray worker lost {attempts[task.shard_id]} times: {failure_line(exc)}",
                     )
                     if todo:
                         idle.append(new_actor())
                 except Exception as exc:  # e.g. a result Ray could not ship back: this shard only
-                    shard_id, error = task.shard_id, _failure_line(exc)
+                    shard_id, error = task.shard_id, failure_line(exc)
                     idle.append(actor)
                 else:
                     idle.append(actor)
