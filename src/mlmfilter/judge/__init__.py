@@ -5,7 +5,7 @@
 - :mod:`mlmfilter.judge.readout` - expected score from the exact distribution over 0..100; the
   generate parser
 - :mod:`mlmfilter.judge.backend` - the narrow ``JudgeBackend`` protocol a model runtime implements
-  (transformers: :mod:`mlmfilter.models.vlm`)
+  (one file per runtime in :mod:`mlmfilter.backends`)
 
 Nothing here imports torch at module load.
 """

@@ -21,6 +21,8 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field
 
+from mlmfilter.backends.transformers import INFO as TRANSFORMERS
+from mlmfilter.backends.transformers import TransformersJudgeBackend
 from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.judge import aitqe
@@ -52,6 +54,7 @@ class AITQEScorer(Scorer):
     def __init__(self, options: AITQEOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options)
         self.backend = backend
+        self._owns_backend = False  # an injected backend belongs to its caller
         self.columns = self._columns()
         if backend is not None:
             self._ready = True
@@ -70,18 +73,19 @@ class AITQEScorer(Scorer):
     def image_size(self) -> int | None:  # type: ignore[override]
         if self.backend is not None and hasattr(self.backend, "image_size"):
             return self.backend.image_size
-        from mlmfilter.models.vlm import inspect_vlm
+        return TRANSFORMERS.image_size(self.options)
 
-        o = self.options
-        return inspect_vlm(o.model, o.allow_random_fallback, o.max_image_pixels).image_size
+    def wants_gpu(self) -> bool:
+        return TRANSFORMERS.wants_gpu(self.options)
 
     def setup(self) -> None:
         if self.backend is not None:
             return
-        from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+        from mlmfilter.models.vlm import load_vlm
 
         o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
+        # AITQE's own request (raw prompt, no answer prefix, its stop string), not the MLM judge's options
         self.backend = TransformersJudgeBackend(
             loaded,
             conversation="aitqe",
@@ -90,6 +94,13 @@ class AITQEScorer(Scorer):
             max_length=o.max_length,
             stop_strings=(aitqe.OVERALL_MARKER,) if o.early_stop else (),
         )
+        self._owns_backend = True
+
+    def close(self) -> None:
+        """Release the backend this scorer built (an injected one belongs to its caller)."""
+        if self.backend is not None and self._owns_backend:
+            self.backend.close()
+            self.backend, self._owns_backend, self._ready = None, False, False
 
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
