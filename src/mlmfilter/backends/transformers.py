@@ -430,6 +430,7 @@ class TransformersBackendInfo(BackendInfo):
         o = options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
         if released is not None and hasattr(loaded.processor.image_processor, "do_pad"):
+            # a released judge sees its images as in training: padded to a square, or not
             loaded.processor.image_processor.do_pad = released.settings.pad_to_square
         return TransformersJudgeBackend(
             loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold

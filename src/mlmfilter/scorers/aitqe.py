@@ -28,7 +28,7 @@ from mlmfilter.core.sample import Sample
 from mlmfilter.judge import aitqe
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.readout import ExpectedScore
-from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
+from mlmfilter.scorers.base import BackendScorer, ScoreFailure, ScorerOptions
 
 DEFAULT_MODEL = "HymanH/AITQE"
 
@@ -47,17 +47,13 @@ class AITQEOptions(ScorerOptions):
     allow_random_fallback: bool = False
 
 
-class AITQEScorer(Scorer):
+class AITQEScorer(BackendScorer):
     Options = AITQEOptions
     name = "aitqe"
 
     def __init__(self, options: AITQEOptions | None = None, backend: JudgeBackend | None = None):
-        super().__init__(options)
-        self.backend = backend
-        self._owns_backend = False  # an injected backend belongs to its caller
+        super().__init__(options, backend)
         self.columns = self._columns()
-        if backend is not None:
-            self._ready = True
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns = {"aitqe_overall": pa.float32()}
@@ -86,21 +82,16 @@ class AITQEScorer(Scorer):
         o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
         # AITQE's own request (raw prompt, no answer prefix, its stop string), not the MLM judge's options
-        self.backend = TransformersJudgeBackend(
-            loaded,
-            conversation="aitqe",
-            answer_prefix="",
-            batch_size=o.batch_size,
-            max_length=o.max_length,
-            stop_strings=(aitqe.OVERALL_MARKER,) if o.early_stop else (),
+        self.own_backend(
+            TransformersJudgeBackend(
+                loaded,
+                conversation="aitqe",
+                answer_prefix="",
+                batch_size=o.batch_size,
+                max_length=o.max_length,
+                stop_strings=(aitqe.OVERALL_MARKER,) if o.early_stop else (),
+            )
         )
-        self._owns_backend = True
-
-    def close(self) -> None:
-        """Release the backend this scorer built (an injected one belongs to its caller)."""
-        if self.backend is not None and self._owns_backend:
-            self.backend.close()
-            self.backend, self._owns_backend, self._ready = None, False, False
 
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)

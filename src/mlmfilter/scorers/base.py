@@ -165,6 +165,28 @@ class Scorer(ABC):
         return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
 
 
+class BackendScorer(Scorer):
+    """A scorer whose model runs behind a :class:`~mlmfilter.judge.backend.JudgeBackend`: one given to it
+    (then it is ready at once, and closing it is its caller's business) or one its :meth:`setup` builds
+    and :meth:`close` closes."""
+
+    def __init__(self, options: ScorerOptions | None = None, backend: Any = None):
+        super().__init__(options)
+        self.backend = backend
+        self._owns_backend = False
+        if backend is not None:
+            self._ready = True
+
+    def own_backend(self, backend: Any) -> None:
+        """Take ``backend``, built by :meth:`setup`: :meth:`close` closes it."""
+        self.backend, self._owns_backend = backend, True
+
+    def close(self) -> None:
+        if self.backend is not None and self._owns_backend:
+            self.backend.close()
+            self.backend, self._owns_backend, self._ready = None, False, False
+
+
 def iter_batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:

@@ -46,7 +46,7 @@ from mlmfilter.judge.conversations import validate_conversation
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
-from mlmfilter.scorers.base import ScoreFailure, Scorer
+from mlmfilter.scorers.base import BackendScorer, ScoreFailure
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert-llava`)
@@ -117,12 +117,12 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
         return validate_conversation(value)
 
 
-class MLMScorer(TextMasking, Scorer):
+class MLMScorer(TextMasking, BackendScorer):
     Options = MLMOptions
     name = "mlm"
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
-        super().__init__(options)
+        super().__init__(options, backend)  # injected (another backend) or built in setup()
         self.info: BackendInfo = backend_info(self.options.backend)
         self.released = None
         # a served model's name is the server's, not a hub id: nothing to read about it here
@@ -135,11 +135,7 @@ class MLMScorer(TextMasking, Scorer):
         self.metrics = resolve_metrics(self.options.metrics)
         self.short_names = [short_name(m) for m in self.metrics]
         self.template = resolve_template(self.options.template)
-        self.backend = backend  # injected (another backend) or built in setup()
-        self._owns_backend = False  # an injected backend belongs to its caller
         self.columns = self._columns()
-        if backend is not None:
-            self._ready = True
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {}
@@ -174,14 +170,7 @@ class MLMScorer(TextMasking, Scorer):
         except ValueError:
             backend.close()
             raise
-        self.backend = backend
-        self._owns_backend = True
-
-    def close(self) -> None:
-        """Release a backend this scorer built (an injected one belongs to its caller)."""
-        if self.backend is not None and self._owns_backend:
-            self.backend.close()
-            self.backend, self._owns_backend, self._ready = None, False, False
+        self.own_backend(backend)
 
     # -- scoring --------------------------------------------------------------------------------------
 
