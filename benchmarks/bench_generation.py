@@ -45,9 +45,10 @@ def main() -> None:
     from PIL import Image
 
     from mlmfilter.backends.generation import GenerationRequest, SamplingParams, TransformersCaptionGenerator
+    from mlmfilter.backends.transformers import TransformersJudgeBackend
     from mlmfilter.enhance.prompts import EnhancePrompts
     from mlmfilter.judge.backend import JudgeRequest
-    from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+    from mlmfilter.models.vlm import load_vlm
 
     torch.set_num_threads(args.threads)
     prompts = EnhancePrompts()

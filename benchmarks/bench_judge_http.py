@@ -1,5 +1,5 @@
 """Client-side cost of the judge's openai backend: 50 pairs x 4 metrics (448x597 px images) through
-build_backend(...).generate against the fault server on 127.0.0.1 (no model: what is left is the
+the openai backend's generate against the fault server on 127.0.0.1 (no model: what is left is the
 client, JSON, base64 and loopback HTTP). Prints pairs/s and requests/s. Run: python benchmarks/bench_judge_http.py
 """
 
@@ -10,7 +10,7 @@ sys.path.insert(0, ".")
 import numpy as np
 from PIL import Image
 
-from mlmfilter.backends import build_backend
+from mlmfilter.backends.openai import INFO as OPENAI
 from mlmfilter.judge.backend import JudgeRequest
 from mlmfilter.judge.prompts import resolve_template
 from mlmfilter.scorers.mlm import MLMOptions
@@ -28,7 +28,7 @@ with FaultServer() as server:
         backend="openai",
         backend_options={"base_url": server.base_url, "max_concurrency": 8},
     )
-    b = build_backend(o)
+    b = OPENAI.build(o)
     t0 = time.perf_counter()
     out = b.generate(reqs)
     dt = time.perf_counter() - t0

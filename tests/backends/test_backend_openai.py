@@ -79,7 +79,8 @@ def _samples(captions=CAPTIONS):
 
 
 def _exact(model_dir):
-    from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+    from mlmfilter.backends.transformers import TransformersJudgeBackend
+    from mlmfilter.models.vlm import load_vlm
 
     backend = TransformersJudgeBackend(load_vlm(model_dir, "cpu", "fp32"), "auto", None, 4, None, trie_threshold=0.0)
     return backend, backend.score_distributions(_requests())
@@ -96,13 +97,13 @@ def _openai_options(model_dir, base_url, **backend_options):
 
 
 def test_top_k_readout_matches_exact_on_the_greedy_path_and_keeps_its_bound(peaked_judge):
-    from mlmfilter.backends import build_backend
+    from mlmfilter.backends.openai import INFO as OPENAI
 
     exact_backend, exact = _exact(peaked_judge)
     greedy = exact_backend.generate(_requests())
     with LogprobServer(peaked_judge) as server:
-        full = build_backend(_openai_options(peaked_judge, server.base_url, token_ids=True, top_logprobs=4096))
-        few = build_backend(_openai_options(peaked_judge, server.base_url, top_logprobs=5))  # tokens named by text
+        full = OPENAI.build(_openai_options(peaked_judge, server.base_url, token_ids=True, top_logprobs=4096))
+        few = OPENAI.build(_openai_options(peaked_judge, server.base_url, top_logprobs=5))  # tokens named by text
         got_full, got_few = full.score_distributions(_requests()), few.score_distributions(_requests())
         assert full.generate(_requests()) == greedy  # same model, same chat template, same pixels (PNG)
         full.close(), few.close()
@@ -206,10 +207,11 @@ def test_transformers_serve_generate_path_and_no_logprobs_refusal(tmp_path_facto
         for row in rows:  # random weights write random text: parsed, or an unparseable row that keeps it
             assert row["itm_raw"] is not None and row["odf_raw"] is not None
         # the server's chat template and greedy decoding give what the transformers backend writes itself
-        from mlmfilter.backends import build_backend
-        from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+        from mlmfilter.backends.openai import INFO as OPENAI
+        from mlmfilter.backends.transformers import TransformersJudgeBackend
+        from mlmfilter.models.vlm import load_vlm
 
-        served = build_backend(options.model_copy(update={"readout": "generate"}))
+        served = OPENAI.build(options.model_copy(update={"readout": "generate"}))
         local = TransformersJudgeBackend(load_vlm(model_dir, "cpu", "fp32"), "auto", None, 4)
         assert served.generate(_requests()) == local.generate(_requests())
         served.close()
@@ -347,14 +349,14 @@ def test_operational_settings_are_not_part_of_the_identity():
 def test_trie_walk_with_continue_final_message_equals_the_exact_readout(peaked_judge):
     """vLLM's prefill extension lets the backend walk the whole adaptive trie: with the whole vocabulary as
     top-k and threshold 0 it is the transformers backend's exact readout; with k = 5 it keeps its bound."""
-    from mlmfilter.backends import build_backend
+    from mlmfilter.backends.openai import INFO as OPENAI
 
     _, exact = _exact(peaked_judge)
     with LogprobServer(peaked_judge) as server:
 
         def walk(**settings):
             options = _openai_options(peaked_judge, server.base_url, trie_walk="continue_final_message", **settings)
-            backend = build_backend(options.model_copy(update={"trie_threshold": 0.0}))  # the whole trie
+            backend = OPENAI.build(options.model_copy(update={"trie_threshold": 0.0}))  # the whole trie
             out = backend.score_distributions(_requests()[:1])  # one pair: the whole trie is ~110 requests a prompt
             backend.close()
             return out
@@ -365,7 +367,7 @@ def test_trie_walk_with_continue_final_message_equals_the_exact_readout(peaked_j
         few = walk(top_logprobs=5)
         tiny_llava = save_tiny_served_llava(Path(tempfile.mkdtemp(prefix="cue-space-")) / "model")
         with pytest.raises(ValueError, match="renders a prefilled answer differently"):
-            build_backend(_openai_options(str(tiny_llava), server.base_url, trie_walk="continue_final_message"))
+            OPENAI.build(_openai_options(str(tiny_llava), server.base_url, trie_walk="continue_final_message"))
     assert asked_full > 2 * 100  # a root plus every trie node, per prompt
     for want, got_full, got_few in zip(exact, full, few):
         np.testing.assert_allclose(np.exp(got_full.log_probs), np.exp(want), atol=1e-6)

@@ -162,7 +162,8 @@ def _brute_force(lm, tokenizer, prompt_text):
 
 
 def test_prompt_text_equals_transformers_backend(smollm2_cache_dir, flickr_pairs):
-    from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+    from mlmfilter.backends.transformers import TransformersJudgeBackend
+    from mlmfilter.models.vlm import load_vlm
     from tests.support import mlm as mlm_support
 
     loaded = load_vlm(str(mlm_support.tiny_model_dir("llava", smollm2_cache_dir)), device="cpu", dtype="fp32")

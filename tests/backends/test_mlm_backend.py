@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mlmfilter.backends.transformers import TransformersJudgeBackend
 from mlmfilter.core import errors
 from mlmfilter.images.decode import DecodeSpec, decode_image
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.prompts import resolve_template
-from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+from mlmfilter.models.vlm import load_vlm
 from tests.support import mlm as mlm_support
 from tests.support.mlm import PLACEHOLDERS
 

@@ -102,9 +102,10 @@ def reference_logits(original, ids: list[int], pixels: torch.Tensor) -> torch.Te
 
 
 def test_converted_aitqe_matches_the_original_forward(original, converted, flickr_pairs):
+    from mlmfilter.backends.transformers import TransformersJudgeBackend
     from mlmfilter.judge import aitqe
     from mlmfilter.judge.backend import JudgeRequest
-    from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+    from mlmfilter.models.vlm import load_vlm
 
     loaded = load_vlm(str(converted), device="cpu", dtype="fp32")
     backend = TransformersJudgeBackend(loaded, "aitqe", "")

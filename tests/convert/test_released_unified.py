@@ -201,10 +201,11 @@ def test_converted_log_probs_match_the_original_forward(original, converted, fli
 def test_judge_backend_expected_scores_match_the_original(original, converted, flickr_pairs, reference_prompts):
     """The whole path: registry settings -> backend -> exact score distribution == brute force over the
     hand-written original forward (101 answers, normalised over the original vocabulary)."""
+    from mlmfilter.backends.transformers import TransformersJudgeBackend
     from mlmfilter.judge.backend import JudgeRequest
     from mlmfilter.judge.readout import ScoreTrie
     from mlmfilter.judge.registry import identify, read_config
-    from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+    from mlmfilter.models.vlm import load_vlm
 
     judge = identify(read_config(str(converted)))
     expected_key = "mlm-filter-qwen2.5-1.5b" if LAYOUTS[original["layout"]][0] == "qwen2" else "mlm-filter-llama-3.2-3b"

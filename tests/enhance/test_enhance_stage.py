@@ -18,6 +18,7 @@ from mlmfilter.runs.runner import run_stage
 from mlmfilter.scorers.stage import ScoringOptions, ScoringStage
 from tests.support.builders import write_shard
 from tests.support.enhance import ScriptedJudge, ScriptedWriter, by_caption
+from tests.support.fault_server import FaultServer
 
 
 @pytest.fixture
@@ -226,3 +227,30 @@ def test_aitqe_mode_keeps_recaptions_and_leaves_fine_captions(tmp_path, scenario
     assert rows["01"]["intermediate"] == [answers[caps[1]]]
     assert {rows[k]["reason"] for k in ("02", "03", "10", "11", "12")} == {"no_candidate"}
     assert RunReader(run_dir).settings("enhance")["options"]["mode"] == "aitqe"
+
+
+def test_an_enhance_run_closes_its_served_judge(tmp_path, scenario):
+    """The judge's HTTP client ends with the stage (seen from the server: its keep-alive connections end)."""
+    run_dir = tmp_path / "run"
+    _score(run_dir, scenario)
+    with FaultServer() as server:
+        judge = {
+            "name": "mlm",
+            "options": {
+                "model": "served-judge",
+                "metrics": "itm",
+                "readout": "generate",
+                "backend": "openai",
+                "backend_options": {"base_url": server.base_url, "max_concurrency": 2, "timeout_s": 5.0},
+            },
+        }
+        writer = ScriptedWriter(by_caption(scenario["rewrites"]))
+        stage = EnhanceStage(EnhanceOptions(where="itm < 40", model="scripted-writer", judge=[judge]), generator=writer)
+        summary = run_stage(run_dir, stage)
+        assert summary.ok, summary.shards_failed
+        assert server.requests > 0  # the originals and candidates were judged over HTTP
+        assert server.wait_until_closed() == 0
+        assert stage.scorers[0].backend is None
+    rows = _rows(run_dir)
+    judged = [r for r in rows.values() if r["reason"] in ("accepted", "not_better")]  # the others never reach it
+    assert len(judged) == 3 and all(0 <= r["itm_before"] <= 100 and 0 <= r["itm_after"] <= 100 for r in judged)

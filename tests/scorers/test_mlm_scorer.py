@@ -10,12 +10,13 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from mlmfilter.backends.transformers import TransformersJudgeBackend
 from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DecodeSpec, decode_sample
 from mlmfilter.judge.prompts import resolve_template
 from mlmfilter.models.common import ModelUnavailableError
-from mlmfilter.models.vlm import RANDOM_WEIGHTS_WARNING, TransformersJudgeBackend, load_vlm
+from mlmfilter.models.vlm import RANDOM_WEIGHTS_WARNING, load_vlm
 from mlmfilter.scorers import build_scorer
 from mlmfilter.scorers.mlm import MLMOptions, MLMScorer
 from tests.support import mlm as mlm_support

@@ -11,6 +11,7 @@ score derived from the request text (deterministic). Kinds:
 - ``slow``: always answered after ``SLOW_S`` seconds (to see how many requests are in flight at once).
 
 The server counts requests per kind and records when each arrived, so a test can check retries and waits.
+Every loopback server also counts the client connections it has open, so a test can see a client closed.
 """
 
 from __future__ import annotations
@@ -32,14 +33,29 @@ FAULT = re.compile(r"\[fault:(\w+)\]")
 class LoopbackChatServer:
     """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 (a free port), in a thread.
 
-    Subclasses implement :meth:`_answer`, which writes the reply through ``handler``.
+    Subclasses implement :meth:`_answer`, which writes the reply through ``handler``. Connections are
+    kept alive (HTTP/1.1) until the client closes them: :attr:`open_connections` counts those still open.
     """
 
     def __init__(self) -> None:
         server = self
+        self.open_connections = 0
+        self._connections_lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with server._connections_lock:
+                    server.open_connections += 1
+
+            def finish(self):  # the client closed the connection (or the server shut down)
+                try:
+                    super().finish()
+                finally:
+                    with server._connections_lock:
+                        server.open_connections -= 1
 
             def log_message(self, *args):  # quiet test output
                 pass
@@ -62,6 +78,14 @@ class LoopbackChatServer:
     def __enter__(self):
         self.thread.start()
         return self
+
+    def wait_until_closed(self, timeout_s: float = 5.0) -> int:
+        """The number of client connections still open once all are closed or ``timeout_s`` has passed
+        (the handler threads see a closed socket a moment after the client closes it)."""
+        deadline = time.monotonic() + timeout_s
+        while self.open_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.open_connections
 
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from mlmfilter.backends.transformers import TransformersJudgeBackend
 from mlmfilter.judge.conversations import CONVERSATIONS, end_of_answer
 from mlmfilter.judge.readout import canonical_score_tokens
-from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+from mlmfilter.models.vlm import load_vlm
 from mlmfilter.training.collate import IGNORE_INDEX, JudgeCollator, TrainingEncoder
 from mlmfilter.training.data import (
     BAD_RECORD,

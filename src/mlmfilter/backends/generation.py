@@ -1,6 +1,6 @@
 """Caption generation: image + prompt + sampling parameters + stop strings -> text.
 
-The judge backend (:mod:`mlmfilter.models.vlm`) is built to read a few score tokens; writing a
+The judge backend (:mod:`mlmfilter.backends.transformers`) is built to read a few score tokens; writing a
 100-token caption is a different job, so it has its own narrow interface, :class:`CaptionGenerator`:
 one :class:`GenerationRequest` (image, user prompt) in, ``n`` texts out, or a
 :class:`~mlmfilter.judge.backend.RequestFailure` in its place that never sinks its batch mates.
@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlmfilter.core import errors
 from mlmfilter.judge.backend import JudgeRequest, RequestFailure
 from mlmfilter.judge.conversations import AUTO, FORMATS, validate_conversation
-from mlmfilter.models.vlm import _TEXT_KEYS, LoadedVlm, vlm_provenance
-from mlmfilter.models.vlm_encoding import PromptEncoder
+from mlmfilter.models.vlm import LoadedVlm, vlm_provenance
+from mlmfilter.models.vlm_encoding import TEXT_INPUT_KEYS, PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class TransformersCaptionGenerator:
         if "mm_token_type_ids" in batch.processed:  # Qwen2-VL's M-RoPE: 1 marks image tokens
             inputs["mm_token_type_ids"] = (input_ids == self.encoder.image_token_id).long().to(device)
         for key, value in batch.processed.items():
-            if key in inputs or key in _TEXT_KEYS or not isinstance(value, torch.Tensor):
+            if key in inputs or key in TEXT_INPUT_KEYS or not isinstance(value, torch.Tensor):
                 continue
             value = value.to(device)
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value

@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.backends.base import BackendInfo
 from mlmfilter.clients.chat import user_message
 from mlmfilter.judge.backend import (
     BackendCapabilities,
@@ -581,3 +582,31 @@ def _tokenizer(name: str):
             f"{name!r} cannot be loaded ({str(exc).splitlines()[0]}). Set backend option tokenizer=PATH_OR_HUB_ID, "
             "or use readout=generate"
         ) from exc
+
+
+# -- the description ----------------------------------------------------------------------------------
+
+
+class OpenAIBackendInfo(BackendInfo):
+    name = "openai"
+    Options = OpenAIOptions
+    distribution = "top_k"  # top-k log-probabilities: the scorer adds <metric>_unplaced, the row's bound
+    runs_in_process = False  # the model runs on the server; its name is the server's, not a local path
+
+    def check(self, options: Any) -> None:
+        refuse_unservable(options.conversation, options.answer_prefix)
+
+    def image_size(self, options: Any) -> int:
+        return self.settings(options).image_size
+
+    def describe_settings(self, options: Any) -> dict[str, Any]:
+        return describe_settings(options)
+
+    def readout_provenance(self, options: Any) -> dict[str, str]:
+        return readout_provenance(options)
+
+    def build(self, options: Any, released: Any = None) -> OpenAIJudgeBackend:
+        return build_openai_backend(options, self.settings(options))
+
+
+INFO = OpenAIBackendInfo()

@@ -1,6 +1,6 @@
 """vLLM backend for the MLM judge (GPU): offline ``vllm.LLM``, images as multi-modal data, prefix caching.
 
-Everything but the engine call is a plain function tested on CPU (tests/test_backend_vllm_seams.py)
+Everything but the engine call is a plain function tested on CPU (tests/backends/test_backend_vllm_seams.py)
 against outputs built in the shape of vLLM's ``RequestOutput`` / ``CompletionOutput`` / ``Logprob``:
 
 - :func:`render_prompt`: the exact prompt text of the transformers backend (same conversation format,
@@ -24,15 +24,9 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.backends.base import BackendInfo, exact_readout_provenance
 from mlmfilter.core import errors
-from mlmfilter.judge.backend import (
-    EXACT_EXPECTED_DEFINITION,
-    BackendCapabilities,
-    JudgeRequest,
-    LogprobsMissing,
-    RequestFailure,
-    adaptive_trie_bound,
-)
+from mlmfilter.judge.backend import BackendCapabilities, JudgeRequest, LogprobsMissing, RequestFailure
 from mlmfilter.judge.conversations import AUTO, FORMATS, default_answer_prefix, render_with_chat_template
 from mlmfilter.judge.readout import ScoreTrie
 
@@ -280,11 +274,63 @@ class VllmJudgeBackend:
         }
 
     def readout_provenance(self) -> dict[str, str]:
-        return {
-            "readout_definition": EXACT_EXPECTED_DEFINITION,
-            "readout_bound": adaptive_trie_bound(self.trie_threshold),
-        }
+        return exact_readout_provenance(self.trie_threshold)
 
     def close(self) -> None:
         if hasattr(self.engine, "close"):
             self.engine.close()
+
+
+# -- the description ----------------------------------------------------------------------------------
+
+
+class VllmBackendInfo(BackendInfo):
+    name = "vllm"
+    Options = VllmOptions
+    distribution = "exact"  # log-probabilities of exactly the digit tokens at every trie step
+    runs_in_process = True
+
+    def wants_gpu(self, options: Any) -> bool:
+        return True  # vLLM runs on GPUs, whatever ``device`` says
+
+    def image_size(self, options: Any) -> int:
+        from mlmfilter.models.vlm import inspect_vlm
+
+        return inspect_vlm(options.model, options.allow_random_fallback, options.max_image_pixels).image_size
+
+    def describe_settings(self, options: Any) -> dict[str, Any]:
+        # before the engine starts: the model as its config files describe it, in the transformers
+        # backend's words (its "backend" key included), as runs recorded it so far: their fingerprints still match
+        from mlmfilter.backends.transformers import INFO as TRANSFORMERS
+
+        return TRANSFORMERS.describe_settings(options)
+
+    def readout_provenance(self, options: Any) -> dict[str, str]:
+        return exact_readout_provenance(options.trie_threshold)
+
+    def build(self, options: Any, released: Any = None) -> VllmJudgeBackend:
+        from transformers import AutoProcessor
+
+        from mlmfilter.models.common import safe_pretrained_kwargs
+        from mlmfilter.models.vlm import inspect_vlm
+
+        settings = self.settings(options)
+        spec = inspect_vlm(options.model, False, options.max_image_pixels)
+        processor = AutoProcessor.from_pretrained(options.model, **safe_pretrained_kwargs())
+        trie = ScoreTrie.from_tokenizer(processor.tokenizer)
+        engine = VllmEngine(options.model, settings, requested_token_ids(trie))
+        return VllmJudgeBackend(
+            options.model,
+            processor.tokenizer,
+            processor,
+            spec.family.image_placeholder,
+            options.conversation,
+            options.answer_prefix,
+            options.trie_threshold,
+            engine,
+            image_size=spec.image_size,
+            options=settings,
+        )
+
+
+INFO = VllmBackendInfo()

@@ -12,7 +12,7 @@ UNSAFE_MEMBER = "unsafe_member"  # a tar member with an absolute or ``..`` name,
 UNSAFE_PATH = "unsafe_path"  # an image path or symlink leading outside the dataset root (or a URL), not allowed
 # captions
 EMPTY_CAPTION = "empty_caption"
-CAPTION_ENCODING = "caption_not_utf8"  # decoded with replacement characters; scored anyway
+CAPTION_ENCODING = "caption_not_utf8"  # kept decoded with replacement characters, but an error row: not scored
 CAPTION_TOO_LONG = "caption_too_long"
 # images
 EMPTY_IMAGE = "empty_image"

@@ -333,6 +333,9 @@ class EnhanceStage(Stage):
             task.stats.count(f"rejected:{row['reason']}")
 
     def close(self) -> None:
+        """Close the judge scorers (their weights, engines and HTTP clients) and drop the writer."""
+        for scorer in self.scorers:
+            scorer.close()
         self.generator = None
         self._mode = None
 

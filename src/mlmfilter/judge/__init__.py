@@ -6,7 +6,7 @@
 - :mod:`mlmfilter.judge.readout` - expected score from the exact distribution over 0..100; the one
   score-line parser (a generated answer, a published score dump, a teacher's reply)
 - :mod:`mlmfilter.judge.backend` - the narrow ``JudgeBackend`` protocol a model runtime implements
-  (transformers: :mod:`mlmfilter.models.vlm`)
+  (one file per runtime in :mod:`mlmfilter.backends`)
 
 Nothing here imports torch at module load.
 """

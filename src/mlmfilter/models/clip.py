@@ -35,13 +35,20 @@ from mlmfilter.models.common import (
     safe_weights_kwargs,
     unavailable_message,
 )
+from mlmfilter.models.random_fallback import (
+    random_weights_warning,
+    seeded,
+    stand_in_source,
+    train_byte_level_bpe,
+    warn_stand_in,
+)
 
 log = logging.getLogger(__name__)
 
 OPEN_CLIP_PREFIX = "open_clip:"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RANDOM_WEIGHTS_WARNING = "WARNING: random weights, scores are meaningless"
+RANDOM_WEIGHTS_WARNING = random_weights_warning()
 COSINE_FORMULA = "cos = <e_img, e_txt> / (|e_img| |e_txt|), projected embeddings, normalised and dotted in fp32"
 
 _SUPPORTED_MODEL_TYPES = ("clip", "siglip")
@@ -158,7 +165,7 @@ def inspect_clip(name_or_path: str, allow_random_fallback: bool = False) -> Clip
     except ModelUnavailableError as exc:
         if not allow_random_fallback:
             raise
-        log.warning("%s -- allow_random_fallback is set: using a tiny RANDOM CLIP instead", exc)
+        warn_stand_in(exc, "CLIP")
         return _random_spec(name_or_path)
     if config.model_type not in _SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -321,7 +328,6 @@ _FALLBACK_CORPUS = (
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _RANDOM_IMAGE_SIZE = 224
 _RANDOM_TEXT_LENGTH = 77
-_RANDOM_SEED = 0
 
 
 def _random_spec(name_or_path: str) -> ClipSpec:
@@ -334,26 +340,16 @@ def _random_spec(name_or_path: str) -> ClipSpec:
         ),
         max_text_length=_RANDOM_TEXT_LENGTH,
         is_random=True,
-        source={"model": name_or_path, "random_fallback": True, "seed": _RANDOM_SEED},
+        source=stand_in_source(name_or_path),
     )
 
 
 def _random_tokenizer():
-    """A byte-level BPE trained here on a few sentences: no download, deterministic."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing byte-level BPE trained here on a few sentences, wrapped as CLIP's tokenizer is."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=[_BOS, _EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_FALLBACK_CORPUS, trainer)
+    bpe = train_byte_level_bpe(_FALLBACK_CORPUS, 600, [_BOS, _EOS], lowercase=True)
     bos_id, eos_id = bpe.token_to_id(_BOS), bpe.token_to_id(_EOS)
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{_BOS} $A {_EOS}", special_tokens=[(_BOS, bos_id), (_EOS, eos_id)]
@@ -390,8 +386,7 @@ def _random_clip():
         ),
         projection_dim=64,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_RANDOM_SEED)
+    with seeded():
         model = CLIPModel(config)
     return model, tokenizer
 

@@ -50,6 +50,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def may_use_gpu(device: str) -> bool:
+    """A ``device`` setting that runs on a CUDA GPU or may pick one ("auto"): neither cpu nor mps.
+
+    Read from the setting alone, nothing probed: the executor hands out GPUs before any model loads.
+    """
+    return str(device) not in ("cpu", "mps")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX-BF16).

@@ -19,7 +19,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import torch
+from mlmfilter.models.random_fallback import seeded, train_byte_level_bpe
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,26 +93,14 @@ _FALLBACK_CORPUS = (
 
 def fallback_tokenizer():
     """A byte-level BPE with digits split one per token, trained here on the judge prompts: no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from mlmfilter.judge.prompts import reference_prompts
 
     ref = reference_prompts()
     corpus = [*_FALLBACK_CORPUS, ref["template_v1"], ref["template_v2"], *ref["criteria"].values()]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=800,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
+    bpe = train_byte_level_bpe(corpus, 800, specials, split_digits=True)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -267,8 +255,7 @@ def build_tiny_vlm(
     if family not in _BUILDERS:
         raise ValueError(f"unknown tiny VLM family {family!r}; known: {', '.join(FAMILIES)}")
     tokenizer = tokenizer if tokenizer is not None else fallback_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model, processor = _BUILDERS[family](tokenizer, hidden, layers, init_std)
     model.eval()
     return model, processor

@@ -24,6 +24,10 @@ from mlmfilter.judge.backend import JudgeRequest, RequestFailure
 from mlmfilter.judge.conversations import AUTO, FORMATS, render_with_chat_template
 from mlmfilter.models.vlm_families import VlmFamily
 
+#: the processor outputs that are text (token ids and their masks); every other tensor it returns is a
+#: vision input (pixel values, image grids, tile masks) that goes to the model as it is
+TEXT_INPUT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
+
 
 @dataclass
 class EncodedPair:

@@ -21,12 +21,14 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field
 
+from mlmfilter.backends.transformers import INFO as TRANSFORMERS
+from mlmfilter.backends.transformers import TransformersJudgeBackend
 from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.judge import aitqe
 from mlmfilter.judge.backend import JudgeBackend, JudgeRequest, RequestFailure
 from mlmfilter.judge.readout import ExpectedScore
-from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
+from mlmfilter.scorers.base import BackendScorer, ScoreFailure, ScorerOptions
 
 DEFAULT_MODEL = "HymanH/AITQE"
 
@@ -45,16 +47,13 @@ class AITQEOptions(ScorerOptions):
     allow_random_fallback: bool = False
 
 
-class AITQEScorer(Scorer):
+class AITQEScorer(BackendScorer):
     Options = AITQEOptions
     name = "aitqe"
 
     def __init__(self, options: AITQEOptions | None = None, backend: JudgeBackend | None = None):
-        super().__init__(options)
-        self.backend = backend
+        super().__init__(options, backend)
         self.columns = self._columns()
-        if backend is not None:
-            self._ready = True
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns = {"aitqe_overall": pa.float32()}
@@ -70,25 +69,28 @@ class AITQEScorer(Scorer):
     def image_size(self) -> int | None:  # type: ignore[override]
         if self.backend is not None and hasattr(self.backend, "image_size"):
             return self.backend.image_size
-        from mlmfilter.models.vlm import inspect_vlm
+        return TRANSFORMERS.image_size(self.options)
 
-        o = self.options
-        return inspect_vlm(o.model, o.allow_random_fallback, o.max_image_pixels).image_size
+    def wants_gpu(self) -> bool:
+        return TRANSFORMERS.wants_gpu(self.options)
 
     def setup(self) -> None:
         if self.backend is not None:
             return
-        from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
+        from mlmfilter.models.vlm import load_vlm
 
         o = self.options
         loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
-        self.backend = TransformersJudgeBackend(
-            loaded,
-            conversation="aitqe",
-            answer_prefix="",
-            batch_size=o.batch_size,
-            max_length=o.max_length,
-            stop_strings=(aitqe.OVERALL_MARKER,) if o.early_stop else (),
+        # AITQE's own request (raw prompt, no answer prefix, its stop string), not the MLM judge's options
+        self.own_backend(
+            TransformersJudgeBackend(
+                loaded,
+                conversation="aitqe",
+                answer_prefix="",
+                batch_size=o.batch_size,
+                max_length=o.max_length,
+                stop_strings=(aitqe.OVERALL_MARKER,) if o.early_stop else (),
+            )
         )
 
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:

@@ -1,8 +1,9 @@
 """Scorer interface: a batch of samples in, named score columns out.
 
 The base class owns batching, error isolation, timing and stats, so a subclass
-implements only :meth:`Scorer.score_batch` (and :meth:`Scorer.setup` if it loads
-a model). Modelled on datatrove's PipelineStep.
+implements only :meth:`Scorer.score_batch` (and :meth:`Scorer.setup` / :meth:`Scorer.close`
+if it loads a model, :meth:`Scorer.wants_gpu` if that model may run on a GPU).
+Modelled on datatrove's PipelineStep.
 """
 
 from __future__ import annotations
@@ -56,8 +57,6 @@ class Scorer(ABC):
     #: shorter image side the scorer wants (the decoder resizes once to the max over scorers);
     #: None means the scorer does not look at pixels
     image_size: int | None = None
-    #: the scorer wants samples whose caption is empty/missing too (e.g. rule filters)
-    accepts_errors: tuple[str, ...] = ()
 
     def __init__(self, options: ScorerOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -68,6 +67,16 @@ class Scorer(ABC):
     # -- to implement -------------------------------------------------------------------------
     def setup(self) -> None:
         """Load models. Called once per worker process, lazily, before the first batch."""
+
+    def close(self) -> None:
+        """Release what :meth:`setup` built (weights, engines, HTTP clients); a later batch sets up again."""
+
+    def wants_gpu(self) -> bool:
+        """Its model runs in this process on a GPU, so each worker process gets a device of its own.
+
+        Answered from the options alone: nothing is loaded to answer it.
+        """
+        return False
 
     @abstractmethod
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
@@ -99,9 +108,7 @@ class Scorer(ABC):
         return {name: None for name in self.columns}
 
     def wants(self, sample: Sample) -> bool:
-        if sample.skipped:
-            return False
-        return sample.error is None or sample.error in self.accepts_errors
+        return not sample.skipped and sample.error is None
 
     def score(self, samples: Sequence[Sample], stats: BlockStats | None = None) -> list[dict[str, Any]]:
         """Score samples in batches; one row per sample, in order. Never raises for one bad sample.
@@ -156,3 +163,25 @@ class Scorer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
+
+
+class BackendScorer(Scorer):
+    """A scorer whose model runs behind a :class:`~mlmfilter.judge.backend.JudgeBackend`: one given to it
+    (then it is ready at once, and closing it is its caller's business) or one its :meth:`setup` builds
+    and :meth:`close` closes."""
+
+    def __init__(self, options: ScorerOptions | None = None, backend: Any = None):
+        super().__init__(options)
+        self.backend = backend
+        self._owns_backend = False
+        if backend is not None:
+            self._ready = True
+
+    def own_backend(self, backend: Any) -> None:
+        """Take ``backend``, built by :meth:`setup`: :meth:`close` closes it."""
+        self.backend, self._owns_backend = backend, True
+
+    def close(self) -> None:
+        if self.backend is not None and self._owns_backend:
+            self.backend.close()
+            self.backend, self._owns_backend, self._ready = None, False, False

@@ -56,6 +56,11 @@ class ClipScorer(TextMasking, Scorer):
 
         return inspect_clip(self.options.model, self.options.allow_random_fallback)
 
+    def wants_gpu(self) -> bool:
+        from mlmfilter.models.common import may_use_gpu
+
+        return may_use_gpu(self.options.device)
+
     def setup(self) -> None:
         from mlmfilter.models.clip import load_clip
 

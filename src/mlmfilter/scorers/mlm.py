@@ -27,6 +27,8 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
+from mlmfilter.backends import DEFAULT_BACKEND, backend_info, known_backend
+from mlmfilter.backends.base import BackendInfo
 from mlmfilter.core import errors
 from mlmfilter.core.errors import InfrastructureError
 from mlmfilter.core.sample import Sample
@@ -37,15 +39,14 @@ from mlmfilter.judge.backend import (
     LogprobsMissing,
     RequestFailure,
     TopKDistribution,
-    adaptive_trie_bound,
     capabilities_of,
     refuse_unsupported_readout,
 )
-from mlmfilter.judge.conversations import default_answer_prefix, validate_conversation
+from mlmfilter.judge.conversations import validate_conversation
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
-from mlmfilter.scorers.base import ScoreFailure, Scorer
+from mlmfilter.scorers.base import BackendScorer, ScoreFailure
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert`)
@@ -81,19 +82,21 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
     #: a released judge (identified from its config.json, judge/registry.py) is asked as it was trained,
     #: or as its released scoring script asks ("released-script"); options set explicitly win (warned)
     checkpoint_settings: Literal["trained", "released-script", "off"] = "trained"
-    #: what runs the judge (models/backends); its own settings go in backend_options, checked by its model
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    #: what runs the judge (a name in mlmfilter.backends.BACKENDS); its own settings go in
+    #: backend_options, checked by its model
+    backend: str = DEFAULT_BACKEND
     backend_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _known_backend(cls, value):
+        return known_backend(value)
 
     @model_validator(mode="after")
     def _valid_backend_options(self):
-        from mlmfilter.backends import validate_backend_options
-
-        self.backend_options = validate_backend_options(self.backend, self.backend_options)
-        if self.backend == "openai":  # refused now rather than in a worker
-            from mlmfilter.backends.openai import refuse_unservable
-
-            refuse_unservable(self.conversation, self.answer_prefix)
+        info = backend_info(self.backend)
+        self.backend_options = info.validate_options(self.backend_options)
+        info.check(self)  # what the backend cannot serve is refused now rather than in a worker
         return self
 
     @field_validator("metrics")
@@ -114,15 +117,16 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
         return validate_conversation(value)
 
 
-class MLMScorer(TextMasking, Scorer):
+class MLMScorer(TextMasking, BackendScorer):
     Options = MLMOptions
     name = "mlm"
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
-        super().__init__(options)
+        super().__init__(options, backend)  # injected (another backend) or built in setup()
+        self.info: BackendInfo = backend_info(self.options.backend)
         self.released = None
         # a served model's name is the server's, not a hub id: nothing to read about it here
-        if self.options.backend != "openai" or os.path.isdir(os.path.expanduser(self.options.model)):
+        if self.info.runs_in_process or os.path.isdir(os.path.expanduser(self.options.model)):
             # a judge trained by `mlmfilter train` records its request format: options the user left unset follow it
             self.options = apply_recorded_format(self.options)
             from mlmfilter.judge.registry import apply_released_settings
@@ -131,10 +135,7 @@ class MLMScorer(TextMasking, Scorer):
         self.metrics = resolve_metrics(self.options.metrics)
         self.short_names = [short_name(m) for m in self.metrics]
         self.template = resolve_template(self.options.template)
-        self.backend = backend  # injected (another backend) or built in setup()
         self.columns = self._columns()
-        if backend is not None:
-            self._ready = True
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {}
@@ -143,65 +144,33 @@ class MLMScorer(TextMasking, Scorer):
             if self.options.readout == "expected":
                 columns[f"{short}_mass"] = pa.float32()
                 columns[f"{short}_std"] = pa.float32()
-                if self._declared_distribution() == "top_k":  # mass the backend could not place: the row's bound
+                if self.info.distribution == "top_k":  # mass the backend could not place: the row's bound
                     columns[f"{short}_unplaced"] = pa.float32()
             else:
                 columns[f"{short}_raw"] = pa.string()
         return columns
 
-    def _declared_distribution(self) -> str:
-        from mlmfilter.backends import declared_distribution
-
-        return declared_distribution(self.options.backend)
-
     @property
     def image_size(self) -> int | None:  # type: ignore[override]
-        """Shorter side to decode to: the backend's declared size, else the processor config (no weights)."""
+        """Shorter side to decode to: the backend's declared size, else its settings or config files (no weights)."""
         if self.backend is not None:
             return capabilities_of(self.backend).image_size
-        if self.options.backend == "openai":
-            from mlmfilter.backends import backend_settings
+        return self.info.image_size(self.options)
 
-            return backend_settings(self.options).image_size
-        return self._spec().image_size
-
-    def _spec(self):
-        from mlmfilter.models.vlm import inspect_vlm
-
-        o = self.options
-        return inspect_vlm(o.model, o.allow_random_fallback, o.max_image_pixels)
+    def wants_gpu(self) -> bool:
+        return self.info.wants_gpu(self.options)
 
     def setup(self) -> None:
         if self.backend is not None:
             return
         o = self.options
-        if o.backend != "transformers":
-            from mlmfilter.backends import build_backend
-
-            backend = build_backend(o)
-            try:
-                refuse_unsupported_readout(o.readout, capabilities_of(backend), o.backend)
-            except ValueError:
-                backend.close()
-                raise
-            self.backend = backend
-            self._owns_backend = True
-            return
-        from mlmfilter.models.vlm import TransformersJudgeBackend, load_vlm
-
-        loaded = load_vlm(o.model, o.device, o.dtype, o.allow_random_fallback, o.max_image_pixels)
-        if self.released is not None and hasattr(loaded.processor.image_processor, "do_pad"):
-            loaded.processor.image_processor.do_pad = self.released.settings.pad_to_square
-        self.backend = TransformersJudgeBackend(
-            loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold
-        )
-        self._owns_backend = True
-
-    def close(self) -> None:
-        """Release a backend this scorer built (an injected one belongs to its caller)."""
-        if self.backend is not None and getattr(self, "_owns_backend", False):
-            self.backend.close()
-            self.backend, self._owns_backend, self._ready = None, False, False
+        backend = self.info.build(o, self.released)
+        try:
+            refuse_unsupported_readout(o.readout, capabilities_of(backend), o.backend)
+        except ValueError:
+            backend.close()
+            raise
+        self.own_backend(backend)
 
     # -- scoring --------------------------------------------------------------------------------------
 
@@ -280,34 +249,16 @@ class MLMScorer(TextMasking, Scorer):
     # -- provenance -----------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        from mlmfilter.backends import identity_options
-
         identity = super().identity()
         options = identity["options"]
-        options["backend_options"] = identity_options(self.options.backend, options.get("backend_options") or {})
+        options["backend_options"] = self.info.identity_options(options.get("backend_options") or {})
         return identity
 
     def _readout_provenance(self) -> dict[str, str]:
-        readout = getattr(self.backend, "readout_provenance", None)
+        readout = getattr(self.backend, "readout_provenance", None)  # a test's stand-in backend may have none
         if readout is not None:
             return readout()
-        if self.options.backend == "openai":
-            from mlmfilter.backends.openai import readout_provenance
-
-            return readout_provenance(self.options)
-        return {
-            "readout_definition": EXPECTED_DEFINITION,
-            "readout_bound": adaptive_trie_bound(self.options.trie_threshold),
-        }
-
-    def _described_backend(self) -> dict[str, Any]:
-        if self.backend is not None:
-            return self.backend.describe()
-        if self.options.backend == "openai":  # a served model may have no local files: described from settings
-            from mlmfilter.backends.openai import describe_settings
-
-            return describe_settings(self.options)
-        return {}
+        return self.info.readout_provenance(self.options)
 
     def provenance(self) -> dict[str, Any]:
         o = self.options
@@ -318,24 +269,14 @@ class MLMScorer(TextMasking, Scorer):
             "readout_definition": EXPECTED_DEFINITION if o.readout == "expected" else GENERATE_DEFINITION,
             "template": {"name": self.template.name, "sha256": self.template.sha256(self.metrics)},
         }
-        described = self._described_backend()
         if o.readout == "expected":
             # the definition and bound of the backend that produced the scores
             prov["trie_threshold"] = o.trie_threshold
             prov.update(self._readout_provenance())
         if o.readout == "generate":
             prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
-        if described:
-            prov["model"] = described
-        else:
-            from mlmfilter.models.common import resolve_device, resolve_dtype
-            from mlmfilter.models.vlm import vlm_provenance
-
-            device = resolve_device(o.device)
-            answer_prefix = default_answer_prefix(o.conversation) if o.answer_prefix is None else o.answer_prefix
-            prov["model"] = vlm_provenance(
-                self._spec(), o.conversation, answer_prefix, device, resolve_dtype(o.dtype, device), o.max_length
-            )
+        # the backend's own word once built; before, what its settings and the model's config files say
+        prov["model"] = self.backend.describe() if self.backend is not None else self.info.describe_settings(o)
         prov.update(self.text_mask_provenance())
         if self.released is not None:
             prov["checkpoint"] = self.released.describe()

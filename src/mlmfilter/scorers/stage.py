@@ -121,17 +121,8 @@ class ScoringStage(Stage):
             scorer.ensure_setup()
 
     def wants_gpu(self) -> bool:
-        """A scorer runs a model in this process on an accelerator (device auto/cuda, or the vllm backend)."""
-        for scorer in self.scorers:
-            options = scorer.options
-            if getattr(options, "backend", None) == "openai":
-                continue  # the model runs on the server
-            if getattr(options, "backend", None) == "vllm" or str(getattr(options, "device", "cpu")) not in (
-                "cpu",
-                "mps",
-            ):
-                return True
-        return False
+        """A scorer runs a model in this process on a GPU (each scorer says so from its options)."""
+        return any(scorer.wants_gpu() for scorer in self.scorers)
 
     def worker_info(self) -> dict[str, Any]:
         """The stage's one image decoder (one pool for all its shards; None before the first) and its processes."""
@@ -192,7 +183,5 @@ class ScoringStage(Stage):
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
-        for scorer in self.scorers:  # their backends (engines, HTTP clients), where they have any
-            close = getattr(scorer, "close", None)
-            if close is not None:
-                close()
+        for scorer in self.scorers:  # their models, engines and HTTP clients
+            scorer.close()

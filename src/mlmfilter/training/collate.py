@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 from mlmfilter.judge.backend import JudgeRequest
 from mlmfilter.judge.conversations import AUTO, default_answer_prefix, end_of_answer, validate_conversation
+from mlmfilter.models.vlm_encoding import TEXT_INPUT_KEYS, PromptEncoder
 from mlmfilter.training.data import NOT_ENCODABLE, SkippedRecord, TrainingExample
 
 IGNORE_INDEX = -100
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
 
 
 @dataclass
@@ -34,8 +34,6 @@ class TrainingEncoder:
     """Prompt + answer token ids and vision inputs for a batch of examples, as the judge encodes them."""
 
     def __init__(self, processor: Any, spec: Any, conversation: str, answer_prefix: str | None, max_length: int):
-        from mlmfilter.models.vlm_encoding import PromptEncoder
-
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
@@ -139,7 +137,7 @@ class JudgeCollator:
         if rows != list(range(n)):
             raise RuntimeError("processor rows out of order")
         for key, value in processed.items():
-            if key not in _TEXT_KEYS:
+            if key not in TEXT_INPUT_KEYS:
                 batch[key] = value
         if "mm_token_type_ids" in processed:  # Qwen2-VL numbers positions from where the image tokens are
             batch["mm_token_type_ids"] = (ids == self.encoder.prompt_encoder.image_token_id).long()
