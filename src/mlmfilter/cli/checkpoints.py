@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 import typer
 
+from mlmfilter.cli.common import console, setup_logging, user_errors
+
 LAYOUTS = ("llava-1.5", "llava-unified", "aitqe", "hf")
 
 
@@ -84,9 +86,22 @@ def convert_checkpoint(
     raise ValueError(f"{folder} is already a transformers model folder: score with it directly (no conversion)")
 
 
-def register(app: typer.Typer) -> None:
-    from mlmfilter.cli.app import console, user_errors
+def convert_llava(
+    src: Path = typer.Argument(..., help="Original LLaVA-1.5-layout checkpoint folder."),
+    dst: Path = typer.Argument(..., help="Output folder in the Hugging Face llava-hf format."),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision tower id/path (default: from its config)."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
+) -> None:
+    """Convert an original LLaVA-1.5 checkpoint (e.g. mlm-filter-llava-13b-gpt4v) to llava-hf."""
+    from mlmfilter.convert.llava import convert_llava_checkpoint
 
+    setup_logging(False)
+    with user_errors():
+        out = convert_llava_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
+    console.print(f"converted checkpoint written to {out}")
+
+
+def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
         src: str = typer.Argument(

@@ -58,6 +58,8 @@ class Scorer(ABC):
     image_size: int | None = None
     #: the scorer wants samples whose caption is empty/missing too (e.g. rule filters)
     accepts_errors: tuple[str, ...] = ()
+    #: the option that names the model it loads (a hub id or a local path); None: it loads no model by name
+    model_option: str | None = None
 
     def __init__(self, options: ScorerOptions | None = None):
         self.options = options if options is not None else self.Options()

@@ -117,6 +117,7 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
 class MLMScorer(TextMasking, Scorer):
     Options = MLMOptions
     name = "mlm"
+    model_option = "model"
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options)
