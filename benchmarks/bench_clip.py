@@ -197,14 +197,14 @@ class PipelinePath:
                 chunk_size=self.chunk_size,
             )
             run_started = time.perf_counter() - summary.seconds
-        if not summary.ok or summary.stats.get("errored"):
+        if not summary.ok or summary.stats.errored:
             raise RuntimeError(f"benchmark run failed: {summary.shards_failed} {summary.stats}")
         if not loads.loads:
             raise RuntimeError("the clip scorer loaded no model: the load clock no longer sees load_clip")
         load = loads.seconds_after(run_started)  # 0 if score() loads before its run starts
         self.load_seconds.append(sum(seconds for _, seconds in loads.loads))
         seconds = summary.seconds - load
-        self.best = min(self.best, (seconds, summary.stats["blocks"]["clip"]["seconds"]))
+        self.best = min(self.best, (seconds, summary.stats.blocks["clip"].seconds))
         return seconds
 
 

@@ -1,35 +1,83 @@
-"""The public functions. The CLI is a thin layer over these."""
+"""The public face: every verb a user has, one function each (``mlmfilter/__init__.py`` re-exports them).
+
+The command line (:mod:`mlmfilter.cli`) turns flags into one of these calls and prints what it
+returns; the work lives in the rooms below (:mod:`mlmfilter.scorers`, :mod:`mlmfilter.selection`,
+:mod:`mlmfilter.enhance`, :mod:`mlmfilter.teach`, :mod:`mlmfilter.training`, :mod:`mlmfilter.report`,
+:mod:`mlmfilter.evaluation`). Heavy imports stay inside the functions: importing this module loads
+no torch.
+
+- score a pool: :func:`score` (settings: :class:`ScoreConfig`), :func:`list_scorers`
+- keep the good pairs: :func:`select`, :func:`reshard`
+- repair captions: :func:`enhance`
+- teach a judge: :func:`teach_sample`, :func:`teach_negatives`, :func:`teach_label` (:func:`teach_collect`,
+  :func:`teach_write_batch`), :func:`teach_balance`, :func:`teach_export`, then :func:`train`
+- look at a run: :func:`report`, :func:`inspect`, :func:`stats`
+- check the scorers: :func:`evaluate_human`, :func:`evaluate_corrupt`
+
+Every stage run returns a :class:`StageSummary`. ``mlmfilter/__init__.py`` lists the public names.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from mlmfilter.config import ScoreConfig, ScorerSpec
+from pydantic import Field, field_validator
+
+from mlmfilter.io.readers import ReadOptions
+from mlmfilter.runs.executors import ExecutorName
+from mlmfilter.runs.executors.ray import RayOptions
+from mlmfilter.runs.runner import StageSummary
+from mlmfilter.scorers.stage import ScorerSpec, ScoringOptions
+
+if TYPE_CHECKING:
+    from mlmfilter.clients.chat import ClientOptions
+    from mlmfilter.enhance.stage import EnhanceOptions
+    from mlmfilter.report import ReportOptions
+    from mlmfilter.report.inspect import Matches
+    from mlmfilter.report.profile import ColumnProfile
+    from mlmfilter.teach.balance import BalanceOptions
+    from mlmfilter.teach.export import ExportOptions
+    from mlmfilter.teach.label import LabelOptions
+    from mlmfilter.teach.sample import SampleOptions
+    from mlmfilter.training.train import TrainOptions, TrainResult
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ScoreSummary:
-    run_dir: Path | str  # a local path, or the fsspec URL of a run folder on object storage
-    stage: str
-    shards_total: int
-    shards_completed: list[str]
-    shards_skipped: list[str]
-    shards_failed: dict[str, str]
-    stats: dict[str, Any]  # merged stats of every completed shard of the stage
-    provenance: dict[str, Any]
-    seconds: float
-    interrupted: bool = False
-    notes: list[str] = field(default_factory=list)
+# -- score ------------------------------------------------------------------------------------------
 
-    @property
-    def ok(self) -> bool:
-        return not self.shards_failed and not self.interrupted
+
+class ScoreConfig(ScoringOptions):
+    """Everything :func:`score` needs: the score stage's own options (scorers, decoding, cascade) plus
+    where to read and write and how to run. Filled from CLI flags or a YAML recipe with the same flat
+    fields. Every field is validated when the model is built (read options included), so a typo in
+    a recipe is refused before anything is written or any shard is read.
+    """
+
+    inputs: list[str]
+    output: str
+    read: ReadOptions = Field(default_factory=ReadOptions)
+    stage: str = "score"  # the stage's folder in the run: a second scoring with other scorers takes another name
+    workers: int = 1  # shards scored in parallel, one process each
+    executor: ExecutorName = "local"  # ray: shards over a Ray cluster's actors (optional extra)
+    ray: RayOptions = Field(default_factory=RayOptions)  # used by executor="ray"
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_input(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def read_options(self) -> dict[str, Any]:
+        """The read options that differ from the defaults (what run.yaml records)."""
+        return self.read.model_dump(mode="json", exclude_defaults=True)
+
+    def scoring_options(self, **changes: Any) -> ScoringOptions:
+        """The score stage's options (what its stage.yaml records), with ``changes``."""
+        return ScoringOptions(**{**{name: getattr(self, name) for name in ScoringOptions.model_fields}, **changes})
 
 
 def score(
@@ -42,8 +90,10 @@ def score(
     allow_pipe: bool = False,
     show_progress: bool = False,
     partition: str | None = None,
+    base_url: str | None = None,
+    offline_if_unreachable: bool = True,
     **settings: Any,
-) -> ScoreSummary:
+) -> StageSummary:
     """Score image-text pairs into a run folder; re-running the same call resumes it.
 
     ``inputs``: paths, globs, brace patterns or fsspec URLs of WebDataset tars, parquet files
@@ -53,17 +103,23 @@ def score(
     ``allow_pipe`` lets ``pipe:CMD`` inputs run shell commands (never read from a recipe).
     ``partition="i/N"`` scores only job i's share of the inputs, so N jobs (a Slurm array) can
     score into one run folder side by side; ``select`` then sees one run.
+    ``base_url``: the OpenAI-compatible server of the MLM judge (``backend="openai"``), set as its
+    ``backend_options.base_url``. ``offline_if_unreachable``: when a scorer loads a model by hub
+    name and the hub does not answer, models load from the local cache only (this process and its
+    workers), instead of minutes of download retries before a missing model is reported.
+    The summary's ``notes`` name, for a shard none of whose pairs could be read, the flag to pass.
     """
-    from mlmfilter.core.locations import as_path
     from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.runs.runner import partition_sources, run_stage
-    from mlmfilter.scorers.stage import ScoringOptions, ScoringStage
+    from mlmfilter.scorers.stage import ScoringStage
 
     if config is None:
         if inputs is None or output is None:
             raise ValueError("score() needs inputs and output, or a config")
         config = ScoreConfig(inputs=inputs, output=str(output), scorers=list(_as_specs(scorers)), **settings)
+    if base_url is not None:
+        config = config.model_copy(update={"scorers": _with_base_url(config.scorers, base_url)})
     notes: list[str] = []
     workers, decode_workers = config.workers, config.decode_workers
     script = unguarded_main_call()
@@ -81,15 +137,12 @@ def score(
         sources = partition_sources(sources, partition)
     if config.only is not None:
         _check_cascade(config)
-    options = ScoringOptions(
-        scorers=config.scorers,
-        decode_workers=decode_workers,
-        chunk_size=config.chunk_size,
-        max_pixels=config.max_pixels,
-        only=config.only,
-        only_stage=config.only_stage,
-    )
-    stage = ScoringStage(options, name=config.stage)
+    if offline_if_unreachable and _names_a_hub_model(config.scorers):
+        from mlmfilter.models.hub import go_offline_if_unreachable
+
+        if go_offline_if_unreachable():
+            log.info("the Hugging Face hub is not reachable: models load from the local cache only")
+    stage = ScoringStage(config.scoring_options(decode_workers=decode_workers), name=config.stage)
     summary = run_stage(
         config.output,
         stage,
@@ -104,20 +157,37 @@ def score(
     for hint in _layout_hints(summary, config.read):  # once per shard none of whose pairs could be read
         log.debug(hint)  # the summary's notes carry it (the CLI prints them): not twice on the terminal
         notes.append(hint)
-    stats = {"shards_done": summary.stats.shards, **summary.stats.to_json()}
-    return ScoreSummary(
-        run_dir=as_path(summary.run_url),
-        stage=summary.stage,
-        shards_total=summary.shards_total,
-        shards_completed=summary.shards_completed,
-        shards_skipped=summary.shards_skipped,
-        shards_failed=summary.shards_failed,
-        stats=stats,
-        provenance=summary.provenance,
-        seconds=summary.seconds,
-        interrupted=summary.interrupted,
-        notes=notes,
-    )
+    summary.notes.extend(notes)
+    return summary
+
+
+def _with_base_url(specs: Sequence[ScorerSpec], base_url: str) -> list[ScorerSpec]:
+    """The MLM judge's specs with ``backend_options.base_url`` set (its openai backend's server)."""
+    if not any(spec.name == "mlm" for spec in specs):
+        raise ValueError("--base-url is for the MLM judge's openai backend: add --scorer mlm --backend openai")
+    out = []
+    for spec in specs:
+        if spec.name == "mlm":
+            backend_options = {**(spec.options.get("backend_options") or {}), "base_url": base_url}
+            spec = ScorerSpec(name=spec.name, options={**spec.options, "backend_options": backend_options})
+        out.append(spec)
+    return out
+
+
+def _names_a_hub_model(specs: Sequence[ScorerSpec]) -> bool:
+    """True when a scorer loads a model by a hub name: its default one, or a name that is not a local path."""
+    from mlmfilter.models.hub import names_a_local_path
+    from mlmfilter.scorers import scorer_class
+
+    for spec in specs:
+        option = scorer_class(spec.name).model_option
+        if option is None:
+            continue
+        model = spec.options.get(option)
+        local = bool(model) and (names_a_local_path(str(model)) or Path(str(model)).expanduser().exists())
+        if not local:
+            return True
+    return False
 
 
 def _layout_hints(summary, read_options) -> list[str]:
@@ -180,6 +250,322 @@ def _as_specs(scorers: Iterable[str | ScorerSpec | Mapping[str, Any]]) -> Iterab
             yield ScorerSpec(name=s)
         else:
             yield ScorerSpec(**s)
+
+
+def list_scorers() -> list[dict[str, Any]]:
+    """Every scorer of the registry: ``name``, ``options`` (name -> default), ``columns`` (None when
+    they depend on the options) and ``unavailable`` (why it cannot load here: a missing extra)."""
+    from mlmfilter.scorers import REGISTRY, scorer_class
+
+    out: list[dict[str, Any]] = []
+    for name in sorted(REGISTRY):
+        try:
+            cls = scorer_class(name)
+        except ImportError as exc:  # an optional extra is missing
+            out.append({"name": name, "options": {}, "columns": None, "unavailable": str(exc)})
+            continue
+        columns = getattr(cls, "columns", None)
+        out.append(
+            {
+                "name": name,
+                "options": {key: field.default for key, field in cls.Options.model_fields.items()},
+                "columns": list(columns) if isinstance(columns, dict) and columns else None,
+                "unavailable": None,
+            }
+        )
+    return out
+
+
+# -- enhance ----------------------------------------------------------------------------------------
+
+
+def enhance(
+    run: str | Path,
+    options: EnhanceOptions | None = None,
+    *,
+    stage: str = "enhance",
+    judge_model: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    **fields: Any,
+) -> StageSummary:
+    """Rewrite the poor captions of a scored run; keep a rewrite only where the judge scores it better.
+
+    ``options`` is an :class:`~mlmfilter.enhance.stage.EnhanceOptions`, or give its fields as keywords
+    (``where="itm < 40"``, ``model=...``, ``mode``, ``sampling`` ...). Without a ``judge``, the run's own:
+    the scorers of ``source_stage`` that produce a column ``where`` reads, so the rewrites are re-scored
+    as the originals were; ``judge_model`` replaces the MLM judge's model. The stage's tables are
+    ``RUN/<stage>/tables``; resumable like any stage. ``overwrite`` discards this stage's earlier
+    results (never the scores).
+    """
+    from mlmfilter.enhance.stage import EnhanceOptions, EnhanceStage, run_judge
+    from mlmfilter.runs.read import RunReader
+    from mlmfilter.runs.runner import run_stage
+    from mlmfilter.selection.expression import parse_expression
+
+    if options is None:
+        options = EnhanceOptions(**fields)
+    elif fields:
+        raise TypeError(f"enhance() takes EnhanceOptions or its fields, not both ({', '.join(fields)})")
+    run = str(run)
+    judge = [spec.model_dump() for spec in options.judge] or run_judge(run, options.where, options.source_stage)
+    if judge_model:
+        for spec in judge:
+            if spec["name"] == "mlm":
+                spec.setdefault("options", {})["model"] = judge_model
+    options = options.model_copy(update={"judge": [ScorerSpec(**spec) for spec in judge]})
+    reader = RunReader(run)
+    parse_expression(options.where, {f.name: f.type for f in reader.schema(options.source_stage)})  # fail early
+    return run_stage(
+        run, EnhanceStage(options, name=stage), overwrite="stage" if overwrite else False, show_progress=show_progress
+    )
+
+
+# -- teach a judge ----------------------------------------------------------------------------------
+
+
+def teach_sample(
+    pool: str | Sequence[str],
+    output: str | Path,
+    options: SampleOptions | None = None,
+    *,
+    read: ReadOptions | None = None,
+) -> dict[str, Any]:
+    """Pick diverse pairs of a pool into the teach folder ``output``: embed, k-means, sample evenly
+    across clusters. ``read``: the pool's input columns. Returns the step's record (``report``: counts)."""
+    from mlmfilter.io.sources import expand_inputs
+    from mlmfilter.teach.folder import TeachFolder
+    from mlmfilter.teach.sample import SampleOptions
+
+    pool = [pool] if isinstance(pool, str) else list(pool)
+    sources = expand_inputs(pool)
+    if not sources:
+        raise ValueError(f"no shards match {pool}")
+    return TeachFolder(output).sample(sources, options or SampleOptions(), read or ReadOptions())
+
+
+def teach_negatives(
+    folder: str | Path, kinds: Sequence[str] | None = None, seed: int = 0, *, rewrites: bool = True
+) -> dict[str, Any]:
+    """Tagged low-quality variants of the sampled pairs (labelled by the teacher like any pair) and,
+    with ``rewrites``, the enhancement task's samples (their targets are asked for by :func:`teach_label`)."""
+    from mlmfilter.teach.folder import TeachFolder
+
+    return TeachFolder(folder).negatives(kinds, seed, rewrites=rewrites)
+
+
+def teach_label(
+    folder: str | Path, options: LabelOptions, client: ClientOptions, *, relabel: bool = False
+) -> dict[str, Any]:
+    """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice);
+    resumable. Returns rows, ok, errors and the client's stats (requests, cache hits, tokens ...).
+    Other settings or re-made pairs than the folder's earlier labels are refused unless ``relabel``."""
+    from mlmfilter.teach.folder import TeachFolder
+
+    return TeachFolder(folder).label(options, client, relabel=relabel)
+
+
+def teach_collect(folder: str | Path, outputs: Sequence[str | Path]) -> dict[str, Any]:
+    """Ingest OpenAI Batch API output files into the folder's request cache (then label from them)."""
+    from mlmfilter.teach.folder import TeachFolder
+
+    return TeachFolder(folder).collect(outputs)
+
+
+def teach_write_batch(
+    folder: str | Path, options: LabelOptions, client: ClientOptions, path: str | Path | None = None
+) -> list[Path]:
+    """Batch API request files (JSONL) for every teacher request not answered yet, instead of sending."""
+    from mlmfilter.teach.folder import TeachFolder
+
+    teach = TeachFolder(folder)
+    chat = teach.client(client)  # for its cache: answered requests are not written again
+    try:
+        return teach.write_batch(options, chat, path)
+    finally:
+        chat.close()
+
+
+def teach_balance(folder: str | Path, options: BalanceOptions | None = None) -> dict[str, Any]:
+    """Keep labels evenly across score bins per metric; returns histograms before and after."""
+    from mlmfilter.teach.balance import BalanceOptions
+    from mlmfilter.teach.folder import TeachFolder
+
+    return TeachFolder(folder).balance(options or BalanceOptions())
+
+
+def teach_export(
+    folder: str | Path, output: str | Path, options: ExportOptions | None = None, *, balanced: bool = True
+) -> dict[str, Any]:
+    """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its
+    card; ``balanced=False`` exports every parsed label instead of the balanced set."""
+    from mlmfilter.teach.export import ExportOptions
+    from mlmfilter.teach.folder import TeachFolder
+
+    return TeachFolder(folder).export(output, options or ExportOptions(), balanced=balanced)
+
+
+def train(data: str | Path | Sequence[str | Path], output: str | Path, options: TrainOptions) -> TrainResult:
+    """Fine-tune ``options.base`` on instruction data (LLaVA JSON, TRL JSONL) into a judge that
+    ``score(..., scorers=[{"name": "mlm", "options": {"model": output}}])`` loads; rerun to resume."""
+    from mlmfilter.training.train import train as run_training
+
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    return run_training([str(p) for p in paths], output, options)
+
+
+# -- look at a run ----------------------------------------------------------------------------------
+
+
+def report(
+    run: str | Path,
+    output: str | Path = "report.html",
+    selection: str | Path | None = None,
+    options: ReportOptions | None = None,
+) -> Path:
+    """One self-contained HTML page (works offline): distributions, thresholds, disagreements,
+    galleries, errors, provenance. ``selection`` defaults to ``RUN/selection`` when present."""
+    from mlmfilter.report import write_report
+
+    return write_report(run, output, selection, options)
+
+
+def inspect(
+    run: str | Path,
+    where: str | None = None,
+    limit: int = 20,
+    *,
+    columns: Sequence[str] | None = None,
+    html: str | Path | None = None,
+) -> Matches:
+    """The first ``limit`` pairs matching ``where`` (every pair without it), read back from the shards:
+    uid, caption, scores, error. ``html``: also write a contact sheet with thumbnails there."""
+    from mlmfilter.io.writers import atomic_write
+    from mlmfilter.report import open_run
+    from mlmfilter.report.inspect import find_pairs
+    from mlmfilter.report.render import ContactSheet, render_contact_sheet
+
+    reader = open_run(run)
+    matches = find_pairs(reader, where, limit, columns=list(columns) if columns else None, thumbnails=html is not None)
+    if html is not None:
+        page = render_contact_sheet(
+            ContactSheet(matches.rows, matches.shown),
+            run=reader.url,
+            title=f"pairs where {where or 'everything'}",
+            matched=matches.matched,
+            columns=matches.columns,
+            warnings=reader.warnings(),
+        )
+        html = Path(html)
+        html.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(html, page)
+    return matches
+
+
+@dataclass
+class ScoreStats:
+    """What :func:`stats` returns: each column's profile (quantiles, histogram) and the run's warnings."""
+
+    profiles: dict[str, ColumnProfile]
+    warnings: list[str]
+
+
+def stats(run: str | Path, columns: Sequence[str] | None = None) -> ScoreStats:
+    """Quantiles and a histogram per numeric score column (default: every one), to pick a threshold."""
+    from mlmfilter.report import open_run
+    from mlmfilter.report.profile import profile_columns
+    from mlmfilter.report.scan import numeric_columns
+
+    reader = open_run(run)
+    dataset = reader.dataset("score")
+    available = numeric_columns(dataset.schema)
+    names = list(columns or available)
+    unknown = [c for c in names if c not in available]
+    if unknown:
+        raise ValueError(f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})")
+    return ScoreStats(profiles=profile_columns(dataset, names), warnings=reader.warnings())
+
+
+# -- check the scorers ------------------------------------------------------------------------------
+
+
+def evaluate_human(
+    benchmark: str,
+    images: str | Path,
+    annotations: str | Path,
+    captions: str | Path | None = None,
+    scorers: Iterable[str | ScorerSpec | Mapping[str, Any]] = ("rules",),
+    *,
+    keep_reference_captions: bool = False,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    columns: Sequence[str] | None = None,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings
+    (``benchmark``: flickr8k-expert, flickr8k-crowdflower, clipscore-json or composite). ``output``: also
+    write the result there as JSON."""
+    from mlmfilter.evaluation.agreement import HumanAgreement
+    from mlmfilter.evaluation.human import load_benchmark
+    from mlmfilter.evaluation.scoring import PairScorer
+
+    if not 0 < confidence < 1:
+        raise ValueError("--confidence must be between 0 and 1")
+    judgements = load_benchmark(benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions)
+    agreement = HumanAgreement(
+        PairScorer([spec.model_dump() for spec in _as_specs(scorers)]),
+        n_resamples=bootstrap,
+        confidence=confidence,
+        seed=seed,
+        columns=list(columns) if columns else None,
+    )
+    result = agreement.evaluate(judgements, images)
+    _write_result(result, output)
+    return result
+
+
+def evaluate_corrupt(
+    inputs: str | Sequence[str],
+    scorers: Iterable[str | ScorerSpec | Mapping[str, Any]] = ("rules",),
+    *,
+    limit: int = 500,
+    kinds: Sequence[str] | None = None,
+    seed: int = 0,
+    columns: Sequence[str] | None = None,
+    allow_pipe: bool = False,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Per score column and corruption kind of the first ``limit`` usable pairs: how often the true
+    caption outscores the corrupted one, and the AUC. ``output``: also write the result there as JSON."""
+    from mlmfilter.evaluation.corrupt import CorruptionCheck, read_pairs
+    from mlmfilter.evaluation.scoring import PairScorer
+    from mlmfilter.teach.negatives import NegativeGenerator
+
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    generator = NegativeGenerator(seed=seed, kinds=list(kinds) if kinds else None)
+    pair_scorer = PairScorer([spec.model_dump() for spec in _as_specs(scorers)])
+    check = CorruptionCheck(pair_scorer, generator, columns=list(columns) if columns else None)
+    pairs, read_errors = read_pairs(inputs, limit, allow_pipe=allow_pipe)
+    if not pairs:
+        raise ValueError(f"no usable pair in {', '.join(inputs)} (reader errors: {read_errors or 'none'})")
+    result = check.evaluate(pairs, read_errors=read_errors)
+    result["inputs"] = inputs
+    _write_result(result, output)
+    return result
+
+
+def _write_result(result: dict[str, Any], output: str | Path | None) -> None:
+    if output is None:
+        return
+    import json
+
+    from mlmfilter.io.writers import atomic_write
+
+    atomic_write(output, (json.dumps(result, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+# -- select, reshard --------------------------------------------------------------------------------
 
 
 def select(

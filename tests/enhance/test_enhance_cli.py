@@ -119,3 +119,50 @@ def test_enhance_command_turns_mistakes_into_one_line(scored_run, args, message)
 def test_enhance_command_needs_a_run(tmp_path):
     result = runner.invoke(app, ["enhance", str(tmp_path / "missing"), "--where", "itm < 3", "--model", "m"])
     assert result.exit_code == 2 and "run folder" in _flat(result.output), result.output
+
+
+def test_several_candidates_are_sampled_from_python_as_from_the_command_line(scored_run):
+    from mlmfilter import api
+    from mlmfilter.backends.generation import SamplingParams
+    from mlmfilter.enhance.stage import EnhanceOptions
+
+    run, model = scored_run
+    assert EnhanceOptions(where="itm < 3", model=model, sampling=SamplingParams(n=4)).sampling.temperature == 0.7
+    greedy = EnhanceOptions(where="itm < 3", model=model, sampling={"n": 4, "temperature": 0.0})
+    assert greedy.sampling.temperature == 0.0  # a temperature given is kept, even greedy
+    assert EnhanceOptions(where="itm < 3", model=model, sampling={"n": 1}).sampling.temperature == 0.0
+
+    common = ["--where", "itm <= 100", "--model", model, "--device", "cpu", "--dtype", "fp32"]
+    result = runner.invoke(
+        app, ["enhance", str(run), *common, "--candidates", "2", "--max-new-tokens", "6", "--stage", "cli"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = api.enhance(
+        run,
+        where="itm <= 100",
+        model=model,
+        device="cpu",
+        dtype="fp32",
+        sampling=SamplingParams(n=2, max_new_tokens=6),
+        stage="python",
+    )
+    assert summary.ok and summary.stats.counters["tried"] == 3
+    reader = RunReader(run)
+    from_python, from_cli = reader.settings("python"), reader.settings("cli")
+    assert from_python["options"]["sampling"] == from_cli["options"]["sampling"]
+    assert (
+        from_python["options"]["sampling"]["temperature"] == 0.7
+        and from_python["fingerprint"] == from_cli["fingerprint"]
+    )
+    candidates = [r["candidates"] for r in reader.dataset("python").to_table().to_pylist()]
+    assert all(len(c) == 2 for c in candidates) and any(c[0] != c[1] for c in candidates)  # sampled, not one text twice
+
+
+def test_enhance_stage_flag_keeps_its_old_name(scored_run):
+    run, model = scored_run
+    common = ["--where", "itm <= 100", "--model", model, "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "4"]
+    result = runner.invoke(app, ["enhance", str(run), *common, "--name", "old"])
+    assert result.exit_code == 0, result.output
+    assert f"{run}/old: 3 pairs tried" in _flat(result.output) and (run / "old" / "stage.yaml").exists()
+    help_text = runner.invoke(app, ["enhance", "--help"], env={"COLUMNS": "160"}).output
+    assert "--stage" in help_text and "--name" not in help_text  # the old spelling works, unadvertised

@@ -70,7 +70,7 @@ def test_a_run_on_s3_resumes_selects_and_reshards_like_a_local_one(tmp_path, fli
     run = f"s3://{BUCKET}/runs/local-case"
     local = api.score(inputs, tmp_path / "local-run", ["rules"], decode_workers=0)
     remote = api.score(inputs, run, ["rules"], decode_workers=0)
-    assert remote.ok and remote.stats["read"] == local.stats["read"] == 12
+    assert remote.ok and remote.stats.rows == local.stats.rows == 12
 
     # every object a resume trusts is there: tables, stats, markers (marker written last)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{BUCKET}/runs/local-case/score/completions"))

@@ -75,7 +75,7 @@ def test_parallel_workers_equal_serial(tmp_path, flickr_pairs):
     inputs = [str(tmp_path / "in" / "{00000000..00000002}.tar")]
     serial = api.score(inputs, tmp_path / "serial", ["rules"], workers=1, decode_workers=0)
     parallel = api.score(inputs, tmp_path / "parallel", ["rules"], workers=2, decode_workers=1)
-    assert serial.stats["read"] == parallel.stats["read"] == 15
+    assert serial.stats.rows == parallel.stats.rows == 15
     assert read_run(serial.run_dir).equals(read_run(parallel.run_dir))
     assert len(shards) == len(parallel.shards_completed) == 3
 

@@ -104,7 +104,7 @@ def test_a_shard_reports_every_chunk_inline_and_from_worker_processes(tmp_path, 
         chunk_size=16,
         show_progress=True,
     )
-    assert summary.ok and summary.stats["read"] == 192
+    assert summary.ok and summary.stats.rows == 192
     rows = [n for kind, n in events if kind == "rows"]
     assert rows == [16] * 12  # 96 pairs per shard in chunks of 16: the bar moves six times per shard
     assert events.index(("shard", True)) >= 6  # a whole shard's chunks arrive before it is done

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlmfilter import api
-from mlmfilter.config import ScoreConfig
+from mlmfilter.api import ScoreConfig
 from mlmfilter.runs.folder import RunFolder
 from tests.support.builders import build_tiny_clip, flickr_shards, scores_dataset
 
@@ -39,7 +39,7 @@ def test_ray_run_equals_local_run(tmp_path, flickr_pairs):
     on_ray = api.score(inputs, tmp_path / "ray", scorers, decode_workers=1, executor="ray", ray=RAY_LOCAL)
     assert local.ok and on_ray.ok, on_ray.shards_failed
     assert sorted(on_ray.shards_completed) == sorted(local.shards_completed) and len(on_ray.shards_completed) == 4
-    assert on_ray.stats["read"] == local.stats["read"] == 48 and on_ray.stats["ok"] == local.stats["ok"]
+    assert on_ray.stats.rows == local.stats.rows == 48 and on_ray.stats.ok == local.stats.ok
     ours, theirs = read_run(tmp_path / "ray"), read_run(tmp_path / "local")
     assert ours.column_names == theirs.column_names and "clip_cosine" in ours.column_names
     assert ours["uid"].equals(theirs["uid"]) and ours["rules_ok"].equals(theirs["rules_ok"])

@@ -101,7 +101,7 @@ def test_the_python_api_works_from_a_script_without_a_main_guard(tmp_path, flick
         textwrap.dedent(f"""
         import mlmfilter
         run = mlmfilter.score([{str(tmp_path / "in" / "*.tar")!r}], {str(tmp_path / "run")!r}, ["rules"], workers=2)
-        print("OK", run.ok, run.stats["ok"], run.notes)
+        print("OK", run.ok, run.stats.ok, run.notes)
     """)
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -218,7 +218,7 @@ def test_cli_reshard_exits_non_zero_when_kept_pairs_are_missing(tmp_path, flickr
 
 
 def test_pipe_inputs_are_allowed_only_by_this_command_line(tmp_path, flickr_pairs):
-    from mlmfilter.config import ScoreConfig
+    from mlmfilter.api import ScoreConfig
 
     (shard,) = flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=2)
     with pytest.raises(ValueError, match="allow_pipe"):
@@ -379,7 +379,7 @@ def test_a_run_folder_on_object_storage_works_like_a_local_one(tmp_path, flickr_
     inputs = [str(tmp_path / "in" / "*.tar")]
     local = api.score(inputs, tmp_path / "local", ["rules"], decode_workers=0)
     remote = api.score(inputs, "memory://runs/r1", ["rules"], decode_workers=0)
-    assert remote.ok and remote.stats["read"] == local.stats["read"] == 6
+    assert remote.ok and remote.stats.rows == local.stats.rows == 6
     reader = RunReader("memory://runs/r1")
     assert (
         reader.dataset("score")
@@ -433,7 +433,7 @@ def test_a_cascade_scores_only_the_survivors_and_marks_the_rest_skipped(tmp_path
     judged = api.score(
         inputs, run, [{"name": "rules", "options": {"min_words": 1}}], decode_workers=0, stage="judge", only="rules_ok"
     )
-    assert judged.stats["counters"]["skipped_by_cascade"] == 1
+    assert judged.stats.counters["skipped_by_cascade"] == 1
     rows = {r["key"]: r for r in scores_dataset(run, "judge").to_table().to_pylist()}
     assert rows["lazy"]["skipped"] is True and rows["lazy"]["error"] is None and rows["lazy"]["rules_words"] is None
     assert rows["good"]["skipped"] is False and rows["good"]["rules_words"] > 3

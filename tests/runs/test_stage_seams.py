@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mlmfilter.config import ScoreConfig
+from mlmfilter.api import ScoreConfig
 from mlmfilter.io.sources import expand_inputs
 from mlmfilter.runs.executors import EXECUTORS, ExecutorName, build_executor
 from mlmfilter.runs.executors.local import LocalExecutor

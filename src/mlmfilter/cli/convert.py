@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
+from mlmfilter.cli.common import console, setup_logging, user_errors
+
 
 def register(app: typer.Typer) -> None:
-    from mlmfilter.cli.app import console, user_errors
-
     @app.command("convert")
     def convert(
         src: str = typer.Argument(
@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         # kept for old scripts: `convert` detects this layout (and every other one) the same way
         from mlmfilter import api
 
+        setup_logging(False)  # the per-shard progress lines
         with user_errors():
             _, out = api.convert_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
         console.print(f"converted checkpoint written to {out}")

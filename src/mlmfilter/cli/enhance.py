@@ -7,9 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-
-def register(app: typer.Typer) -> None:
-    app.command("enhance")(enhance)
+from mlmfilter.cli.common import console, load_recipe, options_or_exit, user_errors
 
 
 def enhance(
@@ -39,25 +37,22 @@ def enhance(
     recipe: Optional[Path] = typer.Option(
         None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."
     ),
-    name: str = typer.Option("enhance", help="Stage folder in the run."),
+    stage: str = typer.Option("enhance", "--stage", help="Stage folder in the run."),
+    name: Optional[str] = typer.Option(None, "--name", hidden=True, help="The old name of --stage."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard this stage's earlier results (the scores stay)."
     ),
 ) -> None:
     """Rewrite poor captions (AITQE-style), re-score them with the same judge, keep only better ones.
 
-    Writes RUN/<name>/tables/<shard>.parquet: original caption, candidates, scores before/after,
-    decision and reason per pair. `mlmfilter reshard ... --captions-stage <name>` uses the accepted ones.
+    Writes RUN/<stage>/tables/<shard>.parquet: original caption, candidates, scores before/after,
+    decision and reason per pair. `mlmfilter reshard ... --captions-stage <stage>` uses the accepted ones.
     Re-running the same command resumes.
     """
-    from pydantic import ValidationError
-
-    from mlmfilter.cli.app import console, user_errors
-    from mlmfilter.config import load_recipe
-    from mlmfilter.enhance.api import enhance as run_enhance
-    from mlmfilter.enhance.api import judge_from_run
+    from mlmfilter import api
     from mlmfilter.enhance.stage import EnhanceOptions
 
+    stage = name or stage
     with user_errors():
         fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
     flags = dict(
@@ -79,35 +74,23 @@ def enhance(
     if margin is not None:
         decision["margin"] = margin
     fields["decision"] = decision
+    # several candidates are sampled at 0.7 unless a temperature is given (EnhanceOptions' rule)
     sampling = dict(fields.get("sampling") or {})
-    if candidates is not None:
-        sampling["n"] = candidates
-        if candidates > 1 and temperature is None and "temperature" not in sampling:
-            sampling["temperature"] = 0.7  # several greedy candidates would all be the same text
-    for key, value in (("temperature", temperature), ("max_new_tokens", max_new_tokens)):
-        if value is not None:
-            sampling[key] = value
+    given = (("n", candidates), ("temperature", temperature), ("max_new_tokens", max_new_tokens))
+    sampling.update({key: value for key, value in given if value is not None})
     if sampling:
         fields["sampling"] = sampling
+    options = options_or_exit(EnhanceOptions, **fields)
     with user_errors():
-        if "judge" not in fields:
-            fields["judge"] = judge_from_run(run, fields["where"], fields.get("source_stage", "score"))
-        if judge_model:
-            for spec in fields["judge"]:
-                if spec["name"] == "mlm":
-                    spec.setdefault("options", {})["model"] = judge_model
-        try:
-            options = EnhanceOptions(**fields)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            raise ValueError(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
-        summary = run_enhance(run, options, name=name, overwrite=overwrite, show_progress=True)
+        summary = api.enhance(
+            run, options, stage=stage, judge_model=judge_model, overwrite=overwrite, show_progress=True
+        )
     counters = summary.stats.counters
     accepted = int(counters.get("accepted", 0))
     gain = counters.get("gain_sum", 0.0) / accepted if accepted else 0.0
     rejected = {k.split(":", 1)[1]: int(v) for k, v in sorted(counters.items()) if k.startswith("rejected:")}
     console.print(
-        f"enhance {summary.run_url}/{name}: {int(counters.get('tried', 0))} pairs tried, {accepted} accepted "
+        f"enhance {summary.run_url}/{stage}: {int(counters.get('tried', 0))} pairs tried, {accepted} accepted "
         f"(mean gain {gain:+.2f}), rejected: {', '.join(f'{k} {v}' for k, v in rejected.items()) or 'none'}",
         highlight=False,
     )

@@ -7,25 +7,27 @@ from typing import Any, Optional
 
 import typer
 
+from mlmfilter.cli.common import (
+    BATCH_SIZE_OPTION,
+    CONVERSATION_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    METRICS_OPTION,
+    MODEL_OPTION,
+    READOUT_OPTION,
+    SCORER_OPTION,
+    SCORER_SETTING_OPTION,
+    TEMPLATE_OPTION,
+    build_scorer_specs,
+    console,
+    shared_scorer_flags,
+    user_errors,
+)
+
 eval_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(eval_app, name="eval")
-
-
-# the scorer flags of `mlmfilter score`, shared by both commands
-_SCORER = typer.Option(None, "--scorer", "-s", help="Scorers, e.g. rules,clip or mlm.")
-_MODEL = typer.Option(None, help="Model hub id or local path for the model scorer.")
-_METRICS = typer.Option(None, help="MLM metrics, e.g. itm,odf,ctq,su.")
-_READOUT = typer.Option(None, help="MLM readout: expected (default) or generate.")
-_TEMPLATE = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string.")
-_CONVERSATION = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen.")
-_DEVICE = typer.Option(None, help="cpu, cuda, cuda:1 ...")
-_DTYPE = typer.Option(None, help="auto, fp32, bf16, fp16.")
-_BATCH = typer.Option(None, help="Scorer batch size.")
 _RANDOM = typer.Option(None, "--allow-random-fallback", help="If the model cannot be found, use a tiny random one.")
-_OPTION = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable).")
 _COLUMN = typer.Option(None, "--column", "-c", help="Score columns to evaluate (default: every numeric one).")
 _OUTPUT = typer.Option(None, "--output", "-o", help="Write the full result as JSON here.")
 
@@ -46,49 +48,37 @@ def human(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     column: list[str] = _COLUMN,
     output: Optional[Path] = _OUTPUT,
-    scorer: list[str] = _SCORER,
-    model: Optional[str] = _MODEL,
-    metrics: Optional[str] = _METRICS,
-    readout: Optional[str] = _READOUT,
-    template: Optional[str] = _TEMPLATE,
-    conversation: Optional[str] = _CONVERSATION,
-    device: Optional[str] = _DEVICE,
-    dtype: Optional[str] = _DTYPE,
-    batch_size: Optional[int] = _BATCH,
+    scorer: list[str] = SCORER_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    metrics: Optional[str] = METRICS_OPTION,
+    readout: Optional[str] = READOUT_OPTION,
+    template: Optional[str] = TEMPLATE_OPTION,
+    conversation: Optional[str] = CONVERSATION_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
     allow_random_fallback: Optional[bool] = _RANDOM,
-    option: list[str] = _OPTION,
+    option: list[str] = SCORER_SETTING_OPTION,
 ) -> None:
     """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings."""
-    from mlmfilter.cli.app import console, user_errors
-    from mlmfilter.evaluation.agreement import HumanAgreement
-    from mlmfilter.evaluation.human import load_benchmark
+    from mlmfilter import api
 
-    shared = dict(
-        model=model,
-        metrics=metrics,
-        readout=readout,
-        template=template,
-        conversation=conversation,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        allow_random_fallback=allow_random_fallback,
-    )
+    specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
     with user_errors():
-        if not 0 < confidence < 1:
-            raise ValueError("--confidence must be between 0 and 1")
-        judgements = load_benchmark(
-            benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions
-        )
-        agreement = HumanAgreement(
-            _pair_scorer(scorer, shared, option),
-            n_resamples=bootstrap,
+        result = api.evaluate_human(
+            benchmark,
+            images,
+            annotations,
+            captions,
+            specs,
+            keep_reference_captions=keep_reference_captions,
+            bootstrap=bootstrap,
             confidence=confidence,
             seed=seed,
             columns=column or None,
+            output=output,
         )
-        result = agreement.evaluate(judgements, images)
-    _write(result, output)
+    _written(output)
     console.print(_human_table(result))
     _print_warnings(result)
     if not result["judgements_scored"]:
@@ -105,71 +95,44 @@ def corrupt(
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     column: list[str] = _COLUMN,
     output: Optional[Path] = _OUTPUT,
-    scorer: list[str] = _SCORER,
-    model: Optional[str] = _MODEL,
-    metrics: Optional[str] = _METRICS,
-    readout: Optional[str] = _READOUT,
-    template: Optional[str] = _TEMPLATE,
-    conversation: Optional[str] = _CONVERSATION,
-    device: Optional[str] = _DEVICE,
-    dtype: Optional[str] = _DTYPE,
-    batch_size: Optional[int] = _BATCH,
+    scorer: list[str] = SCORER_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    metrics: Optional[str] = METRICS_OPTION,
+    readout: Optional[str] = READOUT_OPTION,
+    template: Optional[str] = TEMPLATE_OPTION,
+    conversation: Optional[str] = CONVERSATION_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
     allow_random_fallback: Optional[bool] = _RANDOM,
-    option: list[str] = _OPTION,
+    option: list[str] = SCORER_SETTING_OPTION,
 ) -> None:
     """Per scorer column and corruption kind: how often the true caption outscores the corrupted one, and the AUC."""
-    from mlmfilter.cli.app import console, user_errors
-    from mlmfilter.evaluation.corrupt import CorruptionCheck, read_pairs
-    from mlmfilter.teach.negatives import NegativeGenerator
+    from mlmfilter import api
 
-    shared = dict(
-        model=model,
-        metrics=metrics,
-        readout=readout,
-        template=template,
-        conversation=conversation,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        allow_random_fallback=allow_random_fallback,
-    )
+    specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
     with user_errors():
-        generator = NegativeGenerator(
-            seed=seed, kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+        result = api.evaluate_corrupt(
+            inputs,
+            specs,
+            limit=limit,
+            kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None,
+            seed=seed,
+            columns=column or None,
+            allow_pipe=allow_pipe,
+            output=output,
         )
-        check = CorruptionCheck(_pair_scorer(scorer, shared, option), generator, columns=column or None)
-        pairs, read_errors = read_pairs(inputs, limit, allow_pipe=allow_pipe)
-        if not pairs:
-            raise ValueError(f"no usable pair in {', '.join(inputs)} (reader errors: {read_errors or 'none'})")
-        result = check.evaluate(pairs, read_errors=read_errors)
-    result["inputs"] = list(inputs)
-    _write(result, output)
+    _written(output)
     console.print(_corrupt_table(result))
     _print_warnings(result)
 
 
-def _pair_scorer(scorer: list[str] | None, shared: dict[str, Any], option: list[str] | None):
-    from mlmfilter.cli.app import build_scorer_specs
-    from mlmfilter.evaluation.scoring import PairScorer
-
-    return PairScorer(build_scorer_specs(scorer or ["rules"], shared, option or []))
-
-
-def _write(result: dict[str, Any], output: Path | None) -> None:
-    if output is None:
-        return
-    import json
-
-    from mlmfilter.cli.app import console
-    from mlmfilter.io.writers import atomic_write
-
-    atomic_write(output, (json.dumps(result, indent=2, default=str) + "\n").encode("utf-8"))
-    console.print(f"result written to {output}")
+def _written(output: Path | None) -> None:
+    if output is not None:
+        console.print(f"result written to {output}")
 
 
 def _print_warnings(result: dict[str, Any]) -> None:
-    from mlmfilter.cli.app import console
-
     for warning in result.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")
 

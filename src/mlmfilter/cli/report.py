@@ -7,11 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def register(app: typer.Typer) -> None:
-    app.command("report")(report)
-    app.command("inspect")(inspect)
-    app.command("stats")(stats)
+from mlmfilter.cli.common import console, options_or_exit, user_errors
 
 
 def report(
@@ -22,21 +18,12 @@ def report(
     gallery_size: int = typer.Option(8, help="Pairs per gallery."),
 ) -> None:
     """One self-contained HTML page: distributions, thresholds, disagreements, galleries, errors, provenance."""
-    from pydantic import ValidationError
+    from mlmfilter import api
+    from mlmfilter.report import ReportOptions
 
-    from mlmfilter.cli.app import console, user_errors
-    from mlmfilter.report import MissingExtra, ReportOptions, write_report
-
-    try:
-        options = ReportOptions(columns=column or None, gallery_size=gallery_size)
-    except ValidationError as exc:
-        raise typer.BadParameter(exc.errors()[0]["msg"]) from None
-    try:
-        with user_errors():
-            path = write_report(run, output, selection, options)
-    except MissingExtra as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+    options = options_or_exit(ReportOptions, columns=column or None, gallery_size=gallery_size)
+    with user_errors():  # a missing extra (matplotlib) too: it says what to install
+        path = api.report(run, output, selection, options)
     console.print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB); open it in any browser, offline")
 
 
@@ -50,17 +37,13 @@ def inspect(
     """The pairs matching an expression: uid, caption, scores and error, read back from the shards."""
     from rich.table import Table
 
-    from mlmfilter.cli.app import console, user_errors
-    from mlmfilter.io.writers import atomic_write
-    from mlmfilter.report import open_run
-    from mlmfilter.report.inspect import find_pairs
-    from mlmfilter.report.render import ContactSheet, format_number, render_contact_sheet
+    from mlmfilter import api
+    from mlmfilter.report.render import format_number
 
     if limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
     with user_errors():
-        reader = open_run(run)
-        matches = find_pairs(reader, where, limit, columns=column or None, thumbnails=html is not None)
+        matches = api.inspect(run, where, limit, columns=column or None, html=html)
     table = Table(
         title=f"{matches.matched} pair(s) match {where or '(everything)'}; showing {len(matches.rows)}", show_lines=True
     )
@@ -81,16 +64,6 @@ def inspect(
     if matches.not_found:
         console.print(f"[yellow]{len(matches.not_found)} pair(s) were not found in their shards again[/]")
     if html is not None:
-        page = render_contact_sheet(
-            ContactSheet(matches.rows, matches.shown),
-            run=reader.url,
-            title=f"pairs where {where or 'everything'}",
-            matched=matches.matched,
-            columns=matches.columns,
-            warnings=reader.warnings(),
-        )
-        html.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(html, page)
         console.print(f"contact sheet written to {html}")
 
 
@@ -100,29 +73,17 @@ def stats(
     bins: int = typer.Option(16, help="Histogram bars (a divisor of 4096: 8, 16, 32, 64)."),
 ) -> None:
     """Quantiles and a terminal histogram per score column, to pick a threshold without code."""
-    from mlmfilter.cli.app import user_errors
-    from mlmfilter.report import open_run
-    from mlmfilter.report.profile import FINE_BINS, profile_columns
-    from mlmfilter.report.scan import numeric_columns
+    from mlmfilter import api
+    from mlmfilter.report.profile import FINE_BINS
     from mlmfilter.report.terminal import headline, histogram_table, quantile_table
 
     if bins < 1 or FINE_BINS % bins:
         raise typer.BadParameter(f"--bins must divide {FINE_BINS} (e.g. 8, 16, 32, 64)")
     with user_errors():
-        reader = open_run(run)
-        dataset = reader.dataset("score")
-        available = numeric_columns(dataset.schema)
-        names = column or available
-        unknown = [c for c in names if c not in available]
-        if unknown:
-            raise ValueError(
-                f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})"
-            )
-        profiles = profile_columns(dataset, names)
-    for warning in reader.warnings():
+        result = api.stats(run, column or None)
+    for warning in result.warnings:
         typer.secho(warning, fg="red", bold=True, err=True)
-    for name in names:
-        profile = profiles[name]
+    for name, profile in result.profiles.items():
         if profile.empty:
             typer.echo(f"{name}: no values ({profile.missing} rows missing)\n")
             continue

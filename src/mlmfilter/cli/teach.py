@@ -14,15 +14,16 @@ from mlmfilter.cli.common import (
     UID_COLUMN_OPTION,
     URL_COLUMN_OPTION,
     VERBOSE_OPTION,
+    console,
+    options_or_exit,
+    read_flags,
+    setup_logging,
+    user_errors,
 )
 
 teach_app = typer.Typer(
     no_args_is_help=True, help="Build judge instruction data: sample, negatives, label, balance, export."
 )
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(teach_app, name="teach")
 
 
 def _split(text: Optional[str]) -> Optional[list[str]]:
@@ -53,35 +54,27 @@ def sample(
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Pick diverse pairs: embed, k-means, sample evenly across clusters."""
-    from mlmfilter.cli.app import _setup_logging, console, read_flags, user_errors
+    from mlmfilter import api
     from mlmfilter.io.readers import ReadOptions
+    from mlmfilter.teach.sample import SampleOptions
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
+    options = options_or_exit(
+        SampleOptions,
+        n=n,
+        clusters=clusters,
+        seed=seed,
+        encoder=encoder,
+        encoder_model=encoder_model,
+        rules=rules,
+        embedding_dtype=embedding_dtype,
+        device=device,
+    )
+    read = options_or_exit(
+        ReadOptions, **read_flags(image_column, caption_column, uid_column, url_column, captions_file)
+    )
     with user_errors():
-        from pydantic import ValidationError
-
-        from mlmfilter.io.sources import expand_inputs
-        from mlmfilter.teach.folder import TeachFolder
-        from mlmfilter.teach.sample import SampleOptions
-
-        try:
-            options = SampleOptions(
-                n=n,
-                clusters=clusters,
-                seed=seed,
-                encoder=encoder,
-                encoder_model=encoder_model,
-                rules=rules,
-                embedding_dtype=embedding_dtype,
-                device=device,
-            )
-        except ValidationError as exc:
-            raise ValueError(f"{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
-        sources = expand_inputs(pool)
-        if not sources:
-            raise ValueError(f"no shards match {pool}")
-        read = ReadOptions(**read_flags(image_column, caption_column, uid_column, url_column, captions_file))
-        report = TeachFolder(output).sample(sources, options, read)["report"]
+        report = api.teach_sample(pool, output, options, read=read)["report"]
     console.print(
         f"picked {report['picked']} of {report['usable']} usable pairs ({report['read']} read) "
         f"from {report['clusters']} clusters -> {output / 'sample.parquet'}"
@@ -101,12 +94,10 @@ def negatives(
     ),
 ) -> None:
     """Make tagged low-quality variants of the sampled pairs (labelled by the teacher like any pair)."""
-    from mlmfilter.cli.app import console, user_errors
+    from mlmfilter import api
 
     with user_errors():
-        from mlmfilter.teach.folder import TeachFolder
-
-        info = TeachFolder(folder).negatives(_split(kinds), seed, rewrites=rewrites)
+        info = api.teach_negatives(folder, _split(kinds), seed, rewrites=rewrites)
     console.print(f"{info['negatives']} negatives from {info['from_pairs']} pairs: {info['per_kind']}")
     if "rewrites" in info:
         console.print(f"{info['rewrites']['samples']} rewrite samples: {info['rewrites']['per_kind']}")
@@ -153,59 +144,51 @@ def label(
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
-    from mlmfilter.cli.app import _setup_logging, console, user_errors
+    from mlmfilter import api
+    from mlmfilter.clients.chat import ClientOptions
+    from mlmfilter.teach.label import LabelOptions
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     with user_errors():
-        from pydantic import ValidationError
-
-        from mlmfilter.clients.chat import ClientOptions
-        from mlmfilter.teach.folder import TeachFolder
-        from mlmfilter.teach.label import LabelOptions
-
-        teach = TeachFolder(folder)
-        try:
-            rewrite = {"rewrite_prompt": rewrite_prompt.read_text(encoding="utf-8")} if rewrite_prompt else {}
-            if rewrite_max_tokens is not None:
-                rewrite["rewrite_max_tokens"] = rewrite_max_tokens
-            options = LabelOptions(
-                model=model,
-                metrics=_split(metrics) or ["all"],
-                template=template,
-                mode=mode,
-                describer_model=describer_model,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                **rewrite,
-            )
-            options.resolved_metrics()
-            client_options = ClientOptions(
-                base_url=base_url,
-                api_key_env=api_key_env,
-                api_key_file=str(api_key_file) if api_key_file else None,
-                concurrency=concurrency,
-                timeout_s=timeout,
-                max_retries=max_retries,
-                cache_only=bool(collect),
-            )
-        except ValidationError as exc:
-            raise ValueError(exc.errors()[0]["loc"][0].__str__() + ": " + exc.errors()[0]["msg"]) from None
+        rewrite = {"rewrite_prompt": rewrite_prompt.read_text(encoding="utf-8")} if rewrite_prompt else {}
+    if rewrite_max_tokens is not None:
+        rewrite["rewrite_max_tokens"] = rewrite_max_tokens
+    options = options_or_exit(
+        LabelOptions,
+        model=model,
+        metrics=_split(metrics) or ["all"],
+        template=template,
+        mode=mode,
+        describer_model=describer_model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        **rewrite,
+    )
+    with user_errors():
+        options.resolved_metrics()  # an unknown metric name
+    client = options_or_exit(
+        ClientOptions,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        api_key_file=str(api_key_file) if api_key_file else None,
+        concurrency=concurrency,
+        timeout_s=timeout,
+        max_retries=max_retries,
+        cache_only=bool(collect),
+    )
+    with user_errors():
         if collect:
-            ingested = teach.collect(collect)
+            ingested = api.teach_collect(folder, collect)
             console.print(
                 f"collected {ingested['stored']} answers from {ingested['lines']} output lines "
                 f"({ingested['failed']} without an answer)"
             )
         if batch_file is not None:
-            client = teach.client(client_options)  # for its cache: answered requests are not written again
-            try:
-                files = teach.write_batch(options, client, batch_file)
-            finally:
-                client.close()
+            files = api.teach_write_batch(folder, options, client, batch_file)
             console.print(f"wrote {len(files)} batch file(s): " + ", ".join(map(str, files)))
             return
         try:
-            info = teach.label(options, client_options, relabel=relabel)
+            info = api.teach_label(folder, options, client, relabel=relabel)
         except KeyboardInterrupt:
             console.print("interrupted: the shards done are kept; re-run the same command to resume")
             raise typer.Exit(130) from None
@@ -230,13 +213,12 @@ def balance(
     seed: int = typer.Option(0),
 ) -> None:
     """Sample evenly across score bins per metric; print histograms before and after."""
-    from mlmfilter.cli.app import console, user_errors
+    from mlmfilter import api
+    from mlmfilter.teach.balance import BalanceOptions
 
+    options = options_or_exit(BalanceOptions, target=target, bins=bins, seed=seed)
     with user_errors():
-        from mlmfilter.teach.balance import BalanceOptions
-        from mlmfilter.teach.folder import TeachFolder
-
-        report = TeachFolder(folder).balance(BalanceOptions(target=target, bins=bins, seed=seed))
+        report = api.teach_balance(folder, options)
     for metric, info in report["metrics"].items():
         console.print(
             f"{metric}: kept {info['kept']} of {info['labelled']}  before {info['before']}  after {info['after']}"
@@ -263,16 +245,19 @@ def export(
     seed: int = typer.Option(0),
 ) -> None:
     """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its card."""
-    from mlmfilter.cli.app import console, user_errors
+    from mlmfilter import api
+    from mlmfilter.teach.export import ExportOptions
 
+    options = options_or_exit(
+        ExportOptions,
+        image_folder=image_folder,
+        mix=str(mix) if mix else None,
+        mix_ratio=mix_ratio,
+        seed=seed,
+        rewrites=rewrites,
+    )
     with user_errors():
-        from mlmfilter.teach.export import ExportOptions
-        from mlmfilter.teach.folder import TeachFolder
-
-        options = ExportOptions(
-            image_folder=image_folder, mix=str(mix) if mix else None, mix_ratio=mix_ratio, seed=seed, rewrites=rewrites
-        )
-        summary = TeachFolder(folder).export(output, options, balanced=not all_labels)
+        summary = api.teach_export(folder, output, options, balanced=not all_labels)
     console.print(
         f"{summary['records']} records ({summary['quality_records']} quality, {summary['rewrite_records']} rewrite, "
         f"{summary['general_records']} general), "

@@ -7,9 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+from mlmfilter.cli.common import console, options_or_exit, setup_logging, user_errors
 
 
 def train(
@@ -56,49 +54,37 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Fine-tune a vision-language model into a judge that `mlmfilter score --scorer mlm --model OUT` loads."""
-    from pydantic import ValidationError
+    from mlmfilter import api
+    from mlmfilter.training.train import TrainOptions, require_training_extra
 
-    from mlmfilter.cli.app import _setup_logging, console, user_errors
-    from mlmfilter.training.train import TrainingExtraMissing, TrainOptions, require_training_extra
-
-    _setup_logging(verbose)
-    try:
+    setup_logging(verbose)
+    with user_errors():  # the `train` extra is missing: the message says what to install
         require_training_extra()
-    except TrainingExtraMissing as exc:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
-    try:
-        options = TrainOptions(
-            base=base,
-            method=method,
-            conversation=conversation,
-            template=template,
-            freeze_vision=freeze_vision,
-            freeze_projector=freeze_projector,
-            learning_rate=learning_rate,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            gradient_accumulation=gradient_accumulation,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            save_steps=save_steps,
-            save=save,
-            seed=seed,
-            device=device,
-            precision=precision,
-            image_folder=image_folder,
-            max_length=max_length,
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    from mlmfilter.training.train import train as run_training
-
+    options = options_or_exit(
+        TrainOptions,
+        base=base,
+        method=method,
+        conversation=conversation,
+        template=template,
+        freeze_vision=freeze_vision,
+        freeze_projector=freeze_projector,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        gradient_accumulation=gradient_accumulation,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        save_steps=save_steps,
+        save=save,
+        seed=seed,
+        device=device,
+        precision=precision,
+        image_folder=image_folder,
+        max_length=max_length,
+    )
     with user_errors():
-        result = run_training([str(p) for p in data], output, options)
+        result = api.train(data, output, options)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     first, last = (result.losses[0][1], result.losses[-1][1]) if result.losses else (float("nan"), float("nan"))
     console.print(

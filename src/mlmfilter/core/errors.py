@@ -39,3 +39,15 @@ def is_infrastructure_failure(exc: BaseException) -> bool:
         "OutOfMemoryError",  # torch.cuda.OutOfMemoryError / torch.OutOfMemoryError
         "AcceleratorError",
     )
+
+
+def validation_message(exc: Exception) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field.path: message`` per problem, joined by ``; ``.
+
+    Duck-typed (anything with ``errors()`` in pydantic's shape), so the core stays free of pydantic.
+    """
+    problems = []
+    for error in exc.errors():  # type: ignore[attr-defined]
+        where = ".".join(map(str, error.get("loc") or ()))
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)

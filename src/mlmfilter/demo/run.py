@@ -49,10 +49,14 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
 
     scorers = DEMO_SCORERS + ([DEMO_MLM] if with_mlm else [])
     by = "itm" if with_mlm else "clip_score"
-    summary = api.score([str(output / "shards" / "*.tar")], output / "run", scorers, show_progress=True)
+    # the hub's reachability was decided above, with its own message
+    summary = api.score(
+        [str(output / "shards" / "*.tar")], output / "run", scorers, show_progress=True, offline_if_unreachable=False
+    )
+    stats = summary.stats.to_json()
     console.print(
-        f"[bold]2/3[/] scored {summary.stats['read']} pairs into {summary.run_dir} "
-        f"({summary.stats['errored']} error rows: {summary.stats['errors']})"
+        f"[bold]2/3[/] scored {stats['read']} pairs into {summary.run_dir} "
+        f"({stats['errored']} error rows: {stats['errors']})"
     )
     for warning in summary.provenance.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")

@@ -39,6 +39,9 @@ from mlmfilter.selection.expression import expression_names, passing_rows
 
 log = logging.getLogger(__name__)
 
+#: the sampling temperature of several candidates per pair when none is given
+CANDIDATES_TEMPERATURE = 0.7
+
 
 class EnhanceOptions(StageOptions):
     #: which pairs to work on: an expression over the source stage's table, e.g. "itm < 40"
@@ -58,14 +61,23 @@ class EnhanceOptions(StageOptions):
     #: None: greedy, 96 new tokens (aitqe mode: its released settings)
     sampling: SamplingParams | None = None
     prompts: EnhancePrompts = Field(default_factory=EnhancePrompts)
-    #: the scorers that re-score the original and the candidates (the run's judge; optionally clip)
-    judge: list[ScorerSpec] = Field(min_length=1)
+    #: the scorers that re-score the original and the candidates (the run's judge; optionally clip);
+    #: empty: :func:`mlmfilter.api.enhance` takes the scorers of ``source_stage`` whose columns ``where`` reads
+    judge: list[ScorerSpec] = Field(default_factory=list)
     checks: CheckOptions = Field(default_factory=CheckOptions)
     decision: DecisionOptions = Field(default_factory=DecisionOptions)
     chunk_size: int = Field(default=16, ge=1)  # pairs written, checked and judged together
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     _names_to_specs = field_validator("judge", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
+
+    @field_validator("sampling")
+    @classmethod
+    def _candidates_are_sampled(cls, sampling: SamplingParams | None) -> SamplingParams | None:
+        """Several candidates without a temperature: sample (greedy decoding writes one text n times)."""
+        if sampling is not None and sampling.n > 1 and "temperature" not in sampling.model_fields_set:
+            return sampling.model_copy(update={"temperature": CANDIDATES_TEMPERATURE})
+        return sampling
 
     @property
     def resolved_conversation(self) -> str:
@@ -108,6 +120,8 @@ class EnhanceStage(Stage):
     ):
         super().__init__(options, name)
         o: EnhanceOptions = self.options
+        if not o.judge and scorers is None:
+            raise ValueError("the enhance stage needs its judge scorers (mlmfilter.enhance takes the run's own)")
         # built now: options and compared columns are checked before anything runs
         self.scorers = scorers if scorers is not None else [build_scorer(s.name, s.options) for s in o.judge]
         self.rescorer = Rescorer(self.scorers)
@@ -338,6 +352,23 @@ class EnhanceStage(Stage):
             scorer.close()
         self.generator = None
         self._mode = None
+
+
+def run_judge(run: str, where: str, source_stage: str = "score") -> list[dict[str, Any]]:
+    """The scorer specs of ``source_stage`` that produce a column ``where`` reads: the same judge,
+    model and metrics that scored the originals, so the rewrites are re-scored as they were."""
+    from mlmfilter.runs.read import RunReader
+
+    settings = RunReader(run).settings(source_stage)
+    specs = (settings.get("options") or {}).get("scorers") or []
+    read = set(expression_names(where))
+    judge = [s for s in specs if read & set(build_scorer(s["name"], s.get("options")).columns)]
+    if not judge:
+        raise ValueError(
+            f"no scorer of stage {source_stage!r} produces a column that {where!r} reads "
+            f"(scorers: {', '.join(s['name'] for s in specs) or 'none'}); name the judge with --judge-model"
+        )
+    return judge
 
 
 def _spacy_versions(model: str) -> dict[str, str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from mlmfilter import __version__
@@ -33,6 +34,8 @@ Overwrite = Literal[False, "stage", "run"]
 
 @dataclass
 class StageSummary:
+    """What one run of a stage did: the one summary type of every stage (score, enhance, teach ...)."""
+
     run_url: str
     stage: str
     shards_total: int  # shards this invocation was asked to cover
@@ -43,16 +46,33 @@ class StageSummary:
     provenance: dict[str, Any]
     seconds: float
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)  # hints for the user (e.g. which input flag to pass)
 
     @property
     def ok(self) -> bool:
         return not self.shards_failed and not self.interrupted
 
     @property
-    def run_dir(self):
-        from pathlib import Path
+    def run_dir(self) -> Path | str:
+        """The run folder: a local path, or the fsspec URL of a folder on object storage."""
+        return Path(self.run_url) if "://" not in self.run_url else self.run_url
 
-        return Path(self.run_url)
+    def to_json(self) -> dict[str, Any]:
+        """The summary as one JSON-ready object (what ``--json`` prints); stats add ``shards_done``."""
+        return {
+            "run_dir": str(self.run_dir),
+            "stage": self.stage,
+            "shards_total": self.shards_total,
+            "shards_completed": list(self.shards_completed),
+            "shards_skipped": list(self.shards_skipped),
+            "shards_failed": dict(self.shards_failed),
+            "stats": {"shards_done": self.stats.shards, **self.stats.to_json()},
+            "provenance": self.provenance,
+            "seconds": self.seconds,
+            "interrupted": self.interrupted,
+            "notes": list(self.notes),
+            "ok": self.ok,
+        }
 
 
 def run_stage(

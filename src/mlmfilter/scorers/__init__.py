@@ -36,6 +36,8 @@ def build_scorer(name: str, options: dict[str, Any] | None = None) -> Scorer:
 
     from pydantic import ValidationError
 
+    from mlmfilter.core.errors import validation_message
+
     cls = scorer_class(name)
     unknown = sorted(set(options or {}) - set(cls.Options.model_fields))
     if unknown:
@@ -46,8 +48,7 @@ def build_scorer(name: str, options: dict[str, Any] | None = None) -> Scorer:
     try:
         opts = cls.Options(**(options or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"scorer {name!r}: {problems}") from None
+        raise ValueError(f"scorer {name!r}: {validation_message(exc)}") from None
     return cls(opts)
 
 

@@ -50,6 +50,7 @@ class AITQEOptions(ScorerOptions):
 class AITQEScorer(BackendScorer):
     Options = AITQEOptions
     name = "aitqe"
+    model_option = "model"
 
     def __init__(self, options: AITQEOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options, backend)

@@ -57,6 +57,8 @@ class Scorer(ABC):
     #: shorter image side the scorer wants (the decoder resizes once to the max over scorers);
     #: None means the scorer does not look at pixels
     image_size: int | None = None
+    #: the option that names the model it loads (a hub id or a local path); None: it loads no model by name
+    model_option: str | None = None
 
     def __init__(self, options: ScorerOptions | None = None):
         self.options = options if options is not None else self.Options()

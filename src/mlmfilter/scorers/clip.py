@@ -38,6 +38,7 @@ class ClipScorer(TextMasking, Scorer):
         allow_random_fallback: bool = False
 
     name = "clip"
+    model_option = "model"
     columns = {"clip_cosine": pa.float32(), "clip_score": pa.float32()}
 
     def __init__(self, options: ScorerOptions | None = None):

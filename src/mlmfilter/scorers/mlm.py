@@ -120,6 +120,7 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
 class MLMScorer(TextMasking, BackendScorer):
     Options = MLMOptions
     name = "mlm"
+    model_option = "model"
 
     def __init__(self, options: MLMOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options, backend)  # injected (another backend) or built in setup()

@@ -1,0 +1,57 @@
+"""`mlmfilter reshard`: new WebDataset shards holding exactly the pairs a selection kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlmfilter.cli.common import console, print_json, user_errors
+
+
+def reshard(
+    selection: Path = typer.Argument(..., help="Selection folder written by `mlmfilter select`."),
+    output: Path = typer.Argument(..., help="Folder for the new WebDataset shards."),
+    samples_per_shard: int = typer.Option(10_000, help="Pairs per output shard."),
+    captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
+    caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
+    captions_stage: Optional[str] = typer.Option(
+        None, help="Take new captions from this enhancement stage of the run."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output folder."),
+    allow_pipe: bool = typer.Option(
+        False, "--allow-pipe", help="Allow the run's `pipe:CMD` inputs (runs shell commands)."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the stats as one JSON object on stdout."),
+) -> None:
+    """Write new WebDataset shards holding only the kept pairs (optionally with new captions)."""
+    from mlmfilter import api
+
+    with user_errors():
+        replacement = None
+        if captions:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(captions, columns=["uid", caption_column])
+            replacement = {u: c for u, c in zip(table["uid"].to_pylist(), table[caption_column].to_pylist()) if c}
+        stats = api.reshard(
+            selection,
+            output,
+            samples_per_shard=samples_per_shard,
+            captions=replacement,
+            captions_stage=captions_stage,
+            overwrite=overwrite,
+            allow_pipe=allow_pipe,
+        )
+    if json_output:
+        print_json(stats)
+    else:
+        console.print_json(json.dumps({k: v for k, v in stats.items() if k != "shards"}, default=str))
+    if stats["kept_uids_not_found"]:
+        console.print(
+            f"[bold red]error:[/] {stats['kept_uids_not_found']} kept pairs were not found in the shards "
+            f"({'; '.join(stats['not_found'][:3])})"
+        )
+        raise typer.Exit(1)
