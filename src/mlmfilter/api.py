@@ -132,6 +132,7 @@ def score(
         log.warning(notes[-1])
         workers, decode_workers = 1, 0
     # everything is validated before the run folder is touched: sources, scorers, options
+    _refuse_foreign_output(config.output)
     sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
     if partition is not None:
         sources = partition_sources(sources, partition)
@@ -159,6 +160,28 @@ def score(
         notes.append(hint)
     summary.notes.extend(notes)
     return summary
+
+
+def _refuse_foreign_output(output: str) -> None:
+    """A run goes into a new folder, an empty one or a run folder; never into a selection folder,
+    a folder of shards or any other non-empty folder, whose files it would mix with its own."""
+    if "://" in output:
+        return
+    path = Path(output).expanduser()
+    # a first run stopped before it wrote run.yaml leaves only its lock and logs
+    if not path.is_dir() or (path / "run.yaml").exists() or not _entries(path) - {".lock", "logs"}:
+        return
+    from mlmfilter.selection.folder import SUMMARY_FILE
+
+    what = "a selection folder" if (path / SUMMARY_FILE).exists() else "not a run folder (no run.yaml)"
+    raise ValueError(
+        f"-o {output} is not empty and is {what}: a run needs a new or empty folder, or an earlier run's; "
+        f"e.g. -o {path.parent / (path.name + '-run') if path.name else 'runs/NAME'}"
+    )
+
+
+def _entries(path: Path) -> set[str]:
+    return {entry.name for entry in path.iterdir()}
 
 
 def _with_base_url(specs: Sequence[ScorerSpec], base_url: str) -> list[ScorerSpec]:
@@ -419,15 +442,26 @@ def train(data: str | Path | Sequence[str | Path], output: str | Path, options: 
 
 def report(
     run: str | Path,
-    output: str | Path = "report.html",
+    output: str | Path | None = None,
     selection: str | Path | None = None,
     options: ReportOptions | None = None,
+    *,
+    stage: str | Sequence[str] | None = None,
 ) -> Path:
     """One self-contained HTML page (works offline): distributions, thresholds, disagreements,
-    galleries, errors, provenance. ``selection`` defaults to ``RUN/selection`` when present."""
-    from mlmfilter.report import write_report
+    galleries, errors, provenance. ``output`` defaults to ``RUN/report.html`` (a run on object
+    storage: ``<run name>-report.html`` here), so the report of one run never replaces another's.
+    ``selection`` defaults to ``RUN/selection`` when present. ``stage``: one stage, several joined on
+    uid (``"score,judge"``), or None / ``"all"``: every scoring stage, the selection's first."""
+    from mlmfilter.report import ReportOptions, default_report_path, write_report
 
-    return write_report(run, output, selection, options)
+    if stage is not None:
+        options = (options or ReportOptions()).model_copy(update={"stage": _stage_text(stage)})
+    return write_report(run, output if output is not None else default_report_path(run), selection, options)
+
+
+def _stage_text(stage: str | Sequence[str]) -> str:
+    return stage if isinstance(stage, str) else ",".join(stage)
 
 
 def inspect(
@@ -437,16 +471,22 @@ def inspect(
     *,
     columns: Sequence[str] | None = None,
     html: str | Path | None = None,
+    stage: str | Sequence[str] | None = None,
 ) -> Matches:
     """The first ``limit`` pairs matching ``where`` (every pair without it), read back from the shards:
-    uid, caption, scores, error. ``html``: also write a contact sheet with thumbnails there."""
+    uid, caption, scores (text columns too; by default which rule failed), error. ``html``: also
+    write a contact sheet with thumbnails there. ``stage``: one stage, several joined on uid
+    (``"score,judge"``: a column two stages hold is ``judge.column`` in the later one), or None /
+    ``"all"``: every scoring stage."""
     from mlmfilter.io.writers import atomic_write
     from mlmfilter.report import open_run
     from mlmfilter.report.inspect import find_pairs
     from mlmfilter.report.render import ContactSheet, render_contact_sheet
 
     reader = open_run(run)
-    matches = find_pairs(reader, where, limit, columns=list(columns) if columns else None, thumbnails=html is not None)
+    matches = find_pairs(
+        reader, where, limit, columns=list(columns) if columns else None, thumbnails=html is not None, stage=stage
+    )
     if html is not None:
         page = render_contact_sheet(
             ContactSheet(matches.rows, matches.shown),
@@ -468,22 +508,29 @@ class ScoreStats:
 
     profiles: dict[str, ColumnProfile]
     warnings: list[str]
+    stages: list[str] | None = None  # the stages read, joined on uid when several
 
 
-def stats(run: str | Path, columns: Sequence[str] | None = None) -> ScoreStats:
-    """Quantiles and a histogram per numeric score column (default: every one), to pick a threshold."""
+def stats(
+    run: str | Path, columns: Sequence[str] | None = None, *, stage: str | Sequence[str] | None = None
+) -> ScoreStats:
+    """Quantiles (values of the column), the share kept at >= each (counted, ties included) and a
+    histogram per numeric score column (default: every one), to pick a threshold. ``stage``: one
+    stage, several joined on uid (``"score,judge"``), or None / ``"all"``: every scoring stage."""
     from mlmfilter.report import open_run
     from mlmfilter.report.profile import profile_columns
     from mlmfilter.report.scan import numeric_columns
+    from mlmfilter.selection.stages import resolve_stages, stages_dataset
 
     reader = open_run(run)
-    dataset = reader.dataset("score")
+    stages = resolve_stages(reader, stage)
+    dataset = stages_dataset(reader, stages)
     available = numeric_columns(dataset.schema)
     names = list(columns or available)
     unknown = [c for c in names if c not in available]
     if unknown:
         raise ValueError(f"no numeric score column {', '.join(map(repr, unknown))} (columns: {', '.join(available)})")
-    return ScoreStats(profiles=profile_columns(dataset, names), warnings=reader.warnings())
+    return ScoreStats(profiles=profile_columns(dataset, names), warnings=reader.warnings(), stages=stages)
 
 
 # -- check the scorers ------------------------------------------------------------------------------

@@ -164,7 +164,9 @@ def test_passing_rows_of_a_stage_table(table):
         ("(x := 1) > 0", "assignment"),
         ("clip_score ** 2 > 0.1", "operator"),
         ("clip_score > 0.2 & rules_ok", "use 'and'"),
-        ("clip_score in (0.1, 0.2)", "'in' is not supported"),
+        ("clip_score in clip_score", "'in' takes literal values in brackets"),
+        ("rules_ok AND clip_score > 1", "write 'and' in lower case"),
+        ("clip_score = 1", "compare with '==', not '='"),
         ("clip_score is None", "use '=='"),
         ("clip_score == None", "None is not allowed"),
         ("clip_score", "not a condition"),
@@ -197,3 +199,24 @@ def test_unknown_column_lists_columns_and_suggests(table):
 def test_unusable_column_type_is_refused():
     with pytest.raises(ExpressionError, match="type list"):
         compile_expression("tags > 1", {"tags": pa.list_(pa.string())})
+
+
+def test_in_and_not_in_take_literal_lists(table):
+    assert passing(table, "error in ('undecodable_image', 'caption_not_utf8')") == [4, 6]
+    assert passing(table, "rules_words in (3, 20)") == [0, 3]
+    # missing values never pass, 'not in' included (row 4 has no rules_words, row 5 a NaN clip_score)
+    assert passing(table, "rules_words not in (3, 20)") == [1, 2, 5, 6]
+    assert passing(table, "clip_score in (0.25, 0.9)") == [1, 3]  # float32 values found as written
+    with pytest.raises(ExpressionError, match="cannot compare error"):
+        compile_expression("error in (1, 2)", table.schema)
+
+
+def test_a_stage_qualified_column_reads_as_written():
+    schema = pa.schema([("itm", pa.float32()), ("judge.itm", pa.float32()), ("rules_ok", pa.bool_())])
+    data = pa.table({"itm": [1.0, 5.0], "judge.itm": [9.0, 2.0], "rules_ok": [True, True]}, schema=schema)
+    assert data.filter(compile_expression("judge.itm > itm and rules_ok", schema))["itm"].to_pylist() == [1.0]
+    assert expression_names("judge.itm > 3 and itm < 2") == ["judge.itm", "itm"]
+    with pytest.raises(ExpressionError, match="Did you mean 'judge.itm'"):
+        compile_expression("judge.itmm > 1", pa.schema([("judge.itm", pa.float32())]))
+    with pytest.raises(ExpressionError, match="Did you mean 'judge.itm'"):
+        compile_expression("itm > 1", pa.schema([("judge.itm", pa.float32())]))

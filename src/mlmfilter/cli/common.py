@@ -149,7 +149,7 @@ def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[s
     from mlmfilter.scorers import scorer_class
 
     specs = []
-    for name in [n.strip() for group in names for n in group.split(",") if n.strip()]:
+    for name in [_scorer_name(n) for group in names for n in group.split(",") if n.strip()]:
         fields = scorer_class(name).Options.model_fields
         opts = {k: v for k, v in shared.items() if v is not None and k in fields}
         specs.append({"name": name, "options": opts})
@@ -158,11 +158,19 @@ def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[s
         scorer_name, _, key = target.partition(".")
         if not value or not key:
             raise typer.BadParameter(f"--option takes scorer.key=value, got {item!r}")
-        matching = [s for s in specs if s["name"] == scorer_name]
+        matching = [s for s in specs if s["name"] == _scorer_name(scorer_name)]
         if not matching:
             raise typer.BadParameter(f"--option {item!r}: scorer {scorer_name!r} is not requested")
         matching[0]["options"][key] = yaml.safe_load(value)  # numbers, booleans and lists as a recipe reads them
     return specs
+
+
+def _scorer_name(name: str) -> str:
+    """``CLIP`` is ``clip``: scorer names in any case, as the registry spells them."""
+    from mlmfilter.scorers import REGISTRY
+
+    folded = name.strip().lower()
+    return folded if folded in REGISTRY else name.strip()
 
 
 # -- shared typer options ---------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def print_score_summary(summary) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    stats = summary.stats.to_json()
+    whole = summary.stats.to_json()
+    # this job's shards (a partition, or some of a run's inputs): the folder's total is shown apart
+    stats = summary.job_stats.to_json() if summary.job_stats is not None else whole
     table = Table(title=f"run {summary.run_dir}", show_header=False)
     if summary.shards_skipped and not summary.shards_completed and not summary.shards_failed:
         shards = f"{len(summary.shards_skipped)} of {summary.shards_total} already done"
@@ -153,10 +155,21 @@ def print_score_summary(summary) -> None:
         )
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
-    table.add_row("scored", str(stats["ok"]))
+    skipped = int(stats["counters"].get("skipped_by_cascade", 0))  # rows without an error, not scored
+    table.add_row("scored", str(stats["ok"] - skipped))
+    if skipped:
+        table.add_row("skipped", f"{skipped} (did not pass --only; marked skipped, not scored)")
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in stats["errors"].items()) or "none")
+    if whole["shards"] != stats["shards"]:
+        table.add_row("run folder", f"{whole['read']} pairs in {whole['shards']} shards (every job so far)")
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     console.print(table)
+    if summary.shards_total == 0:
+        console.print(
+            "[yellow]nothing to do: this job holds no input shard (--partition splits the shards by a hash "
+            "of their url; with fewer shards than jobs, some jobs get none)[/]",
+            soft_wrap=True,
+        )
     for warning in summary.provenance.get("warnings", []):
         console.print(f"[bold red]{warning}[/]")
     for note in summary.notes:  # escaped: a hint lists columns as [a, b], which rich would take for markup

@@ -22,7 +22,11 @@ def select(
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Selection folder (default RUN/selection; needed with several runs)."
     ),
-    stage: str = typer.Option("score", help="Scoring stage of the runs to select from."),
+    stage: str = typer.Option(
+        "score",
+        help="Scoring stage of the runs to select from; of one run also several joined on uid "
+        "(score,judge: a column both hold is judge.NAME in the later one) or all.",
+    ),
     allow_incomplete: bool = typer.Option(
         False, "--allow-incomplete", help="Select although some shards are not done."
     ),
@@ -34,7 +38,22 @@ def select(
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
-    """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json."""
+    """Select pairs: writes uids.npy (DataComp subset), kept.parquet and selection.json.
+
+    \b
+    --where grammar (rows missing a value it reads never pass):
+      columns     itm, clip_score, rules_ok; of a later stage: judge.rules_ok
+      values      66, 0.28, 'truncated_image', True, False
+      compare     ==  !=  <  <=  >  >=  (chains: 0.2 <= clip_cosine < 0.9)
+      in          error in ('empty_caption', 'truncated_image')
+      combine     and  or  not  ( )  (lower case; = is written ==)
+      arithmetic  + - * /  ((itm + odf) / 2 >= 60)
+    \b
+    Examples:
+      mlmfilter select RUN --where 'rules_ok and clip_cosine >= 0.28'
+      mlmfilter select RUN --top-fraction 0.3 --by clip_score
+      mlmfilter select RUN --stage score,judge --where 'rules_ok and itm >= 60'
+    """
     from mlmfilter import api
     from mlmfilter.selection.join import parse_run_arguments
 

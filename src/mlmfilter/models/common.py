@@ -161,8 +161,30 @@ def refuse_pickle_only_folder(name_or_path: str) -> None:
         )
 
 
+def local_path_typo(name_or_path: str) -> str | None:
+    """When a model name reads as a mistyped local folder (``models/clipp`` beside ``models/clip``,
+    ``clipp`` beside ``./clip``), the message saying so; None when it reads as a hub id."""
+    import difflib
+
+    path = Path(name_or_path).expanduser()
+    parent = path.parent
+    if path.exists() or not parent.is_dir():
+        return None
+    folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    close = difflib.get_close_matches(path.name, folders, n=1, cutoff=0.75)
+    if close:
+        return f"no model folder {name_or_path!r} here; did you mean {str(parent / close[0])!r}?"
+    if parent != Path(".") and "/" in name_or_path.rstrip("/") and len(name_or_path.split("/")) == 2:
+        # org/name of the hub, unless a folder of that name is here: then it is a path
+        return f"no model folder {name_or_path!r} here: {str(parent)!r} holds no {path.name!r}"
+    return None
+
+
 def unavailable_message(name_or_path: str, cause: BaseException | None = None) -> str:
     """The error text for a model that cannot be found: name it and say how to get it."""
+    typo = local_path_typo(name_or_path)
+    if typo:
+        return f"{typo} (a name that is no folder here is looked up on the Hugging Face hub, where it failed too)"
     reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
     return (
         f"model {name_or_path!r} is neither a local directory nor in the Hugging Face cache, "

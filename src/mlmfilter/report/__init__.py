@@ -32,6 +32,19 @@ def require_matplotlib() -> None:
         raise MissingExtra("the report draws its plots with matplotlib: pip install 'mlmfilter[report]'") from exc
 
 
+#: the report's file in a run folder when no output is named
+REPORT_FILE = "report.html"
+
+
+def default_report_path(run_dir: str | os.PathLike) -> Path:
+    """Where a report goes unless told: inside a local run folder (each run keeps its own), else
+    ``<run name>-report.html`` in the current directory (a run on object storage)."""
+    text = os.fspath(run_dir)
+    if "://" in text:
+        return Path(f"{text.rstrip('/').rsplit('/', 1)[-1] or 'run'}-{REPORT_FILE}")
+    return Path(text) / REPORT_FILE
+
+
 def write_report(
     run_dir: str | os.PathLike,
     output_html: str | os.PathLike,
@@ -54,4 +67,13 @@ def write_report(
     return output
 
 
-__all__ = ["MissingExtra", "ReportData", "ReportOptions", "gather_report", "open_run", "write_report"]
+__all__ = [
+    "REPORT_FILE",
+    "MissingExtra",
+    "default_report_path",
+    "ReportData",
+    "ReportOptions",
+    "gather_report",
+    "open_run",
+    "write_report",
+]

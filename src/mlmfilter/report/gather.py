@@ -32,9 +32,11 @@ from mlmfilter.report.scan import (
     FlagCollector,
     NearestRows,
     PairRef,
+    ReasonCollector,
     ReservoirCollector,
     flag_columns,
     numeric_columns,
+    reason_columns,
     scan,
 )
 from mlmfilter.report.thumbnails import ShownSample, ThumbnailMaker
@@ -43,6 +45,7 @@ from mlmfilter.runs.read import RunReader
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.folder import SelectionFolder
 from mlmfilter.selection.ranks import spearman
+from mlmfilter.selection.stages import resolve_stages, stages_dataset
 
 SCORE_STAGE = "score"
 #: rule measurements (word counts, sizes, language probability) get histograms but no galleries:
@@ -66,6 +69,9 @@ class ReportOptions(BaseModel):
     max_column_pairs: int = Field(6, ge=0)  # scatter plots / disagreement galleries
     thumbnail_side: int = Field(160, ge=16, le=1024)
     seed: int = 0
+    #: the stages shown: one, several joined on uid ("score,judge"), or None / "all": every scoring
+    #: stage (a selection's own stages first, so its expression reads the same columns)
+    stage: str | None = None
 
 
 @dataclass
@@ -96,6 +102,7 @@ class FlagSection:
     name: str
     counts: dict[str, int]
     failing: list[PairRef]
+    reasons: dict[str, int] = field(default_factory=dict)  # failed rule -> rows (rules_failed), most first
 
 
 @dataclass
@@ -136,6 +143,7 @@ class ReportData:
     run: str
     generated: str
     rows: int
+    stages: list[str]  # the stages shown, joined on uid when several
     card_columns: list[str]  # the values printed on each pair's card: scores and flags, not measurements
     completeness: Completeness  # of the score stage
     provenance: dict[str, dict]
@@ -157,28 +165,32 @@ def gather_report(
     run: RunReader, run_url: str, selection_dir: str | None = None, options: ReportOptions | None = None
 ) -> ReportData:
     options = options or ReportOptions()
-    dataset = run.dataset(SCORE_STAGE)
+    selection = _read_selection(run_url, selection_dir)
+    stages = resolve_stages(run, options.stage, first=selection["stages"] if selection else ())
+    dataset = stages_dataset(run, stages)
     schema = dataset.schema
     numeric = _chosen_columns(numeric_columns(schema), options.columns)
     flags = flag_columns(schema)
-    shown_values = [*numeric, *flags]  # what the galleries' rows carry
+    reasons = reason_columns(schema)  # which rule failed (rules_failed), shown on every card
+    shown_values = [*numeric, *flags, *reasons]  # what the galleries' rows carry
     k = options.gallery_size
 
-    profiles = profile_columns(dataset, numeric)
+    cut_column = selection["by"] if selection and selection.get("by") in numeric else None
+    cut = selection.get("cut") if cut_column else None
+    profiles = profile_columns(dataset, numeric, thresholds={cut_column: [cut]} if cut is not None else None)
     rows = next(iter(profiles.values())).rows if profiles else dataset.count_rows()
     gallery_columns = sorted(
         (c for c in numeric if not c.startswith(MEASUREMENT_PREFIX) and not profiles[c].empty),
         key=lambda c: PRIMARY_SCORES.index(c) if c in PRIMARY_SCORES else len(PRIMARY_SCORES),
     )
-    selection = _read_selection(run_url, selection_dir)
-    cut_column = selection["by"] if selection and selection.get("by") in profiles else None
 
     # pass: extremes, errors, flags, a sample for the scatter plots
     extremes = ExtremesCollector(gallery_columns, k, shown_values)
     error_rows = ErrorCollector(options.error_examples, shown_values)
     flag_rows = FlagCollector(flags, k, shown_values)
+    reason_counts = ReasonCollector(reasons)
     reservoir = ReservoirCollector(gallery_columns, options.scatter_points, options.seed)
-    scan(dataset, [extremes, error_rows, flag_rows, reservoir], shown_values)
+    scan(dataset, [extremes, error_rows, flag_rows, reason_counts, reservoir], shown_values)
 
     thresholds, labels = {}, {}
     for name in gallery_columns:
@@ -228,13 +240,16 @@ def gather_report(
         run=run_url,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         rows=rows,
-        card_columns=[*(c for c in gallery_columns if c not in aliases), *flags],
-        completeness=run.completeness(SCORE_STAGE),
+        stages=stages,
+        card_columns=[*(c for c in gallery_columns if c not in aliases), *flags, *reasons],
+        completeness=run.completeness(stages[0]),
         provenance=provenance,
         warnings=run.warnings(),
         columns=columns,
         pairs=pairs,
-        flags=[FlagSection(n, flag_rows.counts[n], flag_rows.false_examples[n]) for n in flags],
+        flags=[
+            FlagSection(n, flag_rows.counts[n], flag_rows.false_examples[n], reason_counts.for_flag(n)) for n in flags
+        ],
         errors=sorted(((r, c, error_rows.examples[r]) for r, c in error_rows.counts.items()), key=lambda e: -e[1]),
         selection=edges.section(selection, rows) if edges else None,
         enhancement=enhancement,
@@ -300,9 +315,12 @@ def _read_selection(run_url: str, selection_dir: str | None) -> dict[str, Any] |
         folder = SelectionFolder(selection_dir).require()
     summary = folder.summary()
     threshold = summary.get("threshold") or {}
-    by = (summary.get("arguments") or {}).get("by")
+    arguments = summary.get("arguments") or {}
+    by = arguments.get("by")
     cut = threshold.get("score") if isinstance(threshold, dict) else None
-    return {"path": folder.url, "summary": summary, "halves": folder.uids(), "by": by, "cut": cut}
+    # the stages it read, so the report reads its columns under the same names (older selections: one stage)
+    stages = arguments.get("stages") or [arguments.get("stage") or SCORE_STAGE]
+    return {"path": folder.url, "summary": summary, "halves": folder.uids(), "by": by, "cut": cut, "stages": stages}
 
 
 class _SelectionEdges:
@@ -313,9 +331,10 @@ class _SelectionEdges:
         self.halves = selection["halves"]
         self.by = selection.get("by")
         text = (selection["summary"].get("arguments") or {}).get("expression")
-        if text and len(selection["summary"].get("runs") or []) > 1:
-            # a selection joined over several runs: this run alone may not hold the columns it reads;
-            # then kept/dropped are still shown, only the "passed the expression" split is not
+        if text:
+            # a selection joined over several runs, or over stages the report does not show: the
+            # columns it read may not be here; then kept/dropped are still shown, only the "passed
+            # the expression" split is not
             try:
                 parse_expression(text, schema)
             except ValueError:

@@ -45,6 +45,25 @@ def flag_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if f.name not in NOT_SCORES and pa.types.is_boolean(f.type)]
 
 
+#: a text column that says why a flag is false (``rules_failed``: "min_words,language"), shown
+#: beside the scores by default
+REASON_SUFFIX = "_failed"
+
+
+def reason_columns(schema: pa.Schema) -> list[str]:
+    """Text columns that explain a flag (``rules_failed`` beside ``rules_ok``), in table order."""
+    return [f.name for f in schema if f.name not in NOT_SCORES and f.name.endswith(REASON_SUFFIX) and _is_text(f.type)]
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def is_numeric(dtype: pa.DataType) -> bool:
+    """Columns a scan reads as numbers (ints, floats, bools); the others are shown as they are."""
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
 @dataclass
 class PairRef:
     """One row of a score table: identity, the values shown beside it, its error."""
@@ -73,7 +92,13 @@ class Batch:
     def __init__(self, batch: pa.RecordBatch, first_row: int, value_columns: Sequence[str]):
         self.arrow = batch
         self.first_row = first_row
-        self.values = {name: _as_float(batch.column(name)) for name in value_columns if name in batch.schema.names}
+        names = batch.schema.names
+        # numbers and flags as float arrays; any other column (text: rules_failed) is read per row
+        self.values = {
+            name: _as_float(batch.column(name))
+            for name in value_columns
+            if name in names and is_numeric(batch.schema.field(name).type)
+        }
         self.flags = {name for name in self.values if pa.types.is_boolean(batch.schema.field(name).type)}
         self.num_rows = batch.num_rows
 
@@ -87,7 +112,8 @@ class Batch:
                 value = self.values[name][i]
                 values[name] = None if np.isnan(value) else (bool(value) if name in self.flags else float(value))
             elif name in self.arrow.schema.names:
-                values[name] = self.scalar(name, i)
+                value = self.scalar(name, i)
+                values[name] = value if value != "" else None  # rules_failed is "" where nothing failed
         return PairRef(
             uid=self.scalar("uid", i),
             shard=self.scalar("shard", i),
@@ -369,3 +395,25 @@ class MatchCollector:
         self.matched += batch.num_rows
         for i in range(min(batch.num_rows, self.limit - len(self.rows))):
             self.rows.append(batch.ref(i, self.shown))
+
+
+class ReasonCollector:
+    """How often each reason appears in the text columns that explain a flag (``rules_failed``:
+    comma-separated rule names), so the report says which rule failed how often."""
+
+    def __init__(self, columns: Sequence[str]):
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in columns}
+
+    def update(self, batch: Batch) -> None:
+        for name, counts in self.counts.items():
+            column = batch.arrow.column(name)
+            items = pc.list_flatten(pc.split_pattern(column.drop_null(), ","))
+            for entry in pc.value_counts(items).to_pylist():
+                if entry["values"]:
+                    counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+
+    def for_flag(self, flag: str) -> dict[str, int]:
+        """The reasons of the flag's scorer (rules_ok -> rules_failed), most frequent first."""
+        prefix = flag.rsplit("_", 1)[0]
+        counts = self.counts.get(prefix + REASON_SUFFIX, {})
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

@@ -31,8 +31,15 @@ def quantile_table(profile: ColumnProfile) -> Table:
     table.add_column("quantile", justify="right")
     table.add_column("value", justify="right")
     table.add_column("kept at >=", justify="right")
+    table.add_column("pairs", justify="right")
     for q, value in profile.quantiles(DEFAULT_QUANTILES).items():
-        table.add_row(f"{q * 100:g}%", format_number(value), f"{profile.kept_fraction(value):.1%}")
+        kept = profile.kept_count(value)  # counted: every row at the value is kept, ties included
+        table.add_row(
+            f"{q * 100:g}%",
+            format_number(value),
+            f"{profile.kept_fraction(value):.1%}",
+            "" if kept is None else str(kept),
+        )
     return table
 
 

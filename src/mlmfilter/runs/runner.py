@@ -47,6 +47,9 @@ class StageSummary:
     seconds: float
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)  # hints for the user (e.g. which input flag to pass)
+    #: the shards this invocation covered (done now or before): a partition's or a subset's own pairs,
+    #: where ``stats`` counts every job's
+    job_stats: ShardStats | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,6 +70,7 @@ class StageSummary:
             "shards_skipped": list(self.shards_skipped),
             "shards_failed": dict(self.shards_failed),
             "stats": {"shards_done": self.stats.shards, **self.stats.to_json()},
+            **({"job_stats": self.job_stats.to_json()} if self.job_stats is not None else {}),
             "provenance": self.provenance,
             "seconds": self.seconds,
             "interrupted": self.interrupted,
@@ -151,6 +155,10 @@ def run_stage(
         with RunProgress(stage.name, len(tasks), enabled=show_progress, sources=[t.source for t in tasks]) as progress:
             report: ExecutionReport = executor.run(tasks, stage, fingerprint, progress)
         stats = stage_folder.write_merged_stats()
+        covered = {*report.completed, *(s.id for s in skipped)}
+        job_stats = ShardStats.total(
+            part for part in (stage_folder.read_stats(sid) for sid in sorted(covered)) if part is not None
+        )
     return StageSummary(
         run_url=folder.url,
         stage=stage.name,
@@ -162,6 +170,7 @@ def run_stage(
         provenance=provenance,
         seconds=report.seconds,
         interrupted=report.interrupted,
+        job_stats=job_stats,
     )
 
 

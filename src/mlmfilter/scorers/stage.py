@@ -33,6 +33,15 @@ class ScorerSpec(StageOptions):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _registry_case(cls, value: str) -> str:
+        """Scorer names in any case (``CLIP``, ``Rules``), as the registry spells them."""
+        from mlmfilter.scorers import REGISTRY
+
+        folded = value.strip().lower()
+        return folded if folded in REGISTRY else value
+
 
 def names_to_specs(value: Any) -> Any:
     """A recipe may list plain names (`scorers: [rules, clip]`): make them specs."""

@@ -3,9 +3,11 @@
     clip_score > 0.28 and rules_ok
     0.2 <= clip_score < 0.9 or (itm + odf) / 2 >= 85
     not rules_ok and error == "caption_not_utf8"
+    itm >= 60 and judge.rules_ok          (several stages of a run: a later stage's column of a name an
+                                           earlier stage has too is written stage.column)
 
 The text is parsed with Python's ``ast`` and only a whitelist is translated into a
-``pyarrow.compute.Expression``: column names, numbers, strings, True/False, comparisons
+``pyarrow.compute.Expression``: column names (``stage.column`` too), numbers, strings, True/False, comparisons
 (chains included), ``and``/``or``/``not``, ``+ - * /`` and unary minus. Nothing is ever evaluated
 by Python, so calls, attributes, subscripts and the like are rejected, not executed.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
@@ -58,10 +61,21 @@ _HINTS = {
     ast.Invert: "use 'not' instead of '~'",
     ast.Is: "use '==' instead of 'is'",
     ast.IsNot: "use '!=' instead of 'is not'",
-    ast.In: "'in' is not supported; combine comparisons with 'or'",
-    ast.NotIn: "'not in' is not supported; combine comparisons with 'and'",
 }
-_GRAMMAR = "allowed: column names, numbers, 'strings', True/False, comparisons, and/or/not, + - * /"
+_GRAMMAR = (
+    "allowed: column names, numbers, 'strings', True/False, comparisons (== != < <= > >=), "
+    "in / not in ('a', 'b'), and/or/not, + - * /"
+)
+#: SQL habits in a text Python cannot parse, with what to write instead
+_SQL_HINTS = (
+    (re.compile(r"\b(AND|OR|NOT)\b"), lambda m: f"write {m.group(1).lower()!r} in lower case"),
+    (re.compile(r"(?<![=<>!])=(?!=)"), lambda m: "compare with '==', not '='"),
+    (re.compile(r"<>"), lambda m: "write '!=' instead of '<>'"),
+    (
+        re.compile(r"\bIS\s+(NOT\s+)?NULL\b", re.I),
+        lambda m: "rows with missing values never pass: drop the IS NULL test",
+    ),
+)
 
 
 class ExpressionError(ValueError):
@@ -105,8 +119,23 @@ def expression_names(text: str) -> list[str]:
     """The names ``text`` reads, in order of first use, before any table is at hand to check them
     against (e.g. which of a judge's columns an enhancement's ``--where`` compares)."""
     tree = _parse(text)
-    names = [(n.lineno, n.col_offset, n.id) for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    names, inner = [], set()
+    for node in ast.walk(tree):  # outermost first: judge.itm is one name, not judge
+        name = _column_name(node)
+        if name is not None and id(node) not in inner:
+            names.append((node.lineno, node.col_offset, name))
+            inner.update(id(n) for n in ast.walk(node) if n is not node)
     return list(dict.fromkeys(name for _, _, name in sorted(names)))
+
+
+def _column_name(node: ast.AST) -> str | None:
+    """The column a name node reads: ``itm``, or a stage-qualified ``judge.itm``; None otherwise."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _column_name(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
 
 
 def passing_rows(table: pa.Table, text: str, columns: Sequence[str] | None = None) -> pa.Table:
@@ -122,7 +151,9 @@ def _parse(text: str) -> ast.Expression:
         return ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         where = f" at column {exc.offset}" if exc.offset else ""
-        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}") from None
+        hints = [hint(m) for pattern, hint in _SQL_HINTS for m in [pattern.search(text)] if m]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}{hint}") from None
 
 
 def column_kind(name: str, dtype: pa.DataType) -> str:
@@ -151,8 +182,16 @@ class _Translator:
             raise ExpressionError(f"{_describe(node)} is not allowed in selection expressions ({_GRAMMAR})")
         return handler(node)
 
+    def visit_Attribute(self, node: ast.Attribute) -> tuple[pc.Expression, str]:
+        name = _column_name(node)  # a stage-qualified column: judge.itm
+        if name is None or (name not in self.columns and _column_name(node.value) in self.columns):
+            raise ExpressionError(f"{_describe(node)} is not allowed in selection expressions ({_GRAMMAR})")
+        return self._column(name)
+
     def visit_Name(self, node: ast.Name) -> tuple[pc.Expression, str]:
-        name = node.id
+        return self._column(node.id)
+
+    def _column(self, name: str) -> tuple[pc.Expression, str]:
         if name not in self.columns:
             raise ExpressionError(_unknown_column_message(name, self.columns))
         kind = column_kind(name, self.columns[name])
@@ -208,6 +247,11 @@ class _Translator:
         result = None
         left_node = node.left
         for op, right_node in zip(node.ops, node.comparators):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                term = self._membership(left_node, right_node, isinstance(op, ast.NotIn))
+                result = term if result is None else pc.and_kleene(result, term)
+                left_node = right_node
+                continue
             compare = _COMPARISONS.get(type(op))
             if compare is None:
                 raise ExpressionError(_HINTS.get(type(op), f"the comparison in {_describe(node)} is not allowed"))
@@ -224,12 +268,36 @@ class _Translator:
             left_node = right_node
         return result, BOOL
 
+    def _membership(self, left: ast.AST, right: ast.AST, negate: bool) -> pc.Expression:
+        """``error in ('empty_caption', 'truncated_image')``: a column against literal values."""
+        word = "not in" if negate else "in"
+        if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
+            raise ExpressionError(f"'{word}' takes literal values in brackets, e.g. error {word} ('a', 'b')")
+        expression, kind = self.visit(left)
+        values = []
+        for element in right.elts:
+            number = _number_literal(element)
+            if number is not None:
+                values.append((number, NUMBER))
+            elif isinstance(element, ast.Constant) and isinstance(element.value, (str, bool)):
+                values.append((element.value, BOOL if isinstance(element.value, bool) else STRING))
+            else:
+                raise ExpressionError(f"'{word}' takes literal values only, not {ast.unparse(element)!r}")
+        if not values:
+            raise ExpressionError(f"'{word}' needs at least one value")
+        wrong = [v for v, k in values if k != kind]
+        if wrong:
+            raise ExpressionError(f"cannot compare {ast.unparse(left)} ({kind}) with {wrong[0]!r} in '{word}'")
+        member = pc.is_in(expression, value_set=pa.array([v for v, _ in values]))
+        return pc.invert(member) if negate else member
+
     def _operand(self, node: ast.AST, other: ast.AST) -> tuple[pc.Expression, str]:
         """A number compared with a float32 column is read as float32, as numpy does: otherwise
         ``clip_score >= 0.39`` would miss the stored 0.39 (0.38999998 once widened to float64)."""
         value = _number_literal(node)
-        if value is not None and isinstance(other, ast.Name) and other.id in self.columns:
-            dtype = self.columns[other.id]
+        column = _column_name(other)
+        if value is not None and column in self.columns:
+            dtype = self.columns[column]
             if pa.types.is_floating(dtype) and dtype.bit_width < 64:
                 return pc.scalar(pa.scalar(value, pa.float32())), NUMBER
         return self.visit(node)
@@ -277,6 +345,7 @@ def _unknown_column_message(name: str, columns: Mapping[str, pa.DataType]) -> st
     if name in ("true", "false"):
         return f"unknown name {name!r}: write {name.capitalize()}"
     available = sorted(columns)
-    close = difflib.get_close_matches(name, available, n=3)
+    qualified = [c for c in available if c.endswith("." + name)]  # in a later stage of the run
+    close = qualified or difflib.get_close_matches(name, available, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown column {name!r}.{hint} Available columns: {', '.join(available)}"

@@ -11,6 +11,8 @@ another, the MLM judge in a third, possibly over different but overlapping input
 * **The pool is the union of the runs' uids**: the first run's rows plus the uids only other
   runs hold. A fraction is of that pool. A row passes only when its uid is in *every* run;
   pool rows missing from a run are counted per run (``missing`` in selection.json).
+* **Stages of one run** (``--stage score,judge``) are joined the same way; a column two stages
+  hold keeps its plain name in the first stage named and is ``stage.column`` in the later ones.
 * **Column names**: ``uid``, ``uid_f0``/``uid_f1``, ``shard``, ``key`` (from the first run),
   ``error``/``error_detail`` (the first run's error, else the next run's that has one: a pair
   that failed anywhere shows why) and ``skipped`` (skipped in any run) are shared. Every other
@@ -55,9 +57,13 @@ class JoinStats:
 class JoinedTables:
     """The runs' tables as the selection sees one run's (same members as ``ScoreTables``)."""
 
-    def __init__(self, tables: Sequence[Any], names: Sequence[str | None]):
+    def __init__(self, tables: Sequence[Any], names: Sequence[str | None], *, stages: Sequence[str] | None = None):
+        """``stages``: the parts are stages of one run (their names, in order): a column keeps its
+        plain name in the first stage that has it and is ``stage.column`` in the later ones,
+        instead of a clash being refused."""
         self.parts = list(tables)
         self.names = list(names)
+        self.stages = list(stages) if stages is not None else None
         first = self.parts[0]
         self.run_dir = first.run_dir
         self.files = [f for part in self.parts for f in part.files]
@@ -75,6 +81,8 @@ class JoinedTables:
                         fields.setdefault(f.name, f)
                     continue
                 exposed = f"{self.names[index]}_{f.name}" if self.names[index] else f.name
+                if exposed in self.sources and self.stages is not None:
+                    exposed = qualified_name(self.stages[index], f.name)
                 if exposed in self.sources:
                     other = self.sources[exposed][0]
                     raise ValueError(_clash_message(exposed, self.label(other), self.label(index)))
@@ -90,6 +98,8 @@ class JoinedTables:
         self._lookups: list | None = None
 
     def label(self, index: int) -> str:
+        if self.stages is not None:
+            return f"stage {self.stages[index]}"
         name = self.names[index]
         return f"{name}={self.parts[index].run_dir}" if name else str(self.parts[index].run_dir)
 
@@ -163,6 +173,7 @@ class JoinedTables:
             {
                 "run_dir": str(part.run_dir),
                 "name": self.names[index],
+                **({"stage": self.stages[index]} if self.stages is not None else {}),
                 "columns": sorted(n for n, (i, _) in self.sources.items() if i == index),
                 "completeness": part.completeness.to_json(),
                 "score_files": len(part.files),
@@ -273,6 +284,12 @@ def _argsort_halves(halves: np.ndarray) -> np.ndarray:
         run_rows = order[in_run]
         order[in_run] = run_rows[np.lexsort((run_rows, halves["f1"][run_rows], halves["f0"][run_rows]))]
     return order
+
+
+def qualified_name(stage: str, column: str) -> str:
+    """A column of a later stage of one run that an earlier stage has too: ``judge.rules_ok``
+    (expressions read it as written)."""
+    return f"{stage}.{column}"
 
 
 def _clash_message(column: str, first: str, second: str) -> str:

@@ -52,9 +52,11 @@ import pyarrow.parquet as pq
 from mlmfilter import __version__
 from mlmfilter.io.uid import HALVES_DTYPE
 from mlmfilter.io.writers import AtomicFile
+from mlmfilter.runs.read import RunReader
 from mlmfilter.selection.expression import parse_expression
 from mlmfilter.selection.folder import SelectionFolder
 from mlmfilter.selection.join import JoinedTables
+from mlmfilter.selection.stages import resolve_stages, stage_names
 from mlmfilter.selection.subset import SubsetAccumulator, UidLists
 from mlmfilter.selection.tables import BATCH_ROWS, DEFAULT_STAGE, ScoreTables, SelectionError
 from mlmfilter.selection.topk import DEFAULT_CANDIDATE_CAP, RadixTopK, ScoreBatch, ScoreKeys, TopKThreshold, top_k_mask
@@ -123,11 +125,12 @@ class SelectionResult:
         }
 
     def summary(self) -> str:
-        runs = f" of {len(self.runs)} runs" if self.runs else ""
+        what = "stage" if self.runs and "stage" in self.runs[0] else "run"
+        runs = f" of {len(self.runs)} {what}s" if self.runs else ""
         lines = [f"read {self.read} rows from {self.files} score files{runs} ({sum(self.errors.values())} errored)"]
         if self.runs:
             missing = ", ".join(f"{n} from {run}" for run, n in self.missing.items() if n)
-            lines.append(f"{self.in_every_run} rows are in every run" + (f"; missing: {missing}" if missing else ""))
+            lines.append(f"{self.in_every_run} rows are in every {what}" + (f"; missing: {missing}" if missing else ""))
         lines.append(
             f"kept {self.kept}"
             + (f" of target {self.target}" if self.target is not None else "")
@@ -153,7 +156,7 @@ def select_run(
     by: str | None = None,
     ascending: bool = False,
     *,
-    stage: str = DEFAULT_STAGE,
+    stage: str | Sequence[str] = DEFAULT_STAGE,
     allow_incomplete: bool = False,
     intersect: Sequence[str | Path] = (),
     union: Sequence[str | Path] = (),
@@ -165,7 +168,9 @@ def select_run(
     ``run_dir`` is one run folder, or several (a list; an item ``(name, path)`` prefixes that
     run's columns with ``name_``), joined on uid. ``ascending=True`` keeps the lowest ``by``
     values instead of the highest. ``candidate_cap`` bounds the rows the exact top-k holds in
-    memory for its final sort. ``stage`` names the scoring stage to read (in every run);
+    memory for its final sort. ``stage`` names the scoring stage to read (in every run), or
+    several stages of one run joined on uid (``"score,judge"``, ``"all"``: see
+    :mod:`mlmfilter.selection.stages`);
     ``allow_incomplete`` selects from runs some of whose shards are not done (the result records
     it). ``intersect`` / ``union``: external uid lists (``.npy``), applied after the selection.
     """
@@ -173,15 +178,24 @@ def select_run(
     output_dir = Path(output_dir)
     folder = SelectionFolder(output_dir)
     specs = _run_specs(run_dir)
-    parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
-    for part in parts:
-        _check_complete(part, stage, allow_incomplete)
+    stages = _stages(specs, stage)
+    if len(stages) > 1:  # stages of one run, joined on uid (a cascade: score, then judge)
+        parts = [ScoreTables(specs[0][1], batch_rows, name) for name in stages]
+    else:
+        parts = [ScoreTables(path, batch_rows, stages[0]) for _, path in specs]
+    for part, name in zip(parts, stages if len(stages) > 1 else stages * len(parts)):
+        _check_complete(part, name, allow_incomplete)
     try:
         uid_lists = UidLists(intersect, union)  # malformed files are refused before anything is read
     except ValueError as exc:
         raise SelectionError(str(exc)) from None
     try:
-        tables = parts[0] if len(parts) == 1 and specs[0][0] is None else JoinedTables(parts, [n for n, _ in specs])
+        if len(stages) > 1:
+            tables = JoinedTables(parts, [None] * len(parts), stages=stages)
+        elif len(parts) == 1 and specs[0][0] is None:
+            tables = parts[0]
+        else:
+            tables = JoinedTables(parts, [n for n, _ in specs])
     except ValueError as exc:  # a column clash
         raise SelectionError(str(exc)) from None
     joined = isinstance(tables, JoinedTables)
@@ -189,7 +203,8 @@ def select_run(
     completeness = parts[0].completeness.to_json()
     arguments = {
         "run_dir": str(run_dir),
-        "stage": stage,
+        "stage": stage if isinstance(stage, str) else ",".join(stage),
+        "stages": stages,
         "expression": expression,
         "top_fraction": top_fraction,
         "by": by,
@@ -201,6 +216,7 @@ def select_run(
     if joined:
         arguments["runs"] = [f"{name}={path}" if name else str(path) for name, path in specs]
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
+    replaced = _previous_selection(folder)
     counts = _Counts()
     with _KeptOutputs(folder, tables, plan.output_columns, uid_lists) as outputs:
         if plan.top_fraction is None:
@@ -208,7 +224,7 @@ def select_run(
         else:
             passes, threshold = _keep_top_fraction(tables, plan, counts, outputs, candidate_cap)
 
-    notes = []
+    notes = [replaced] if replaced else []
     if outputs.unique_uids != outputs.rows:
         notes.append(
             f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids"
@@ -275,6 +291,39 @@ def _run_specs(run_dir: Any) -> list[tuple[str | None, str | Path]]:
     return specs
 
 
+def _previous_selection(folder: SelectionFolder) -> str | None:
+    """What the selection this one replaces had chosen, said in the summary (never silently)."""
+    if not folder.exists():
+        return None
+    try:
+        summary = folder.summary()
+    except (OSError, ValueError):
+        return f"replaced the earlier selection in {folder.url}"
+    arguments = summary.get("arguments") or {}
+    how = [f"--where {arguments['expression']!r}"] if arguments.get("expression") else []
+    if arguments.get("top_fraction") is not None:
+        how.append(f"--top-fraction {arguments['top_fraction']} --by {arguments.get('by')}")
+    kept = (summary.get("counts") or {}).get("kept")
+    return (
+        f"replaced the earlier selection in {folder.url} (kept {kept}"
+        + (f", {' '.join(how)}" if how else "")
+        + "); -o DIR keeps several side by side"
+    )
+
+
+def _stages(specs: list[tuple[str | None, str | Path]], stage: str | Sequence[str]) -> list[str]:
+    """The stages to read: one (of every run), or several of one run (``score,judge``, ``all``)."""
+    names = stage_names(stage)
+    if names is not None and len(names) == 1:
+        return names
+    if len(specs) > 1 or specs[0][0] is not None:
+        raise SelectionError(
+            f"--stage {stage if isinstance(stage, str) else ','.join(stage)} joins stages of one run; "
+            "with several runs give one stage (the same in every run)"
+        )
+    return resolve_stages(RunReader(specs[0][1]), names)
+
+
 def _check_complete(tables: "ScoreTables", stage: str, allow_incomplete: bool) -> None:
     done = tables.completeness
     if not done.complete and not allow_incomplete:
@@ -311,10 +360,11 @@ class _Plan:
                 raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
             if by is None:
                 raise SelectionError(
-                    f"top_fraction needs `by`, the column to rank by; score columns: {_score_columns(tables)}"
+                    "--top-fraction needs --by COLUMN, the column to rank by (top_fraction needs `by`); "
+                    f"score columns: {', '.join(_score_columns(tables))}"
                 )
         elif by is not None:
-            raise SelectionError("`by` ranks rows for top_fraction; give top_fraction too, or drop `by`")
+            raise SelectionError("--by ranks rows for --top-fraction; give --top-fraction too, or drop --by")
 
         passed, expression_columns = pc.scalar(True), []
         if expression is not None:
