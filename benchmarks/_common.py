@@ -18,7 +18,10 @@ CLIP_TOKENIZER_DIR = SHARED / "models" / "clip-tokenizer"
 
 def require(path: Path) -> Path:
     if not path.exists():
-        sys.exit(f"benchmark data missing: {path} (the benchmarks need ../shared beside the project root)")
+        sys.exit(
+            f"benchmark data missing: {path} (the benchmarks read ../shared beside the project root: "
+            "data/flickr8k_dev with captions.tsv and images/, models/clip-tokenizer; see each benchmark's --help)"
+        )
     return path
 
 

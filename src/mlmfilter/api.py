@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import Field, field_validator
 
@@ -46,6 +47,61 @@ if TYPE_CHECKING:
     from mlmfilter.training.train import TrainOptions, TrainResult
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """No transformers / huggingface_hub tqdm bars ("Loading weights", "Writing model shards") on a
+    caller's terminal during a verb: this process's and its workers' (they read the variable when they
+    import the libraries). A user's own HF_HUB_DISABLE_PROGRESS_BARS wins; the state before is restored."""
+    variable = os.environ.get(_BARS_VARIABLE)
+    if variable is not None and variable.strip().lower() in ("0", "false", "no", "off", ""):
+        yield  # the user asked for the bars
+        return
+    os.environ[_BARS_VARIABLE] = "1"
+    enabled_before = {name: _bars_enabled(name) for name in ("transformers", "huggingface_hub")}
+    for name in enabled_before:
+        _set_bars(name, False)
+    try:
+        yield
+    finally:
+        if variable is None:
+            os.environ.pop(_BARS_VARIABLE, None)
+        for name, enabled in enabled_before.items():
+            _set_bars(name, variable is None if enabled is None else enabled)
+
+
+_BARS_VARIABLE = "HF_HUB_DISABLE_PROGRESS_BARS"
+
+
+def _bars_enabled(library: str) -> bool | None:
+    """Whether the library shows bars now; None when it is not imported yet (then it will, by default)."""
+    import sys
+
+    if library not in sys.modules:
+        return None
+    if library == "transformers":
+        from transformers.utils import logging as transformers_logging
+
+        return transformers_logging.is_progress_bar_enabled()
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    return not are_progress_bars_disabled()
+
+
+def _set_bars(library: str, enabled: bool) -> None:
+    import sys
+
+    if library not in sys.modules:
+        return
+    if library == "transformers":
+        from transformers.utils import logging as transformers_logging
+
+        (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    else:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if enabled else disable_progress_bars)()
 
 
 # -- score ------------------------------------------------------------------------------------------
@@ -144,17 +200,18 @@ def score(
         if go_offline_if_unreachable():
             log.info("the Hugging Face hub is not reachable: models load from the local cache only")
     stage = ScoringStage(config.scoring_options(decode_workers=decode_workers), name=config.stage)
-    summary = run_stage(
-        config.output,
-        stage,
-        sources=sources,
-        inputs=[_absolute_spec(spec) for spec in config.inputs],
-        read_options=config.read_options(),
-        executor=_executor(config, workers),
-        overwrite="run" if overwrite else False,
-        show_progress=show_progress,
-        partition=partition,
-    )
+    with _library_bars_off():  # transformers' "Loading weights" bars: here and in the workers
+        summary = run_stage(
+            config.output,
+            stage,
+            sources=sources,
+            inputs=[_absolute_spec(spec) for spec in config.inputs],
+            read_options=config.read_options(),
+            executor=_executor(config, workers),
+            overwrite="run" if overwrite else False,
+            show_progress=show_progress,
+            partition=partition,
+        )
     for hint in _layout_hints(summary, config.read):  # once per shard none of whose pairs could be read
         log.debug(hint)  # the summary's notes carry it (the CLI prints them): not twice on the terminal
         notes.append(hint)
@@ -339,9 +396,13 @@ def enhance(
     options = options.model_copy(update={"judge": [ScorerSpec(**spec) for spec in judge]})
     reader = RunReader(run)
     parse_expression(options.where, {f.name: f.type for f in reader.schema(options.source_stage)})  # fail early
-    return run_stage(
-        run, EnhanceStage(options, name=stage), overwrite="stage" if overwrite else False, show_progress=show_progress
-    )
+    with _library_bars_off():
+        return run_stage(
+            run,
+            EnhanceStage(options, name=stage),
+            overwrite="stage" if overwrite else False,
+            show_progress=show_progress,
+        )
 
 
 # -- teach a judge ----------------------------------------------------------------------------------
@@ -717,7 +778,8 @@ def convert_checkpoint(
     its config.json) into a folder transformers loads; ``src`` is a folder or a hub id. Returns (layout, folder)."""
     from mlmfilter.convert.detect import convert_checkpoint as convert
 
-    return convert(src, dst, dtype=dtype, vision_tower=vision_tower)
+    with _library_bars_off():
+        return convert(src, dst, dtype=dtype, vision_tower=vision_tower)
 
 
 def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:

@@ -213,6 +213,10 @@ def test_the_convert_command_and_its_hidden_convert_llava_alias_write_what_the_l
     result = runner.invoke(app, ["convert", src, str(tmp_path / "convert"), "--vision-tower", tower])
     assert result.exit_code == 0, result.output
     assert f"llava-1.5 checkpoint converted to {tmp_path / 'convert'}" in result.output.replace("\n", "")
+    # the libraries' bars and warnings stay off the terminal; the log beside the folder keeps what was said
+    assert "Loading weights" not in result.output and "Writing model shards" not in result.output
+    log = (tmp_path / "convert.log").read_text()
+    assert "converted pytorch_model-00001-of-00002.bin" in log and str(tmp_path / "convert.log") in result.output
     result = runner.invoke(app, ["convert-llava", src, str(tmp_path / "alias"), "--vision-tower", tower])
     assert result.exit_code == 0, result.output
     assert "converted checkpoint written to" in result.output

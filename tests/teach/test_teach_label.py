@@ -249,3 +249,26 @@ def test_other_settings_or_new_pairs_are_refused_unless_relabel(tmp_path, flickr
     rows = pq.read_table(folder.path / "labels.parquet").to_pylist()
     assert [r["key"] for r in rows] == ["k0", "k0", "k1", "k1"] and all(r["error"] is None for r in rows)
     assert_no_secret_under(folder.path)
+
+
+def test_a_rerun_that_sends_nothing_keeps_the_recorded_counts(tmp_path, flickr_pairs, monkeypatch):
+    from mlmfilter.cli.app import app
+
+    monkeypatch.setenv("TEACH_KEY", SECRET)
+    folder = teach_folder(tmp_path, flickr_pairs, ["A dog runs on grass .", "Two girls play ."])
+    runner = CliRunner()
+    with FaultServer() as server:
+        args = ["teach", "label", str(folder.path), "--model", "teacher-vlm", "--metrics", "itm,odf"]
+        args += ["--base-url", server.base_url, "--api-key-env", "TEACH_KEY"]
+        first = runner.invoke(app, args)
+        assert first.exit_code == 0, first.output
+        sent = server.requests
+        assert sent == 4 and "requests 4," in first.output and "all runs" not in first.output
+        again = runner.invoke(app, args)  # everything is done and cached: nothing is sent
+        assert again.exit_code == 0, again.output
+        assert server.requests == sent
+    flat = " ".join(again.output.split())
+    assert "requests 0," in flat and "all runs: requests 4," in flat
+    label = folder.manifest()["label"]
+    assert label["stats"]["requests"] == 0  # this run's, shown apart
+    assert label["total"]["requests"] == 4 and label["total"]["answered"] == 4  # not overwritten with zeros

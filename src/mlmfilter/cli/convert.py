@@ -12,6 +12,13 @@ import typer
 from mlmfilter.cli.common import console, setup_logging, user_errors
 
 
+def convert_log_path(dst: Path) -> Path:
+    """The converted folder holds the model's files only (its content hash is its identity): the log
+    of the conversion lies beside it, ``DST.log``."""
+    dst = Path(dst).expanduser().absolute()
+    return dst.parent / f"{dst.name}.log"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
@@ -24,15 +31,23 @@ def register(app: typer.Typer) -> None:
             help="Vision tower id/path (default: the one config.json names, e.g. google/siglip-so400m-patch14-384).",
         ),
         dtype: str = typer.Option("auto", help="auto (keep), fp32, bf16, fp16."),
+        verbose: bool = typer.Option(
+            False, "--verbose", "-v", help="Show the libraries' warnings and load reports (always in DST.log)."
+        ),
     ) -> None:
         """Convert a released MLM-Filter judge or AITQE from its original layout (detected from config.json)."""
         from mlmfilter import api
+        from mlmfilter.cli.quiet import library_log
         from mlmfilter.judge.registry import identify, read_config
 
-        with user_errors():
+        setup_logging(verbose)
+        log_path = convert_log_path(dst)
+        with user_errors(), library_log(log_path, verbose):
             layout, out = api.convert_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
             judge = identify(read_config(str(out)) or {})
         console.print(f"{layout} checkpoint converted to {out}")
+        if log_path.exists() and log_path.stat().st_size:
+            console.print(f"log (library warnings and load reports too): {log_path}")
         if judge is not None:
             console.print(f"released judge: {judge.key}; trained with {judge.trained.as_dict()}")
 

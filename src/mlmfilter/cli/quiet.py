@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 #: loggers whose records below ERROR stay off the terminal without -v (the log file keeps them)
 THIRD_PARTY_LOGGERS = frozenset(
@@ -64,3 +67,32 @@ def quiet_third_party(console_handler: logging.Handler, verbose: bool) -> None:
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # worker processes inherit these
     console_handler.addFilter(ThirdPartyFilter())
+
+
+@contextmanager
+def library_log(path: Path, verbose: bool) -> Iterator[Path]:
+    """For a command without a run folder (``convert``): the libraries' warnings, load reports and
+    advice go to the log file ``path`` (made only when something is written), and to the terminal too
+    with ``verbose``. transformers' records reach it through the root logger instead of its own
+    stderr handler, for the length of the command."""
+    import transformers.utils.logging as transformers_logging
+
+    handler = logging.FileHandler(path, delay=True, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, root_level = transformers_logging.get_verbosity(), root.level
+    root.addHandler(handler)
+    root.setLevel(min(root_level or logging.WARNING, logging.INFO))  # the file has mlmfilter's info lines
+    transformers_logging.set_verbosity_warning()  # its warnings and load reports: into the file
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    try:
+        yield path
+    finally:
+        transformers_logging.set_verbosity(level)
+        transformers_logging.disable_propagation()
+        transformers_logging.enable_default_handler()
+        root.removeHandler(handler)
+        root.setLevel(root_level)
+        handler.close()

@@ -203,6 +203,12 @@ def label(
         f"cache hits {stats['cache_hits']}, retries {stats['retries']}, tokens "
         f"{stats['prompt_tokens']}+{stats['completion_tokens']}"
     )
+    total = info.get("total") or stats
+    if total != stats:  # an earlier run asked too: what the folder's labels cost in all
+        console.print(
+            f"all runs: requests {total['requests']}, cache hits {total['cache_hits']}, retries {total['retries']}, "
+            f"tokens {total['prompt_tokens']}+{total['completion_tokens']}"
+        )
 
 
 @teach_app.command("balance")

@@ -86,10 +86,11 @@ def train(
     with user_errors():
         result = api.train(data, output, options)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
-    first, last = (result.losses[0][1], result.losses[-1][1]) if result.losses else (float("nan"), float("nan"))
+    first, last = result.first_loss, result.last_loss
+    loss = f"loss {first:.3f} -> {last:.3f}" if first is not None and last is not None else "no step trained now"
     console.print(
         f"trained {result.examples} examples to step {result.global_step}{resumed} in {result.seconds:.0f} s "
-        f"(loss {first:.3f} -> {last:.3f}); skipped: {result.skipped or 'none'}"
+        f"({loss}); skipped: {result.skipped or 'none'}"
     )
     console.print(
         f"judge written to {result.output}: mlmfilter score SHARDS -o RUN --scorer mlm --model {result.output}"

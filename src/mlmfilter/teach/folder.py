@@ -189,6 +189,7 @@ class TeachFolder:
             rewrites, rewrite_stats = rewrites
             stats = stats + rewrite_stats
         api_key_source = resolve_api_key(client_options.api_key_env, client_options.api_key_file).source
+        this_run = _request_counts(stats)
         info = {
             **stage.requests.identity(),
             "client": client_options.describe(),
@@ -199,7 +200,8 @@ class TeachFolder:
             "rows": outcome.rows,
             "ok": outcome.ok,
             "errors": dict(outcome.errors),
-            "stats": _request_counts(stats),
+            "stats": this_run,  # this invocation's requests
+            "total": _add_counts(self.manifest().get("label"), this_run),  # every run's, this one included
             "shards_skipped": list(summary.shards_skipped),
         }
         if rewrites is not None:
@@ -406,6 +408,13 @@ def _outcome(table: pa.Table) -> ShardStats:
 
 def _request_counts(stats: ShardStats) -> dict[str, int]:
     return {name: int(stats.counters.get(name, 0)) for name in REQUEST_COUNTERS}
+
+
+def _add_counts(previous: dict[str, Any] | None, this_run: dict[str, int]) -> dict[str, int]:
+    """The requests of every `teach label` of the folder: the earlier runs' total (a record from before
+    totals were kept: its one run's counts) plus this run's. A run that sends nothing keeps the total."""
+    before = (previous or {}).get("total") or (previous or {}).get("stats") or {}
+    return {name: int(before.get(name, 0)) + count for name, count in this_run.items()}
 
 
 def _slug(model: str) -> str:

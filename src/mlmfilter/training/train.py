@@ -122,6 +122,17 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as logged
     seconds: float = 0.0
     record: TrainedFormat | None = None
+    #: (step, mean loss of its batches) of every step this process trained, logged or not
+    step_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float | None:
+        """The loss of the first step trained here (measured at every step, whatever logging_steps)."""
+        return self.step_losses[0][1] if self.step_losses else (self.losses[0][1] if self.losses else None)
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.step_losses[-1][1] if self.step_losses else (self.losses[-1][1] if self.losses else None)
 
 
 def require_training_extra() -> None:
@@ -216,6 +227,7 @@ def train(data: list[str | Path] | str | Path, output: str | Path, options: Trai
         losses,
         time.perf_counter() - started,
         record,
+        trainer.step_losses(),
     )
     _write_summary(out, result, trainer)
     return result
@@ -282,6 +294,8 @@ def _write_summary(out: Path, result: TrainResult, trainer: Any) -> None:
         "examples": result.examples,
         "skipped": result.skipped,
         "losses": result.losses,
+        "first_loss": result.first_loss,
+        "last_loss": result.last_loss,
         "seconds_this_process": round(result.seconds, 1),
     }
     (out / RECORDS / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -421,7 +435,19 @@ def _judge_sft_trainer(sft_trainer: type) -> type:
     class JudgeSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            out = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if model.training:  # every batch's loss, kept on its device (no sync per step)
+                loss = out[0] if return_outputs else out
+                self.__dict__.setdefault("_batch_losses", []).append((self.state.global_step + 1, loss.detach()))
+            return out
+
+        def step_losses(self) -> list[tuple[int, float]]:
+            """(step, mean loss of its batches) for every step trained in this process. The loss of a
+            batch is what the optimizer saw, whatever ``logging_steps`` (a 4-step run logs none at 5)."""
+            by_step: dict[int, list[float]] = {}
+            for step, loss in self.__dict__.get("_batch_losses", []):
+                by_step.setdefault(step, []).append(float(loss))
+            return [(step, sum(values) / len(values)) for step, values in sorted(by_step.items())]
 
     return JudgeSFTTrainer
 
