@@ -735,6 +735,13 @@ def reshard(
     folder = SelectionFolder(Path(selection))
     run = RunReader(folder.run_dir())
     sources = run.sources()
+    imported = [s.url for s in sources.values() if s.url.startswith("imported:")]
+    if imported and len(imported) == len(sources):
+        raise ReshardError(
+            f"{folder.run_dir()} was imported from score files without its shards (`mlmfilter import` without "
+            "--shards): it has no images or captions to write. Import again with --shards 'SHARDS/*.tar' "
+            "(the tars the scores describe), then select and reshard"
+        )
     piped = [s.url for s in sources.values() if s.is_pipe]
     if piped and not allow_pipe:
         raise ReshardError(

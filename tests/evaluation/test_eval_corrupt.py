@@ -104,3 +104,19 @@ def test_a_pixel_scorer_sees_each_image_with_every_caption(tmp_path, shard, tiny
     cosine = report["columns"]["clip_cosine"]
     assert cosine["other_caption"]["n"] == 4 and cosine["truncate"]["n"] == 4
     assert cosine["all"]["tie_rate"] < 1.0  # another caption, another text embedding
+
+
+def test_a_judges_readout_diagnostics_are_not_taken_for_detectors(tmp_path, shard, smollm2_cache_dir):
+    from tests.support.mlm import tiny_model_dir
+
+    judge = str(tiny_model_dir("llava", smollm2_cache_dir))
+    out = tmp_path / "corrupt.json"
+    args = ["eval", "corrupt", str(shard), "--scorer", "mlm", "--model", judge, "--metrics", "itm", "--limit", "3"]
+    result = runner.invoke(app, [*args, "--kinds", "truncate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["columns"]) == ["itm"]  # itm_mass and itm_std say how sure the readout was, not the pair
+    assert "itm_mass" not in result.output and "itm_std" not in result.output
+    named = runner.invoke(app, [*args, "--kinds", "truncate", "--column", "itm_mass", "-o", str(out)])
+    assert named.exit_code == 0, named.output
+    assert list(json.loads(out.read_text())["columns"]) == ["itm_mass"]  # asked for by name: evaluated

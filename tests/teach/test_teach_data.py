@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -142,6 +143,11 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     report = json.loads((sampled.path / "balance.json").read_text())
     assert sorted(Counter(r["metric"] for r in balanced).items()) == [("itm", 20), ("odf", 20)]
     assert report["metrics"]["itm"]["after"] == even_allocation(report["metrics"]["itm"]["before"], 20)
+    # a table per metric: each score bin with its labels before and after, not bare lists
+    assert "itm: kept 20 of" in result.output and "[" not in result.output
+    rows = re.findall(r"^\s*(\d+) to (\d+)\s+(\d+)\s+(\d+)", result.output, re.M)
+    assert [int(r[2]) for r in rows[:5]] == report["metrics"]["itm"]["before"]
+    assert [int(r[3]) for r in rows[:5]] == report["metrics"]["itm"]["after"] and rows[0][:2] == ("0", "20")
 
     general = tmp_path / "llava_general.json"
     general.write_text(
@@ -201,6 +207,10 @@ def test_negatives_label_balance_export_round_trip(sampled, tmp_path, monkeypatc
     assert card["sample"]["options"]["clusters"] == 4 and card["label"]["options"]["model"] == "teacher"
     assert card["label"]["prompt_texts"]["template"] == template.text and card["export"]["options"]["mix_ratio"] == 1.5
     assert "## balance" in (out / "README.md").read_text()
+    for shared in ("card.json", "README.md"):  # a card is shared: no path of this machine in it
+        text = (out / shared).read_text()
+        assert str(tmp_path) not in text and str(sampled.path) not in text and "/tmp" not in text, shared
+    assert card["label"]["pairs_tables"][0] == "sample.parquet" and card["export"]["options"]["mix"] == general.name
 
 
 def info_kinds(negatives) -> dict[str, int]:

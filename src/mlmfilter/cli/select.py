@@ -74,3 +74,5 @@ def select(
         print_json(result.to_json())
     else:
         console.print(result.summary(), highlight=False)
+    if result.runs is not None and result.in_every_run == 0 and result.read:
+        raise typer.Exit(1)  # joined runs that share no pair: the empty selection is a mistake, not a result

@@ -220,15 +220,33 @@ def balance(
 ) -> None:
     """Sample evenly across score bins per metric; print histograms before and after."""
     from mlmfilter import api
-    from mlmfilter.teach.balance import BalanceOptions
+    from mlmfilter.teach.balance import BalanceOptions, bin_edges
 
     options = options_or_exit(BalanceOptions, target=target, bins=bins, seed=seed)
     with user_errors():
         report = api.teach_balance(folder, options)
     for metric, info in report["metrics"].items():
-        console.print(
-            f"{metric}: kept {info['kept']} of {info['labelled']}  before {info['before']}  after {info['after']}"
-        )
+        console.print(balance_table(metric, info, bin_edges(options)))
+
+
+def balance_table(metric: str, info: dict, edges: list[float]):
+    """One metric's labels per score bin, before and after balancing, as bars people can read."""
+    from rich import box
+    from rich.table import Table
+
+    from mlmfilter.report.terminal import bar
+
+    peak = max([*info["before"], 1])
+    table = Table(
+        title=f"{metric}: kept {info['kept']} of {info['labelled']} labels", box=box.SIMPLE_HEAD, title_justify="left"
+    )
+    table.add_column("score", justify="right")
+    table.add_column("labelled", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("", no_wrap=True)
+    for i, (before, after) in enumerate(zip(info["before"], info["after"])):  # bins [a, b), the last [a, b]
+        table.add_row(f"{edges[i]:g} to {edges[i + 1]:g}", str(before), str(after), bar(after / peak, 30))
+    return table
 
 
 @teach_app.command("export")

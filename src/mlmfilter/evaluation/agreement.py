@@ -51,10 +51,10 @@ class HumanAgreement:
         seed: int = 0,
         columns: Sequence[str] | None = None,
     ):
-        unknown = sorted(set(columns or ()) - set(scorer.columns))
+        unknown = sorted(set(columns or ()) - set(scorer.all_columns))
         if unknown:
             raise ValueError(
-                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}"
+                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.all_columns)}"
             )
         self.scorer = scorer
         self.columns = list(columns) if columns else scorer.columns

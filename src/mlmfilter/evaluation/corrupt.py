@@ -32,10 +32,10 @@ class CorruptionCheck:
     """Score true and corrupted captions; compare them per column and kind."""
 
     def __init__(self, scorer: PairScorer, generator: NegativeGenerator, columns: Sequence[str] | None = None):
-        unknown = sorted(set(columns or ()) - set(scorer.columns))
+        unknown = sorted(set(columns or ()) - set(scorer.all_columns))
         if unknown:
             raise ValueError(
-                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.columns)}"
+                f"unknown score columns {', '.join(unknown)}; the scorers give: {', '.join(scorer.all_columns)}"
             )
         self.scorer = scorer
         self.generator = generator

@@ -24,10 +24,21 @@ def pair_uid(*parts: str) -> str:
     return uid_of("\x00".join(parts))
 
 
-def correlatable_columns(scorers) -> list[str]:
-    """The score columns a correlation or a win rate can be computed on (numbers and booleans)."""
+#: a judge's readout diagnostics beside each score (probability mass on a number, spread, mass left
+#: unplaced): they say how sure the readout was, they do not score the pair; evaluated only when named
+DIAGNOSTIC_SUFFIXES = ("_mass", "_std", "_unplaced")
+
+
+def correlatable_columns(scorers, diagnostics: bool = False) -> list[str]:
+    """The score columns a correlation or a win rate can be computed on (numbers and booleans);
+    the readout diagnostics (``itm_mass``, ``itm_std``) only with ``diagnostics``."""
     wanted = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
-    return [name for s in scorers for name, dtype in s.columns.items() if any(test(dtype) for test in wanted)]
+    return [
+        name
+        for s in scorers
+        for name, dtype in s.columns.items()
+        if any(test(dtype) for test in wanted) and (diagnostics or not name.endswith(DIAGNOSTIC_SUFFIXES))
+    ]
 
 
 class PairScorer:
@@ -45,7 +56,13 @@ class PairScorer:
 
     @property
     def columns(self) -> list[str]:
+        """The columns evaluated unless others are named: the scores, not the readout diagnostics."""
         return correlatable_columns(self.scorers)
+
+    @property
+    def all_columns(self) -> list[str]:
+        """Every column that can be named (``--column itm_mass`` too)."""
+        return correlatable_columns(self.scorers, diagnostics=True)
 
     def decoded(self, sample: Sample) -> Sample:
         return decode_sample(sample, self.decode)

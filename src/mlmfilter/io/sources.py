@@ -113,7 +113,7 @@ def _expand_spec(spec: str, allow_pipe: bool) -> list[tuple[str, ShardFormat]]:
     fs, path = fsspec.core.url_to_fs(spec)
     if fs.exists(path):  # a name that exists is taken literally: `shard[1].tar` is not a glob for shard1.tar
         if fs.isdir(path):
-            shards = _shards_in_folder(fs, path)
+            shards = _shards_in_folder(fs, path) or _split_folders(fs, path)
             if shards:
                 return [_classify(fs, shard, spec) for shard in shards]
         return [_classify(fs, path, spec)]
@@ -158,6 +158,25 @@ def _shards_in_folder(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     if any(n.rsplit("/", 1)[-1] in CAPTIONS_FILES or n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
         return []
     return without_sidecars(sorted(n for n in names if format_of_name(n)))
+
+
+def _split_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """A Hugging Face ``imagefolder`` given at its root: no file of its own, a subfolder per split
+    (``train/``, ``test/``) each holding its ``metadata.jsonl|csv``. Each split is an image folder."""
+    from mlmfilter.io.readers.options import CAPTIONS_FILES
+
+    entries = fs.ls(path, detail=True)
+    if any(e.get("type") != "directory" for e in entries if not e["name"].rsplit("/", 1)[-1].startswith(".")):
+        return []
+    splits = []
+    for entry in entries:
+        name = entry["name"]
+        if name.rsplit("/", 1)[-1].startswith("."):
+            continue
+        held = {e["name"].rsplit("/", 1)[-1] for e in fs.ls(name, detail=True) if e.get("type") != "directory"}
+        if held & set(CAPTIONS_FILES):
+            splits.append(name)
+    return sorted(splits)
 
 
 def without_sidecars(paths: list[str]) -> list[str]:

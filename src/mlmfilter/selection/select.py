@@ -250,6 +250,13 @@ def select_run(
         duplicates = [f"{e['duplicate_uids']} in {tables.label(i)}" for i, e in enumerate(runs) if e["duplicate_uids"]]
         if duplicates:
             notes.append(f"repeated uids joined by their first row: {', '.join(duplicates)}")
+        if tables.stats.in_every_run == 0 and counts.read:
+            what = "stage" if tables.stages is not None else "run"
+            notes.append(
+                f"no pair is in every {what}: they share no uid, so nothing can pass. A join needs the same pairs "
+                "in each (a uid is the sample json's DataComp uid, else made from the shard file name and key: "
+                "runs of differently named copies of the shards, or of other inputs, share none)"
+            )
     result = SelectionResult(
         run_dir=run_dir,
         output_dir=output_dir,

@@ -160,7 +160,8 @@ def export(
         "trl_records": len(trl_lines),
         "files": {"llava": LLAVA_FILE, "trl": TRL_FILE, "images": options.image_folder},
     }
-    full_card = {**card, "export": {"options": options.model_dump(), **summary}}
+    shown_options = {**options.model_dump(), "mix": Path(options.mix).name if options.mix else None}  # no local path
+    full_card = {**card, "export": {"options": shown_options, **summary}}
     atomic_write_json(out / "card.json", full_card)
     atomic_write(out / "README.md", render_card(full_card))
     return summary

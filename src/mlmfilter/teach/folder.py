@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -382,6 +383,7 @@ class TeachFolder:
             from mlmfilter.teach.rewrites import rewrite_prompts
 
             card["label"]["prompt_texts"]["rewrite"] = rewrite_prompts(label_options).rewrite
+        card = _without_local_paths(card, self.path)  # a card is shared: no /home/<user>/... in it
         summary = export(labels, pairs, out_dir, TeacherRequests(label_options), options, card, rewrites=rewrites)
         self.record("export", {"out": str(out_dir), "labels": name, **summary, "options": options.model_dump()})
         return summary
@@ -404,6 +406,25 @@ def _outcome(table: pa.Table) -> ShardStats:
     stats = ShardStats()
     stats.add_rows(table.column("error").to_pylist())
     return stats
+
+
+def _without_local_paths(value: Any, folder: Path) -> Any:
+    """The card with each absolute local path written as the teach folder's (``sample.parquet``,
+    ``run``) or, outside it, as its file name alone: the card says which file, not whose machine."""
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item, folder) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, folder) for item in value]
+    if isinstance(value, str) and "://" not in value and len(value) < 4096 and os.path.isabs(value):
+        path = Path(value)
+        try:
+            return path.relative_to(folder.resolve()).as_posix() or "."
+        except ValueError:
+            try:
+                return path.relative_to(folder.absolute()).as_posix() or "."
+            except ValueError:
+                return path.name
+    return value
 
 
 def _request_counts(stats: ShardStats) -> dict[str, int]:

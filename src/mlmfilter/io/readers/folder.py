@@ -28,6 +28,9 @@ from mlmfilter.io.readers.options import CAPTION_COLUMNS, CAPTIONS_FILES, IMAGE_
 from mlmfilter.io.readers.samples import SampleBuilder, SampleProblem, extension, split_member_name
 from mlmfilter.io.sources import ShardSource
 
+#: the metadata field naming a folder sample's image file (as Hugging Face imagefolder names it)
+FILE_NAME = "file_name"
+
 
 def read_folder(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
     builder = SampleBuilder(source, options)
@@ -121,7 +124,10 @@ def _sidecar_samples(dataset: DatasetFiles, files: list[str], builder: SampleBui
                 problem = problem or SampleProblem(
                     _missing_reason(ext, builder.options), f"{rel!r} cannot be read: {exc}"
                 )
-        yield builder.from_members(key, members, problem, tuple(groups[key]))
+        sample = builder.from_members(key, members, problem, tuple(groups[key]))
+        if sample.image_format in groups[key]:  # where the image came from, kept in the metadata
+            sample.meta.setdefault(FILE_NAME, groups[key][sample.image_format])
+        yield sample
 
 
 def _missing_reason(ext: str, options: ReadOptions) -> str:
@@ -203,7 +209,10 @@ def _table_samples(
                 problem = exc
             except Exception as exc:  # missing, unreachable, no filesystem for its protocol: this row only
                 missing = f"{key}: image {rel!r} cannot be read: {type(exc).__name__}: {exc}"
-        meta = {k: v for k, v in row.items() if k not in (image_field, caption_field, options.uid_column or "uid")}
+        # the image's file name stays in the metadata (HF imagefolder's file_name): a reshard's json keeps it
+        meta = {k: v for k, v in row.items() if k not in (caption_field, options.uid_column or "uid")}
+        if rel and not (image_field and row.get(image_field)):
+            meta[FILE_NAME] = rel  # an image no row lists
         yield builder.build(
             key,
             image_bytes=image_bytes,
