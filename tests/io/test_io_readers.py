@@ -263,7 +263,10 @@ def test_folder_with_captions_jsonl(tmp_path, flickr_pairs):
     first, second, third, fourth = (f"sub/{p.stem}" for p, _ in pairs)
     assert set(samples) == {f"{first}#0", f"{first}#1", second, third, fourth, "sub/absent"}
     assert samples[second].ok and samples[second].caption == pairs[1][1]
-    assert samples[second].image_bytes == pairs[1][0].read_bytes() and samples[second].meta == {"source": "flickr"}
+    assert samples[second].image_bytes == pairs[1][0].read_bytes() and samples[second].meta == {
+        "source": "flickr",
+        "file": f"sub/{pairs[1][0].name}",
+    }
     assert samples[f"{first}#0"].ok and samples[f"{first}#1"].error == errors.CAPTION_ENCODING
     assert samples[f"{first}#1"].caption == "second caption \ufffd"
     assert samples[fourth].error == errors.MISSING_CAPTION  # image with no captions row
@@ -381,7 +384,35 @@ def test_hugging_face_imagefolder_metadata(tmp_path, table):
     samples = list(read_shard(source))
     assert [s.error for s in samples] == [None] * 3
     assert [s.caption for s in samples] == [f"caption number {i}" for i in range(3)]
-    assert [s.key for s in samples] == ["train/0", "train/1", "train/2"] and samples[0].meta == {"source": "web"}
+    assert [s.key for s in samples] == ["train/0", "train/1", "train/2"]
+    assert samples[0].meta == {"source": "web", "file_name": "train/0.png"}  # where the image came from, kept
+
+
+def test_a_hugging_face_imagefolder_given_at_its_root_reads_each_split(tmp_path):
+    root = tmp_path / "dataset"
+    for split, n in (("train", 3), ("test", 2)):
+        (root / split).mkdir(parents=True)
+        rows = [{"file_name": f"{i}.png", "text": f"{split} caption {i}"} for i in range(n)]
+        for row in rows:
+            (root / split / row["file_name"]).write_bytes(_encoded("PNG"))
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = expand_inputs([str(root)])
+    assert [(s.id, s.format) for s in sources] == [("test", "folder"), ("train", "folder")]
+    samples = [s for source in sources for s in read_shard(source)]
+    assert [s.error for s in samples] == [None] * 5
+    assert sorted(s.caption for s in samples) == sorted(
+        [f"train caption {i}" for i in range(3)] + ["test caption 0", "test caption 1"]
+    )
+    assert {s.meta["file_name"] for s in samples} == {"0.png", "1.png", "2.png"}
+
+
+def test_a_sidecar_folder_sample_keeps_its_image_file_name(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "dog.png").write_bytes(_encoded("PNG"))
+    (tmp_path / "photos" / "dog.txt").write_text("a dog")
+    (source,) = expand_inputs([str(tmp_path / "photos")])
+    (sample,) = list(read_shard(source))
+    assert sample.error is None and sample.meta == {"file_name": "dog.png"}
 
 
 def test_columns_named_in_the_options_match_in_any_case_and_a_text_image_column_is_a_path(tmp_path):

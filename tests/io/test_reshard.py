@@ -174,3 +174,25 @@ def test_a_tar_member_header_depends_only_on_name_content_and_mtime(tmp_path, ta
         ("k0.txt", 1_700_000_000, 0o644, 0, 0, "", ""),
         ("k0.jpg", 0, 0o644, 0, 0, "", ""),
     ]
+
+
+def test_resharding_an_image_folder_keeps_each_images_file_name(tmp_path, flickr_pairs):
+    """A Hugging Face imagefolder (metadata.jsonl + photos) scored, selected and resharded: each new
+    sample's json still says which file it was."""
+    from mlmfilter import api
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for image_path, caption in flickr_pairs[:3]:
+        (folder / image_path.name).write_bytes(image_path.read_bytes())
+        rows.append({"file_name": image_path.name, "text": caption, "source": "flickr8k"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    api.score([str(folder)], run, ["rules"], decode_workers=0)
+    api.select(run, expression="rules_words >= 0")
+    stats = api.reshard(run / "selection", tmp_path / "out")
+    assert stats["kept"] == 3
+    written = [s for source in expand_inputs([str(tmp_path / "out" / "*.tar")]) for s in read_shard(source)]
+    assert sorted(s.meta["file_name"] for s in written) == sorted(r["file_name"] for r in rows)
+    assert {s.meta["source"] for s in written} == {"flickr8k"}

@@ -336,3 +336,28 @@ def test_prompts_are_traced_to_their_template_and_metric():
             match = identifier.identify(resolve_template(name).render(metric, "two dogs {play} in snow"))
             assert (match.template, match.metric, match.caption) == (name, metric, "two dogs {play} in snow")
     assert identifier.identify("Describe this image.") is None
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_logging_interval_reports_its_first_and_last_loss(
+    tmp_path, smollm2_cache_dir, flickr_pairs
+):
+    """4 steps with losses logged every 5: the summary line still gives the measured losses, not nan."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli.app import app
+
+    base = str(tiny_model_dir("llava", smollm2_cache_dir))
+    data = write_llava_json(tmp_path / "train.json", judge_records(flickr_pairs[:4], 8))
+    out = tmp_path / "judge"
+    args = ["train", str(data), "-o", str(out), "--base", base, "--conversation", "vicuna_v1"]
+    result = CliRunner().invoke(app, [*args, "--max-steps", "4", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output
+    first, last = map(float, re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", result.output).groups())
+    summary = json.loads((out / "training" / "summary.json").read_text())
+    assert summary["losses"] == []  # nothing was logged at logging_steps 5 ...
+    assert math.isfinite(first) and first == pytest.approx(summary["first_loss"], abs=1e-3)  # ... yet measured
+    assert last == pytest.approx(summary["last_loss"], abs=1e-3)

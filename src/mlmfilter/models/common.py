@@ -204,4 +204,5 @@ def check_model_path(name_or_path: str) -> None:
     from mlmfilter.models.hub import names_a_local_path
 
     if names_a_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ModelUnavailableError(f"model path {name_or_path!r} does not exist")
+        typo = local_path_typo(name_or_path)
+        raise ModelUnavailableError(typo or f"model path {name_or_path!r} does not exist")

@@ -286,11 +286,20 @@ def _distinct_pairs(columns: list[str], sample: dict[str, np.ndarray]) -> list[t
     """Column pairs worth comparing, least agreeing first, with their sampled rank correlation."""
     pairs = []
     for a, b in itertools.combinations(columns, 2):
+        if _scorer_of(a) == _scorer_of(b):  # clip_cosine and clip_score: one scorer, one derived from the other
+            continue
         rho = _sampled_spearman(sample[a], sample[b])
         if rho is not None and rho >= SAME_RANKING:
             continue
         pairs.append((a, b, rho))
     return sorted(pairs, key=lambda p: 2.0 if p[2] is None else p[2])
+
+
+def _scorer_of(column: str) -> str:
+    """The scorer that wrote a column: its name's prefix (``clip`` of ``clip_score``, ``judge.clip`` of
+    ``judge.clip_score``); the judge's metrics (itm, odf) are each their own."""
+    stage, _, name = column.rpartition(".")
+    return f"{stage}.{name.split('_', 1)[0]}" if stage else name.split("_", 1)[0]
 
 
 def _sampled_spearman(x: np.ndarray, y: np.ndarray) -> float | None:

@@ -16,6 +16,7 @@ from mlmfilter.clients.chat import image_data_url
 from mlmfilter.report.profile import ColumnProfile
 
 WIDTH, HEIGHT = 4.2, 2.6  # inches
+BAR_CHART_MARGIN = 1.3  # inches of a bar chart's height that are not bars
 BAR = "#4c78a8"
 CUT = "#d62728"
 DISAGREE_A, DISAGREE_B = "#e45756", "#f58518"
@@ -105,9 +106,14 @@ def scatter_png(
 
 def bar_svg(counts: dict[str, int], title: str) -> Markup:
     """Horizontal bars for a few labelled counts (error reasons, decisions)."""
-    fig, ax = _figure(WIDTH, 0.4 + 0.28 * max(len(counts), 1))
+    # room for the title, the tick labels and the axis label whatever the number of bars (one bar in
+    # 0.7 inch had its labels cut off)
+    fig, ax = _figure(WIDTH, BAR_CHART_MARGIN + 0.28 * max(len(counts), 1))
     labels = list(counts)
     ax.barh(labels[::-1], [counts[k] for k in labels][::-1], color=BAR)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("pairs")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of pairs: no 0.2 of a pair
     return _svg(fig)
