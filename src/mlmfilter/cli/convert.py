@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
         format: str = typer.Option(
             "mlm-filter", "--format", help="mlm-filter: what the released scoring scripts write."
         ),
+        stage: str = typer.Option("score", "--stage", help="The stage holding the judge's scores (a cascade: judge)."),
     ) -> None:
         """Write a run's MLM scores as the released scripts do: {shard}_{metric}.parquet, json fields + {metric}_score."""
         with user_errors():
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"unknown export format {format!r}; known: mlm-filter")
             from mlmfilter import api
 
-            written = api.export_mlm_filter(run, output)
+            written = api.export_mlm_filter(run, output, stage=stage)
         console.print(f"{len(written)} score files written to {output}")
 
     @app.command("import")
@@ -93,12 +94,13 @@ def register(app: typer.Typer) -> None:
         ),
         output: Path = typer.Option(..., "--output", "-o", help="Run folder to create (select reads it)."),
         shards: list[str] = typer.Option(None, "--shards", help="The tar shards the scores describe (for reshard)."),
+        stage: str = typer.Option("score", "--stage", help="The stage the scores go into."),
     ) -> None:
         """Turn MLM-Filter score dumps into a run: `mlmfilter select RUN --where 'itm >= 85'` then works on them."""
         with user_errors():
             from mlmfilter import api
 
-            counts = api.import_mlm_filter(dumps, output, shards=shards or None)
+            counts = api.import_mlm_filter(dumps, output, shards=shards or None, stage=stage)
         console.print(
             f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
             f"({counts['unparseable']} unparseable scores kept as error rows)"

@@ -37,6 +37,9 @@ def enhance(
     recipe: Optional[Path] = typer.Option(
         None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."
     ),
+    source_stage: Optional[str] = typer.Option(
+        None, "--source-stage", help="The scoring stage --where reads (default score; a cascade's judge: judge)."
+    ),
     stage: str = typer.Option("enhance", "--stage", help="Stage folder in the run."),
     name: Optional[str] = typer.Option(None, "--name", hidden=True, help="The old name of --stage."),
     overwrite: bool = typer.Option(
@@ -64,6 +67,7 @@ def enhance(
         dtype=dtype,
         batch_size=batch_size,
         allow_random_fallback=allow_random_fallback,
+        source_stage=source_stage,
     )
     fields.update({k: v for k, v in flags.items() if v is not None})
     if "where" not in fields or "model" not in fields:
