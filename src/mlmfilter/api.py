@@ -225,8 +225,8 @@ def _refuse_foreign_output(output: str) -> None:
     if "://" in output:
         return
     path = Path(output).expanduser()
-    # a first run stopped before it wrote run.yaml leaves only its lock and logs
-    if not path.is_dir() or (path / "run.yaml").exists() or not _entries(path) - {".lock", "logs"}:
+    # a run starting (or stopped before it wrote run.yaml) leaves only its locks and logs
+    if not path.is_dir() or (path / "run.yaml").exists() or not [n for n in _entries(path) if not _run_own(n)]:
         return
     from mlmfilter.selection.folder import SUMMARY_FILE
 
@@ -239,6 +239,11 @@ def _refuse_foreign_output(output: str) -> None:
 
 def _entries(path: Path) -> set[str]:
     return {entry.name for entry in path.iterdir()}
+
+
+def _run_own(name: str) -> bool:
+    """A file a run folder holds before its run.yaml: locks (``.lock``, ``lock-0-of-3.json``) and logs."""
+    return name.startswith(".lock") or (name.startswith("lock") and name.endswith(".json")) or name == "logs"
 
 
 def _with_base_url(specs: Sequence[ScorerSpec], base_url: str) -> list[ScorerSpec]:

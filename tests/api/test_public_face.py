@@ -86,8 +86,10 @@ def test_score_returns_the_one_summary_type(tmp_path, flickr_pairs):
         "interrupted",
         "notes",
         "ok",
+        "job_stats",  # the shards this call covered (here every shard of the run)
     ]
     assert as_json["stats"] == {"shards_done": 2, **summary.stats.to_json()}
+    assert as_json["job_stats"] == summary.stats.to_json()
     assert as_json["run_dir"] == str(tmp_path / "run") and as_json["ok"] is True
     remote = StageSummary("memory://bucket/run", "score", 0, [], [], {}, summary.stats, {}, 0.0)
     assert remote.run_dir == "memory://bucket/run" and remote.to_json()["run_dir"] == "memory://bucket/run"

@@ -70,12 +70,13 @@ class StageSummary:
             "shards_skipped": list(self.shards_skipped),
             "shards_failed": dict(self.shards_failed),
             "stats": {"shards_done": self.stats.shards, **self.stats.to_json()},
-            **({"job_stats": self.job_stats.to_json()} if self.job_stats is not None else {}),
             "provenance": self.provenance,
             "seconds": self.seconds,
             "interrupted": self.interrupted,
             "notes": list(self.notes),
             "ok": self.ok,
+            # this invocation's shards (a partition's own), where "stats" counts every job's
+            **({"job_stats": self.job_stats.to_json()} if self.job_stats is not None else {}),
         }
 
 
