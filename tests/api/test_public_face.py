@@ -145,3 +145,19 @@ def test_evaluate_and_inspect_verbs_on_a_real_run(tmp_path, flickr_pairs):
         str(tmp_path / "in" / "*.tar"), ["rules"], limit=6, kinds=["shuffle_words"], output=tmp_path / "eval.json"
     )
     assert result["pairs"] == 6 and json.loads((tmp_path / "eval.json").read_text())["inputs"] == result["inputs"]
+
+
+def test_the_api_keeps_library_bars_off_the_callers_terminal(tmp_path, flickr_pairs, tiny_clip_dir, capfd):
+    """transformers' "Loading weights" bar is no output of a verb; the caller's own setting comes back after."""
+    from transformers.utils import logging as transformers_logging
+
+    flickr_shards(flickr_pairs, tmp_path / "in", n_shards=1, per_shard=2)
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    summary = api.score(
+        [str(tmp_path / "in" / "*.tar")], tmp_path / "run", [{"name": "clip", "options": {"model": str(tiny_clip_dir)}}]
+    )
+    assert summary.ok
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert transformers_logging.is_progress_bar_enabled()  # as the caller had it
