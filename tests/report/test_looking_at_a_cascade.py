@@ -154,3 +154,43 @@ def test_kept_at_counts_ties_in_stats_and_the_report(tmp_path):
     # the 90% quantile is the 27th smallest value (0.1): kept at >= 0.1 are 4 rows, the two tied 0.1s included
     assert rows["90"][0] == "0.1" and rows["90"][1:] == ("13.3", "4")
     assert rows["100"] == ("0.4", "3.3", "1")
+
+
+def test_the_report_compares_scorers_not_one_scorers_derived_columns(tmp_path):
+    """clip_score is 2.5 * max(clip_cosine, 0): where many cosines are negative the two rank apart
+    (ties at 0), yet they are one scorer's one judgement; itm is another scorer's."""
+    from mlmfilter.report import ReportOptions, gather_report, open_run
+    from mlmfilter.runs.runner import write_tables
+
+    rng = np.random.default_rng(0)
+    n = 200
+    cosine = rng.uniform(-0.3, 0.3, n).astype(np.float32)
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "shard": ["s"] * n,
+            "key": [f"{i:04d}" for i in range(n)],
+            "clip_cosine": cosine,
+            "clip_score": (2.5 * np.maximum(cosine, 0)).astype(np.float32),
+            "itm": rng.uniform(0, 100, n).astype(np.float32),
+            "error": pa.nulls(n, pa.string()),
+            "error_detail": pa.nulls(n, pa.string()),
+        }
+    )
+    write_tables(tmp_path / "run", "score", {"s": table})
+    run = open_run(tmp_path / "run")
+    data = gather_report(run, run.url, options=ReportOptions(gallery_size=0))
+    compared = {frozenset((p.a, p.b)) for p in data.pairs}
+    assert frozenset(("clip_cosine", "clip_score")) not in compared
+    assert frozenset(("clip_score", "itm")) in compared
+
+
+def test_an_error_chart_of_one_reason_has_room_for_its_labels():
+    import warnings
+
+    from mlmfilter.report import plots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "axes sizes collapsed to zero" when the figure is too small
+        svg = plots.bar_svg({"truncated_image": 1}, "error rows by reason")
+    assert "truncated_image" in svg and "error rows by reason" in svg
