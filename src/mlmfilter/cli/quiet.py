@@ -77,6 +77,7 @@ def library_log(path: Path, verbose: bool) -> Iterator[Path]:
     stderr handler, for the length of the command."""
     import transformers.utils.logging as transformers_logging
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, delay=True, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
