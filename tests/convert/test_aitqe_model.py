@@ -180,3 +180,25 @@ def test_aitqe_scorer_answers_greedily_as_the_original(original, converted, flic
     )
     assert expected.strip()
     assert row["aitqe_raw"] == expected
+
+
+def test_the_image_size_without_the_tower_files_is_aitqes_own(original, tmp_path):
+    """When the SigLIP folder named in vision_model_name_or_path is not on this machine, the image size is
+    AITQE's pesudo_img_size: the patch grid alone would say 5 x 14 = 70 px where the processor resizes to 76
+    (as so400m's 27 patches come from 384 px, not 378)."""
+    import shutil
+
+    from mlmfilter.api import convert_checkpoint
+    from mlmfilter.models.vlm import inspect_vlm
+
+    src = tmp_path / "AITQE"
+    shutil.copytree(original["src"], src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(vision_model_name_or_path="/nowhere/siglip-so400m-patch14-384", pesudo_img_size=76)
+    (src / "config.json").write_text(json.dumps(config))
+    _, out = convert_checkpoint(src, tmp_path / "hf")
+    processor = json.loads((out / "processor_config.json").read_text())
+    image = processor.get("image_processor", processor)
+    assert image["size"] == {"height": 76, "width": 76} == image["crop_size"]
+    spec = inspect_vlm(str(out))
+    assert spec.image_size == 76

@@ -333,3 +333,26 @@ def test_request_token_ids_are_the_originals(original, converted, setting, refer
         assert ours[0] == tokenizer.bos_token_id == 128000 and ours.count(128000) == 1
     else:
         assert (ours[0] == tokenizer.bos_token_id) == (setting == "trained")
+
+
+def test_the_convert_command_converts_every_layout(original, tmp_path):
+    """`mlmfilter convert` of the Llama-3.2 layouts (llama3 rope scaling, a Llama-3 tokenizer naming
+    PreTrainedTokenizerFast) and of a pooled grid that is no multiple of the pooled side exits 0."""
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli.app import app
+    from mlmfilter.models.vlm import load_vlm
+
+    dst = tmp_path / "converted"
+    result = CliRunner().invoke(
+        app, ["convert", str(original["src"]), str(dst), "--vision-tower", str(original["tower_dir"])]
+    )
+    assert result.exit_code == 0, result.output
+    loaded = load_vlm(str(dst), device="cpu", dtype="fp32")
+    text = loaded.model.config.get_text_config()
+    if LAYOUTS[original["layout"]][0] == "llama":
+        assert text.rope_parameters["rope_type"] == "llama3"
+        assert text.rope_parameters["factor"] == LLAMA32_ROPE_SCALING["factor"]
+    pooled = LAYOUTS[original["layout"]][3]
+    if pooled:
+        assert loaded.model.config.pooled_image_tokens == pooled
