@@ -356,3 +356,59 @@ def test_the_convert_command_converts_every_layout(original, tmp_path):
     pooled = LAYOUTS[original["layout"]][3]
     if pooled:
         assert loaded.model.config.pooled_image_tokens == pooled
+
+
+def test_generate_readout_writes_the_released_scripts_answer(original, converted, shard, tmp_path, reference_prompts):
+    """The released script's answer: greedy, 2 new tokens (Qwen) or 1 (a name with "llama-3"), decoded with
+    skip_special_tokens, for every metric (the raw text the script writes into its parquet)."""
+    import tarfile
+
+    from mlmfilter import api
+    from mlmfilter.runs.read import RunReader
+    from tests.support.released import greedy_tokens
+
+    setting = "released-script"
+    options = {
+        "model": str(converted),
+        "metrics": "all",
+        "device": "cpu",
+        "dtype": "fp32",
+        "readout": "generate",
+        "checkpoint_settings": setting,
+    }
+    api.score([str(shard)], tmp_path / "run", [{"name": "mlm", "options": options}], decode_workers=0)
+    key = f"{PHOTOS[setting]:08d}"
+    row = {r["key"]: r for r in RunReader(tmp_path / "run").table("00000000", "score").to_pylist()}[key]
+    with tarfile.open(shard) as tar:
+        data, caption = (tar.extractfile(f"{key}.{ext}").read() for ext in ("jpg", "txt"))
+    kind, _, _, pooled, layer = LAYOUTS[original["layout"]]
+    steps = 1 if kind == "llama" else 2
+    pixels = siglip_pixels(pilrgb(data), pad=False)
+    with torch.no_grad():
+        features = original["tower"](pixels, output_hidden_states=True).hidden_states[layer]
+        features = mlp(aapool(features, pooled) if pooled else features, original["state"], *original["names"])[0]
+    tokenizer = original["tokenizer"]
+    embed = original["state"]["model.embed_tokens.weight"][: len(tokenizer)]
+    for short, metric in METRICS.items():
+        prompt = reference_prompts["template_v2"].format(
+            caption=caption.decode(), criteria=reference_prompts["criteria"][metric], aspect=metric.replace("_", " ")
+        )
+        ids = request_ids(original, setting, prompt)
+        at = ids.index(IMAGE_MARKER)
+        prompt_embeds = torch.cat([embed[torch.tensor(ids[:at])], features, embed[torch.tensor(ids[at + 1 :])]])
+        lm = original["lm"]
+        eos = {tokenizer.eos_token_id, lm.config.eos_token_id} - {None}
+        tokens = greedy_tokens(_head_rows(lm, len(tokenizer)), prompt_embeds, embed, steps, eos)
+        assert row[f"{short}_raw"] == tokenizer.decode(tokens, skip_special_tokens=True), short
+
+
+def _head_rows(lm, rows: int):
+    """The LM with its head cut to ``rows`` (load_pretrained_model's resize_token_embeddings(len(tokenizer)))."""
+
+    class Cut(torch.nn.Module):
+        def forward(self, inputs_embeds):
+            out = lm(inputs_embeds=inputs_embeds)
+            out.logits = out.logits[..., :rows]
+            return out
+
+    return Cut()
