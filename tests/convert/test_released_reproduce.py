@@ -367,6 +367,8 @@ def test_generate_readout_writes_the_released_scripts_answer(original, converted
     from mlmfilter.runs.read import RunReader
     from tests.support.released import greedy_tokens
 
+    if original["layout"] == "llama-3.2-3b-mlp2x":
+        pytest.skip("the pooled Llama-3.2 layout covers the 1-token answer; the text path is the same")
     setting = "released-script"
     options = {
         "model": str(converted),
