@@ -147,3 +147,58 @@ def test_aitqe_scorer_generates_and_parses(original, converted, flickr_pairs):
     assert isinstance(raw, str)
     assert isinstance(row, ScoreFailure) == (parse_aitqe(raw).overall is None)  # a random model rarely writes a dict
     assert json.dumps(scorer.provenance(), default=str)
+
+
+def test_aitqe_scorer_answers_greedily_as_the_original(original, converted, flickr_pairs, tmp_path):
+    """``mlmfilter score --scorer aitqe`` on a real shard writes the original's greedy answer, token for token:
+    the shard's photo decoded as webdataset's pilrgb and resized once by the SigLIP processor, the raw prompt,
+    the penultimate layer, greedy search without a cache (HF generate's result, written out)."""
+    from mlmfilter import api
+    from mlmfilter.runs.read import RunReader
+    from tests.support.builders import write_shard
+    from tests.support.released import greedy_tokens, pilrgb
+
+    photo, caption = flickr_pairs[9]
+    data = photo.read_bytes()
+    shard = write_shard(tmp_path / "in" / "00000000.tar", [{"key": "00000009", "jpg": data, "txt": caption}])
+    steps = 12
+    options = {"model": str(converted), "device": "cpu", "dtype": "fp32", "max_new_tokens": steps}
+    api.score([str(shard)], tmp_path / "run", [{"name": "aitqe", "options": options}], decode_workers=0)
+    [row] = RunReader(tmp_path / "run").table("00000000", "score").to_pylist()
+
+    tokenizer = original["tokenizer"]
+    pixels = siglip_pixels(pilrgb(data), pad=False)
+    with torch.no_grad():
+        features = original["tower"](pixels, output_hidden_states=True).hidden_states[-2]
+        features = mlp(features, original["state"], "mm_projector.0", "mm_projector.2")[0]
+    ids = aitqe_ids(tokenizer, caption)
+    embed = original["state"]["model.model.embed_tokens.weight"]
+    prompt_embeds = torch.cat([features, embed[torch.tensor(ids[1:])]])  # the image span comes first
+    eos = {original["lm"].config.eos_token_id, tokenizer.eos_token_id} - {None}
+    expected = tokenizer.decode(
+        greedy_tokens(original["lm"], prompt_embeds, embed, steps, eos), skip_special_tokens=True
+    )
+    assert expected.strip()
+    assert row["aitqe_raw"] == expected
+
+
+def test_the_image_size_without_the_tower_files_is_aitqes_own(original, tmp_path):
+    """When the SigLIP folder named in vision_model_name_or_path is not on this machine, the image size is
+    AITQE's pesudo_img_size: the patch grid alone would say 5 x 14 = 70 px where the processor resizes to 76
+    (as so400m's 27 patches come from 384 px, not 378)."""
+    import shutil
+
+    from mlmfilter.api import convert_checkpoint
+    from mlmfilter.models.vlm import inspect_vlm
+
+    src = tmp_path / "AITQE"
+    shutil.copytree(original["src"], src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(vision_model_name_or_path="/nowhere/siglip-so400m-patch14-384", pesudo_img_size=76)
+    (src / "config.json").write_text(json.dumps(config))
+    _, out = convert_checkpoint(src, tmp_path / "hf")
+    processor = json.loads((out / "processor_config.json").read_text())
+    image = processor.get("image_processor", processor)
+    assert image["size"] == {"height": 76, "width": 76} == image["crop_size"]
+    spec = inspect_vlm(str(out))
+    assert spec.image_size == 76

@@ -51,7 +51,9 @@ def samples_from(pairs, scorer, extra=()):
 def test_expected_readout_scores_real_pairs_and_isolates_bad_ones(llava_dir, flickr_pairs):
     scorer = scorer_for(llava_dir, metrics="image_text_matching,su", batch_size=4)
     assert list(scorer.columns) == ["itm", "itm_mass", "itm_std", "su", "su_mass", "su_std"]
-    assert scorer.image_size == 28  # from the tiny processor's crop size, before any weights load
+    # decoded whole up to max(4 x the tiny processor's 28 px, 1024) so that its resize is the only one;
+    # read from config files, before any weights load
+    assert scorer.image_size == 1024
     assert not scorer._ready
     good = flickr_pairs[:5]
     jpeg = good[0][0].read_bytes()

@@ -148,6 +148,21 @@ def llava_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+def clip_pixels(image: Image.Image) -> torch.Tensor:
+    """CLIPImageProcessor without padding (the released scripts): bicubic resize of the shorter side to 336
+    (the longer side truncated as transformers computes it), centre crop 336, CLIP mean/std."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(IMAGE_SIDE * long / short)
+    size = (IMAGE_SIDE, new_long) if width <= height else (new_long, IMAGE_SIDE)
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - IMAGE_SIDE) // 2, (size[1] - IMAGE_SIDE) // 2
+    cropped = resized.crop((left, top, left + IMAGE_SIDE, top + IMAGE_SIDE))
+    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
 def llava_input_ids(prompt: str, tokenizer, image_marker: int = -200) -> list[int]:
     """tokenizer_image_token: chunks around <image> encoded separately, BOS kept once."""
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]

@@ -162,7 +162,7 @@ class TransformersJudgeBackend:
     @property
     def capabilities(self) -> BackendCapabilities:
         # the full next-token distribution at every trie node: exact up to trie_threshold
-        return BackendCapabilities("exact", self.loaded.spec.image_size, self.batch_size)
+        return BackendCapabilities("exact", self.loaded.spec.decode_side, self.batch_size)
 
     def close(self) -> None:
         # drop the weights (they go with the last reference); describe() still answers from the spec
@@ -171,7 +171,7 @@ class TransformersJudgeBackend:
     @property
     def image_size(self) -> int:
         """Shorter side the pipeline should decode images to for this model."""
-        return self.loaded.spec.image_size
+        return self.loaded.spec.decode_side
 
     @property
     def trie(self) -> ScoreTrie:
@@ -407,7 +407,7 @@ class TransformersBackendInfo(BackendInfo):
     runs_in_process = True
 
     def image_size(self, options: Any) -> int:
-        return _spec(options).image_size
+        return _spec(options).decode_side
 
     def describe_settings(self, options: Any) -> dict[str, Any]:
         device = resolve_device(options.device)

@@ -296,7 +296,7 @@ class VllmBackendInfo(BackendInfo):
     def image_size(self, options: Any) -> int:
         from mlmfilter.models.vlm import inspect_vlm
 
-        return inspect_vlm(options.model, options.allow_random_fallback, options.max_image_pixels).image_size
+        return inspect_vlm(options.model, options.allow_random_fallback, options.max_image_pixels).decode_side
 
     def describe_settings(self, options: Any) -> dict[str, Any]:
         # before the engine starts: the model as its config files describe it, in the transformers
@@ -328,7 +328,7 @@ class VllmBackendInfo(BackendInfo):
             options.answer_prefix,
             options.trie_threshold,
             engine,
-            image_size=spec.image_size,
+            image_size=spec.decode_side,
             options=settings,
         )
 

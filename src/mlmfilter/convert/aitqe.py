@@ -64,6 +64,12 @@ class AitqeCheckpoint(OriginalLlavaCheckpoint):
             or self.config.get("image_aspect_ratio", "square") != "square"
         ):
             raise LlavaConversionError("only AITQE's mlp projector with square images is supported")
+        pattern = self.config.get("image_pattern", "<image>")
+        if pattern != "<image>":  # the processor would put this text around the image span: not reproduced
+            raise LlavaConversionError(
+                f"image_pattern {pattern!r} is not supported: the aitqe request format reproduces AITQE's "
+                "processor for the default '<image>' (the image span, its newline, then the question)"
+            )
         self.weight_files = self._find_weight_files()
 
     def text_config_class(self):
@@ -72,12 +78,17 @@ class AitqeCheckpoint(OriginalLlavaCheckpoint):
         return Qwen2Config
 
 
-def _embedded_siglip_config(shapes: dict[str, tuple[int, ...]], layer_norm_eps: float = 1e-6):
+def _embedded_siglip_config(shapes: dict[str, tuple[int, ...]], image_size: int | None, layer_norm_eps: float = 1e-6):
+    """The SigLIP config read off the stored weights. The image size is AITQE's ``pesudo_img_size`` when
+    given: the patch grid alone cannot tell it (so400m: 27 patches of 14 px come from 384 px, not 378)."""
     from transformers import SiglipVisionConfig
 
     prefix = _VISION_PREFIX + "vision_model."
     hidden, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
     positions = shapes[prefix + "embeddings.position_embedding.weight"][0]
+    grid = math.isqrt(positions)
+    if image_size is None or int(image_size) // patch != grid:
+        image_size = grid * patch
     layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
     return SiglipVisionConfig(
         hidden_size=hidden,
@@ -85,7 +96,7 @@ def _embedded_siglip_config(shapes: dict[str, tuple[int, ...]], layer_norm_eps: 
         num_hidden_layers=len(layers),
         num_attention_heads=_KNOWN_HEADS.get(hidden, max(1, hidden // 64)),
         patch_size=patch,
-        image_size=math.isqrt(positions) * patch,
+        image_size=int(image_size),
         layer_norm_eps=layer_norm_eps,
         vision_use_head=any(k.startswith(prefix + "head.") for k in shapes),
     )
@@ -116,7 +127,7 @@ def convert_aitqe_checkpoint(
             if vision_tower:
                 raise LlavaConversionError(f"cannot read the SigLIP config at {vision_tower!r}")
     if vision_config is None:
-        vision_config = _embedded_siglip_config(shapes)
+        vision_config = _embedded_siglip_config(shapes, checkpoint.config.get("pesudo_img_size"))
         log.info("AITQE vision config read off the stored weights: %s", vision_config.to_diff_dict())
     if shapes.get("mm_projector.0.weight", (0, 0))[1] != vision_config.hidden_size:
         raise LlavaConversionError("mm_projector.0.weight does not fit the vision tower's width")

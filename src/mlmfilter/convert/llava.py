@@ -38,9 +38,11 @@ from mlmfilter.convert.original import (
     generation_config,
     resolve_target_dtype,
 )
+from mlmfilter.convert.unified import SCORED_VOCAB_KEY
 
 # conv_vicuna_v1: the format LLaVA-1.5 (and the MLM-Filter LLaVA judges) were trained on
 from mlmfilter.judge.conversations import VICUNA_V1
+from mlmfilter.judge.registry import SOURCE_KEY, identifying_fields
 from mlmfilter.models.common import safe_pretrained_kwargs, safe_weights_kwargs
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,11 @@ def convert_llava_checkpoint(
     text_config = checkpoint.text_config()
     resize, image_token_id = _extend_vocabulary(tokenizer, text_config)
     config = _llava_config(checkpoint, text_config, tower, image_token_id, shapes)
+    # the original scores over its own vocabulary: the rows added for <image>, <pad> and the multiple of 64
+    # stay out of the judge's softmax (their mean logit would otherwise take probability from every number)
+    setattr(config, SCORED_VOCAB_KEY, resize.old_vocab)
+    # what the judge registry identifies a released judge by (its trained / released-script request)
+    setattr(config, SOURCE_KEY, identifying_fields(checkpoint.config))
     config.dtype = target_dtype
 
     out = Path(dst).expanduser()

@@ -24,6 +24,7 @@ What LLaVA-Unified's ``load_pretrained_model`` does, and the conversion reproduc
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -139,12 +140,18 @@ def load_tower(name: str, local_only: bool = True) -> Tower:
 
 
 def siglip_image_settings(name: str | None, config, local_only: bool = True) -> dict[str, Any]:
-    """SiglipImageProcessor's settings: a square resize (no crop), mean/std 0.5, bicubic."""
+    """SiglipImageProcessor's settings: a square resize (no crop), mean/std 0.5, bicubic.
+
+    ``crop_size`` is written equal to the resize (SigLIP never crops): left out, the converted
+    processor would carry LlavaImageProcessor's default 224 beside the 384 resize, and a reader of
+    the folder could take the image size from it.
+    """
     side = int(config.image_size)
     settings: dict[str, Any] = {
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
         "size": {"height": side, "width": side},
+        "crop_size": {"height": side, "width": side},
         "resample": 3,
         "do_center_crop": False,
     }
@@ -163,6 +170,9 @@ def siglip_image_settings(name: str | None, config, local_only: bool = True) -> 
     size = getattr(processor, "size", None)
     if size is not None:
         settings["size"] = {k: v for k, v in dict(size).items() if v is not None}
+        height, width = settings["size"].get("height"), settings["size"].get("width")
+        if height and width:
+            settings["crop_size"] = {"height": height, "width": width}
     return settings
 
 
@@ -215,17 +225,18 @@ def write_llava_folder(
         multimodal_projector_bias=spec.projector_bias,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
+    extra_tokens = 1 if spec.tower.kind == "clip" else 0  # CLIP's CLS position, dropped by the "default" strategy
     if spec.pooled_tokens:
-        side = math.isqrt(spec.pooled_tokens)
-        if spec.tower.image_size % side:
-            raise LlavaConversionError(
-                f"image size {spec.tower.image_size} is not a multiple of the pooled grid {side}"
-            )
+        # AdaptiveAvgPool2d takes any patch grid (27 -> 12 at 384 px, or a grid that is no multiple of the
+        # pooled side): the processor must write exactly pooled_tokens <image> tokens whatever the image size.
+        # LlavaProcessor writes (size // patch_size)^2 + num_additional_image_tokens: one "patch" the size of
+        # the image, plus the rest as additional tokens.
         config = PooledLlavaConfig(
             pooled_image_tokens=spec.pooled_tokens, image_seq_length=spec.pooled_tokens, **common
         )
         model_class = PooledLlavaForConditionalGeneration
-        processor_patch = spec.tower.image_size // side  # the processor then writes side*side <image> tokens
+        processor_patch = spec.tower.image_size
+        extra_tokens += spec.pooled_tokens - 1
     else:
         config = LlavaConfig(image_seq_length=patches, **common)
         model_class = LlavaForConditionalGeneration
@@ -257,7 +268,7 @@ def write_llava_folder(
         tokenizer=tokenizer,
         patch_size=processor_patch,
         vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if spec.tower.kind == "clip" else 0,
+        num_additional_image_tokens=extra_tokens,
     )
     processor.save_pretrained(dst)
     return dst
@@ -331,18 +342,33 @@ def convert_unified_checkpoint(
 
 
 def load_original_tokenizer(path: Path, text_config):
-    """The tokenizer as the original loader gets it: the class its tokenizer_config.json names (a config=
-    hint would make transformers substitute the LLM family's own class, with its own pre-tokenizer)."""
-    from transformers import AutoTokenizer
+    """The tokenizer as the original loader gets it: the class its tokenizer_config.json names.
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError):
-        pass  # no tokenizer_class: transformers needs a config it knows to pick one
+    The original's transformers (4.4x) read config.json only when tokenizer_config.json names no class.
+    transformers 5 always parses it, and an original config (``model_type`` llava_llama, Llama-3.2's
+    ``llama3`` rope scaling) fails there (``'max_position_embeddings'``): a blank config keeps it out,
+    as before. A config= hint of the LLM's own family would make transformers substitute that family's
+    class, with its own pre-tokenizer; it is used only when tokenizer_config.json names no class.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    if _named_tokenizer_class(path):
+        try:
+            return AutoTokenizer.from_pretrained(str(path), config=PretrainedConfig(), trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise LlavaConversionError(f"cannot load the tokenizer of {path}: {exc}") from exc
     try:
         return AutoTokenizer.from_pretrained(str(path), config=text_config, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise LlavaConversionError(f"cannot load the tokenizer of {path}: {exc}") from exc
+
+
+def _named_tokenizer_class(path: Path) -> str | None:
+    file = Path(path) / "tokenizer_config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("tokenizer_class") or None
+    except (OSError, ValueError):
+        return None
 
 
 def _tower_key(key: str, expected: dict[str, Any]) -> str:

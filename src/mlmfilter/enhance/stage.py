@@ -255,7 +255,7 @@ class EnhanceStage(Stage):
         sizes = [self.rescorer.image_size]
         spec = getattr(getattr(self.generator, "loaded", None), "spec", None)
         if spec is not None:
-            sizes.append(spec.image_size)
+            sizes.append(spec.decode_side)
         sizes = [s for s in sizes if s]
         return max(sizes) if sizes else None
 

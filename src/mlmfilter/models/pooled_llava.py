@@ -8,8 +8,10 @@ Everything else is llava-hf: this module only swaps the projector and registers 
 transformers' Auto classes under its own ``model_type``, so ``AutoModelForImageTextToText`` loads a
 converted folder in-package, with no remote code. Importing this module registers it.
 
-The processor is a plain ``LlavaProcessor``: its ``patch_size`` is set to ``image_size / 12`` (32 at
-384 px), so it expands ``<image>`` into exactly the 144 pooled positions.
+The processor is a plain ``LlavaProcessor`` that writes exactly ``pooled_image_tokens`` ``<image>``
+tokens whatever the image size: its ``patch_size`` is the image size (one "patch") and
+``num_additional_image_tokens`` the rest. The pooling, like the original's ``AdaptiveAvgPool2d``,
+takes any patch grid, a multiple of the pooled side or not.
 """
 
 from __future__ import annotations

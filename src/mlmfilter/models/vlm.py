@@ -53,11 +53,12 @@ class VlmSpec:
     family: VlmFamily
     model_type: str
     architecture: str
-    image_size: int  # shorter side the pipeline decodes to
+    image_size: int  # the processor's image size (fixed-size processors: the checkpoint's)
     pixel_budget: int | None  # larger images are downscaled before the processor
     max_positions: int  # text model context length
     source: dict[str, Any]
     is_random: bool = False
+    decode_side: int = 0  # shorter side the pipeline decodes to (VlmFamily.decode_side)
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,12 +112,14 @@ def _adapter_sources(name_or_path: str) -> tuple[str, str]:
 def _spec(name, config, image_processor, family: VlmFamily, source, max_image_pixels, is_random=False) -> VlmSpec:
     budget = max_image_pixels or family.default_pixel_budget(image_processor)
     text_config = config.get_text_config()
+    image_size = family.image_size(image_processor, budget)
     return VlmSpec(
         name=name,
         family=family,
         model_type=config.model_type,
         architecture=(getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "")])[0],
-        image_size=family.image_size(image_processor, budget),
+        image_size=image_size,
+        decode_side=family.decode_side(image_size),
         pixel_budget=budget,
         max_positions=int(getattr(text_config, "max_position_embeddings", 0) or 4096),
         source=source,
@@ -225,6 +228,7 @@ def vlm_provenance(
         "positions": "M-RoPE (3D) from get_rope_index for the prefix" if spec.family.positions == "mrope" else "1D",
         "pixel_budget": spec.pixel_budget,
         "image_size": spec.image_size,
+        "decoded_shorter_side_up_to": spec.decode_side,
         "max_length": int(max_length or spec.max_positions),
         "libraries": library_versions(),
     }

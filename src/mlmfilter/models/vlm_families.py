@@ -27,11 +27,15 @@ class VlmFamily:
     dynamic_resolution: bool
 
     def image_size(self, image_processor: Any, max_image_pixels: int | None) -> int:
-        """Shorter side the pipeline should decode to: never less than what the processor uses."""
+        """The image size the processor feeds the model (fixed-size processors: its resize target)."""
         if self.name == "llava":
-            crop = getattr(image_processor, "crop_size", None) or {}
+            # the resize target: CLIP's shortest edge, SigLIP's square side. A crop size counts only when
+            # the processor crops and names no resize (a converted SigLIP folder may carry a stray 224 crop)
             size = getattr(image_processor, "size", None) or {}
-            return int(crop.get("height") or size.get("shortest_edge") or size.get("height") or 336)
+            side = size.get("shortest_edge") or size.get("height")
+            if not side and getattr(image_processor, "do_center_crop", False):
+                side = (getattr(image_processor, "crop_size", None) or {}).get("height")
+            return int(side or 336)
         if self.name == "qwen2_vl":
             budget = processor_max_pixels(image_processor)
             if max_image_pixels:
@@ -40,6 +44,22 @@ class VlmFamily:
         size = getattr(image_processor, "size", None) or {}
         longest = int(size.get("longest_edge") or 1536)
         return min(longest, math.isqrt(max_image_pixels)) if max_image_pixels else longest
+
+    def decode_side(self, image_size: int) -> int:
+        """Shorter side the pipeline decodes to for this family's processor.
+
+        A fixed-size processor (LLaVA: CLIP's shortest-edge resize + crop, SigLIP's square resize, with
+        or without pad-to-square) resizes the image itself, as the original code hands it the decoded
+        photo: a resize before it would make two resizes of one, and other pixels. Images reach it at
+        full resolution up to ``EXACT_DECODE_FACTOR`` x its size (at least ``EXACT_DECODE_FLOOR`` px) on
+        the shorter side, so its own resize is the only one for them; larger photos are first brought
+        down to that bound, which keeps decoding cost and memory bounded (at 4x the processor's size the
+        extra step changes pixels by well under one level). Dynamic-resolution families decode to their
+        budget as before.
+        """
+        if self.dynamic_resolution:
+            return image_size
+        return max(EXACT_DECODE_FACTOR * image_size, EXACT_DECODE_FLOOR)
 
     def default_pixel_budget(self, image_processor: Any) -> int | None:
         """Images above this many pixels are downscaled (aspect kept) before the processor sees them."""
@@ -50,6 +70,11 @@ class VlmFamily:
         longest = int((getattr(image_processor, "size", None) or {}).get("longest_edge") or 1536)
         return longest * longest
 
+
+#: fixed-size processors get the decoded image at full resolution up to this multiple of their size ...
+EXACT_DECODE_FACTOR = 4
+#: ... and at least this many pixels on the shorter side (tiny test towers: real photos stay whole)
+EXACT_DECODE_FLOOR = 1024
 
 #: 1280 merged 28x28 tokens, the budget Qwen2-VL's model card suggests for memory
 QWEN2_VL_DEFAULT_MAX_PIXELS = 1280 * 28 * 28

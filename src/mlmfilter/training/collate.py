@@ -73,7 +73,7 @@ class TrainingEncoder:
     def load_image(self, example: TrainingExample):
         from mlmfilter.images.decode import DecodeSpec, decode_image
 
-        image, _, _ = decode_image(example.image.read_bytes(), DecodeSpec(shorter_side=self.spec.image_size))
+        image, _, _ = decode_image(example.image.read_bytes(), DecodeSpec(shorter_side=self.spec.decode_side))
         return image
 
     # -- a batch --------------------------------------------------------------------------------------
