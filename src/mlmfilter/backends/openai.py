@@ -564,7 +564,13 @@ def build_openai_backend(options: Any, settings: OpenAIOptions) -> OpenAIJudgeBa
     if options.readout == "expected" and settings.trie_walk == "continue_final_message":
         warning = _check_prefill(settings.tokenizer or options.model)
     cache = RequestCache(settings.cache) if settings.cache else None
-    backend = OpenAIJudgeBackend(options, settings, ChatClient(client_options, cache=cache), tokenizer)
+    client = ChatClient(client_options, cache=cache)
+    try:  # a wrong address or a missing key fails here in seconds, not after every request's retries
+        client.check_endpoint(settings.served_model or options.model)
+    except BaseException:
+        client.close()
+        raise
+    backend = OpenAIJudgeBackend(options, settings, client, tokenizer)
     backend.warnings = [warning] if warning else []
     return backend
 

@@ -16,7 +16,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -49,6 +49,39 @@ def user_errors() -> Iterator[None]:
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
         print_error(str(exc))
         raise typer.Exit(2) from exc
+
+
+#: the exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2
+INTERRUPTED_EXIT = 130
+
+
+def exit_interrupted(line: str) -> NoReturn:
+    """Print what an interrupted command did and how to go on (one line), then exit 130."""
+    console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(INTERRUPTED_EXIT)
+
+
+@contextmanager
+def interruptible(then: str = "re-run the same command") -> Iterator[None]:
+    """Ctrl-C inside the block ends the command with exit 130 and one line: the ``Interrupted`` the work
+    raised says what was done (``interrupted: 24 of 96 labels done; re-run ...``); a bare interrupt says ``then``."""
+    from mlmfilter.core.errors import Interrupted
+
+    try:
+        yield
+    except Interrupted as exc:
+        exit_interrupted(exc.line())
+    except KeyboardInterrupt:
+        exit_interrupted(f"interrupted; {then}")
+
+
+def exit_if_interrupted(summary: Any) -> None:
+    """A stage run's summary that was interrupted: which of its shards are done, exit 130."""
+    if summary.interrupted:
+        exit_interrupted(
+            f"interrupted: {summary.stats.shards} of {summary.shards_total} shards done; "
+            "re-run the same command to resume"
+        )
 
 
 def options_or_exit(model: type[Model], /, **fields: Any) -> Model:

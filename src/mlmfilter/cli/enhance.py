@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from mlmfilter.cli.common import console, load_recipe, options_or_exit, user_errors
+from mlmfilter.cli.common import console, exit_if_interrupted, load_recipe, options_or_exit, user_errors
 
 
 def enhance(
@@ -98,5 +98,6 @@ def enhance(
         console.print(f"[bold red]{warning}[/]")
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
+    exit_if_interrupted(summary)
     if not summary.ok:
         raise typer.Exit(1)

@@ -26,6 +26,7 @@ from mlmfilter.cli.common import (
     VERBOSE_OPTION,
     build_scorer_specs,
     console,
+    exit_if_interrupted,
     load_recipe,
     print_json,
     read_flags,
@@ -127,12 +128,7 @@ def score(
             console.print(f"[bold red]{warning}[/]")
     else:
         print_score_summary(summary)
-    if summary.interrupted:
-        console.print(
-            f"interrupted: {summary.stats.shards} of {summary.shards_total} shards done; "
-            "re-run the same command to resume"
-        )
-        raise typer.Exit(130)
+    exit_if_interrupted(summary)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -151,6 +147,8 @@ def print_score_summary(summary) -> None:
             f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
             f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)"
         )
+        if summary.shards_unusable:
+            shards += f", {len(summary.shards_unusable)} with no usable pair"
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
     table.add_row("scored", str(stats["ok"]))
@@ -163,6 +161,11 @@ def print_score_summary(summary) -> None:
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)  # one line: logs and greps see it whole
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
+    if summary.shards_unusable:
+        console.print(
+            f"[red]{len(summary.shards_unusable)} shard(s) gave no usable pair[/] (the lines above say why)",
+            soft_wrap=True,
+        )
 
 
 def list_scorers() -> None:
