@@ -302,7 +302,10 @@ def list_scorers() -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
-                "options": {key: field.default for key, field in cls.Options.model_fields.items()},
+                "options": {
+                    key: field.get_default(call_default_factory=True)  # a default_factory's value, not Undefined
+                    for key, field in cls.Options.model_fields.items()
+                },
                 "columns": list(columns) if isinstance(columns, dict) and columns else None,
                 "unavailable": None,
             }

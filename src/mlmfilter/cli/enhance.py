@@ -9,6 +9,15 @@ import typer
 
 from mlmfilter.cli.common import console, exit_if_interrupted, load_recipe, options_or_exit, user_errors
 
+#: the flags that set nested EnhanceOptions fields, named in a refusal of their value
+ENHANCE_FLAGS = {
+    "decision.margin": "--margin",
+    "decision.compare": "--compare",
+    "sampling.n": "--candidates",
+    "sampling.temperature": "--temperature",
+    "sampling.max_new_tokens": "--max-new-tokens",
+}
+
 
 def enhance(
     run: str = typer.Argument(..., help="Run folder scored by `mlmfilter score` (path or fsspec URL)."),
@@ -80,7 +89,7 @@ def enhance(
     sampling.update({key: value for key, value in given if value is not None})
     if sampling:
         fields["sampling"] = sampling
-    options = options_or_exit(EnhanceOptions, **fields)
+    options = options_or_exit(EnhanceOptions, flag_names=ENHANCE_FLAGS, **fields)
     with user_errors():
         summary = api.enhance(
             run, options, stage=stage, judge_model=judge_model, overwrite=overwrite, show_progress=True

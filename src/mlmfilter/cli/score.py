@@ -28,6 +28,7 @@ from mlmfilter.cli.common import (
     console,
     exit_if_interrupted,
     load_recipe,
+    options_or_exit,
     print_json,
     read_flags,
     setup_logging,
@@ -61,7 +62,7 @@ def score(
         help="If the model cannot be found, use a tiny random one (scores are meaningless).",
     ),
     option: list[str] = SCORER_SETTING_OPTION,
-    workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
+    workers: Optional[int] = typer.Option(None, help="Shards scored in parallel, one process each.", show_default="1"),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
     stage: Optional[str] = typer.Option(
         None, help="Stage name in the run folder (default score); another name adds a second scoring."
@@ -113,9 +114,10 @@ def score(
         fields["read"] = {**(fields.get("read") or {}), **columns}
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
+    config = options_or_exit(api.ScoreConfig, **fields)  # a misspelt recipe setting: one line, "did you mean"
     with user_errors():
         summary = api.score(
-            config=api.ScoreConfig(**fields),
+            config=config,
             base_url=base_url,
             overwrite=overwrite,
             allow_pipe=allow_pipe,
