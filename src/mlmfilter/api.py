@@ -324,6 +324,7 @@ def enhance(
     judge_model: str | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
+    base_url: str | None = None,
     **fields: Any,
 ) -> StageSummary:
     """Rewrite the poor captions of a scored run; keep a rewrite only where the judge scores it better.
@@ -333,7 +334,9 @@ def enhance(
     the scorers of ``source_stage`` that produce a column ``where`` reads, so the rewrites are re-scored
     as the originals were; ``judge_model`` replaces the MLM judge's model. The stage's tables are
     ``RUN/<stage>/tables``; resumable like any stage. ``overwrite`` discards this stage's earlier
-    results (never the scores).
+    results (never the scores). ``base_url``: the writer is a served VLM (``backend="openai"``, ``model``
+    the name the server knows), asked through the client ``teach_label`` uses, its answers cached in
+    ``RUN/cache/requests.sqlite`` (a local run; ``backend_options.cache`` names another file).
     """
     from mlmfilter.enhance.stage import EnhanceOptions, EnhanceStage, run_judge
     from mlmfilter.runs.read import RunReader
@@ -345,6 +348,16 @@ def enhance(
     elif fields:
         raise TypeError(f"enhance() takes EnhanceOptions or its fields, not both ({', '.join(fields)})")
     run = str(run)
+    if base_url is not None:
+        backend_options = {**options.backend_options, "base_url": base_url}
+        options = EnhanceOptions(**{**options.model_dump(), "backend": "openai", "backend_options": backend_options})
+    if options.backend == "openai" and "cache" not in options.backend_options and "://" not in run:
+        # never ask twice: the served writer's answers are kept beside the run (no setting of the identity)
+        backend_options = {
+            **options.backend_options,
+            "cache": os.path.join(os.path.abspath(run), "cache", "requests.sqlite"),
+        }
+        options = options.model_copy(update={"backend_options": backend_options})
     judge = [spec.model_dump() for spec in options.judge] or run_judge(run, options.where, options.source_stage)
     if judge_model:
         for spec in judge:

@@ -23,7 +23,19 @@ def enhance(
     run: str = typer.Argument(..., help="Run folder scored by `mlmfilter score` (path or fsspec URL)."),
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Pairs to work on, e.g. 'itm < 40'."),
     mode: Optional[str] = typer.Option(None, help="rewrite (default), fuse (CapsFusion) or aitqe."),
-    model: Optional[str] = typer.Option(None, help="The VLM that writes candidates (hub id or path)."),
+    model: Optional[str] = typer.Option(
+        None, help="The VLM that writes candidates: hub id or path; with --backend openai, the server's model name."
+    ),
+    backend: Optional[str] = typer.Option(
+        None,
+        help="Who runs the writer: transformers (here; the default) or openai (a server: vLLM, SGLang, "
+        "transformers serve, a hosted model), asked as `teach label` asks, answers cached in RUN/cache.",
+    ),
+    base_url: Optional[str] = typer.Option(
+        None,
+        "--base-url",
+        help="The writer's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (implies openai).",
+    ),
     judge_model: Optional[str] = typer.Option(
         None, help="Re-score with this MLM judge (default: the run's own judge, model and metrics)."
     ),
@@ -68,6 +80,7 @@ def enhance(
         where=where,
         mode=mode,
         model=model,
+        backend=backend or ("openai" if base_url else None),
         conversation=conversation,
         device=device,
         dtype=dtype,
@@ -83,6 +96,8 @@ def enhance(
     if margin is not None:
         decision["margin"] = margin
     fields["decision"] = decision
+    if base_url is not None:  # the server's address, beside the recipe's other backend_options
+        fields["backend_options"] = {**(fields.get("backend_options") or {}), "base_url": base_url}
     # several candidates are sampled at 0.7 unless a temperature is given (EnhanceOptions' rule)
     sampling = dict(fields.get("sampling") or {})
     given = (("n", candidates), ("temperature", temperature), ("max_new_tokens", max_new_tokens))
