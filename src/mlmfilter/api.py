@@ -206,9 +206,10 @@ def _names_a_hub_model(specs: Sequence[ScorerSpec]) -> bool:
 
 
 def _layout_hints(summary, read_options) -> dict[str, str]:
-    """For each shard scored now whose every row lacked its image or caption (or that could not be
-    read): what it holds and the flags that fix it (``--caption-column TEXT_EN``), by shard id (each such
-    shard's schema or first members are peeked at, never the whole shard)."""
+    """For each shard of this invocation (scored now, or done before: re-running the same command is no
+    success either) whose every row lacked its image or caption (or that could not be read): what it
+    holds and the flags that fix it (``--caption-column TEXT_EN``), by shard id (each such shard's schema
+    or first members are peeked at, never the whole shard)."""
     import json
 
     from mlmfilter.io.readers.layout import LAYOUT_ERRORS, shard_hint
@@ -219,7 +220,7 @@ def _layout_hints(summary, read_options) -> dict[str, str]:
     folder = RunFolder(summary.run_url)
     stage, sources = folder.stage(summary.stage), folder.sources()
     hints: dict[str, str] = {}
-    for shard_id in summary.shards_completed:
+    for shard_id in [*summary.shards_completed, *summary.shards_skipped]:
         rel = stage.stats_rel(shard_id)
         if shard_id not in sources or not stage.storage.exists(rel):
             continue
@@ -231,8 +232,8 @@ def _layout_hints(summary, read_options) -> dict[str, str]:
 
 
 def _unanswered_shards(summary) -> dict[str, str]:
-    """Shards scored now in which the served judge answered no request (every pair that reached it is a
-    ``judge_request_failed`` row, no pair scored): by shard id, what happened and what to do."""
+    """Shards of this invocation in which the served judge answered no request (every pair that reached it
+    is a ``judge_request_failed`` row, no pair scored): by shard id, what happened and what to do."""
     from mlmfilter.backends.openai import JUDGE_REQUEST_FAILED
     from mlmfilter.runs.folder import RunFolder
 
@@ -240,7 +241,7 @@ def _unanswered_shards(summary) -> dict[str, str]:
         return {}
     stage = RunFolder(summary.run_url).stage(summary.stage)
     out: dict[str, str] = {}
-    for shard_id in summary.shards_completed:
+    for shard_id in [*summary.shards_completed, *summary.shards_skipped]:
         stats = stage.read_stats(shard_id)
         failed = stats.errors.get(JUDGE_REQUEST_FAILED, 0) if stats is not None else 0
         if failed and not stats.ok:

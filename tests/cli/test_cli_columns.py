@@ -243,6 +243,8 @@ def test_every_hint_at_once_then_the_same_folder_takes_the_corrected_flags(tmp_p
     assert code == 1, out
     assert "pass --image-column picture" in text and "pass --caption-column alt_en" in text  # both, in one run
     assert "1 with no usable pair" in text and "without --overwrite" in text
+    code, again = _score(shard, "-o", run, "--scorer", "rules")  # the same command again: no success either
+    assert code == 1 and "pass --caption-column alt_en" in " ".join(again.split()), again
 
     code, out = _score(shard, "-o", run, "--scorer", "rules", "--image-column", "picture", "--caption-column", "alt_en")
     assert code == 0, out

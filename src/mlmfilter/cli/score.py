@@ -149,8 +149,8 @@ def print_score_summary(summary) -> None:
             f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
             f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)"
         )
-        if summary.shards_unusable:
-            shards += f", {len(summary.shards_unusable)} with no usable pair"
+    if summary.shards_unusable:
+        shards += f", {len(summary.shards_unusable)} with no usable pair"
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
     table.add_row("scored", str(stats["ok"]))
