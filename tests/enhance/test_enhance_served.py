@@ -4,10 +4,6 @@ in seconds; Ctrl-C (a real SIGINT to a real process) exits 130 saying which shar
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -18,6 +14,7 @@ from mlmfilter.cli.app import app
 from mlmfilter.runs.read import RunReader
 from tests.support.builders import flickr_shards
 from tests.support.fault_server import FaultServer
+from tests.support.interrupt import interrupt_when, mlmfilter_command
 from tests.support.serve import free_port
 
 runner = CliRunner()
@@ -83,23 +80,12 @@ def test_a_served_writer_that_is_not_there_fails_in_seconds(rules_run):
 def test_ctrl_c_exits_130_and_says_which_shards_are_done(rules_run):
     with FaultServer() as server:
         server.delay_s = 1.0  # a slow writer: one shard at a time, seconds each
-        command = [sys.executable, "-m", "mlmfilter.cli.app", *_enhance(rules_run, server.base_url, "--stage", "slow")]
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
+        markers = rules_run / "slow" / "completions"
+        code, output = interrupt_when(
+            mlmfilter_command(*_enhance(rules_run, server.base_url, "--stage", "slow")),
+            lambda: markers.is_dir() and any(markers.iterdir()),  # one shard enhanced
         )
-        try:
-            markers = rules_run / "slow" / "completions"
-            deadline = time.monotonic() + 240
-            while not (markers.is_dir() and any(markers.iterdir())):
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "no shard enhanced within 240 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            output, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == 130, output
+    assert code == 130, output
     done = len(list(markers.iterdir()))
     assert 1 <= done < 3
     text = " ".join(output.split())

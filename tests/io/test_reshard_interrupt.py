@@ -3,18 +3,14 @@ many kept pairs are in complete output shards and that a re-run needs --overwrit
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from mlmfilter.cli.app import app
 from tests.support.builders import flickr_shards
+from tests.support.interrupt import interrupt_when, mlmfilter_command
 
 runner = CliRunner()
 
@@ -32,23 +28,11 @@ def test_ctrl_c_during_reshard_exits_130_and_says_what_was_written(tmp_path, fli
     assert kept.num_rows == 6 and kept["shard"].to_pylist()[-1] == "00000001"  # the stalled shard comes last
 
     stall.touch()
-    command = [sys.executable, "-m", "mlmfilter.cli.app", "reshard", str(selection), str(out)]
-    command += ["--samples-per-shard", "1", "--allow-pipe"]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"}
+    code, output = interrupt_when(
+        mlmfilter_command("reshard", selection, out, "--samples-per-shard", "1", "--allow-pipe"),
+        lambda: len(list(out.glob("*.tar"))) >= 3,  # the first shard's pairs are written
     )
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("*.tar"))) < 3:  # the first shard's pairs are written
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no output shard within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, output
+    assert code == 130, output
     text = " ".join(output.split())
     assert (
         f"interrupted: 3 of 6 kept pairs done; 3 complete shards are in {out}: "

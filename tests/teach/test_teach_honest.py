@@ -5,17 +5,15 @@ whose every request failed exits 1; and no `HTTP Request` log lines reach the te
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 
 from typer.testing import CliRunner
 
 from mlmfilter.cli.app import app
 from tests.support.fault_server import FaultServer
+from tests.support.interrupt import interrupt_when, mlmfilter_command
 from tests.support.serve import free_port
 from tests.support.teach import teach_folder
 
@@ -23,18 +21,8 @@ runner = CliRunner()
 CAPTIONS = ["A dog runs on the grass .", "Two girls read a book .", "Boats float at sea ."]
 
 
-def _label_command(folder, base_url: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlmfilter.cli.app",
-        "teach",
-        "label",
-        str(folder),
-        "--model",
-        "fault-teacher",
-        "--metrics",
-        "itm,odf",
+def _label_args(folder, base_url: str, *extra: str) -> list[str]:
+    return ["teach", "label", str(folder), "--model", "fault-teacher", "--metrics", "itm,odf"] + [
         "--base-url",
         base_url,
         "--api-key-env",
@@ -52,26 +40,19 @@ def test_ctrl_c_exits_130_says_how_many_labels_are_done_and_balance_refuses_the_
     total = 2 * (len(CAPTIONS) + int(negatives))  # two metrics per pair and negative
     with FaultServer() as server:
         server.delay_s = 0.4  # a slow teacher, answering one request at a time
-        command = _label_command(folder.path, server.base_url, "--concurrency", "1", "--max-retries", "0")
-        env = {**os.environ, "COLUMNS": "200"}
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            deadline = time.monotonic() + 120
-            markers = folder.path / "run" / "teach_label" / "completions"
-            while not (markers.is_dir() and any(markers.iterdir())):  # one pair table labelled
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "no pair table labelled within 120 s"
-                time.sleep(0.05)
-            asked = server.requests
-            while server.requests < asked + 2:  # and the other one begun
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            output, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 130, output
+        command = mlmfilter_command(
+            *_label_args(folder.path, server.base_url, "--concurrency", "1", "--max-retries", "0")
+        )
+        markers = folder.path / "run" / "teach_label" / "completions"
+        asked: list[int] = []
+
+        def one_table_labelled_and_the_other_begun() -> bool:
+            if not asked and markers.is_dir() and any(markers.iterdir()):
+                asked.append(server.requests)
+            return bool(asked) and server.requests >= asked[0] + 2
+
+        code, output = interrupt_when(command, one_table_labelled_and_the_other_begun)
+        assert code == 130, output
         text = " ".join(output.split())
         found = re.search(r"interrupted: (\d+) of (\d+) labels done; re-run the same command to resume", text)
         assert found, output
@@ -98,7 +79,7 @@ def test_ctrl_c_exits_130_says_how_many_labels_are_done_and_balance_refuses_the_
 
         asked_before = server.requests
         server.delay_s = 0.0
-        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        again = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
         # nothing answered is asked again (the one in flight at the interrupt may have been answered since)
         assert total - done - cached - 1 <= server.requests - asked_before <= total - done - cached
@@ -126,20 +107,7 @@ def test_a_teacher_that_cannot_answer_fails_in_seconds_with_one_line(tmp_path, f
     monkeypatch.setenv("TEACH_HONEST_KEY", "sk-wrong")
     with FaultServer() as server:
         server.required_key = "sk-right"
-        refused = runner.invoke(
-            app,
-            [
-                "teach",
-                "label",
-                str(folder.path),
-                "--model",
-                "m",
-                "--base-url",
-                server.base_url,
-                "--api-key-env",
-                "TEACH_HONEST_KEY",
-            ],
-        )
+        refused = runner.invoke(app, _label_args(folder.path, server.base_url))
         assert server.requests == 0  # refused at the model list, before any label was asked for
     assert refused.exit_code == 2, refused.output
     line = " ".join(refused.output.split())
@@ -152,22 +120,7 @@ def test_a_teacher_that_cannot_answer_fails_in_seconds_with_one_line(tmp_path, f
 def test_a_run_whose_every_request_failed_exits_1(tmp_path, flickr_pairs):
     folder = teach_folder(tmp_path, flickr_pairs, [f"{c} [fault:down]" for c in CAPTIONS[:2]])
     with FaultServer() as server:
-        result = runner.invoke(
-            app,
-            [
-                "teach",
-                "label",
-                str(folder.path),
-                "--model",
-                "m",
-                "--metrics",
-                "itm,odf",
-                "--base-url",
-                server.base_url,
-                "--max-retries",
-                "0",
-            ],
-        )
+        result = runner.invoke(app, _label_args(folder.path, server.base_url, "--max-retries", "0"))
     assert result.exit_code == 1, result.output
     line = " ".join(result.output.split())
     assert f"no answer from the teacher at {server.base_url} for 4 of 4 labels (teacher_request_failed: 4)" in line

@@ -12,13 +12,13 @@ come back as ``n`` choices. The server renders the prompt with its own chat temp
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlmfilter.backends.generation import Generated, GenerationRequest, SamplingParams, cut_at_stop
 from mlmfilter.backends.openai import decoded_image_url
-from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, ClientOptions, user_message
+from mlmfilter.clients.chat import ChatClient, ChatRequest, ChatResult, ServerSettings, user_message
 from mlmfilter.judge.backend import RequestFailure
 
 #: error reasons of a served writer's request (column values: keep them stable)
@@ -26,44 +26,15 @@ WRITER_REQUEST_FAILED = "writer_request_failed"  # HTTP error, timeout or connec
 WRITER_BAD_RESPONSE = "writer_bad_response"  # a 200 without a usable text
 
 
-class ServedWriterOptions(BaseModel):
-    """``backend_options`` of ``enhance --backend openai`` (``--base-url`` sets ``base_url``)."""
+class ServedWriterOptions(ServerSettings):
+    """``backend_options`` of ``enhance --backend openai`` (``--base-url`` sets ``base_url``): how the server
+    is reached (:class:`~mlmfilter.clients.chat.ServerSettings`, operational) and how the image is sent.
+    ``cache``: ``mlmfilter.enhance`` sets ``RUN/cache/requests.sqlite`` for a local run."""
 
-    model_config = ConfigDict(extra="forbid")
-    #: settings that change how fast answers come, not what they are: not part of the stage's identity
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"base_url", "api_key_env", "api_key_file", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache"}
-    )
-
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    api_key_file: str | None = None
-    max_concurrency: int = Field(8, ge=1, le=1024)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    backoff_s: float = Field(1.0, ge=0)
-    #: sqlite file of answers: a rerun never asks twice; None: no cache (``mlmfilter.enhance`` sets
-    #: ``RUN/cache/requests.sqlite`` for a local run)
-    cache: str | None = None
     #: shorter side images are decoded to before they are sent
     image_size: int = Field(448, ge=16)
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
-
-    def client_options(self) -> ClientOptions:
-        if not self.base_url:
-            raise ValueError(
-                "--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)"
-            )
-        return ClientOptions(
-            base_url=self.base_url,
-            api_key_env=self.api_key_env,
-            api_key_file=self.api_key_file,
-            concurrency=self.max_concurrency,
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-        )
 
     def identity(self) -> dict[str, Any]:
         """What changes the texts: the image as sent (the served model's name is the stage's ``model``)."""

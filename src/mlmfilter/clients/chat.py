@@ -25,7 +25,7 @@ import threading
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +71,42 @@ class ClientOptions(BaseModel):
     def describe(self) -> dict[str, Any]:
         """Settings worth recording; the key's source is named by the caller, never the key."""
         return self.model_dump(exclude={"api_key_file"})
+
+
+class ServerSettings(BaseModel):
+    """How a model served over HTTP is reached: the ``backend_options`` that the served judge and the served
+    writer share (address, the key's origin, limits, the request cache). None of them changes an answer,
+    so none is part of a stage's identity (:attr:`OPERATIONAL`); provenance records the address."""
+
+    model_config = ConfigDict(extra="forbid")
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"base_url", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache", "api_key_env", "api_key_file"}
+    )
+
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str | None = None
+    max_concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    #: sqlite file of answers: a rerun never asks twice; None: no cache
+    cache: str | None = None
+
+    def client_options(self) -> ClientOptions:
+        if not self.base_url:
+            raise ValueError(
+                "--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return ClientOptions(
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            api_key_file=self.api_key_file,
+            concurrency=self.max_concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+        )
 
 
 @dataclass
