@@ -212,9 +212,24 @@ def score(
             show_progress=show_progress,
             partition=partition,
         )
-    for hint in _layout_hints(summary, config.read):  # once per shard none of whose pairs could be read
+    from mlmfilter.io.readers.layout import MAX_HINTS
+
+    # a shard none of whose pairs could be read is done but unusable (exit 1); its hint names the flag to pass
+    summary.shards_unusable = _layout_hints(summary, config.read)
+    hints = list(dict.fromkeys(summary.shards_unusable.values()))
+    unanswered = _unanswered_shards(summary)  # a served judge that answered nothing: not a success either
+    summary.shards_unusable.update(unanswered)
+    notes.extend(list(dict.fromkeys(unanswered.values()))[:1])
+    for hint in hints[:MAX_HINTS]:
         log.debug(hint)  # the summary's notes carry it (the CLI prints them): not twice on the terminal
         notes.append(hint)
+    if len(hints) > MAX_HINTS:
+        notes.append(f"(only the first {MAX_HINTS} such shards are named; {len(hints)} in all)")
+    if hints:
+        notes.append(
+            "run the same command again with these flags into the same folder: a run that read no pair "
+            "takes corrected read options without --overwrite"
+        )
     summary.notes.extend(notes)
     return summary
 
@@ -275,31 +290,51 @@ def _names_a_hub_model(specs: Sequence[ScorerSpec]) -> bool:
     return False
 
 
-def _layout_hints(summary, read_options) -> list[str]:
-    """For each shard scored now whose every row lacked its image or caption (or that could not be
-    read): what it holds and the flag that fixes it (``--caption-column TEXT_EN``)."""
+def _layout_hints(summary, read_options) -> dict[str, str]:
+    """For each shard of this invocation (scored now, or done before: re-running the same command is no
+    success either) whose every row lacked its image or caption (or that could not be read): what it
+    holds and the flags that fix it (``--caption-column TEXT_EN``), by shard id (each such shard's schema
+    or first members are peeked at, never the whole shard)."""
     import json
 
-    from mlmfilter.io.readers.layout import LAYOUT_ERRORS, MAX_HINTS, shard_hint
+    from mlmfilter.io.readers.layout import LAYOUT_ERRORS, shard_hint
     from mlmfilter.runs.folder import RunFolder
 
     if not any(summary.stats.errors.get(code) for code in LAYOUT_ERRORS):
-        return []  # no shard can have failed for its layout: no per-shard stats to read
+        return {}  # no shard can have failed for its layout: no per-shard stats to read
     folder = RunFolder(summary.run_url)
     stage, sources = folder.stage(summary.stage), folder.sources()
-    hints: list[str] = []
-    for shard_id in summary.shards_completed:
-        if len(hints) == MAX_HINTS:
-            hints.append(f"(only the first {MAX_HINTS} such shards are named)")
-            break
+    hints: dict[str, str] = {}
+    for shard_id in [*summary.shards_completed, *summary.shards_skipped]:
         rel = stage.stats_rel(shard_id)
         if shard_id not in sources or not stage.storage.exists(rel):
             continue
         shard = json.loads(stage.storage.read_text(rel))
         hint = shard_hint(sources[shard_id], read_options, int(shard.get("read", 0)), shard.get("errors") or {})
         if hint:
-            hints.append(hint)
+            hints[shard_id] = hint
     return hints
+
+
+def _unanswered_shards(summary) -> dict[str, str]:
+    """Shards of this invocation in which the served judge answered no request (every pair that reached it
+    is a ``judge_request_failed`` row, no pair scored): by shard id, what happened and what to do."""
+    from mlmfilter.backends.openai import JUDGE_REQUEST_FAILED
+    from mlmfilter.runs.folder import RunFolder
+
+    if not summary.stats.errors.get(JUDGE_REQUEST_FAILED):
+        return {}
+    stage = RunFolder(summary.run_url).stage(summary.stage)
+    out: dict[str, str] = {}
+    for shard_id in [*summary.shards_completed, *summary.shards_skipped]:
+        stats = stage.read_stats(shard_id)
+        failed = stats.errors.get(JUDGE_REQUEST_FAILED, 0) if stats is not None else 0
+        if failed and not stats.ok:
+            out[shard_id] = (
+                f"the judge's server answered none of {failed} requests in shard {shard_id} ({JUDGE_REQUEST_FAILED}; "
+                "error_detail says why): fix the server, then score again with --overwrite or another --stage"
+            )
+    return out
 
 
 def _executor(config: ScoreConfig, workers: int):
@@ -353,7 +388,10 @@ def list_scorers() -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
-                "options": {key: field.default for key, field in cls.Options.model_fields.items()},
+                "options": {
+                    key: field.get_default(call_default_factory=True)  # a default_factory's value, not Undefined
+                    for key, field in cls.Options.model_fields.items()
+                },
                 "columns": list(columns) if isinstance(columns, dict) and columns else None,
                 "unavailable": None,
             }
@@ -372,6 +410,7 @@ def enhance(
     judge_model: str | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
+    base_url: str | None = None,
     **fields: Any,
 ) -> StageSummary:
     """Rewrite the poor captions of a scored run; keep a rewrite only where the judge scores it better.
@@ -381,7 +420,9 @@ def enhance(
     the scorers of ``source_stage`` that produce a column ``where`` reads, so the rewrites are re-scored
     as the originals were; ``judge_model`` replaces the MLM judge's model. The stage's tables are
     ``RUN/<stage>/tables``; resumable like any stage. ``overwrite`` discards this stage's earlier
-    results (never the scores).
+    results (never the scores). ``base_url``: the writer is a served VLM (``backend="openai"``, ``model``
+    the name the server knows), asked through the client ``teach_label`` uses, its answers cached in
+    ``RUN/cache/requests.sqlite`` (a local run; ``backend_options.cache`` names another file).
     """
     from mlmfilter.enhance.stage import EnhanceOptions, EnhanceStage, run_judge
     from mlmfilter.runs.read import RunReader
@@ -393,6 +434,16 @@ def enhance(
     elif fields:
         raise TypeError(f"enhance() takes EnhanceOptions or its fields, not both ({', '.join(fields)})")
     run = str(run)
+    if base_url is not None:
+        backend_options = {**options.backend_options, "base_url": base_url}
+        options = EnhanceOptions(**{**options.model_dump(), "backend": "openai", "backend_options": backend_options})
+    if options.backend == "openai" and "cache" not in options.backend_options and "://" not in run:
+        # never ask twice: the served writer's answers are kept beside the run (no setting of the identity)
+        backend_options = {
+            **options.backend_options,
+            "cache": os.path.join(os.path.abspath(run), "cache", "requests.sqlite"),
+        }
+        options = options.model_copy(update={"backend_options": backend_options})
     judge = [spec.model_dump() for spec in options.judge] or run_judge(run, options.where, options.source_stage)
     if judge_model:
         for spec in judge:
@@ -475,23 +526,35 @@ def teach_write_batch(
         chat.close()
 
 
-def teach_balance(folder: str | Path, options: BalanceOptions | None = None) -> dict[str, Any]:
-    """Keep labels evenly across score bins per metric; returns histograms before and after."""
+def teach_balance(
+    folder: str | Path, options: BalanceOptions | None = None, *, allow_incomplete: bool = False
+) -> dict[str, Any]:
+    """Keep labels evenly across score bins per metric; returns histograms before and after.
+    A folder whose pairs are not all labelled (an interrupted ``teach_label``, failed requests) is
+    refused unless ``allow_incomplete`` (then the report's ``incomplete_labels`` counts the gaps)."""
     from mlmfilter.teach.balance import BalanceOptions
     from mlmfilter.teach.folder import TeachFolder
 
-    return TeachFolder(folder).balance(options or BalanceOptions())
+    return TeachFolder(folder).balance(options or BalanceOptions(), allow_incomplete=allow_incomplete)
 
 
 def teach_export(
-    folder: str | Path, output: str | Path, options: ExportOptions | None = None, *, balanced: bool = True
+    folder: str | Path,
+    output: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    balanced: bool = True,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its
-    card; ``balanced=False`` exports every parsed label instead of the balanced set."""
+    card; ``balanced=False`` exports every parsed label instead of the balanced set. An incompletely
+    labelled folder is refused unless ``allow_incomplete`` (the card then records the gaps)."""
     from mlmfilter.teach.export import ExportOptions
     from mlmfilter.teach.folder import TeachFolder
 
-    return TeachFolder(folder).export(output, options or ExportOptions(), balanced=balanced)
+    return TeachFolder(folder).export(
+        output, options or ExportOptions(), balanced=balanced, allow_incomplete=allow_incomplete
+    )
 
 
 def train(data: str | Path | Sequence[str | Path], output: str | Path, options: TrainOptions) -> TrainResult:
@@ -774,6 +837,7 @@ def reshard(
         captions_for=captions_for if (captions or captions_stage) else None,
         read_options=ReadOptions(**run.read_options()),
         overwrite=overwrite,
+        expected=(folder.summary().get("counts") or {}).get("kept"),
     )
     stats["selection"] = str(folder.path.resolve())
     return stats

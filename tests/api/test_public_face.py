@@ -80,6 +80,7 @@ def test_score_returns_the_one_summary_type(tmp_path, flickr_pairs):
         "shards_completed",
         "shards_skipped",
         "shards_failed",
+        "shards_unusable",
         "stats",
         "provenance",
         "seconds",

@@ -52,7 +52,7 @@ def _laion_parquet(path, n=3):
 def test_a_caption_column_not_found_names_the_columns_and_the_flag(tmp_path):
     shard = _laion_parquet(tmp_path / "laion.parquet")
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
-    assert code == 0, out
+    assert code == 1, out  # every pair failed to read: not a success
     assert set(_table(tmp_path / "run")["error"].to_pylist()) == {"missing_caption"}
     hint = " ".join(out.split())  # the summary wraps long lines at the terminal width
     assert "no caption column among [URL, TEXT_EN, jpg, similarity]" in hint
@@ -122,7 +122,7 @@ def test_a_parquet_of_urls_only_says_to_download_first(tmp_path):
     shard = tmp_path / "laion-meta.parquet"
     pq.write_table(pa.table({"URL": ["http://x/0.jpg", "http://x/1.jpg"], "TEXT": ["a", "b"]}), shard)
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
-    assert code == 0, out
+    assert code == 1, out
     table = _table(tmp_path / "run")
     assert table["error"].to_pylist() == ["missing_image", "missing_image"]  # every pair still counted
     assert "img2dataset" in table["error_detail"][0].as_py()
@@ -165,7 +165,7 @@ def test_tar_members_with_other_extensions_are_named_in_the_hint_and_read_with_t
             add_tar_member(tar, f"k{i}.caption", b"a caption with five words")
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
-    assert code == 0 and "no caption found among [jpg, caption]; pass --caption-column caption" in text, out
+    assert code == 1 and "no caption found among [jpg, caption]; pass --caption-column caption" in text, out
     code, out = _score(shard, "-o", tmp_path / "fixed", "--scorer", "rules", "--caption-column", "caption")
     assert code == 0, out
     assert _table(tmp_path / "fixed")["rules_words"].to_pylist() == [5, 5]
@@ -175,7 +175,7 @@ def test_a_misnamed_column_and_a_parquet_without_images_are_told_once_per_shard(
     shard = _laion_parquet(tmp_path / "laion.parquet")
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules", "--caption-column", "TEXT_DE")
     text = " ".join(out.split())
-    assert code == 0 and "column 'TEXT_DE' not found (columns: URL, TEXT_EN, jpg, similarity)" in text, out
+    assert code == 1 and "column 'TEXT_DE' not found (columns: URL, TEXT_EN, jpg, similarity)" in text, out
     assert text.count("TEXT_DE' not found") == 1
     pq.write_table(
         pa.table({"name": ["a.jpg"], "blob": pa.array([b"\xff\xd8\xff"], pa.large_binary()), "caption": ["x"]}),
@@ -184,10 +184,10 @@ def test_a_misnamed_column_and_a_parquet_without_images_are_told_once_per_shard(
     pq.write_table(pa.table({"photo_id": [1], "caption": ["x"]}), tmp_path / "noimage.parquet")
     code, out = _score(tmp_path / "noimage.parquet", "-o", tmp_path / "run2", "--scorer", "rules")
     text = " ".join(out.split())
-    assert code == 0 and "no image column among [photo_id, caption]; pass --image-column NAME" in text, out
+    assert code == 1 and "no image column among [photo_id, caption]; pass --image-column NAME" in text, out
     code, out = _score(tmp_path / "odd.parquet", "-o", tmp_path / "run3", "--scorer", "rules")
     text = " ".join(out.split())
-    assert code == 0 and "no image column among [name, blob, caption]; pass --image-column blob" in text, out
+    assert code == 1 and "no image column among [name, blob, caption]; pass --image-column blob" in text, out
 
 
 def test_an_imagefolder_whose_caption_field_has_another_name(tmp_path):
@@ -199,7 +199,7 @@ def test_an_imagefolder_whose_caption_field_has_another_name(tmp_path):
     code, out = _score(folder, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
     assert (
-        code == 0
+        code == 1
         and "no caption found among [metadata.csv: file_name, description_en]; pass --caption-column description_en"
         in text
     ), out
@@ -229,4 +229,31 @@ def test_a_column_that_is_there_but_empty_is_named_as_such(tmp_path):
     )
     code, out = _score(shard, "-o", tmp_path / "run", "--scorer", "rules")
     text = " ".join(out.split())
-    assert code == 0 and "column 'jpg' holds no image in any row (columns: [jpg, caption])" in text, out
+    assert code == 1 and "column 'jpg' holds no image in any row (columns: [jpg, caption])" in text, out
+
+
+def test_every_hint_at_once_then_the_same_folder_takes_the_corrected_flags(tmp_path):
+    """A parquet whose image and caption columns have other names: one run names both flags and exits 1;
+    the same folder then takes them (no pair was read with the old options), without --overwrite."""
+    shard = tmp_path / "pool.parquet"
+    pq.write_table(pa.table({"picture": [_jpeg(), _jpeg()], "alt_en": ["one two three", "four five six seven"]}), shard)
+    run = tmp_path / "run"
+    code, out = _score(shard, "-o", run, "--scorer", "rules")
+    text = " ".join(out.split())
+    assert code == 1, out
+    assert "pass --image-column picture" in text and "pass --caption-column alt_en" in text  # both, in one run
+    assert "1 with no usable pair" in text and "without --overwrite" in text
+    code, again = _score(shard, "-o", run, "--scorer", "rules")  # the same command again: no success either
+    assert code == 1 and "pass --caption-column alt_en" in " ".join(again.split()), again
+
+    code, out = _score(shard, "-o", run, "--scorer", "rules", "--image-column", "picture", "--caption-column", "alt_en")
+    assert code == 0, out
+    assert "--overwrite" not in out
+    table = _table(run)
+    assert table["error"].to_pylist() == [None, None] and table["rules_words"].to_pylist() == [3, 4]
+    record = yaml.safe_load((run / "run.yaml").read_text())
+    assert record["read"] == {"image_column": "picture", "caption_column": "alt_en"}
+
+    # once a pair was read, other read options are refused as before: they would mix two readings
+    code, out = _score(shard, "-o", run, "--scorer", "rules", "--caption-column", "picture")
+    assert code == 2 and "--overwrite" in out, out

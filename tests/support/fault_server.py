@@ -8,7 +8,12 @@ score derived from the request text (deterministic). Kinds:
 - ``hang``: the first answer comes after ``HANG_S`` seconds (past the client's timeout);
 - ``malformed``: always 200 with a body that is not JSON;
 - ``nonnumeric``: always a well-formed completion whose score line is not a number;
-- ``slow``: always answered after ``SLOW_S`` seconds (to see how many requests are in flight at once).
+- ``slow``: always answered after ``SLOW_S`` seconds (to see how many requests are in flight at once);
+- ``down``: always HTTP 503 (a teacher that never answers).
+
+``delay_s`` delays every answer (a slow teacher, to interrupt a run mid-way); with ``required_key`` set,
+every request without ``Authorization: Bearer <required_key>`` gets HTTP 401. ``GET /v1/models`` lists
+the one model ``fault-teacher``, as vLLM and OpenAI list theirs.
 
 The server counts requests per kind and records when each arrived, so a test can check retries and waits.
 Every loopback server also counts the client connections it has open, so a test can see a client closed.
@@ -67,6 +72,11 @@ class LoopbackChatServer:
                     return _send(self, 404, {"error": {"message": f"no route {self.path}"}})
                 server._answer(self, body)
 
+            def do_GET(self):
+                if self.path.rstrip("/") != "/v1/models":
+                    return _send(self, 404, {"error": {"message": f"no route {self.path}"}})
+                server._models(self)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -94,8 +104,14 @@ class LoopbackChatServer:
     def _answer(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
         raise NotImplementedError
 
+    def _models(self, handler: BaseHTTPRequestHandler) -> None:
+        _send(handler, 200, {"object": "list", "data": [{"id": "fault-teacher", "object": "model"}]})
+
 
 class FaultServer(LoopbackChatServer):
+    delay_s = 0.0  # every answer waits this long
+    required_key: str | None = None  # set: requests without it get HTTP 401
+
     def __init__(self) -> None:
         self.requests = 0
         self.by_kind: Counter = Counter()
@@ -107,7 +123,19 @@ class FaultServer(LoopbackChatServer):
         self._lock = threading.Lock()
         super().__init__()
 
+    def _refused(self, handler: BaseHTTPRequestHandler) -> bool:
+        if self.required_key is None or handler.headers.get("authorization") == f"Bearer {self.required_key}":
+            return False
+        _send(handler, 401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+        return True
+
+    def _models(self, handler: BaseHTTPRequestHandler) -> None:
+        if not self._refused(handler):
+            super()._models(handler)
+
     def _answer(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        if self._refused(handler):
+            return
         text = _request_text(body)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         match = FAULT.search(text)
@@ -128,6 +156,10 @@ class FaultServer(LoopbackChatServer):
                 self.in_flight -= 1
 
     def _reply(self, handler: BaseHTTPRequestHandler, body: dict, text: str, digest: str, kind: str, seen: int) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if kind == "down":
+            return _send(handler, 503, {"error": {"message": "the teacher is down"}})
         if kind == "429" and seen <= 2:
             return _send(handler, 429, {"error": {"message": "rate limited"}}, {"retry-after": str(RETRY_AFTER_S)})
         if kind == "500" and seen <= 1:

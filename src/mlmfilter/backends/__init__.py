@@ -8,7 +8,8 @@ provenance, build):
 - :mod:`.vllm`: offline ``vllm.LLM`` on GPUs;
 - :mod:`.openai`: an OpenAI-compatible server, through :mod:`mlmfilter.clients`.
 
-:mod:`.generation` writes captions (the enhancer's writer). :data:`BACKENDS` is the one place that
+:mod:`.generation` writes captions (the enhancer's writer); :mod:`.openai_writer` writes them through an
+OpenAI-compatible server (``enhance --backend openai``). :data:`BACKENDS` is the one place that
 maps a name to a backend: a new backend is a new file with its ``INFO`` and one line here.
 """
 

@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlmfilter.backends.base import BackendInfo
-from mlmfilter.clients.chat import user_message
+from mlmfilter.clients.chat import ServerSettings, user_message
 from mlmfilter.judge.backend import (
     BackendCapabilities,
     JudgeRequest,
@@ -95,30 +95,16 @@ WALK_BOUND = (
 )
 
 
-class OpenAIOptions(BaseModel):
-    """``backend_options`` of ``--backend openai`` (``--base-url`` sets ``base_url``)."""
+class OpenAIOptions(ServerSettings):
+    """``backend_options`` of ``--backend openai`` (``--base-url`` sets ``base_url``): how the server is
+    reached (:class:`~mlmfilter.clients.chat.ServerSettings`: operational, not part of the run's identity;
+    partition jobs may each use their own replica of the served model, whose name, ``served_model``, stays
+    in the identity) and what is asked."""
 
-    model_config = ConfigDict(extra="forbid")
-    #: settings that change how fast answers come, not what they are: not part of the run's identity.
-    #: The address is one of them: partition jobs may each use their own replica of the served model
-    #: (its name, ``served_model``, stays in the identity; provenance records the address)
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"base_url", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache", "api_key_env", "api_key_file"}
-    )
-
-    base_url: str | None = None
     #: the model name the server knows; None: the scorer's ``model``
     served_model: str | None = None
     #: where the judge's tokenizer is (expected readout: which tokens spell 0..100); None: ``model``
     tokenizer: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    api_key_file: str | None = None
-    max_concurrency: int = Field(8, ge=1, le=1024)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    backoff_s: float = Field(1.0, ge=0)
-    #: sqlite file of answers: a rerun never asks twice; None: no cache
-    cache: str | None = None
     #: shorter side images are decoded to before they are sent
     image_size: int = Field(448, ge=16)
     image_format: Literal["jpeg", "png"] = "jpeg"
@@ -131,23 +117,6 @@ class OpenAIOptions(BaseModel):
     #: trie like the transformers backend (adaptive, trie_threshold), one 1-token request per trie node,
     #: the node's digits prefilled as the assistant's message (vLLM's / SGLang's continue_final_message)
     trie_walk: Literal["greedy", "continue_final_message"] = "greedy"
-
-    def client_options(self):
-        from mlmfilter.clients.chat import ClientOptions
-
-        if not self.base_url:
-            raise ValueError(
-                "--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)"
-            )
-        return ClientOptions(
-            base_url=self.base_url,
-            api_key_env=self.api_key_env,
-            api_key_file=self.api_key_file,
-            concurrency=self.max_concurrency,
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-        )
 
 
 # -- plain functions ----------------------------------------------------------------------------------
@@ -564,7 +533,13 @@ def build_openai_backend(options: Any, settings: OpenAIOptions) -> OpenAIJudgeBa
     if options.readout == "expected" and settings.trie_walk == "continue_final_message":
         warning = _check_prefill(settings.tokenizer or options.model)
     cache = RequestCache(settings.cache) if settings.cache else None
-    backend = OpenAIJudgeBackend(options, settings, ChatClient(client_options, cache=cache), tokenizer)
+    client = ChatClient(client_options, cache=cache)
+    try:  # a wrong address or a missing key fails here in seconds, not after every request's retries
+        client.check_endpoint(settings.served_model or options.model)
+    except BaseException:
+        client.close()
+        raise
+    backend = OpenAIJudgeBackend(options, settings, client, tokenizer)
     backend.warnings = [warning] if warning else []
     return backend
 

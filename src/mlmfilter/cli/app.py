@@ -8,12 +8,24 @@ stays cheap: heavy imports go inside the command functions.
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
 from mlmfilter.cli import convert, demo, enhance, evaluate, report, reshard, score, select, teach, train
-from mlmfilter.cli.common import plain_type_labels
+from mlmfilter.cli.common import interruptible, plain_type_labels
+
+
+class InterruptibleGroup(TyperGroup):
+    """Ctrl-C in any command exits 130 with one line, never click's "Aborted!" and exit 1 (commands that
+    know what they finished say so first: :func:`~mlmfilter.cli.common.interruptible`)."""
+
+    def invoke(self, ctx):
+        with interruptible("re-run the same command"):
+            return super().invoke(ctx)
+
 
 plain_type_labels()  # metavars in --help, not Python type tags
 app = typer.Typer(
+    cls=InterruptibleGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

@@ -16,7 +16,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,10 +40,16 @@ def print_error(message: str) -> None:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Mistakes in the input or the flags end with one clear line (exit 2), not a traceback."""
+    from pydantic import ValidationError
+
     from mlmfilter.core.errors import ModelUnavailableError
 
     try:
         yield
+    except ValidationError as exc:  # settings built below the command: one line, never pydantic's page
+        logging.getLogger("mlmfilter").debug("invalid settings", exc_info=True)
+        print_error(validation_line(exc))
+        raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError, ModelUnavailableError, ImportError) as exc:
         # ImportError: an optional extra or an fsspec backend (s3fs, gcsfs) is missing; its message says which
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
@@ -51,19 +57,99 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
-def options_or_exit(model: type[Model], /, **fields: Any) -> Model:
-    """A command's Options model from its flags; a value the model refuses ends the command with one
-    line naming the field (``decision.margin: Input should be ...``, exit 2)."""
-    from pydantic import ValidationError
+#: the exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2
+INTERRUPTED_EXIT = 130
 
-    from mlmfilter.core.errors import validation_message
+
+def exit_interrupted(line: str) -> NoReturn:
+    """Print what an interrupted command did and how to go on (one line), then exit 130."""
+    console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(INTERRUPTED_EXIT)
+
+
+@contextmanager
+def interruptible(then: str = "re-run the same command") -> Iterator[None]:
+    """Ctrl-C inside the block ends the command with exit 130 and one line: the ``Interrupted`` the work
+    raised says what was done (``interrupted: 24 of 96 labels done; re-run ...``); a bare interrupt says ``then``."""
+    from mlmfilter.core.errors import Interrupted
+
+    try:
+        yield
+    except Interrupted as exc:
+        exit_interrupted(exc.line())
+    except KeyboardInterrupt:
+        exit_interrupted(f"interrupted; {then}")
+
+
+def exit_if_interrupted(summary: Any) -> None:
+    """A stage run's summary that was interrupted: which of its shards are done, exit 130."""
+    if summary.interrupted:
+        exit_interrupted(
+            f"interrupted: {summary.stats.shards} of {summary.shards_total} shards done; "
+            "re-run the same command to resume"
+        )
+
+
+def options_or_exit(model: type[Model], /, flag_names: dict[str, str] | None = None, **fields: Any) -> Model:
+    """A command's Options model from its flags (or a recipe); a value the model refuses ends the command
+    with one line naming the flag or field (``--margin: Input should be greater than or equal to 0 (got
+    -10.0)``; a misspelt setting with the one it resembles), exit 2. ``flag_names``: field path -> the flag
+    that sets it, for the message."""
+    from pydantic import ValidationError
 
     try:
         return model(**fields)
     except ValidationError as exc:
         logging.getLogger("mlmfilter").debug("invalid options", exc_info=True)
-        print_error(validation_message(exc))
+        print_error(validation_line(exc, model, flag_names))
         raise typer.Exit(2) from None
+
+
+def validation_line(exc: Any, model: Any = None, flags: dict[str, str] | None = None) -> str:
+    """A pydantic ``ValidationError`` as one line a user can act on, never pydantic's page with its URL:
+    ``unknown setting 'worker' (did you mean 'workers'?)``, ``read: unknown setting 'caption_colum' (did
+    you mean 'caption_column'?)``, ``decision.margin: Input should be greater than or equal to 0 (got -10.0)``.
+    ``model`` (the pydantic class validated) lets a misspelt name be matched against the settings there."""
+    import difflib
+
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc") or () if not isinstance(part, int)]
+        if error.get("type") == "extra_forbidden" and loc:
+            name, parent = loc[-1], loc[:-1]
+            known = _fields_at(model, parent)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if known else []
+            hint = f" (did you mean {close[0]!r}?)" if close else (f"; known: {', '.join(known)}" if known else "")
+            where = f"{'.'.join(parent)}: " if parent else ""
+            problems.append(f"{where}unknown setting {name!r}{hint}")
+            continue
+        given = error.get("input")
+        got = f" (got {given!r})" if isinstance(given, (int, float, str, bool)) and len(repr(given)) <= 60 else ""
+        where = ".".join(loc)
+        where = (flags or {}).get(where, where)
+        problems.append(f"{where}: {error['msg']}{got}" if where else f"{error['msg']}{got}")
+    return "; ".join(problems)
+
+
+def _fields_at(model: Any, path: list[str]) -> list[str]:
+    """The setting names of the pydantic model reached from ``model`` along ``path`` ([] when unknown)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def models_in(annotation: Any) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    current = model
+    for part in path:
+        if current is None:
+            return []
+        field = current.model_fields.get(part)
+        found = models_in(field.annotation) if field is not None else []
+        current = found[0] if found else None
+    return sorted(current.model_fields) if current is not None else []
 
 
 # -- logging and output -----------------------------------------------------------------------------
@@ -143,13 +229,26 @@ def shared_scorer_flags(parameters: dict[str, Any]) -> dict[str, Any]:
 def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[str]) -> list[dict[str, Any]]:
     """Scorer specs from `--scorer a,b`, the shared flags and `--option scorer.key=value` overrides.
 
-    Each shared flag goes to every requested scorer whose Options model has that field."""
+    Each shared flag goes to every requested scorer whose Options model has that field, except ``--model``:
+    it names one model, so it goes to the one model scorer not given its own by ``--option NAME.model=``;
+    with two such scorers (``clip`` and ``mlm``) it is refused with the options that name each."""
     import yaml
 
     from mlmfilter.scorers import scorer_class
 
+    requested = [_scorer_name(n) for group in names for n in group.split(",") if n.strip()]
+    model_flag = shared.get("model")
+    if model_flag is not None:
+        named = {item.partition("=")[0].partition(".")[0] for item in options if ".model=" in item}
+        takers = [n for n in requested if scorer_class(n).model_option == "model" and n not in named]
+        if len(takers) > 1:
+            each = " ".join(f"--option {n}.model=MODEL" for n in takers)
+            raise ValueError(
+                f"--model names one model, but {' and '.join(takers)} each load their own: name each with {each} "
+                "(--model then goes to the one left, if any)"
+            )
     specs = []
-    for name in [_scorer_name(n) for group in names for n in group.split(",") if n.strip()]:
+    for name in requested:
         fields = scorer_class(name).Options.model_fields
         opts = {k: v for k, v in shared.items() if v is not None and k in fields}
         specs.append({"name": name, "options": opts})
@@ -205,15 +304,37 @@ CAPTIONS_FILE_OPTION = typer.Option(
 )
 
 # the scorer flags of `mlmfilter score`, shared by `eval human` and `eval corrupt`
-SCORER_OPTION = typer.Option(None, "--scorer", "-s", help="Scorers, e.g. rules,clip or mlm.")
-MODEL_OPTION = typer.Option(None, help="Model hub id or local path for the model scorer.")
-METRICS_OPTION = typer.Option(None, help="MLM metrics, e.g. itm,odf,ctq,su.")
+# Their defaults are the scorers' own (a recipe may set them too), so the flags default to None and say the
+# real defaults in show_default; tests/cli check these texts against the scorers' Options models.
+SCORER_OPTION = typer.Option(
+    None,
+    "--scorer",
+    "-s",
+    help="Scorers, comma-separated: rules, clip, mlm, aitqe, ocr (`mlmfilter scorers` lists their options).",
+    show_default="rules",
+)
+MODEL_OPTION = typer.Option(
+    None,
+    help="Model hub id or local path of THE model scorer; two (clip and mlm): --option clip.model=... "
+    "--option mlm.model=... instead.",
+    show_default="each scorer's own: clip openai/clip-vit-base-patch32, mlm weizhiwang/mlm-filter-llama-3-8b-gpt4v, "
+    "aitqe HymanH/AITQE",
+)
+METRICS_OPTION = typer.Option(
+    None,
+    help="MLM metrics: itm, odf, ctq, su. Each is one judge request per pair: all four cost 4x one metric, 2x itm,odf.",
+    show_default="itm,odf,ctq,su",
+)
 READOUT_OPTION = typer.Option(None, help="MLM readout: expected (default) or generate.")
 TEMPLATE_OPTION = typer.Option(None, help="MLM prompt template: v2, v1 or a custom string.")
 CONVERSATION_OPTION = typer.Option(None, help="MLM conversation format: auto, vicuna_v1, llama3, qwen.")
 DEVICE_OPTION = typer.Option(None, help="cpu, cuda, cuda:1 ...")
 DTYPE_OPTION = typer.Option(None, help="auto, fp32, bf16, fp16.")
-BATCH_SIZE_OPTION = typer.Option(None, help="Scorer batch size.")
+BATCH_SIZE_OPTION = typer.Option(
+    None,
+    help="Pairs per scorer batch (every requested scorer).",
+    show_default="each scorer's own: rules 256, clip 64, mlm 8, aitqe 4, ocr 16",
+)
 SCORER_SETTING_OPTION = typer.Option(None, help="Any scorer option: scorer.key=value (repeatable).")
 
 # -- help pages a user can read ---------------------------------------------------------------------
@@ -262,4 +383,13 @@ def plain_type_labels() -> None:
         return original_default(self, ctx=ctx)
 
     core.TyperOption._extract_default_help_str = extract_default
+
+    original_string = core.TyperOption._get_default_string
+
+    def default_string(self, *, ctx, show_default_is_str, default_value):
+        if show_default_is_str:  # "[default: rules]", not click's "[default: (rules)]"
+            return str(self.show_default)
+        return original_string(self, ctx=ctx, show_default_is_str=show_default_is_str, default_value=default_value)
+
+    core.TyperOption._get_default_string = default_string
     core._mlmfilter_plain_labels = True

@@ -3,13 +3,12 @@ MLM-Filter score files: `export` and `import`. The library behind them is :mod:`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mlmfilter.cli.common import console, setup_logging, user_errors
+from mlmfilter.cli.common import console, print_json, setup_logging, user_errors
 
 
 def convert_log_path(dst: Path) -> Path:
@@ -107,15 +106,41 @@ def register(app: typer.Typer) -> None:
         )
 
     @app.command("judges")
-    def judges() -> None:
+    def judges(
+        json_output: bool = typer.Option(
+            False, "--json", help="Every judge's full description as one JSON object on stdout."
+        ),
+    ) -> None:
         """The released judges this tool knows and how each is asked (trained vs released-script settings)."""
+        from rich.table import Table
+
         from mlmfilter.judge.registry import REGISTRY
 
-        console.print_json(
-            json.dumps(
+        if json_output:
+            print_json(
                 {
                     k: v.describe("trained") | {"released_script_settings": v.released_script.as_dict()}
                     for k, v in REGISTRY.items()
                 }
             )
-        )
+            return
+        table = Table(show_lines=True, title="released judges (`mlmfilter judges --json`: everything)")
+        for column in ("judge", "hub ids", "model", "trained request", "released script differs in"):
+            table.add_column(column, overflow="fold")
+        for key, judge in REGISTRY.items():
+            info = judge.describe("trained")
+            trained = info["trained_settings"]
+            released = judge.released_script.as_dict()
+            table.add_row(
+                key,
+                "\n".join(info["hub_ids"]),
+                f"{info['llm']}\n{info['vision']}, {info['image_tokens']} image tokens",
+                ", ".join(f"{k} {_shown(v)}" for k, v in trained.items()),
+                ", ".join(f"{k} {_shown(v)}" for k, v in released.items() if trained.get(k) != v) or "nothing",
+            )
+        console.print(table)
+
+
+def _shown(value) -> str:
+    """A setting's value in a table cell; a string with edge spaces (the forced space token) quoted."""
+    return repr(value) if isinstance(value, str) and (not value or value.strip() != value) else str(value)

@@ -7,14 +7,35 @@ from typing import Any, Optional
 
 import typer
 
-from mlmfilter.cli.common import console, load_recipe, options_or_exit, user_errors
+from mlmfilter.cli.common import console, exit_if_interrupted, load_recipe, options_or_exit, user_errors
+
+#: the flags that set nested EnhanceOptions fields, named in a refusal of their value
+ENHANCE_FLAGS = {
+    "decision.margin": "--margin",
+    "decision.compare": "--compare",
+    "sampling.n": "--candidates",
+    "sampling.temperature": "--temperature",
+    "sampling.max_new_tokens": "--max-new-tokens",
+}
 
 
 def enhance(
     run: str = typer.Argument(..., help="Run folder scored by `mlmfilter score` (path or fsspec URL)."),
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Pairs to work on, e.g. 'itm < 40'."),
     mode: Optional[str] = typer.Option(None, help="rewrite (default), fuse (CapsFusion) or aitqe."),
-    model: Optional[str] = typer.Option(None, help="The VLM that writes candidates (hub id or path)."),
+    model: Optional[str] = typer.Option(
+        None, help="The VLM that writes candidates: hub id or path; with --backend openai, the server's model name."
+    ),
+    backend: Optional[str] = typer.Option(
+        None,
+        help="Who runs the writer: transformers (here; the default) or openai (a server: vLLM, SGLang, "
+        "transformers serve, a hosted model), asked as `teach label` asks, answers cached in RUN/cache.",
+    ),
+    base_url: Optional[str] = typer.Option(
+        None,
+        "--base-url",
+        help="The writer's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (implies openai).",
+    ),
     judge_model: Optional[str] = typer.Option(
         None, help="Re-score with this MLM judge (default: the run's own judge, model and metrics)."
     ),
@@ -62,6 +83,7 @@ def enhance(
         where=where,
         mode=mode,
         model=model,
+        backend=backend or ("openai" if base_url else None),
         conversation=conversation,
         device=device,
         dtype=dtype,
@@ -78,13 +100,15 @@ def enhance(
     if margin is not None:
         decision["margin"] = margin
     fields["decision"] = decision
+    if base_url is not None:  # the server's address, beside the recipe's other backend_options
+        fields["backend_options"] = {**(fields.get("backend_options") or {}), "base_url": base_url}
     # several candidates are sampled at 0.7 unless a temperature is given (EnhanceOptions' rule)
     sampling = dict(fields.get("sampling") or {})
     given = (("n", candidates), ("temperature", temperature), ("max_new_tokens", max_new_tokens))
     sampling.update({key: value for key, value in given if value is not None})
     if sampling:
         fields["sampling"] = sampling
-    options = options_or_exit(EnhanceOptions, **fields)
+    options = options_or_exit(EnhanceOptions, flag_names=ENHANCE_FLAGS, **fields)
     with user_errors():
         summary = api.enhance(
             run, options, stage=stage, judge_model=judge_model, overwrite=overwrite, show_progress=True
@@ -102,5 +126,6 @@ def enhance(
         console.print(f"[bold red]{warning}[/]")
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
+    exit_if_interrupted(summary)
     if not summary.ok:
         raise typer.Exit(1)

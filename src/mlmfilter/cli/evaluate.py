@@ -20,9 +20,13 @@ from mlmfilter.cli.common import (
     TEMPLATE_OPTION,
     build_scorer_specs,
     console,
+    interruptible,
     shared_scorer_flags,
     user_errors,
 )
+
+#: what an interrupted evaluation leaves: its result is written at the end only
+NOTHING_WRITTEN = "nothing was written: re-run the same command"
 
 eval_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
@@ -64,7 +68,7 @@ def human(
     from mlmfilter import api
 
     specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
-    with user_errors():
+    with user_errors(), interruptible(NOTHING_WRITTEN):
         result = api.evaluate_human(
             benchmark,
             images,
@@ -111,7 +115,7 @@ def corrupt(
     from mlmfilter import api
 
     specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
-    with user_errors():
+    with user_errors(), interruptible(NOTHING_WRITTEN):
         result = api.evaluate_corrupt(
             inputs,
             specs,

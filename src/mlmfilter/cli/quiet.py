@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-#: loggers whose records below ERROR stay off the terminal without -v (the log file keeps them)
+#: libraries known to log under a run (documentation: every logger but mlmfilter's own is kept off the
+#: terminal below ERROR without -v, see ThirdPartyFilter; the log file keeps them)
 THIRD_PARTY_LOGGERS = frozenset(
     {
         "py.warnings",
@@ -26,7 +27,9 @@ THIRD_PARTY_LOGGERS = frozenset(
         "datasets",
         "PIL",
         "httpx",
+        "httpx2",
         "httpcore",
+        "httpcore2",
         "openai",
         "ray",
         "vllm",
@@ -48,14 +51,21 @@ QUIET_ENVIRONMENT = {
 }
 
 
+#: the loggers whose records below ERROR reach the terminal: mlmfilter's own
+OWN_LOGGERS = ("mlmfilter", "__main__")
+
+
 class ThirdPartyFilter(logging.Filter):
-    """Passes mlmfilter's records and third-party errors; drops third-party info and warnings."""
+    """Passes mlmfilter's records and everyone's errors; drops every other logger's info and warnings.
+
+    An allowlist, not the list above: libraries rename their loggers (openai 3 logs each request
+    as ``httpx2``), and a terminal must not fill with ``HTTP Request: POST`` lines when they do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
         name = record.name
-        return not any(name == n or name.startswith(n + ".") for n in THIRD_PARTY_LOGGERS)
+        return any(name == own or name.startswith(own + ".") for own in OWN_LOGGERS)
 
 
 def quiet_third_party(console_handler: logging.Handler, verbose: bool) -> None:

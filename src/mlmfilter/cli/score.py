@@ -26,7 +26,9 @@ from mlmfilter.cli.common import (
     VERBOSE_OPTION,
     build_scorer_specs,
     console,
+    exit_if_interrupted,
     load_recipe,
+    options_or_exit,
     print_json,
     read_flags,
     setup_logging,
@@ -60,7 +62,7 @@ def score(
         help="If the model cannot be found, use a tiny random one (scores are meaningless).",
     ),
     option: list[str] = SCORER_SETTING_OPTION,
-    workers: Optional[int] = typer.Option(None, help="Shards scored in parallel."),
+    workers: Optional[int] = typer.Option(None, help="Shards scored in parallel, one process each.", show_default="1"),
     decode_workers: Optional[int] = typer.Option(None, help="Image-decoding processes per shard worker."),
     stage: Optional[str] = typer.Option(
         None, help="Stage name in the run folder (default score); another name adds a second scoring."
@@ -112,9 +114,10 @@ def score(
         fields["read"] = {**(fields.get("read") or {}), **columns}
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
+    config = options_or_exit(api.ScoreConfig, **fields)  # a misspelt recipe setting: one line, "did you mean"
     with user_errors():
         summary = api.score(
-            config=api.ScoreConfig(**fields),
+            config=config,
             base_url=base_url,
             overwrite=overwrite,
             allow_pipe=allow_pipe,
@@ -127,12 +130,7 @@ def score(
             console.print(f"[bold red]{warning}[/]")
     else:
         print_score_summary(summary)
-    if summary.interrupted:
-        console.print(
-            f"interrupted: {summary.stats.shards} of {summary.shards_total} shards done; "
-            "re-run the same command to resume"
-        )
-        raise typer.Exit(130)
+    exit_if_interrupted(summary)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -153,6 +151,8 @@ def print_score_summary(summary) -> None:
             f"{len(summary.shards_completed) + len(summary.shards_skipped)}/{summary.shards_total} done "
             f"({len(summary.shards_skipped)} resumed, {len(summary.shards_failed)} failed)"
         )
+    if summary.shards_unusable:
+        shards += f", {len(summary.shards_unusable)} with no usable pair"
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
     skipped = int(stats["counters"].get("skipped_by_cascade", 0))  # rows without an error, not scored
@@ -176,6 +176,11 @@ def print_score_summary(summary) -> None:
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)  # one line: logs and greps see it whole
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
+    if summary.shards_unusable:
+        console.print(
+            f"[red]{len(summary.shards_unusable)} shard(s) gave no usable pair[/] (the lines above say why)",
+            soft_wrap=True,
+        )
 
 
 def list_scorers() -> None:

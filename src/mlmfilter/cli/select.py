@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mlmfilter.cli.common import console, print_json, user_errors
+from mlmfilter.cli.common import console, interruptible, print_json, user_errors
 
 
 def select(
@@ -57,7 +57,7 @@ def select(
     from mlmfilter import api
     from mlmfilter.selection.join import parse_run_arguments
 
-    with user_errors():
+    with user_errors(), interruptible("the selection is not complete: re-run the same command"):
         parsed = parse_run_arguments(runs)
         result = api.select(
             parsed[0] if len(parsed) == 1 else parsed,

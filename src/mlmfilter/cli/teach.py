@@ -16,6 +16,7 @@ from mlmfilter.cli.common import (
     VERBOSE_OPTION,
     console,
     options_or_exit,
+    print_error,
     read_flags,
     setup_logging,
     user_errors,
@@ -24,6 +25,20 @@ from mlmfilter.cli.common import (
 teach_app = typer.Typer(
     no_args_is_help=True, help="Build judge instruction data: sample, negatives, label, balance, export."
 )
+
+
+ALLOW_INCOMPLETE_HELP = (
+    "Go on although some pairs have no label (an interrupted or failed `teach label`); the gaps are recorded."
+)
+
+
+def _warn_incomplete(gaps: Optional[dict]) -> None:
+    if gaps:
+        console.print(
+            f"[yellow]incomplete: {gaps['missing']} of {gaps['expected']} labels are missing "
+            f"({', '.join(f'{k}: {v}' for k, v in gaps['by_table'].items())})[/]",
+            highlight=False,
+        )
 
 
 def _split(text: Optional[str]) -> Optional[list[str]]:
@@ -187,11 +202,7 @@ def label(
             files = api.teach_write_batch(folder, options, client, batch_file)
             console.print(f"wrote {len(files)} batch file(s): " + ", ".join(map(str, files)))
             return
-        try:
-            info = api.teach_label(folder, options, client, relabel=relabel)
-        except KeyboardInterrupt:
-            console.print("interrupted: the shards done are kept; re-run the same command to resume")
-            raise typer.Exit(130) from None
+        info = api.teach_label(folder, options, client, relabel=relabel)  # Ctrl-C: Interrupted, exit 130
     stats = info["stats"]
     if "rewrites" in info:
         rewrites = info["rewrites"]
@@ -209,6 +220,32 @@ def label(
             f"all runs: requests {total['requests']}, cache hits {total['cache_hits']}, retries {total['retries']}, "
             f"tokens {total['prompt_tokens']}+{total['completion_tokens']}"
         )
+    _exit_if_unanswered(info)
+
+
+def _exit_if_unanswered(info: dict) -> None:
+    """Labels (or rewrites) the teacher never answered (failed requests, after their retries) make the run
+    a failure, exit 1: the folder is not completely labelled, and a re-run asks only for what is missing."""
+    from mlmfilter.teach.stage import RETRYABLE
+
+    unanswered = {k: v for k, v in info["errors"].items() if k in RETRYABLE}
+    rewrites = {k: v for k, v in (info.get("rewrites") or {}).get("errors", {}).items() if k in RETRYABLE}
+    if not unanswered and not rewrites:
+        return
+    what = []
+    if unanswered:
+        what.append(f"{sum(unanswered.values())} of {info['rows']} labels ({_counts(unanswered)})")
+    if rewrites:
+        what.append(f"{sum(rewrites.values())} rewrites ({_counts(rewrites)})")
+    print_error(
+        f"no answer from the teacher at {info['client']['base_url']} for {' and '.join(what)}; "
+        "re-run the same command to ask again (answers received are cached)"
+    )
+    raise typer.Exit(1)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
 
 
 @teach_app.command("balance")
@@ -217,6 +254,7 @@ def balance(
     target: int = typer.Option(1000, help="Labels to keep per metric."),
     bins: int = typer.Option(10, help="Equal-width score bins over 0..100."),
     seed: int = typer.Option(0),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help=ALLOW_INCOMPLETE_HELP),
 ) -> None:
     """Sample evenly across score bins per metric; print histograms before and after."""
     from mlmfilter import api
@@ -224,7 +262,8 @@ def balance(
 
     options = options_or_exit(BalanceOptions, target=target, bins=bins, seed=seed)
     with user_errors():
-        report = api.teach_balance(folder, options)
+        report = api.teach_balance(folder, options, allow_incomplete=allow_incomplete)
+    _warn_incomplete(report.get("incomplete_labels"))
     for metric, info in report["metrics"].items():
         console.print(balance_table(metric, info, bin_edges(options)))
 
@@ -267,6 +306,7 @@ def export(
         True, "--rewrites/--no-rewrites", help="Include the enhancement task's rewrite samples."
     ),
     seed: int = typer.Option(0),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help=ALLOW_INCOMPLETE_HELP),
 ) -> None:
     """Write the instruction set (MLM-Filter's LLaVA JSON + images, TRL prompt-completion JSONL) and its card."""
     from mlmfilter import api
@@ -281,9 +321,10 @@ def export(
         rewrites=rewrites,
     )
     with user_errors():
-        summary = api.teach_export(folder, output, options, balanced=not all_labels)
+        summary = api.teach_export(folder, output, options, balanced=not all_labels, allow_incomplete=allow_incomplete)
     console.print(
         f"{summary['records']} records ({summary['quality_records']} quality, {summary['rewrite_records']} rewrite, "
         f"{summary['general_records']} general), "
         f"{summary['images']} images -> {output}"
     )
+    _warn_incomplete(summary.get("incomplete_labels"))

@@ -22,11 +22,11 @@ import json
 import logging
 import random
 import threading
-import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,17 @@ BAD_RESPONSE = "teacher_bad_response"  # a 200 whose body is not a chat completi
 NOT_IN_BATCH_OUTPUT = "teacher_not_answered"  # cache-only mode (collecting a batch output) and no answer
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+#: hosts that answer nothing without a key: asked without one, they are refused before any request
+KEYED_HOSTS = ("api.openai.com",)
+#: how long the up-front check waits for the server's model list
+CHECK_TIMEOUT_S = 10.0
+
+
+class EndpointUnavailable(ValueError):
+    """The OpenAI-compatible server cannot be used: no key for a host that needs one, not reachable, or
+    the key refused. One line naming the URL tried and where the key comes from (never the key)."""
+
+
 MAX_RETRY_AFTER_S = 600.0  # a server asking for longer is treated as a failure of this attempt's budget
 
 
@@ -60,6 +71,42 @@ class ClientOptions(BaseModel):
     def describe(self) -> dict[str, Any]:
         """Settings worth recording; the key's source is named by the caller, never the key."""
         return self.model_dump(exclude={"api_key_file"})
+
+
+class ServerSettings(BaseModel):
+    """How a model served over HTTP is reached: the ``backend_options`` that the served judge and the served
+    writer share (address, the key's origin, limits, the request cache). None of them changes an answer,
+    so none is part of a stage's identity (:attr:`OPERATIONAL`); provenance records the address."""
+
+    model_config = ConfigDict(extra="forbid")
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"base_url", "max_concurrency", "timeout_s", "max_retries", "backoff_s", "cache", "api_key_env", "api_key_file"}
+    )
+
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str | None = None
+    max_concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    #: sqlite file of answers: a rerun never asks twice; None: no cache
+    cache: str | None = None
+
+    def client_options(self) -> ClientOptions:
+        if not self.base_url:
+            raise ValueError(
+                "--backend openai needs the server's address: --base-url URL (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return ClientOptions(
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            api_key_file=self.api_key_file,
+            concurrency=self.max_concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+        )
 
 
 @dataclass
@@ -164,7 +211,8 @@ class ChatClient:
             return self._client
 
     # -- public -----------------------------------------------------------------------------------
-    def complete(self, request: ChatRequest) -> ChatResult:
+    def complete(self, request: ChatRequest, stop: threading.Event | None = None) -> ChatResult:
+        """One request: the cached answer, or sent with retries (``stop`` set: no further retry)."""
         key = request.key
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -179,24 +227,36 @@ class ChatClient:
                 error=NOT_IN_BATCH_OUTPUT,
                 error_detail="no answer in the cache or the collected batch output",
             )
-        return self._send(request, key)
+        return self._send(request, key, stop)
 
     def complete_many(self, requests: Iterable[ChatRequest]) -> Iterator[ChatResult]:
-        """Results in completion order; cache hits come back at once, the rest through the pool."""
+        """Results in completion order; cache hits come back at once, the rest through the pool.
+
+        When the caller stops early (Ctrl-C, or it closes the iterator), the requests not sent yet are
+        dropped and those in flight are not retried: an interrupt ends the run in seconds, not after
+        every queued request has had its retries."""
         window = 2 * self.options.concurrency
         pending: set[Future] = set()
-        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="chat") as pool:
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="chat")
+        finished = False
+        try:
             for request in requests:
                 if self.cache is not None and request.key in self.cache:
                     yield self.complete(request)
                     continue
-                pending.add(pool.submit(self.complete, request))
+                pending.add(pool.submit(self.complete, request, stop))
                 if len(pending) >= window:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     yield from (f.result() for f in done)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in done)
+            finished = True
+        finally:
+            if not finished:
+                stop.set()
+            pool.shutdown(wait=finished, cancel_futures=not finished)
 
     def close(self) -> None:
         """Close the HTTP client and the request cache: the client owns both."""
@@ -206,10 +266,64 @@ class ChatClient:
         if self.cache is not None:
             self.cache.close()
 
+    def check_endpoint(self, model: str | None = None, timeout_s: float = CHECK_TIMEOUT_S) -> list[str]:
+        """Fail in seconds, not after minutes of retries, when the server cannot answer: no key for a host
+        that needs one (``api.openai.com``), nothing listening at the address, or the key refused. One
+        ``GET /models`` without retries; returns the model names it lists ([] when it lists none). A
+        server without ``/models`` (404) is not refused: the requests themselves will tell.
+
+        Raises :class:`EndpointUnavailable` naming the URL tried and the variable or file the key comes from."""
+        import openai
+
+        opts = self.options
+        base = opts.base_url.rstrip("/")
+        key_from = self._key_origin()
+        host = (urlsplit(base).hostname or "").lower()
+        if self.api_key.source == "none" and any(host == h or host.endswith("." + h) for h in KEYED_HOSTS):
+            raise EndpointUnavailable(
+                f"{base} needs an API key and {key_from} holds none: set it, or pass --base-url URL of a "
+                "local OpenAI-compatible server (vLLM, SGLang, transformers serve)"
+            )
+        url = f"{base}/models"
+        try:
+            page = self.openai.with_options(timeout=timeout_s, max_retries=0).models.list()
+        except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403):
+                raise EndpointUnavailable(
+                    f"{url} refused the API key from {key_from} (HTTP {exc.status_code}): check it"
+                ) from None
+            log.debug("%s answered HTTP %s; going on (the requests will tell)", url, exc.status_code)
+            return []
+        except openai.APITimeoutError:
+            raise EndpointUnavailable(
+                f"no answer from {url} within {timeout_s:g} s: is the server running at --base-url {base}?"
+            ) from None
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise EndpointUnavailable(
+                self._clean(f"cannot reach {url} ({cause}): is the server running at --base-url {base}?")
+            ) from None
+        names = [str(getattr(m, "id", "")) for m in getattr(page, "data", None) or []]
+        if model is not None and names and model not in names:
+            log.warning("%s lists %s, not %r: the requests may be refused", url, ", ".join(names[:10]), model)
+        return names
+
+    def _key_origin(self) -> str:
+        """Where the key comes from, for messages: the variable, or the file (never the key)."""
+        source = self.api_key.source
+        if source.startswith("env:"):
+            return f"the environment variable {source[4:]}"
+        if source.startswith("file:"):
+            return f"the key file {source[5:]}"
+        if self.options.api_key_file:
+            return f"the environment variable {self.options.api_key_env} or the key file {self.options.api_key_file}"
+        return f"the environment variable {self.options.api_key_env}"
+
     # -- one request with retries -----------------------------------------------------------------
-    def _send(self, request: ChatRequest, key: str) -> ChatResult:
+    def _send(self, request: ChatRequest, key: str, stop: threading.Event | None = None) -> ChatResult:
         opts = self.options
         last = ""
+        stop = stop or threading.Event()
         for attempt in range(opts.max_retries + 1):
             if attempt:
                 self.stats.add(retries=1)
@@ -218,12 +332,13 @@ class ChatClient:
                 response = self._post(request.body)
             except _Retryable as exc:
                 last, reason = exc.detail, exc.reason
-                if attempt == opts.max_retries:
+                if attempt == opts.max_retries or stop.is_set():
                     break
                 wait_s = exc.wait_s if exc.wait_s is not None else min(opts.max_backoff_s, opts.backoff_s * 2**attempt)
                 wait_s += random.uniform(0, 0.1 * wait_s)  # spread a burst of 429s apart
                 log.debug("retrying %s in %.2fs: %s", key[:12], wait_s, exc.detail)
-                time.sleep(wait_s)
+                if stop.wait(wait_s):  # the caller stopped: no retry
+                    break
                 continue
             except _Final as exc:
                 self.stats.fail(exc.reason)
@@ -238,8 +353,8 @@ class ChatClient:
                 self.cache.put(key, str(request.body.get("model", "")), response)
             return ChatResult(request.tag, key, text=message_text(response), response=response, attempts=attempt + 1)
         self.stats.fail(reason)
-        detail = f"{last} (after {opts.max_retries + 1} attempts)"
-        return ChatResult(request.tag, key, attempts=opts.max_retries + 1, error=reason, error_detail=detail)
+        detail = f"{last} (after {attempt + 1} attempts)"
+        return ChatResult(request.tag, key, attempts=attempt + 1, error=reason, error_detail=detail)
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         import openai

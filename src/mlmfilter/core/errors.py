@@ -24,9 +24,27 @@ DECODE_TIMEOUT = "decode_timeout"  # a decoder process hung on this image twice
 SCORER_ERROR = "scorer_error"  # an exception inside a scorer, isolated to this sample
 UNPARSEABLE_SCORE = "unparseable_score"  # a generated answer that is not a number
 
+#: the errors that mean "the reader looked in the wrong place", not "the data is bad": a shard whose
+#: every row has one of them was read with the wrong read options (or could not be opened at all)
+LAYOUT_ERRORS = frozenset({MISSING_CAPTION, MISSING_IMAGE, UNREADABLE_SHARD})
+
 
 class ModelUnavailableError(RuntimeError):
     """A model can be neither found locally nor downloaded (torch-free, so the CLI can catch it cheaply)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a command part-way; says what was done and how to go on.
+
+    A ``KeyboardInterrupt``, so code that knows nothing of it still stops; the command line prints
+    :meth:`line` and exits 130. ``done`` of ``total`` ``unit`` (``"24 of 96 labels"``) were finished."""
+
+    def __init__(self, done: int, total: int, unit: str, then: str = "re-run the same command to resume"):
+        self.done, self.total, self.unit, self.then = done, total, unit, then
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"interrupted: {self.done} of {self.total} {self.unit} done; {self.then}"
 
 
 class InfrastructureError(RuntimeError):

@@ -20,7 +20,7 @@ import logging
 from typing import Any, Iterator, Literal, Sequence
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlmfilter.backends.generation import CaptionGenerator, SamplingParams
 from mlmfilter.core.batching import batched
@@ -48,8 +48,13 @@ class EnhanceOptions(StageOptions):
     where: str
     source_stage: str = "score"
     mode: Literal["rewrite", "fuse", "aitqe"] = "rewrite"
-    #: the VLM that writes the candidates (hub id or path; aitqe: the converted AITQE folder)
+    #: the VLM that writes the candidates (hub id or path; aitqe: the converted AITQE folder; with
+    #: ``backend="openai"``: the model name the server knows)
     model: str
+    #: who runs the writer: "transformers" (this process) or "openai" (an OpenAI-compatible server, through
+    #: the client and request cache ``teach label`` uses; its settings in ``backend_options``, base_url first)
+    backend: Literal["transformers", "openai"] = "transformers"
+    backend_options: dict[str, Any] = Field(default_factory=dict)
     #: conversation format of the writer; None: "auto" (aitqe mode: "aitqe")
     conversation: str | None = None
     device: str = "auto"
@@ -78,6 +83,23 @@ class EnhanceOptions(StageOptions):
         if sampling is not None and sampling.n > 1 and "temperature" not in sampling.model_fields_set:
             return sampling.model_copy(update={"temperature": CANDIDATES_TEMPERATURE})
         return sampling
+
+    @model_validator(mode="after")
+    def _served_writer(self) -> "EnhanceOptions":
+        """A served writer's settings are checked now (a misspelt one is refused by name); the server renders
+        the prompt with its own chat template, so a reference conversation format cannot be asked for."""
+        if self.backend == "openai":
+            from mlmfilter.backends.openai_writer import ServedWriterOptions
+
+            ServedWriterOptions(**self.backend_options)
+            if self.conversation not in (None, "auto"):
+                raise ValueError(
+                    f"conversation {self.conversation!r} is a reference prompt format; a served writer is asked "
+                    "through the server's chat template (leave --conversation out)"
+                )
+        elif self.backend_options:
+            raise ValueError("backend_options are the settings of --backend openai (the served writer)")
+        return self
 
     @property
     def resolved_conversation(self) -> str:
@@ -170,13 +192,15 @@ class EnhanceStage(Stage):
 
         o: EnhanceOptions = self.options
         options = o.model_dump(mode="json")
+        if o.backend == "openai":  # the server's address, limits and cache change no text
+            options["backend_options"] = self._served_settings().identity()
         options = options_identity(options)
         identity: dict[str, Any] = {
             "kind": self.kind,
             # the judge is identified by its scorers' own identities; device and batching change no output
             "options": {k: v for k, v in options.items() if k not in ("judge", "device", "batch_size", "chunk_size")},
             "sampling": self.sampling.model_dump(mode="json"),
-            "generator": stable_identity(self._generator_provenance()),
+            "generator": stable_identity(self._generator_provenance(for_identity=True)),
             "judge": [s.identity() for s in self.scorers],
             "py3langid": getattr(py3langid, "__version__", "?"),
         }
@@ -206,10 +230,22 @@ class EnhanceStage(Stage):
             prov["warnings"] = list(dict.fromkeys(warnings))
         return prov
 
-    def _generator_provenance(self) -> dict[str, Any]:
+    def _served_settings(self):
+        from mlmfilter.backends.openai_writer import ServedWriterOptions
+
+        return ServedWriterOptions(**self.options.backend_options)
+
+    def _generator_provenance(self, for_identity: bool = False) -> dict[str, Any]:
         o: EnhanceOptions = self.options
         if self._injected_generator:
             return self.generator.describe()
+        if o.backend == "openai":  # from the settings alone: nothing is asked before setup
+            from mlmfilter.backends.openai_writer import describe_served_writer
+
+            prov = describe_served_writer(o.model, self._served_settings())
+            if for_identity:  # the address is recorded, not identified: a replica elsewhere writes the same
+                prov.pop("endpoint")
+            return prov
         from mlmfilter.models.common import resolve_device, resolve_dtype
         from mlmfilter.models.vlm import inspect_vlm, vlm_provenance
 
@@ -223,6 +259,10 @@ class EnhanceStage(Stage):
 
     def setup(self) -> None:
         o: EnhanceOptions = self.options
+        if self.generator is None and o.backend == "openai":
+            from mlmfilter.backends.openai_writer import build_served_writer
+
+            self.generator = build_served_writer(o.model, o.backend_options)
         if self.generator is None:
             from mlmfilter.backends.generation import load_caption_generator
 
@@ -252,7 +292,7 @@ class EnhanceStage(Stage):
         return self._mode
 
     def _image_size(self) -> int | None:
-        sizes = [self.rescorer.image_size]
+        sizes = [self.rescorer.image_size, getattr(self.generator, "image_size", None)]  # a served writer's
         spec = getattr(getattr(self.generator, "loaded", None), "spec", None)
         if spec is not None:
             sizes.append(spec.decode_side)
@@ -350,6 +390,9 @@ class EnhanceStage(Stage):
         """Close the judge scorers (their weights, engines and HTTP clients) and drop the writer."""
         for scorer in self.scorers:
             scorer.close()
+        close = getattr(self.generator, "close", None)
+        if close is not None and not self._injected_generator:  # a served writer's client and cache
+            close()
         self.generator = None
         self._mode = None
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from mlmfilter.core.batching import batched
+from mlmfilter.core.errors import Interrupted
 from mlmfilter.core.locations import is_url
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard, sniff_image_format
@@ -56,14 +58,19 @@ def reshard_selected(
     captions_for: CaptionsForShard | None = None,
     read_options: ReadOptions | None = None,
     overwrite: bool = False,
+    expected: int | None = None,
 ) -> dict[str, Any]:
-    """Write the rows named by ``kept``: ``(shard id, {key: uid})`` groups, in any shard order."""
+    """Write the rows named by ``kept``: ``(shard id, {key: uid})`` groups, in any shard order.
+
+    ``expected``: how many rows the selection kept, for the line a Ctrl-C prints (:class:`Interrupted`:
+    the pairs in complete output shards; the shard in progress is discarded)."""
     output_dir = os.path.abspath(output_dir)
     prepare_output(output_dir, list(sources.values()), overwrite)
     counts: Counter = Counter()
     skipped_errors: Counter = Counter()
     missing: list[str] = []
-    with TarShardWriter(output_dir, samples_per_shard=samples_per_shard) as writer:
+    writer = TarShardWriter(output_dir, samples_per_shard=samples_per_shard)
+    with _interrupt_says_what_was_written(writer, expected), writer:
         for shard_id, uid_of_key in kept:
             source = sources.get(shard_id)
             if source is None:
@@ -150,6 +157,20 @@ def reshard(
         shards = writer.close()
     counts["kept_not_found"] = int(len(keep) - written.sum())
     return _finish(output_dir, counts, skipped_errors, shards, overwrite, [])
+
+
+@contextmanager
+def _interrupt_says_what_was_written(writer: TarShardWriter, expected: int | None) -> Iterator[None]:
+    """Ctrl-C: :class:`Interrupted` counting the pairs in complete output shards (a re-run needs --overwrite)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        written = len(writer.shards) * writer.samples_per_shard  # every complete shard is full
+        then = (
+            f"{len(writer.shards)} complete shards are in {writer.output_dir}: "
+            "re-run the same command with --overwrite to write them all again"
+        )
+        raise Interrupted(written, max(expected or 0, written), "kept pairs", then) from None
 
 
 def prepare_output(output_dir: str, sources: Sequence[ShardSource], overwrite: bool) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from mlmfilter import __version__
+from mlmfilter.core.errors import LAYOUT_ERRORS
 from mlmfilter.core.ids import shard_id_for
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import ShardSource, shard_stem
@@ -333,10 +334,23 @@ class RunFolder:
             }
         )
         if (record.get("read") or {}) != dict(read_options):
-            raise ConfigMismatch(
-                f"{self.url} was read with read options {record.get('read') or {}}, not {dict(read_options)}; "
-                "use another output folder or --overwrite"
+            if not self._nothing_read():
+                raise ConfigMismatch(
+                    f"{self.url} was read with read options {record.get('read') or {}}, not {dict(read_options)}; "
+                    "use another output folder or --overwrite"
+                )
+            # no pair was ever read with the old options (the wrong column, say): they describe nothing,
+            # so the corrected ones replace them, and the shards read with the old ones are read again
+            log.info(
+                "%s: no pair could be read with read options %s; reading with %s",
+                self.url,
+                record.get("read") or {},
+                dict(read_options),
             )
+            for name in self.stages():
+                self.stage(name).clear()
+            record["read"] = dict(read_options)
+            self._write_record(record)
         registered: dict[str, dict[str, Any]] = record.setdefault("sources", {})
         by_url = {entry["url"]: sid for sid, entry in registered.items()}
         taken = set(registered)
@@ -363,6 +377,19 @@ class RunFolder:
         if changed or not self.is_run:
             self._write_record(record)
         return out
+
+    def _nothing_read(self) -> bool:
+        """True when no done shard of any stage holds a pair that was read: in each one every row lacked its
+        image or caption, or the shard could not be opened (``LAYOUT_ERRORS``). Such a run's read options
+        found nothing, so they may be corrected without ``--overwrite``."""
+        for name in self.stages():
+            stage = self.stage(name)
+            for shard_id in stage.done_shards():
+                stats = stage.read_stats(shard_id)
+                failed = {code for code, n in (stats.errors if stats else {}).items() if n}
+                if stats is None or stats.ok or not failed <= LAYOUT_ERRORS:
+                    return False
+        return True
 
     def _check_unchanged(self, sid: str, source: ShardSource, recorded: dict, current: dict) -> None:
         finished = [name for name in self.stages() if self.stage(name).read_marker(sid) is not None]

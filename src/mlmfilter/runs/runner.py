@@ -50,10 +50,13 @@ class StageSummary:
     #: the shards this invocation covered (done now or before): a partition's or a subset's own pairs,
     #: where ``stats`` counts every job's
     job_stats: ShardStats | None = None
+    #: shards done now of which no pair could be read (every row lacked its image or caption, or the shard
+    #: could not be opened): shard -> why. They have tables and markers, yet the run did not do its job
+    shards_unusable: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.shards_failed and not self.interrupted
+        return not self.shards_failed and not self.interrupted and not self.shards_unusable
 
     @property
     def run_dir(self) -> Path | str:
@@ -69,6 +72,7 @@ class StageSummary:
             "shards_completed": list(self.shards_completed),
             "shards_skipped": list(self.shards_skipped),
             "shards_failed": dict(self.shards_failed),
+            "shards_unusable": dict(self.shards_unusable),
             "stats": {"shards_done": self.stats.shards, **self.stats.to_json()},
             "provenance": self.provenance,
             "seconds": self.seconds,

@@ -42,10 +42,12 @@ from mlmfilter.clients.batch import BatchFileWriter, ingest_batch_output
 from mlmfilter.clients.cache import RequestCache
 from mlmfilter.clients.chat import ChatClient, ClientOptions
 from mlmfilter.clients.credentials import resolve_api_key
+from mlmfilter.core.errors import Interrupted
 from mlmfilter.core.sample import Sample
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import expand_inputs
 from mlmfilter.io.writers import atomic_write_json, atomic_write_parquet
+from mlmfilter.judge.prompts import resolve_metrics, short_name
 from mlmfilter.runs.folder import ConfigMismatch, RunError, SourceChanged
 from mlmfilter.runs.read import RunReader
 from mlmfilter.runs.runner import Overwrite, StageSummary, run_stage
@@ -62,6 +64,10 @@ from mlmfilter.teach.stage import (
     TeachRewriteOptions,
     TeachRewriteStage,
 )
+
+
+class IncompleteLabels(ValueError):
+    """Balancing or exporting an incompletely labelled folder, not allowed (``--allow-incomplete``)."""
 
 
 class TeachFolder:
@@ -181,17 +187,48 @@ class TeachFolder:
             inputs.append(str(self.path / "negatives.parquet"))
         cache_path = str(self.cache_path) if cache else None
         stage = TeachLabelStage(TeachLabelOptions(label=options, client=client_options, cache=cache_path))
-        summary, stats = self._run(stage, inputs, relabel, "labelling")
-        table = self._gather(stage.name, LABEL_SCHEMA)
-        atomic_write_parquet(table, self.path / "labels.parquet")
-        outcome = _outcome(table)
-        rewrites = self._rewrite(options, client_options, cache_path, relabel)
+        try:
+            summary, stats = self._run(stage, inputs, relabel, "labelling")
+        except Interrupted:  # the finished tables become the labels, marked interrupted: balance and export
+            outcome = self._write_labels(stage)  # refuse them unless --allow-incomplete
+            self.record("label", {**self._label_info(stage, client_options, inputs, outcome), "interrupted": True})
+            raise
+        outcome = self._write_labels(stage)
+        info = {
+            **self._label_info(stage, client_options, inputs, outcome),
+            "stats": _request_counts(stats),
+            "shards_skipped": list(summary.shards_skipped),
+        }
+        try:
+            rewrites = self._rewrite(options, client_options, cache_path, relabel)
+        except Interrupted:
+            self.record("label", {**info, "interrupted": True})
+            raise
         if rewrites is not None:  # the teacher's rewrites count in the run's totals too
             rewrites, rewrite_stats = rewrites
-            stats = stats + rewrite_stats
+            info["stats"] = _request_counts(stats + rewrite_stats)
+        if rewrites is not None:
+            info["rewrites"] = rewrites
+        # this invocation's requests are `stats`; `total` adds every earlier run's (this one included)
+        info["total"] = _add_counts(self.manifest().get("label"), info["stats"])
+        self.record("label", info)
+        return info
+
+    def _write_labels(self, stage: TeachLabelStage) -> ShardStats:
+        """``labels.parquet`` from the finished shards of the label stage; its rows, ok and errors."""
+        reader = self._reader()
+        if reader is not None and stage.name in reader.stages() and reader.table_files(stage.name):
+            table = self._gather(stage.name, LABEL_SCHEMA)
+        else:
+            table = LABEL_SCHEMA.empty_table()
+        atomic_write_parquet(table, self.path / "labels.parquet")
+        return _outcome(table)
+
+    def _label_info(
+        self, stage: TeachLabelStage, client_options: ClientOptions, inputs: list[str], outcome: ShardStats
+    ) -> dict[str, Any]:
         api_key_source = resolve_api_key(client_options.api_key_env, client_options.api_key_file).source
-        this_run = _request_counts(stats)
-        info = {
+        return {
             **stage.requests.identity(),
             "client": client_options.describe(),
             "api_key_source": api_key_source,
@@ -201,14 +238,7 @@ class TeachFolder:
             "rows": outcome.rows,
             "ok": outcome.ok,
             "errors": dict(outcome.errors),
-            "stats": this_run,  # this invocation's requests
-            "total": _add_counts(self.manifest().get("label"), this_run),  # every run's, this one included
-            "shards_skipped": list(summary.shards_skipped),
         }
-        if rewrites is not None:
-            info["rewrites"] = rewrites
-        self.record("label", info)
-        return info
 
     def rewrite_rows(self) -> list[dict[str, Any]] | None:
         path = self.path / "rewrites.parquet"
@@ -277,10 +307,29 @@ class TeachFolder:
         finally:
             stage.close()
         if summary.interrupted:
-            raise KeyboardInterrupt(f"{stage.name} interrupted; the same command resumes it")
+            raise self._interrupted(stage, inputs)
         if summary.shards_failed:
             raise RuntimeError(f"{work} failed for shard(s) {summary.shards_failed}")
         return summary
+
+    def _interrupted(self, stage: TeacherStage, inputs: list[str]) -> Interrupted:
+        """What an interrupted teacher stage did, in its own unit: labels (pairs x metrics) or rewrite samples.
+        Done are the rows of finished shards (what ``labels.parquet`` holds now); the answers received for
+        the shard in progress are in the request cache, so the re-run does not ask or pay for them again."""
+        rows = sum(pq.ParquetFile(path).metadata.num_rows for path in inputs)
+        if isinstance(stage, TeachLabelStage):
+            unit, total = "labels", rows * len(stage.requests.metrics)
+        else:
+            unit, total = "rewrite samples", rows
+        done = 0
+        reader = self._reader()
+        if reader is not None and stage.name in reader.stages() and reader.table_files(stage.name):
+            errors = reader.dataset(stage.name).to_table(columns=["error"]).column("error").to_pylist()
+            done = sum(error not in RETRYABLE for error in errors)
+        then = "re-run the same command to resume"
+        if stage.answers_in_progress:
+            then += f" ({stage.answers_in_progress} more answers received are cached: not asked or paid for twice)"
+        return Interrupted(min(done, total), total, unit, then)
 
     def _reader(self) -> RunReader | None:
         try:
@@ -360,24 +409,84 @@ class TeachFolder:
         finally:
             cache.close()
 
-    def balance(self, options: BalanceOptions) -> dict[str, Any]:
+    def label_gaps(self) -> dict[str, Any]:
+        """How completely the pairs are labelled: ``expected`` labels (every pair of ``sample.parquet`` and
+        ``negatives.parquet`` times every metric), ``missing`` (no row yet: an interrupted or unfinished
+        ``label``; or an error a new request may fix), ``by_table`` and ``by_reason`` of the missing ones."""
+        labels = pq.read_table(self.require("labels.parquet", "label"), columns=["uid", "metric", "error"])
+        metrics = set(labels.column("metric").to_pylist())
+        recorded = ((self.manifest().get("label") or {}).get("options") or {}).get("metrics")
+        if recorded:
+            metrics |= {short_name(m) for m in resolve_metrics(recorded)}
+        have = {
+            (uid, metric): error
+            for uid, metric, error in zip(*(labels.column(c).to_pylist() for c in ("uid", "metric", "error")))
+        }
+        by_table: Counter = Counter()
+        by_reason: Counter = Counter()
+        expected = 0
+        for name in ("sample.parquet", "negatives.parquet"):
+            path = self.path / name
+            if not path.exists():
+                continue
+            for uid in pq.read_table(path, columns=["uid"]).column("uid").to_pylist():
+                for metric in metrics:
+                    expected += 1
+                    key = (uid, metric)
+                    reason = "not labelled yet" if key not in have else have[key]
+                    if key not in have or reason in RETRYABLE:
+                        by_table[name] += 1
+                        by_reason[reason] += 1
+        return {
+            "expected": expected,
+            "missing": sum(by_table.values()),
+            "by_table": dict(by_table),
+            "by_reason": dict(by_reason),
+        }
+
+    def require_complete_labels(self, allow_incomplete: bool, step: str) -> dict[str, Any] | None:
+        """Refuse to ``step`` (balance, export) from an incompletely labelled folder unless ``allow_incomplete``:
+        an interrupted ``label`` would leave, say, the real pairs unlabelled and their negatives labelled,
+        and the instruction set would teach from the corruptions alone. Returns the gaps when there are any."""
+        gaps = self.label_gaps()
+        if not gaps["missing"]:
+            return None
+        if not allow_incomplete:
+            tables = ", ".join(f"{name}: {n}" for name, n in gaps["by_table"].items())
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in gaps["by_reason"].items())
+            raise IncompleteLabels(
+                f"{self.path} is labelled incompletely: {gaps['missing']} of {gaps['expected']} labels are missing "
+                f"({tables}; {reasons}). Run `mlmfilter teach label` again to finish (answers already received "
+                f"are cached), or pass --allow-incomplete to {step} the labels there are"
+            )
+        return gaps
+
+    def balance(self, options: BalanceOptions, allow_incomplete: bool = False) -> dict[str, Any]:
+        gaps = self.require_complete_labels(allow_incomplete, "balance")
         kept, report = balance(self.labels(), options)
+        if gaps is not None:
+            report["incomplete_labels"] = gaps
         schema = LABEL_SCHEMA.append(pa.field("bin", pa.int16()))
         atomic_write_parquet(pa.Table.from_pylist(kept, schema=schema), self.path / "balanced.parquet")
         atomic_write_json(self.path / "balance.json", report)
         self.record("balance", report)
         return report
 
-    def export(self, out_dir: str | Path, options: ExportOptions, balanced: bool = True) -> dict[str, Any]:
+    def export(
+        self, out_dir: str | Path, options: ExportOptions, balanced: bool = True, allow_incomplete: bool = False
+    ) -> dict[str, Any]:
         manifest = self.manifest()
         if "label" not in manifest:
             raise FileNotFoundError(f"{self.path} has no labels: run `mlmfilter teach label` first")
+        gaps = self.require_complete_labels(allow_incomplete, "export")
         label_options = LabelOptions(**manifest["label"]["options"])
         name = "balanced.parquet" if balanced else "labels.parquet"
         labels = self.labels(name)
         pairs = {p.uid: p for p in self.pairs()}
         card = {step: manifest[step] for step in ("sample", "negatives", "label", "balance") if step in manifest}
         card["label"] = {**card["label"], "prompt_texts": _prompt_texts(label_options)}
+        if gaps is not None:  # exported although told the labels are incomplete: the card says so
+            card["label"]["incomplete_labels"] = gaps
         rewrites = self._rewrite_targets() if options.rewrites else None
         if rewrites is not None:
             from mlmfilter.teach.rewrites import rewrite_prompts
@@ -385,6 +494,8 @@ class TeachFolder:
             card["label"]["prompt_texts"]["rewrite"] = rewrite_prompts(label_options).rewrite
         card = _without_local_paths(card, self.path)  # a card is shared: no /home/<user>/... in it
         summary = export(labels, pairs, out_dir, TeacherRequests(label_options), options, card, rewrites=rewrites)
+        if gaps is not None:
+            summary["incomplete_labels"] = gaps
         self.record("export", {"out": str(out_dir), "labels": name, **summary, "options": options.model_dump()})
         return summary
 

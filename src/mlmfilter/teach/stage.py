@@ -72,6 +72,9 @@ class TeacherStage(Stage):
         super().__init__(options, name)
         self.requests = TeacherRequests(options.label)  # checks metrics and template before anything runs
         self.client: ChatClient | None = None
+        #: answers received for the shard in progress when it stopped (an interrupt), for the line it
+        #: prints: they are in the request cache, so a re-run does not ask or pay for them again
+        self.answers_in_progress = 0
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -83,9 +86,19 @@ class TeacherStage(Stage):
         }
 
     def setup(self) -> None:
+        """The client with its cache; the teacher is checked first (a wrong address or a missing key fails
+        here in seconds, one line, instead of every request retrying for minutes). Set up only when a shard
+        is still to do: a finished run asks nothing, so it needs no server."""
         if self.client is None:
             cache = RequestCache(self.options.cache) if self.options.cache else None
-            self.client = ChatClient(self.options.client, cache=cache)
+            client = ChatClient(self.options.client, cache=cache)
+            if not self.options.client.cache_only:
+                try:
+                    client.check_endpoint(self.options.label.model)
+                except BaseException:
+                    client.close()
+                    raise
+            self.client = client
 
     @contextmanager
     def counting(self, task: StageTask) -> Iterator[None]:
@@ -97,6 +110,7 @@ class TeacherStage(Stage):
             after = self.client.stats.as_dict()
             for name in REQUEST_COUNTERS:
                 task.stats.count(name, after[name] - before[name])
+            self.answers_in_progress = sum(after[k] - before[k] for k in ("answered", "cache_hits"))
 
     def close(self) -> None:
         if self.client is not None:
@@ -127,6 +141,7 @@ class TeachLabelStage(TeacherStage):
             progress(len(rows), sum(r["error"] is not None for r in rows))
         if rows:
             yield pa.RecordBatch.from_pylist(rows, schema=LABEL_SCHEMA)
+        self.answers_in_progress = 0  # the shard's answers are its table's now
 
 
 #: the rewrite stage's table: the rewrite samples' columns in the order every stage table has
@@ -161,3 +176,4 @@ class TeachRewriteStage(TeacherStage):
             progress(len(filled), sum(r["error"] is not None for r in filled))
         if filled:
             yield pa.RecordBatch.from_pylist(filled, schema=REWRITE_TABLE_SCHEMA)
+        self.answers_in_progress = 0

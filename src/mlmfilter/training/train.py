@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlmfilter.core.errors import Interrupted
 from mlmfilter.core.ids import fingerprint_of
 from mlmfilter.judge.conversations import validate_conversation
 from mlmfilter.judge.prompts import METRICS
@@ -195,7 +196,10 @@ def train(data: list[str | Path] | str | Path, output: str | Path, options: Trai
     model = _prepare_parameters(model, spec.family.name, options)
     trainer = _trainer(model, processor, JudgeCollator(encoder, examples), len(examples), out, options)
     _record_start(out, options, resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        raise _interrupted(out, trainer.state) from None
 
     record = TrainedFormat(
         conversation=encoder.conversation,
@@ -231,6 +235,16 @@ def train(data: list[str | Path] | str | Path, output: str | Path, options: Trai
     )
     _write_summary(out, result, trainer)
     return result
+
+
+def _interrupted(out: Path, state: Any) -> Interrupted:
+    """Ctrl-C during training: the steps done and the checkpoint the same command resumes from."""
+    last = last_complete_checkpoint(out / CHECKPOINTS)
+    if last is not None:
+        then = f"re-run the same command to resume from {last.name} (a checkpoint every --save-steps steps)"
+    else:
+        then = "no checkpoint was written yet (one every --save-steps steps): re-run the same command to start again"
+    return Interrupted(int(state.global_step), int(state.max_steps or state.global_step), "steps", then)
 
 
 # -- the output folder: resume or refuse -------------------------------------------------------------

@@ -21,8 +21,7 @@ from mlmfilter.io.readers.options import CAPTIONS_FILES, ReadOptions
 from mlmfilter.io.readers.samples import split_member_name
 from mlmfilter.io.sources import ShardSource
 
-#: the errors that mean "the reader looked in the wrong place", not "the data is bad"
-LAYOUT_ERRORS = frozenset({errors.MISSING_CAPTION, errors.MISSING_IMAGE, errors.UNREADABLE_SHARD})
+LAYOUT_ERRORS = errors.LAYOUT_ERRORS
 _PEEK_MEMBERS = 64
 #: hints named per run: a thousand shards of one layout need one line, not a thousand
 MAX_HINTS = 5
@@ -56,7 +55,9 @@ def shard_hint(source: ShardSource, options: ReadOptions, rows: int, error_count
         from mlmfilter.io.readers.parquet import urls_only_detail
 
         return f"input {source.url}: {urls_only_detail(suggest['urls_only'])}"
-    both = errors.MISSING_CAPTION in failed and errors.MISSING_IMAGE in failed
+    both = (errors.MISSING_CAPTION in failed and errors.MISSING_IMAGE in failed) or bool(
+        suggest.get("no_caption_either")
+    )
     parts = []
     for what in ("image", "caption") if both else (lack,):
         guess, used = suggest.get(what), suggest.get(f"used_{what}")
@@ -98,6 +99,13 @@ def _parquet_layout(source: ShardSource, options: ReadOptions) -> tuple[list[str
     except ValueError as exc:
         suggest["problem"] = str(exc)
         taken = set()
+        if binary and "not found" not in str(exc):  # no image column: would the caption be found with one?
+            try:
+                trial = reader._ParquetColumns(schema, options.model_copy(update={"image_column": binary[0]}))
+            except ValueError:
+                trial = None
+            if trial is not None and trial.caption is None:
+                suggest["no_caption_either"] = "1"  # say both at once: one retry, not two
     if binary:  # another binary column than the one read, if there is one
         others = [n for n in binary if n != suggest.get("used_image")]
         suggest["image"] = (others or binary)[0]
