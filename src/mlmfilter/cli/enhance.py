@@ -98,5 +98,11 @@ def enhance(
         console.print(f"[bold red]{warning}[/]")
     for shard, error in summary.shards_failed.items():
         console.print(f"[red]shard {shard} failed:[/] {error}")
+    if summary.interrupted:  # Ctrl-C: not a failure of the pairs; the shards done are kept
+        console.print(
+            f"interrupted: {len(summary.shards_completed) + len(summary.shards_skipped)} of {summary.shards_total} "
+            "shards done; re-run the same command to resume"
+        )
+        raise typer.Exit(130)
     if not summary.ok:
         raise typer.Exit(1)

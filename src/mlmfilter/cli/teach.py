@@ -16,6 +16,7 @@ from mlmfilter.cli.common import (
     VERBOSE_OPTION,
     console,
     options_or_exit,
+    print_error,
     read_flags,
     setup_logging,
     user_errors,
@@ -146,6 +147,7 @@ def label(
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
     from mlmfilter import api
     from mlmfilter.clients.chat import ClientOptions
+    from mlmfilter.teach.folder import TeachRunFailed
     from mlmfilter.teach.label import LabelOptions
 
     setup_logging(verbose)
@@ -192,6 +194,9 @@ def label(
         except KeyboardInterrupt:
             console.print("interrupted: the shards done are kept; re-run the same command to resume")
             raise typer.Exit(130) from None
+        except TeachRunFailed as exc:  # the shards' tracebacks are in the run's logs
+            print_error(str(exc))
+            raise typer.Exit(1) from None
     stats = info["stats"]
     if "rewrites" in info:
         rewrites = info["rewrites"]
