@@ -4,7 +4,10 @@ wrong shape, and object storage without credentials."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlmfilter.cli.app import app
-from tests.support.builders import flickr_shards
+from tests.support.builders import flickr_shards, write_shard
 
 #: would run a command if a loader ever constructed python objects
 PYTHON_TAG = "!!python/object/apply:os.system ['touch {marker}']"
@@ -77,8 +80,6 @@ def test_python_tags_in_a_recipe_or_an_option_are_refused_and_never_run(tmp_path
 
 
 def test_a_python_tag_in_run_yaml_is_refused_naming_the_file(tmp_path, selected):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(selected / "run", run)
     marker = tmp_path / "ran"
@@ -147,3 +148,25 @@ def test_s3_without_credentials_names_them_and_how_to_give_them(tmp_path):
         "select", "s3://mlmfilter-test-no-such-bucket/run", "--where", "rules_ok", "-o", tmp_path / "sel", env=NO_AWS
     )
     _one_error_line(result, "no AWS credentials", "AWS_PROFILE")
+
+
+def test_a_deeply_nested_sample_json_is_that_pairs_bad_metadata(tmp_path, flickr_pairs):
+    image, caption = flickr_pairs[0]
+    shard = tmp_path / "in" / "00000000.tar"
+    write_shard(
+        shard,
+        [
+            {"key": "a", "jpg": image.read_bytes(), "txt": caption},
+            {"key": "b", "jpg": image.read_bytes(), "txt": caption},
+        ],
+    )
+    with tarfile.open(shard, "a") as tar:
+        data = ("[" * 100_000 + "]" * 100_000).encode()
+        info = tarfile.TarInfo("b.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    result = _invoke("score", shard, "-o", tmp_path / "run", "--scorer", "rules")
+    assert result.exit_code == 0, result.output
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "run" / "score" / "tables" / "00000000.parquet").to_pylist()}
+    assert rows["a"]["error"] is None and rows["b"]["error"] == "bad_metadata"
+    assert "nests too deeply" in rows["b"]["error_detail"]
