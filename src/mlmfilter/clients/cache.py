@@ -128,7 +128,10 @@ class RequestCache:
             except (sqlite3.Error, OSError) as exc:
                 if not is_disk_full(exc, self.path.parent):
                     raise
-                self._recover()
+                try:
+                    self._recover()
+                except (sqlite3.Error, OSError):
+                    raise CacheFull(self.path, "the cache could not be reopened on the full disk") from None
             self.full = True
             try:
                 self._insert(row)
