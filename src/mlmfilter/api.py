@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import Field, field_validator
 
+from mlmfilter.core.errors import LOW_SCORE_MASS
 from mlmfilter.io.readers import ReadOptions
 from mlmfilter.runs.executors import ExecutorName
 from mlmfilter.runs.executors.ray import RayOptions
@@ -192,6 +193,7 @@ def score(
     sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
     if partition is not None:
         sources = partition_sources(sources, partition)
+    _refuse_broken_captions_tables(sources, config.read)
     if config.only is not None:
         _check_cascade(config)
     if offline_if_unreachable and _names_a_hub_model(config.scorers):
@@ -230,6 +232,10 @@ def score(
             "run the same command again with these flags into the same folder: a run that read no pair "
             "takes corrected read options without --overwrite"
         )
+    if summary.stats.errors.get(LOW_SCORE_MASS):  # scores that are not scores: said once, in words
+        from mlmfilter.scorers.mlm import low_mass_note
+
+        notes.append(low_mass_note(summary.stats))
     summary.notes.extend(notes)
     return summary
 
@@ -259,6 +265,16 @@ def _entries(path: Path) -> set[str]:
 def _run_own(name: str) -> bool:
     """A file a run folder holds before its run.yaml: locks (``.lock``, ``lock-0-of-3.json``) and logs."""
     return name.startswith(".lock") or (name.startswith("lock") and name.endswith(".json")) or name == "logs"
+
+
+def _refuse_broken_captions_tables(sources, read: ReadOptions) -> None:
+    """An image folder whose captions table an unbalanced quote would garble is refused before the run,
+    naming the file and line (the reader alone could only make it an ``unreadable_shard`` row)."""
+    from mlmfilter.io.readers.folder import check_captions_table
+
+    for source in sources:
+        if source.format == "folder":
+            check_captions_table(source, read)
 
 
 def _with_base_url(specs: Sequence[ScorerSpec], base_url: str) -> list[ScorerSpec]:
@@ -688,6 +704,8 @@ def evaluate_human(
 
     if not 0 < confidence < 1:
         raise ValueError("--confidence must be between 0 and 1")
+    if bootstrap < 0:
+        raise ValueError(f"--bootstrap must be 0 (no intervals) or a number of resamples, not {bootstrap}")
     judgements = load_benchmark(benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions)
     agreement = HumanAgreement(
         PairScorer([spec.model_dump() for spec in _as_specs(scorers)]),
@@ -780,26 +798,37 @@ def reshard(
     output: str | Path,
     *,
     samples_per_shard: int = 10_000,
-    captions: Mapping[str, str] | None = None,
+    captions: Mapping[str, str] | str | Path | None = None,
     captions_stage: str | None = None,
     overwrite: bool = False,
     allow_pipe: bool = False,
+    caption_column: str = "caption",
 ) -> dict[str, Any]:
     """Write new WebDataset shards that hold exactly the rows a selection kept.
 
     ``selection`` is a selection folder (written by :func:`select`); the run it names holds the
     input shards (for a selection over several runs, the first run: kept rows carry its shard
-    and key). New captions come from ``captions`` (uid -> caption) or from an enhancement
+    and key). New captions come from ``captions`` (uid -> caption, or a parquet file with ``uid`` and
+    a text ``caption_column``) or from an enhancement
     stage of the run (``captions_stage``: its tables' ``caption`` column, read shard by shard;
     null keeps the original). ``allow_pipe`` is this call's permission for ``pipe:`` inputs
     (a run folder can never grant it). Stats include ``kept_uids_not_found``: non-zero means
     the selection names pairs the shards no longer hold.
     """
     from mlmfilter.io.readers import ReadOptions
-    from mlmfilter.io.reshard import ReshardError, reshard_selected
+    from mlmfilter.io.reshard import (
+        ReshardError,
+        check_caption_replacements,
+        read_caption_replacements,
+        reshard_selected,
+    )
     from mlmfilter.runs.read import RunReader
     from mlmfilter.selection.folder import SelectionFolder
 
+    if isinstance(captions, (str, Path)):
+        captions = read_caption_replacements(captions, caption_column)
+    elif captions is not None:
+        check_caption_replacements(captions)
     folder = SelectionFolder(Path(selection))
     run = RunReader(folder.run_dir())
     sources = run.sources()

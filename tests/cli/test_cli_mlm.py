@@ -55,6 +55,8 @@ def test_score_with_mlm_then_select_on_its_columns(tmp_path, shards, llava_dir):
         "vicuna_v1",
         "--dtype",
         "fp32",
+        "--option",
+        "mlm.min_mass=0",  # a tiny random judge puts ~0.02% on numbers: the floor is tested on its own
     ]
     invoke(*score_args)
     table = scores_dataset(run).to_table()

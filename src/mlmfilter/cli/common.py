@@ -11,6 +11,7 @@ switches.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -42,7 +43,7 @@ def user_errors() -> Iterator[None]:
     """Mistakes in the input or the flags end with one clear line (exit 2), not a traceback."""
     from pydantic import ValidationError
 
-    from mlmfilter.core.errors import ModelUnavailableError
+    from mlmfilter.core.errors import ModelUnavailableError, credentials_problem
 
     try:
         yield
@@ -54,6 +55,21 @@ def user_errors() -> Iterator[None]:
         # ImportError: an optional extra or an fsspec backend (s3fs, gcsfs) is missing; its message says which
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
         print_error(str(exc))
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk is the machine's, not the user's: one line, and the run resumes once there is room
+        logging.getLogger("mlmfilter").debug("disk full", exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print_error(f"no space left on the device{where}: free some and re-run the same command to resume")
+        raise typer.Exit(1) from exc
+    except Exception as exc:
+        problem = credentials_problem(exc)
+        if problem is None:
+            raise
+        logging.getLogger("mlmfilter").debug("no credentials", exc_info=True)
+        print_error(problem)
         raise typer.Exit(2) from exc
 
 
@@ -182,7 +198,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # python tags are refused, never built
+        raise ValueError(f"{path}: not a YAML recipe ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of ScoreConfig fields")
     return data
@@ -260,7 +279,10 @@ def build_scorer_specs(names: list[str], shared: dict[str, Any], options: list[s
         matching = [s for s in specs if s["name"] == _scorer_name(scorer_name)]
         if not matching:
             raise typer.BadParameter(f"--option {item!r}: scorer {scorer_name!r} is not requested")
-        matching[0]["options"][key] = yaml.safe_load(value)  # numbers, booleans and lists as a recipe reads them
+        try:  # numbers, booleans and lists as a recipe reads them; python tags are refused, never built
+            matching[0]["options"][key] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ValueError(f"--option {item!r}: the value is not plain YAML ({' '.join(str(exc).split())})") from None
     return specs
 
 

@@ -67,8 +67,9 @@ def human(
     """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings."""
     from mlmfilter import api
 
-    specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
+    shared = shared_scorer_flags(locals())
     with user_errors(), interruptible(NOTHING_WRITTEN):
+        specs = build_scorer_specs(scorer or ["rules"], shared, option or [])
         result = api.evaluate_human(
             benchmark,
             images,
@@ -114,8 +115,9 @@ def corrupt(
     """Per scorer column and corruption kind: how often the true caption outscores the corrupted one, and the AUC."""
     from mlmfilter import api
 
-    specs = build_scorer_specs(scorer or ["rules"], shared_scorer_flags(locals()), option or [])
+    shared = shared_scorer_flags(locals())
     with user_errors(), interruptible(NOTHING_WRITTEN):
+        specs = build_scorer_specs(scorer or ["rules"], shared, option or [])
         result = api.evaluate_corrupt(
             inputs,
             specs,

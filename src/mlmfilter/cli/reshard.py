@@ -30,17 +30,12 @@ def reshard(
     from mlmfilter import api
 
     with user_errors():
-        replacement = None
-        if captions:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(captions, columns=["uid", caption_column])
-            replacement = {u: c for u, c in zip(table["uid"].to_pylist(), table[caption_column].to_pylist()) if c}
         stats = api.reshard(
             selection,
             output,
             samples_per_shard=samples_per_shard,
-            captions=replacement,
+            captions=captions,
+            caption_column=caption_column,
             captions_stage=captions_stage,
             overwrite=overwrite,
             allow_pipe=allow_pipe,

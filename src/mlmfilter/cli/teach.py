@@ -161,6 +161,7 @@ def label(
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
     from mlmfilter import api
     from mlmfilter.clients.chat import ClientOptions
+    from mlmfilter.teach.folder import TeachRunFailed
     from mlmfilter.teach.label import LabelOptions
 
     setup_logging(verbose)
@@ -202,7 +203,11 @@ def label(
             files = api.teach_write_batch(folder, options, client, batch_file)
             console.print(f"wrote {len(files)} batch file(s): " + ", ".join(map(str, files)))
             return
-        info = api.teach_label(folder, options, client, relabel=relabel)  # Ctrl-C: Interrupted, exit 130
+        try:
+            info = api.teach_label(folder, options, client, relabel=relabel)  # Ctrl-C: Interrupted, exit 130
+        except TeachRunFailed as exc:  # the shards' tracebacks are in the run's logs
+            print_error(str(exc))
+            raise typer.Exit(1) from None
     stats = info["stats"]
     if "rewrites" in info:
         rewrites = info["rewrites"]

@@ -8,7 +8,9 @@ The ``openai`` package does the HTTP; this class adds what a labelling run needs
   bodies, waiting what the server's ``retry-after`` / ``retry-after-ms`` says when it says so (the
   package's own retries are off, so every retry is counted here);
 - a per-request timeout;
-- the request cache (:mod:`.cache`): an answer it has is never asked for again;
+- the request cache (:mod:`.cache`): an answer it has is never asked for again, and an answer received
+  is stored before anything else happens to it; once the cache's disk is full nothing more is sent
+  (:class:`~mlmfilter.clients.cache.CacheFull` ends the run);
 - counters: requests sent, cache hits, retries, prompt/completion tokens, failures by reason.
 
 A request is the exact JSON body (``model``, ``messages``, sampling parameters), the same body a Batch
@@ -30,7 +32,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlmfilter.clients.cache import RequestCache, request_key
+from mlmfilter.clients.cache import CacheFull, RequestCache, request_key
 from mlmfilter.clients.credentials import ApiKey, redact, resolve_api_key
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,8 @@ class ChatClient:
             if hit is not None:
                 self.stats.add(cache_hits=1)
                 return ChatResult(request.tag, key, text=message_text(hit), response=hit, cached=True)
+        if self.cache is not None and self.cache.full:  # an answer now could not be kept: nothing is paid
+            raise CacheFull(self.cache.path, "nothing more is asked; free some space and run the same command again")
         if self.options.cache_only:
             self.stats.fail(NOT_IN_BATCH_OUTPUT)
             return ChatResult(

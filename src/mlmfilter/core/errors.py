@@ -23,6 +23,9 @@ DECODE_TIMEOUT = "decode_timeout"  # a decoder process hung on this image twice
 # scoring
 SCORER_ERROR = "scorer_error"  # an exception inside a scorer, isolated to this sample
 UNPARSEABLE_SCORE = "unparseable_score"  # a generated answer that is not a number
+#: the judge put less than its ``min_mass`` of probability on the numbers 0..100: its expected score
+#: would be the mean of noise, so the metric's score is null (its ``<m>_mass`` still says how much)
+LOW_SCORE_MASS = "low_score_mass"
 
 #: the errors that mean "the reader looked in the wrong place", not "the data is bad": a shard whose
 #: every row has one of them was read with the wrong read options (or could not be opened at all)
@@ -69,3 +72,70 @@ def validation_message(exc: Exception) -> str:
         where = ".".join(map(str, error.get("loc") or ()))
         problems.append(f"{where}: {error['msg']}" if where else error["msg"])
     return "; ".join(problems)
+
+
+class MissingCredentialsError(ValueError):
+    """Object storage refused for want of credentials; the message names them and how to give them."""
+
+
+#: exception class names (botocore, google-auth, azure-identity) that mean "no credentials were found"
+_NO_CREDENTIALS = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "DefaultCredentialsError",
+        "CredentialUnavailableError",
+        "ClientAuthenticationError",
+    }
+)
+
+#: per storage protocol: whose credentials, and how to give them
+_CREDENTIAL_HINTS = {
+    "s3": (
+        "AWS",
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials, an instance role); "
+        "for a public bucket set FSSPEC_S3_ANON=true; another endpoint: FSSPEC_S3_ENDPOINT_URL=https://...",
+    ),
+    "gs": (
+        "Google Cloud",
+        "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS=key.json; "
+        "for a public bucket set FSSPEC_GCS_TOKEN=anon",
+    ),
+    "az": (
+        "Azure",
+        "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY",
+    ),
+}
+_PROTOCOL_FAMILY = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gs",
+    "gcs": "gs",
+    "az": "az",
+    "abfs": "az",
+    "abfss": "az",
+    "adl": "az",
+}
+
+
+def credentials_problem(exc: BaseException, location: str | None = None) -> str | None:
+    """One line naming the missing object-storage credentials and how to give them, when ``exc`` (or
+    an exception it was raised from) means none were found; None otherwise. Read by class name, so
+    the core imports no cloud library."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in _NO_CREDENTIALS:
+            break
+        current = current.__cause__ or current.__context__
+    else:
+        return None
+    if current is None:
+        return None
+    protocol = location.split("://", 1)[0].lower() if location and "://" in location else ""
+    family = _PROTOCOL_FAMILY.get(protocol) or ("s3" if "botocore" in type(current).__module__ else "")
+    who, how = _CREDENTIAL_HINTS.get(family, ("object storage", "give the storage's credentials in its usual way"))
+    where = f" for {location}" if location else ""
+    return f"no {who} credentials{where} ({type(current).__name__}: {str(current).strip()}): {how}"

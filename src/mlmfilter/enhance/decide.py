@@ -10,7 +10,8 @@ is better when its objective beats the original's by at least ``margin`` (and, w
 the highest objective wins (ties: the first). The pair's reason is ``accepted``, or why the most
 promising candidate failed: the first candidate's check reason (:mod:`mlmfilter.enhance.checks`)
 when every candidate failed a check, ``not_better`` when one was scored but did not win,
-``rescore_failed`` when the judge could not score, else why there was no candidate at all.
+``rescore_failed`` when the judge could not score (``low_score_mass`` when it answered but put less than
+its floor of probability on a number: no score to decide on), else why there was no candidate at all.
 The original is re-scored only when some candidate passed the checks.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlmfilter.backends.generation import Generated
+from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.core.stats import BlockStats
 from mlmfilter.enhance.checks import CaptionChecker, OriginalFacts
@@ -37,6 +39,7 @@ NOT_BETTER = "not_better"
 NO_CANDIDATE = "no_candidate"  # the mode wrote nothing (AITQE: the caption was judged fine)
 GENERATION_FAILED = "generation_failed"
 RESCORE_FAILED = "rescore_failed"  # the judge could not score the original (or any passing candidate)
+LOW_SCORE_MASS = errors.LOW_SCORE_MASS  # the judge's answer was mostly not a number: never decided on
 # per-candidate outcome when it passed the checks
 OUTCOME_ACCEPTED = "accepted"
 OUTCOME_OUTSCORED = "outscored"  # better than the original, but another candidate was better still
@@ -125,9 +128,14 @@ class Decider:
         return float(sum(values)) / len(values)
 
     def decide(
-        self, before: dict[str, Any] | None, candidates: list[Candidate], failure: str | None = None
+        self,
+        before: dict[str, Any] | None,
+        candidates: list[Candidate],
+        failure: str | None = None,
+        before_failure: str | None = None,
     ) -> Decision:
-        """``candidates`` carry their check reason, and scores where they passed; ``failure``: why there are none."""
+        """``candidates`` carry their check reason, and scores where they passed; ``failure``: why there are none;
+        ``before_failure``: why the judge could not score the original (``reason: detail``)."""
         before_scores = {c: (before or {}).get(c) for c in self.compare}
         if failure is not None:
             return Decision(REJECTED, GENERATION_FAILED, failure, None, before_scores, {}, None, candidates)
@@ -143,9 +151,12 @@ class Decider:
         if base is None:
             for c in candidates:
                 if c.reason is None:
-                    c.reason = RESCORE_FAILED
+                    c.reason = _rescore_reason(c.detail)
             detail = "the judge could not score the original" if before is None else "the original has no score"
-            return Decision(REJECTED, RESCORE_FAILED, detail, None, before_scores, {}, None, candidates)
+            if before_failure:
+                detail = f"{detail}: {before_failure}"
+            reason = _rescore_reason(before_failure)
+            return Decision(REJECTED, reason, detail, None, before_scores, {}, None, candidates)
         winners = []
         for c in scored:
             value = self.objective(c.scores)
@@ -162,7 +173,7 @@ class Decider:
                 winners.append(c)
         for c in candidates:  # those not scored although they passed: the judge failed on them
             if c.reason is None and all(c is not w for w in winners):
-                c.reason = RESCORE_FAILED
+                c.reason = _rescore_reason(c.detail)
         if winners:
             best = max(winners, key=lambda c: c.gain)  # max keeps the first of equal gains
             for c in winners:
@@ -175,10 +186,13 @@ class Decider:
             best = max(gains, key=lambda c: c.gain)
             after = {k: best.scores.get(k) for k in self.compare}
             return Decision(REJECTED, NOT_BETTER, best.detail, None, before_scores, after, best.gain, candidates)
+        low = [c for c in candidates if c.reason == LOW_SCORE_MASS]
         return Decision(
             REJECTED,
-            RESCORE_FAILED,
-            "the judge could not score any candidate",
+            LOW_SCORE_MASS if low else RESCORE_FAILED,
+            f"the judge could not score any candidate: {low[0].detail}"
+            if low
+            else "the judge could not score any candidate",
             None,
             before_scores,
             {},
@@ -189,6 +203,11 @@ class Decider:
     def _largest_drop(self, before: dict[str, Any], after: dict[str, Any]) -> tuple[str, float]:
         drops = [(c, float(before[c]) - float(after[c])) for c in self.compare]
         return max(drops, key=lambda d: d[1])
+
+
+def _rescore_reason(failure: str | None) -> str:
+    """Why a caption has no score: ``low_score_mass`` when that is what the judge's failure says."""
+    return LOW_SCORE_MASS if (failure or "").startswith(LOW_SCORE_MASS) else RESCORE_FAILED
 
 
 def judge_pairs(
@@ -227,15 +246,23 @@ def judge_pairs(
                 owners.append((i, None))
         per_pair.append(candidates)
     befores: dict[int, dict[str, Any] | None] = {}
+    before_failures: dict[int, str] = {}
     for (i, candidate), result in zip(owners, rescorer.score(jobs, stats) if jobs else []):
         scores = result if isinstance(result, dict) else None
         if candidate is None:
             befores[i] = scores
+            if scores is None:
+                before_failures[i] = result  # type: ignore[assignment]
         elif scores is not None:
             candidate.scores = scores
         else:
             candidate.detail = result  # type: ignore[assignment]
     return [
-        decider.decide(befores.get(i), per_pair[i], written[i] if isinstance(written[i], str) else None)
+        decider.decide(
+            befores.get(i),
+            per_pair[i],
+            written[i] if isinstance(written[i], str) else None,
+            before_failures.get(i),
+        )
         for i in range(len(samples))
     ]

@@ -320,6 +320,8 @@ class EnhanceStage(Stage):
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             if progress:
                 progress(len(rows), sum(1 for r in rows if r["error"]))
+        for scorer in self.scorers:  # a judge that does not answer with a score decides nothing
+            scorer.check_shard(task.stats.block(scorer.name))
 
     def _chunk_rows(self, samples: list[Sample], task: StageTask) -> list[dict[str, Any]]:
         ok = [s for s in samples if s.ok]

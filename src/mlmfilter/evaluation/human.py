@@ -83,6 +83,7 @@ class ExpertAnnotations:
         self.drop_reference_captions = drop_reference_captions
 
     def load(self) -> JudgementSet:
+        _require_annotations(self.path)  # named first: a missing caption file is the lesser news
         captions = Flickr8kCaptions(self.captions).load()
         references = _references_by_image(captions)
         judgements, dropped = [], Counter()
@@ -117,6 +118,7 @@ class CrowdFlowerAnnotations:
         self.captions = Path(captions) if captions else self.path.parent / TOKEN_FILE
 
     def load(self) -> JudgementSet:
+        _require_annotations(self.path)
         captions = Flickr8kCaptions(self.captions).load()
         judgements = []
         for number, (image, caption_id, fraction, n_yes, n_no) in _tsv_rows(self.path, 5):
@@ -140,18 +142,23 @@ class ClipScoreJsonAnnotations:
         self.headline_tau = headline_tau
 
     def load(self) -> JudgementSet:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"annotation file {self.path} not found")
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+        _require_annotations(self.path)
+        try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the data
+            data = json.loads(self.path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{self.path} is not a JSON file: {exc}") from None
+        except RecursionError:  # a hostile file nested thousands deep
+            raise ValueError(f"{self.path} nests too deeply to be an annotation file") from None
         entries = list(_json_judgements(data, self.path))
         judgements, dropped = [], Counter()
         for where, image, item in entries:
             caption, rating = item.get("caption"), item.get("rating")
-            if not isinstance(caption, str) or not isinstance(image, str) or not isinstance(rating, (int, float)):
-                raise ValueError(f"{self.path}: {where} needs a string caption and image_path and a numeric rating")
+            numeric = isinstance(rating, (int, float)) and not isinstance(rating, bool)  # true is not a 1
+            if not isinstance(caption, str) or not isinstance(image, str) or not numeric:
+                raise ValueError(
+                    f"{self.path}: {where} needs a string caption and image_path and a numeric rating "
+                    f"(got rating {rating!r})"
+                )
             if isinstance(rating, float) and math.isnan(rating):
                 dropped["nan_rating"] += 1
                 continue
@@ -183,12 +190,21 @@ def load_benchmark(
     return loaded
 
 
-def _tsv_rows(path: Path, n_fields: int):
-    """(line number, fields) of a tab-separated file; a malformed line is a clear error, not a skip."""
+def _require_annotations(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+
+
+def _tsv_rows(path: Path, n_fields: int):
+    """(line number, fields) of a tab-separated file; a malformed line is a clear error, not a skip.
+    A byte-order mark is not part of the first field (``utf-8-sig``)."""
+    _require_annotations(path)
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            lines = list(fh)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        for number, line in enumerate(lines, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue

@@ -173,6 +173,43 @@ def _interrupt_says_what_was_written(writer: TarShardWriter, expected: int | Non
         raise Interrupted(written, max(expected or 0, written), "kept pairs", then) from None
 
 
+def read_caption_replacements(path: str | os.PathLike, column: str = "caption") -> dict[str, str]:
+    """uid -> new caption from a parquet file with a ``uid`` column and a text ``column`` (null or empty:
+    the pair keeps its caption). Anything else is refused with one line (a ValueError) naming the file,
+    the column and what it holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--captions file {path} does not exist")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"--captions {path} is not a parquet file ({' '.join(str(exc).split())[:200]})") from None
+    for name, what in (("uid", "the pairs' uid"), (column, "the new caption")):
+        if name not in schema.names:
+            raise ValueError(
+                f"--captions {path} has no column {name!r} ({what}); its columns: {', '.join(schema.names)}"
+                + ("; name the caption column with --caption-column" if name == column else "")
+            )
+        dtype = schema.field(name).type
+        if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)):
+            raise ValueError(f"--captions {path}: column {name!r} holds {dtype}, not text ({what})")
+    table = pq.read_table(path, columns=["uid", column])
+    return {u: c for u, c in zip(table["uid"].to_pylist(), table[column].to_pylist()) if u and c}
+
+
+def check_caption_replacements(captions: Mapping[str, Any]) -> None:
+    """uid -> caption, both text: anything else is refused (a ValueError naming the first bad entry)."""
+    for uid, caption in captions.items():
+        if not isinstance(uid, str) or not isinstance(caption, str):
+            raise ValueError(
+                f"captions map uid -> caption text; got {type(uid).__name__} -> {type(caption).__name__} "
+                f"({uid!r}: {caption!r})"
+            )
+
+
 def prepare_output(output_dir: str, sources: Sequence[ShardSource], overwrite: bool) -> None:
     """Refuse an output folder that holds (or is inside) inputs, or that is not empty."""
     real_out = os.path.realpath(output_dir)

@@ -30,6 +30,7 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
+from mlmfilter.core.errors import MissingCredentialsError, credentials_problem
 from mlmfilter.core.ids import shard_id_for, shard_id_stem
 from mlmfilter.core.locations import location_of
 
@@ -71,7 +72,14 @@ def expand_inputs(specs: Sequence[str] | str, allow_pipe: bool = False) -> list[
         specs = [specs]
     found: dict[str, ShardFormat] = {}
     for spec in specs:
-        for url, fmt in _expand_spec(spec, allow_pipe):
+        try:
+            expanded = _expand_spec(spec, allow_pipe)
+        except Exception as exc:  # object storage without credentials: one line saying which and how
+            problem = credentials_problem(exc, spec)
+            if problem is None:
+                raise
+            raise MissingCredentialsError(f"input {spec!r}: {problem}") from None
+        for url, fmt in expanded:
             found.setdefault(url, fmt)
     urls = sorted(found)
     ids = _unique_ids(urls)

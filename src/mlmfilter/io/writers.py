@@ -37,16 +37,23 @@ class AtomicFile:
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self) -> Path:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        # mkstemp makes 0600 files; give the result the mode a plain open() would have
-        os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
-        self.file.close()
-        os.replace(self.tmp_path, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            # mkstemp makes 0600 files; give the result the mode a plain open() would have
+            os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:  # a full disk fails the flush: no temp file is left behind
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # buffered bytes that cannot be flushed (a full disk) are dropped with the file
+            pass
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "AtomicFile":

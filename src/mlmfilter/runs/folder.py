@@ -161,7 +161,7 @@ class StageFolder:
     def read_settings(self) -> dict[str, Any] | None:
         if not self.storage.exists(self.rel("stage.yaml")):
             return None
-        return yaml.safe_load(self.storage.read_text(self.rel("stage.yaml"))) or {}
+        return _load_yaml(self.storage, self.rel("stage.yaml")) or {}
 
     def check_or_write_settings(self, settings: dict[str, Any]) -> None:
         """The first run writes the settings; a resume must produce the same table, or it would mix."""
@@ -293,7 +293,7 @@ class RunFolder:
     def read_record(self) -> dict[str, Any]:
         if not self.is_run:
             raise RunError(f"{self.url} is not a run folder (no {RUN_FILE}); make one with `mlmfilter score`")
-        return yaml.safe_load(self.storage.read_text(RUN_FILE)) or {}
+        return _load_yaml(self.storage, RUN_FILE) or {}
 
     def _write_record(self, record: dict[str, Any]) -> None:
         self.storage.write_bytes(RUN_FILE, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
@@ -521,6 +521,16 @@ class _RecordLock:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _load_yaml(storage: RunStorage, rel: str) -> Any:
+    """A run folder's YAML file, read safely: anything but plain data (``!!python/...`` tags, broken
+    syntax) is refused with a RunError naming the file, never constructed."""
+    try:
+        return yaml.safe_load(storage.read_text(rel))
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise RunError(f"{storage.path(rel)} is not a valid run file ({problem})") from None
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -39,6 +39,11 @@ class ScoreFailure:
 ScorerStats = BlockStats
 
 
+class ShardRefused(RuntimeError):
+    """A scorer refuses a shard's results as a whole (a judge that does not answer with a score): the
+    shard fails with this line, no table and no marker, so nothing is decided on them."""
+
+
 class ScorerOptions(BaseModel):
     """Settings every scorer has; a scorer subclasses this as its ``Options``."""
 
@@ -79,6 +84,10 @@ class Scorer(ABC):
         Answered from the options alone: nothing is loaded to answer it.
         """
         return False
+
+    def check_shard(self, stats: BlockStats) -> None:
+        """Called by a stage after each shard with this scorer's counts there; raises :class:`ShardRefused`
+        when the shard's scores as a whole cannot be trusted. By default every shard is accepted."""
 
     @abstractmethod
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:

@@ -10,7 +10,10 @@ Readouts (:mod:`mlmfilter.judge.readout`):
 
 - ``expected`` (default): the probability-weighted mean score under the model's exact distribution
   over the numbers 0..100, columns ``<m>`` (float32), ``<m>_mass`` (probability the answer is a
-  number 0..100 at all, before renormalising) and ``<m>_std`` (spread of that distribution);
+  number 0..100 at all, before renormalising) and ``<m>_std`` (spread of that distribution). A
+  metric whose mass is below ``min_mass`` (default 0.5) has no score: it is null and the row is a
+  ``low_score_mass`` error row (mass and spread kept); a shard where most judged pairs are such rows is
+  refused (see :meth:`MLMScorer.check_shard` and DEVELOPERS.md, "Scores need probability mass");
 - ``generate``: the reference's greedy answer parsed as an integer, columns ``<m>`` (float32 holding
   an integer) and ``<m>_raw`` (the decoded text); an unparseable answer is an
   ``unparseable_score`` error row that keeps the raw text.
@@ -32,6 +35,7 @@ from mlmfilter.backends.base import BackendInfo
 from mlmfilter.core import errors
 from mlmfilter.core.errors import InfrastructureError
 from mlmfilter.core.sample import Sample
+from mlmfilter.core.stats import BlockStats
 from mlmfilter.judge.backend import (
     EXACT_EXPECTED_DEFINITION,
     JudgeBackend,
@@ -46,13 +50,15 @@ from mlmfilter.judge.conversations import validate_conversation
 from mlmfilter.judge.prompts import resolve_metrics, resolve_template, short_name
 from mlmfilter.judge.readout import ExpectedScore, parse_generated_score
 from mlmfilter.judge.trained_format import apply_recorded_format
-from mlmfilter.scorers.base import BackendScorer, ScoreFailure
+from mlmfilter.scorers.base import BackendScorer, ScoreFailure, ShardRefused
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
 #: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert`)
 DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
 EXPECTED_DEFINITION = EXACT_EXPECTED_DEFINITION  # the exact backends' definition (judge.backend)
 GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
+#: the floor on a metric's probability mass on the numbers 0..100 below which it is not a score
+DEFAULT_MIN_MASS = 0.5
 
 
 class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.py
@@ -79,6 +85,9 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
     #: expected readout: a score-trie node whose path probability P(t_1 .. t_k) is below this is not
     #: expanded (counted as "stops here"), so every P(s) is within this of its exact value; 0 = exact
     trie_threshold: float = Field(default=1e-4, ge=0.0, lt=1.0)
+    #: expected readout: a metric whose probability mass on the numbers 0..100 is below this has no
+    #: score (null, a ``low_score_mass`` error row); 0 turns the floor off (e.g. for a random stand-in)
+    min_mass: float = Field(default=DEFAULT_MIN_MASS, ge=0.0, le=1.0)
     #: a released judge (identified from its config.json, judge/registry.py) is asked as it was trained,
     #: or as its released scoring script asks ("released-script"); options set explicitly win (warned)
     checkpoint_settings: Literal["trained", "released-script", "off"] = "trained"
@@ -216,6 +225,7 @@ class MLMScorer(TextMasking, BackendScorer):
         if isinstance(output, RequestFailure):
             return ScoreFailure(output.reason, output.detail)
         row: dict[str, Any] = {}
+        low: list[str] = []
         unplaced = None
         if isinstance(output, TopKDistribution):
             output, unplaced = output.log_probs, output.unplaced
@@ -227,10 +237,34 @@ class MLMScorer(TextMasking, BackendScorer):
                 return ScoreFailure(
                     errors.UNPARSEABLE_SCORE, f"{short}: no probability on any score 0..100", partial=row
                 )
-            row[short] = summary.mean
             row[f"{short}_mass"] = summary.mass
             row[f"{short}_std"] = summary.std
+            if summary.mass < self.options.min_mass:  # mostly not a number: its mean is not a score
+                row[short] = None
+                low.append(f"{short} {summary.mass:.2g}")
+            else:
+                row[short] = summary.mean
+        if low:
+            return ScoreFailure(
+                errors.LOW_SCORE_MASS,
+                f"probability on a score 0..100 below min_mass {self.options.min_mass:g}: {', '.join(low)}",
+                partial=row,
+            )
         return row
+
+    def check_shard(self, stats: BlockStats) -> None:
+        """Refuse a shard where most pairs the judge answered are ``low_score_mass`` rows: such a judge
+        does not answer with a score (a wrong model, template or conversation), and its few rows above the
+        floor are chance."""
+        low = stats.failed.get(errors.LOW_SCORE_MASS, 0)
+        judged = stats.done + low
+        if low and 2 * low > judged:
+            raise ShardRefused(
+                f"{self.name}: for {low} of {judged} pairs the judge put less than min_mass="
+                f"{self.options.min_mass:g} of its probability on a score 0..100 (the answer is mostly not a "
+                "number): it does not answer with a score, so the shard is refused. Check the model, "
+                "--template and --conversation, or lower the floor (--option mlm.min_mass=0.1; 0: off)"
+            )
 
     def _generated_row(self, output) -> dict[str, Any] | ScoreFailure:
         if isinstance(output, RequestFailure):
@@ -273,6 +307,7 @@ class MLMScorer(TextMasking, BackendScorer):
         if o.readout == "expected":
             # the definition and bound of the backend that produced the scores
             prov["trie_threshold"] = o.trie_threshold
+            prov["min_mass"] = o.min_mass
             prov.update(self._readout_provenance())
         if o.readout == "generate":
             prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
@@ -287,3 +322,14 @@ class MLMScorer(TextMasking, BackendScorer):
         if not prov.get("warnings"):
             prov.pop("warnings", None)
         return prov
+
+
+def low_mass_note(stats) -> str | None:
+    """The summary's word on ``low_score_mass`` rows (a stage's :class:`~mlmfilter.core.stats.ShardStats`)."""
+    low = int(stats.errors.get(errors.LOW_SCORE_MASS, 0))
+    if not low:
+        return None
+    return (
+        f"{low} pairs have no judge score: the judge put less than its min_mass of probability on a score 0..100 "
+        "(error low_score_mass; <metric>_mass says how much). Selections and enhance never decide on them"
+    )

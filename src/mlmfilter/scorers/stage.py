@@ -167,6 +167,8 @@ class ScoringStage(Stage):
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             if progress:
                 progress(len(rows), errored)
+        for scorer in self.scorers:  # a scorer may refuse the shard's scores as a whole (a judge not judging)
+            scorer.check_shard(task.stats.block(scorer.name))
 
     def _passing_keys(self, task: StageTask) -> set[str]:
         """Keys of this shard passing the cascade expression over the earlier stage's table."""

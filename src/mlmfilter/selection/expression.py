@@ -144,16 +144,41 @@ def passing_rows(table: pa.Table, text: str, columns: Sequence[str] | None = Non
     return ds.dataset(table).to_table(columns=columns, filter=compile_expression(text, table.schema))
 
 
+#: how deeply an expression may nest (parentheses, not, operators); a real condition needs a handful
+MAX_DEPTH = 100
+
+
 def _parse(text: str) -> ast.Expression:
     if not text or not text.strip():
         raise ExpressionError("the expression is empty")
     try:
-        return ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         where = f" at column {exc.offset}" if exc.offset else ""
         hints = [hint(m) for pattern, hint in _SQL_HINTS for m in [pattern.search(text)] if m]
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise ExpressionError(f"invalid syntax in {text!r}{where}: {exc.msg}{hint}") from None
+        raise ExpressionError(f"invalid syntax in {_shown(text)}{where}: {exc.msg}{hint}") from None
+    except (RecursionError, MemoryError):  # Python's parser gives up on thousands of nested levels
+        raise ExpressionError(f"{_shown(text)} nests too deeply (at most {MAX_DEPTH} levels)") from None
+    depth = _depth(tree.body)
+    if depth > MAX_DEPTH:
+        raise ExpressionError(f"{_shown(text)} nests {depth} levels deep; at most {MAX_DEPTH} are allowed")
+    return tree
+
+
+def _depth(node: ast.AST) -> int:
+    """How deeply ``node`` nests, counted without recursion (a hostile text may nest thousands deep)."""
+    deepest, todo = 0, [(node, 1)]
+    while todo:
+        current, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in ast.iter_child_nodes(current))
+    return deepest
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """The expression as an error message quotes it: cut, so a hostile one does not flood the terminal."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def column_kind(name: str, dtype: pa.DataType) -> str:

@@ -70,6 +70,10 @@ class IncompleteLabels(ValueError):
     """Balancing or exporting an incompletely labelled folder, not allowed (``--allow-incomplete``)."""
 
 
+class TeachRunFailed(RuntimeError):
+    """A teacher stage left shards undone (the teacher failed as a whole, or the disk filled): one line."""
+
+
 class TeachFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -309,7 +313,11 @@ class TeachFolder:
         if summary.interrupted:
             raise self._interrupted(stage, inputs)
         if summary.shards_failed:
-            raise RuntimeError(f"{work} failed for shard(s) {summary.shards_failed}")
+            failures = "; ".join(f"shard {shard}: {error}" for shard, error in summary.shards_failed.items())
+            raise TeachRunFailed(
+                f"{work} failed ({failures}); the shards done are kept and every answer received is in the "
+                "request cache: re-run the same command to resume"
+            )
         return summary
 
     def _interrupted(self, stage: TeacherStage, inputs: list[str]) -> Interrupted:

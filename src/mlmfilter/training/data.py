@@ -217,13 +217,20 @@ def _expand(paths: list[str | Path]) -> list[Path]:
 
 
 def _records(path: Path) -> Iterator[tuple[str, int, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:  # a binary file given by mistake
+        raise ValueError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): instruction data is LLaVA JSON or JSONL"
+        ) from None
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:  # a hostile file nested thousands deep
+            raise ValueError(f"{path}: not valid instruction data (it nests too deeply)") from None
         for i, item in enumerate(items):
             yield f"{path.name}#{i}", i, item
         return
@@ -234,6 +241,8 @@ def _records(path: Path) -> Iterator[tuple[str, int, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             item = _Unparseable(str(exc))
+        except RecursionError:  # one hostile line: a bad record, the others still count
+            item = _Unparseable("nested too deeply")
         yield f"{path.name}:{n}", n - 1, item
 
 

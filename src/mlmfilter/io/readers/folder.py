@@ -32,14 +32,14 @@ from mlmfilter.io.sources import ShardSource
 FILE_NAME = "file_name"
 
 
+class CaptionsTableError(ValueError):
+    """A captions table that cannot be read as its author meant (an unbalanced quote): refused whole."""
+
+
 def read_folder(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
     builder = SampleBuilder(source, options)
     try:
-        fs, root = fsspec.core.url_to_fs(source.url)
-        root = root.rstrip("/")
-        files = _list_files(fs, root)
-        table = _find_captions_table(files, options)
-        rows = _parse_captions_table(_read_table(fs, f"{root}/{table}"), table) if table else None
+        fs, root, files, table, rows = _open_folder(source, options)
     except Exception as exc:
         yield builder.broken("__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}")
         return
@@ -47,9 +47,35 @@ def read_folder(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
     if rows is None:
         yield from _sidecar_samples(dataset, files, builder)
     else:
-        exts = set(options.image_exts)
-        images = [f for f in files if (extension(f) or "") in exts]
-        yield from _table_samples(dataset, images, rows, table, builder)
+        yield from _table_samples(dataset, _images(files, options), rows, table, builder)
+
+
+def check_captions_table(source: ShardSource, options: ReadOptions) -> None:
+    """Refuse (:class:`CaptionsTableError`, naming the file and line) an image folder whose captions table
+    would be misread, before a run starts; the reader would make it one ``unreadable_shard`` row."""
+    try:
+        _open_folder(source, options)
+    except CaptionsTableError as exc:
+        raise CaptionsTableError(f"input {source.url}: {exc}") from None
+    except Exception:  # anything else is the reader's to report, as a row
+        pass
+
+
+def _open_folder(source: ShardSource, options: ReadOptions):
+    """(filesystem, root, files, captions table name or None, its rows or None)."""
+    fs, root = fsspec.core.url_to_fs(source.url)
+    root = root.rstrip("/")
+    files = _list_files(fs, root)
+    table = _find_captions_table(files, options)
+    if table is None:
+        return fs, root, files, None, None
+    rows = _parse_captions_table(_read_table(fs, f"{root}/{table}"), table, _images(files, options))
+    return fs, root, files, table, rows
+
+
+def _images(files: list[str], options: ReadOptions) -> list[str]:
+    exts = set(options.image_exts)
+    return [f for f in files if (extension(f) or "") in exts]
 
 
 def _list_files(fs: Any, root: str) -> list[str]:
@@ -84,10 +110,11 @@ def _find_captions_table(files: list[str], options: ReadOptions) -> str | None:
     return next((name for name in CAPTIONS_FILES if name in files), None)
 
 
-def _parse_captions_table(raw: bytes, name: str) -> list[dict[str, Any] | str]:
+def _parse_captions_table(raw: bytes, name: str, images: list[str] = ()) -> list[dict[str, Any] | str]:
     """Rows as dicts; a jsonl line that does not parse stays a str (reported per row).
 
-    Decoded with surrogateescape so one non-UTF-8 caption does not spoil the whole file."""
+    Decoded with surrogateescape so one non-UTF-8 caption does not spoil the whole file. A csv/tsv
+    table is refused when it reads as an unbalanced quote would make it (:func:`_csv_rows`)."""
     text = raw.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     if name.endswith(".jsonl"):
         rows: list[dict[str, Any] | str] = []
@@ -96,11 +123,81 @@ def _parse_captions_table(raw: bytes, name: str) -> list[dict[str, Any] | str]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a hostile, deeply nested line
                 row = line
             rows.append(row if isinstance(row, dict) else line)
         return rows
-    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if name.endswith(".tsv") else ","))
+    return _csv_rows(text, name, images)
+
+
+def _csv_rows(text: str, name: str, images: list[str]) -> list[dict[str, Any]]:
+    """The rows of a csv/tsv captions table, refused (:class:`CaptionsTableError`) where a quote is unbalanced.
+
+    One stray quote turns the rest of the file into one caption, so the rule (DEVELOPERS.md, "A captions
+    table with an unbalanced quote") is: the file is refused, naming the line where the quoted field
+    opens, when the csv module finds the quoting broken (strict mode: the file ends inside a quoted
+    field, or text follows a closing quote), or when a field spans line breaks and what it swallowed
+    names an image of the folder, or the table then holds fewer than half as many rows as the folder
+    holds images. A quoted caption with a line break inside, in an otherwise sound table, is kept."""
+    names = {n for rel in images for n in (rel, posixpath.basename(rel))}
+    delimiter = "\t" if name.endswith(".tsv") else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    rows: list[dict[str, Any]] = []
+    spanning: tuple[int, int] | None = None  # (first line, lines) of the first record over several lines
+    last_line = 0
+    while True:
+        start = last_line + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise CaptionsTableError(
+                f"{name}:{start}: the quoting of the record starting on this line is broken ({exc}, at line "
+                f"{reader.line_num}): an unbalanced quote would make the rest of the file one caption; "
+                'fix it (a quote inside a quoted caption is written twice: "")'
+            ) from None
+        last_line = reader.line_num
+        if not record:  # a blank line
+            continue
+        if header is None:
+            header = record
+            continue
+        row: dict[str, Any] = dict(zip(header, record + [None] * (len(header) - len(record))))
+        if len(record) > len(header):
+            row[None] = record[len(header) :]  # type: ignore[index]  # as csv.DictReader keeps extra fields
+        lines = last_line - start + 1
+        if lines > 1:
+            spanning = spanning or (start, lines)
+            swallowed = _named_image(record, names, delimiter)
+            if swallowed is not None:
+                raise CaptionsTableError(
+                    f"{name}:{start}: a quoted field opens here and runs over {lines} lines, taking in the "
+                    f"line that names {swallowed!r}: an unbalanced quote? The table is refused; fix the quoting"
+                )
+        rows.append(row)
+    if spanning is not None and images and len(rows) < len(images) / 2:
+        start, lines = spanning
+        raise CaptionsTableError(
+            f"{name}:{start}: a quoted field opens here and runs over {lines} lines, and the table holds "
+            f"{len(rows)} rows for {len(images)} images: an unbalanced quote? The table is refused; fix the quoting"
+        )
+    return rows
+
+
+def _named_image(record: list[str], names: set[str], delimiter: str) -> str | None:
+    """An image name that a line inside one of the record's multi-line fields holds as a field."""
+    for value in record:
+        if "\n" not in value and "\r" not in value:
+            continue
+        for line in value.splitlines()[1:]:
+            for piece in line.split(delimiter):
+                piece = piece.strip().strip('"').strip()
+                piece = piece[2:] if piece.startswith("./") else piece
+                if piece in names:
+                    return piece
+    return None
 
 
 def _sidecar_samples(dataset: DatasetFiles, files: list[str], builder: SampleBuilder) -> Iterator[Sample]:

@@ -131,6 +131,8 @@ def _parse_metadata(raw: bytes | None, key: str) -> tuple[dict[str, Any], str | 
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return {}, f"{key}: json does not parse: {exc}"
+    except RecursionError:  # a hostile json nested thousands deep: this pair's problem, not the shard's
+        return {}, f"{key}: json nests too deeply"
     if not isinstance(meta, dict):
         return {}, f"{key}: json is a {type(meta).__name__}, expected an object"
     return meta, None

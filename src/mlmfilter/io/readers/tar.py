@@ -18,6 +18,7 @@ from typing import IO, Any, Iterator
 from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.files import open_shard_file, too_large
+from mlmfilter.io.readers.gzip_check import CheckedGzip, GzipDamaged, StreamDamage, drain, find_damage, sniff
 from mlmfilter.io.readers.options import ReadOptions
 from mlmfilter.io.readers.samples import TRUNCATED_KEY_PREFIX, SampleBuilder, SampleProblem, split_member_name
 from mlmfilter.io.sources import PIPE_PREFIX, ShardSource
@@ -90,7 +91,11 @@ def read_tar(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
     with contextlib.ExitStack() as stack:
         try:
             raw = stack.enter_context(_open_stream(source))
+            raw, damage = _checked_stream(raw, source)
             tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r|*"))
+        except GzipDamaged as exc:  # a pipe's gzip data failed its check before the first member
+            yield builder.broken(f"{TRUNCATED_KEY_PREFIX}0", errors.TRUNCATED_SHARD, exc.damage.detail)
+            return
         except Exception as exc:  # anything at all: the shard is one error row, the run goes on
             yield builder.broken(
                 "__unreadable__", errors.UNREADABLE_SHARD, f"{source.url}: {type(exc).__name__}: {exc}"
@@ -101,7 +106,7 @@ def read_tar(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
         watch = _HeaderWatch(tar.fileobj, already_ended=tar.firstmember is None, max_read=max_read)
         tar.fileobj = watch
         try:
-            for group in _grouped_members(tar, builder):
+            for group in _grouped_members(tar, builder, damage):
                 yield builder.from_members(group.key, group.members, group.problem, tuple(group.seen))
         except _TarBreak as brk:
             yield builder.broken(TRUNCATED_KEY_PREFIX + brk.where, brk.reason, brk.detail)
@@ -112,10 +117,34 @@ def read_tar(source: ShardSource, options: ReadOptions) -> Iterator[Sample]:
                 errors.TRUNCATED_SHARD,
                 f"{source.url}: no end-of-archive marker at byte {tar.offset} (cut short or corrupt header)",
             )
+        elif source.is_pipe and isinstance(raw, CheckedGzip):  # read once: its last trailer is checked now
+            late = drain(raw)
+            if late is not None:
+                yield builder.broken(
+                    f"{TRUNCATED_KEY_PREFIX}{late.offset}",
+                    errors.TRUNCATED_SHARD,
+                    f"{late.detail} (found at the end of a stream read once: the pairs before it were read from it)",
+                )
 
 
-def _grouped_members(tar: tarfile.TarFile, builder: SampleBuilder) -> Iterator[_Group]:
-    """One group per run of consecutive members sharing a key, plus one per unsafe member name."""
+def _checked_stream(raw: IO[bytes], source: ShardSource) -> tuple[IO[bytes], StreamDamage | None]:
+    """The stream tarfile reads, and where it is damaged. gzip data that can be read twice is checked end
+    to end first, then read as it is (every byte of a damaged member arrives, and its pairs are marked);
+    gzip data read once (a pipe) is decompressed with its checks on the way."""
+    is_gzip, raw = sniff(raw)
+    if not is_gzip:
+        return raw, None
+    if source.is_pipe:
+        return CheckedGzip(raw, source.url), None
+    damage = find_damage(lambda: _open_stream(source), source.url)
+    return CheckedGzip(raw, source.url, strict=False), damage
+
+
+def _grouped_members(
+    tar: tarfile.TarFile, builder: SampleBuilder, damage: StreamDamage | None = None
+) -> Iterator[_Group]:
+    """One group per run of consecutive members sharing a key, plus one per unsafe member name; a
+    group with a member reaching into the ``damage`` of a compressed stream is a ``truncated_shard`` row."""
     wanted = builder.wanted_extensions()
     cap = builder.options.max_member_bytes
     group: _Group | None = None
@@ -152,8 +181,12 @@ def _grouped_members(tar: tarfile.TarFile, builder: SampleBuilder) -> Iterator[_
                 yield group
             group = _Group(member_key)
         group.seen.append(ext)
+        if damage is not None and member.offset_data + member.size > damage.offset:
+            group.flag(SampleProblem(errors.TRUNCATED_SHARD, damage.detail))  # its bytes are not trusted
         if kind_problem:
             group.flag(kind_problem)
+        elif group.problem is not None and group.problem.reason == errors.TRUNCATED_SHARD:
+            continue  # not read: nothing of it is used
         elif ext not in wanted:
             continue  # never read: stream mode skips its data
         elif member.size > cap:

@@ -75,7 +75,7 @@ def attach_log_file(folder: RunFolder, name: str) -> logging.Handler | None:
     if logs_dir is None:
         return None
     os.makedirs(logs_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(logs_dir, f"{name}.log"), encoding="utf-8")
+    handler = _RunLogHandler(os.path.join(logs_dir, f"{name}.log"), encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -84,6 +84,22 @@ def attach_log_file(folder: RunFolder, name: str) -> logging.Handler | None:
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
     return handler
+
+
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file. A log line that cannot be written (a full disk) is lost quietly: the run's
+    own failure says what happened, and a log must not add a traceback of its own to the terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last lines could not be flushed (a full disk): nothing more to do
+            pass
 
 
 def detach_log_file(handler: logging.Handler | None) -> None:
@@ -208,8 +224,20 @@ class Worker:
             stats = execute_task(self.stage, task, fingerprint, self.progress)
             return ShardResult(task.shard_id, stats, None, self.record(task))
         except Exception as exc:  # the shard fails as a whole; a rerun retries it
-            log.error("shard %s failed:\n%s", task.shard_id, traceback.format_exc())
-            return ShardResult(task.shard_id, None, failure_line(exc), self.record(task))
+            line = failure_line(exc)
+            log.error("shard %s failed: %s", task.shard_id, line)  # the terminal gets one line
+            self._log_traceback(task.shard_id)
+            return ShardResult(task.shard_id, None, line, self.record(task))
+
+    def _log_traceback(self, shard_id: str) -> None:
+        """The failed shard's traceback, for the run's log file only (a terminal shows the one line)."""
+        record = log.makeRecord(
+            log.name, logging.ERROR, __file__, 0, "shard %s failed:\n%s", (shard_id, traceback.format_exc()), None
+        )
+        if self._log_handler is not None:
+            self._log_handler.handle(record)
+        else:  # no log file (a run folder on object storage): the debug log keeps it
+            log.debug(record.getMessage())
 
     def record(self, task: StageTask) -> dict[str, Any]:
         """What this worker was when it ran a shard: its process, device slot and the stage's own info."""
