@@ -111,7 +111,7 @@ def score(
     """
     from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
-    from mlmfilter.runs.runner import partition_sources, run_stage
+    from mlmfilter.runs.runner import parse_partition, run_stage
     from mlmfilter.scorers.stage import ScoringStage
 
     if config is None:
@@ -132,9 +132,9 @@ def score(
         log.warning(notes[-1])
         workers, decode_workers = 1, 0
     # everything is validated before the run folder is touched: sources, scorers, options
-    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
+    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe, notes=notes)
     if partition is not None:
-        sources = partition_sources(sources, partition)
+        parse_partition(partition)  # every partition job registers all sources, then scores its share
     if config.only is not None:
         _check_cascade(config)
     if offline_if_unreachable and _names_a_hub_model(config.scorers):

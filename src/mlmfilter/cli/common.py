@@ -11,6 +11,7 @@ switches.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -49,6 +50,17 @@ def user_errors() -> Iterator[None]:
         logging.getLogger("mlmfilter").debug("user error", exc_info=True)
         print_error(str(exc))
         raise typer.Exit(2) from exc
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # a full disk or a read-only folder is not a bug: one line naming the file (what was written is cleaned up)
+        logging.getLogger("mlmfilter").debug("storage error", exc_info=True)
+        print_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        raise typer.Exit(1) from exc
+
+
+#: errors of the storage itself, not of mlmfilter: full disk, quota, read-only filesystem, no permission
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def options_or_exit(model: type[Model], /, **fields: Any) -> Model:

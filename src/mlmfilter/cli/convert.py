@@ -86,7 +86,9 @@ def register(app: typer.Typer) -> None:
             counts = api.import_mlm_filter(dumps, output, shards=shards or None)
         console.print(
             f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
-            f"({counts['unparseable']} unparseable scores kept as error rows)"
+            f"({counts['unparseable']} unparseable scores kept as error rows"
+            + (f", {counts['unidentified']} rows without a key or a valid uid" if counts.get("unidentified") else "")
+            + ")"
         )
 
     @app.command("judges")

@@ -26,8 +26,39 @@ os.umask(_UMASK)
 FIXED_MTIME = 0
 
 
+class LinkedPathError(ValueError):
+    """A folder mlmfilter owns holds a symbolic link where it would write: it never writes through one."""
+
+
+def refuse_links_below(root: str | os.PathLike, path: str | os.PathLike, *, final: bool = False) -> None:
+    """Raise :class:`LinkedPathError` when a component of ``path`` below ``root`` is a symbolic link.
+
+    A received run folder may hold links (``logs -> /elsewhere``); writing through one would write
+    outside the folder. ``root`` itself may be a link (the user named it); ``final`` checks the last
+    component too (files opened for appending; an atomic write replaces a link, it never follows it).
+    """
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    relative = os.path.relpath(path, root)
+    if relative == "." or relative.startswith(".."):
+        return
+    parts = relative.split(os.sep)
+    current = root
+    for index, part in enumerate(parts):
+        current = os.path.join(current, part)
+        if index == len(parts) - 1 and not final:
+            return
+        if os.path.islink(current):
+            raise LinkedPathError(
+                f"{current} is a symbolic link (to {os.readlink(current)}); mlmfilter never writes through a link "
+                f"inside {root}: replace it with a real {'file' if index == len(parts) - 1 else 'folder'}"
+            )
+
+
 class AtomicFile:
-    """A temp file beside ``path``; :meth:`commit` renames it into place, :meth:`abort` removes it."""
+    """A temp file beside ``path``; :meth:`commit` renames it into place, :meth:`abort` removes it.
+
+    A failed write (a full disk) leaves nothing behind: neither the temp file nor a partial target.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -37,17 +68,25 @@ class AtomicFile:
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self) -> Path:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        # mkstemp makes 0600 files; give the result the mode a plain open() would have
-        os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
-        self.file.close()
-        os.replace(self.tmp_path, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            # mkstemp makes 0600 files; give the result the mode a plain open() would have
+            os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            self.file.close()  # flushes what is buffered: fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "AtomicFile":
         return self
@@ -133,9 +172,13 @@ class TarShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (completed shards stay)."""
         if self._tar is not None:
-            self._tar.close()
-            self._file.abort()
-            self._tar = self._file = None
+            tar, file, self._tar, self._file = self._tar, self._file, None, None
+            try:
+                tar.close()  # writes the end blocks: fails again on a full disk
+            except OSError:
+                pass
+            finally:
+                file.abort()
 
     def __enter__(self) -> "TarShardWriter":
         return self
@@ -152,7 +195,11 @@ class TarShardWriter:
         self._in_shard = 0
 
     def _close_shard(self) -> None:
-        self._tar.close()
+        try:
+            self._tar.close()
+        except BaseException:
+            self.abort()
+            raise
         self.shards.append(self._file.commit())
         self._tar = self._file = None
         self.next_index += 1

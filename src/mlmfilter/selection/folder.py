@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mlmfilter.io.uid import sort_halves
-from mlmfilter.io.writers import atomic_write_json
+from mlmfilter.io.writers import atomic_write_json, refuse_links_below
 from mlmfilter.runs.folder import RUN_FILE
 
 SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
@@ -76,6 +76,15 @@ class SelectionFolder:
         if "://" in str(run_dir):
             return None
         return os.path.relpath(os.path.abspath(run_dir), os.path.abspath(self.path))
+
+    def check_writable(self) -> None:
+        """A selection folder inside a run folder (``RUN/selection``) is never written through a
+        link: a received run folder must not make ``select`` write elsewhere (LinkedPathError)."""
+        if "://" in self.url:
+            return
+        parent = os.path.dirname(os.path.abspath(self.url))
+        if os.path.exists(os.path.join(parent, RUN_FILE)):
+            refuse_links_below(parent, self.url, final=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """selection.json, written last: a folder whose summary is there holds a whole selection."""

@@ -172,6 +172,7 @@ def select_run(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     folder = SelectionFolder(output_dir)
+    folder.check_writable()
     specs = _run_specs(run_dir)
     parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
     for part in parts:
@@ -476,7 +477,11 @@ class _KeptOutputs:
         schema = tables.schema
         self.kept_path, self.subset_path = folder.kept_path, folder.subset_path
         self.file = AtomicFile(self.kept_path)  # creates output_dir
-        self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
+        try:  # writes the header: a full disk fails here already
+            self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
+        except BaseException:
+            self.file.abort()
+            raise
         self.subset = SubsetAccumulator()
         self.rows = self.unique_uids = self.selected = 0
 
@@ -508,7 +513,13 @@ class _KeptOutputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()  # writes the footer: fails again on a full disk
+        except BaseException:
+            self.file.abort()
+            if exc_type is None:
+                raise
+            return
         if exc_type is not None:
             self.file.abort()
             return
