@@ -408,9 +408,12 @@ def teach_export(
 def train(data: str | Path | Sequence[str | Path], output: str | Path, options: TrainOptions) -> TrainResult:
     """Fine-tune ``options.base`` on instruction data (LLaVA JSON, TRL JSONL) into a judge that
     ``score(..., scorers=[{"name": "mlm", "options": {"model": output}}])`` loads; rerun to resume."""
+    from mlmfilter.core.locations import local_path
     from mlmfilter.training.train import train as run_training
 
     paths = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = [local_path(p, "instruction data", "training reads its images beside it") for p in paths]
+    output = local_path(output, "the training output folder", "checkpoints are written and resumed there")
     return run_training([str(p) for p in paths], output, options)
 
 
@@ -422,7 +425,7 @@ def report(
     output: str | Path = "report.html",
     selection: str | Path | None = None,
     options: ReportOptions | None = None,
-) -> Path:
+) -> Path | str:
     """One self-contained HTML page (works offline): distributions, thresholds, disagreements,
     galleries, errors, provenance. ``selection`` defaults to ``RUN/selection`` when present."""
     from mlmfilter.report import write_report
@@ -456,9 +459,7 @@ def inspect(
             columns=matches.columns,
             warnings=reader.warnings(),
         )
-        html = Path(html)
-        html.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(html, page)
+        atomic_write(html, page)  # a local path (its folder made) or an fsspec URL
     return matches
 
 
@@ -506,12 +507,16 @@ def evaluate_human(
     """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings
     (``benchmark``: flickr8k-expert, flickr8k-crowdflower, clipscore-json or composite). ``output``: also
     write the result there as JSON."""
+    from mlmfilter.core.locations import local_path
     from mlmfilter.evaluation.agreement import HumanAgreement
     from mlmfilter.evaluation.human import load_benchmark
     from mlmfilter.evaluation.scoring import PairScorer
 
     if not 0 < confidence < 1:
         raise ValueError("--confidence must be between 0 and 1")
+    images = local_path(images, "the images folder")
+    annotations = local_path(annotations, "the annotations file")
+    captions = local_path(captions, "the captions file") if captions is not None else None
     judgements = load_benchmark(benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions)
     agreement = HumanAgreement(
         PairScorer([spec.model_dump() for spec in _as_specs(scorers)]),
@@ -593,9 +598,7 @@ def select(
             raise ValueError(
                 f"selecting from {what} needs an output folder (-o/--output): no one run owns the selection"
             )
-        if "://" in str(run):
-            raise ValueError("a run folder on object storage needs an explicit selection output folder")
-        output = SelectionFolder.in_run(run).path
+        output = SelectionFolder.in_run(run).url  # RUN/selection, on object storage too
     return select_run(run, output, **kwargs)
 
 
@@ -624,7 +627,7 @@ def reshard(
     from mlmfilter.runs.read import RunReader
     from mlmfilter.selection.folder import SelectionFolder
 
-    folder = SelectionFolder(Path(selection))
+    folder = SelectionFolder(selection)  # a local path or an fsspec URL
     run = RunReader(folder.run_dir())
     sources = run.sources()
     piped = [s.url for s in sources.values() if s.is_pipe]
@@ -655,7 +658,7 @@ def reshard(
         read_options=ReadOptions(**run.read_options()),
         overwrite=overwrite,
     )
-    stats["selection"] = str(folder.path.resolve())
+    stats["selection"] = str(Path(folder.path).resolve()) if folder.is_local else folder.url
     return stats
 
 
@@ -669,11 +672,15 @@ def convert_checkpoint(
     """Convert a released judge from its original layout (LLaVA-1.5, LLaVA-Unified or AITQE, detected from
     its config.json) into a folder transformers loads; ``src`` is a folder or a hub id. Returns (layout, folder)."""
     from mlmfilter.convert.detect import convert_checkpoint as convert
+    from mlmfilter.core.locations import is_url, local_path
 
+    if is_url(str(src)):
+        local_path(src, "the checkpoint to convert", "a local folder or a hub id")
+    dst = local_path(dst, "the converted model folder", "transformers loads a model from a local folder")
     return convert(src, dst, dtype=dtype, vision_tower=vision_tower)
 
 
-def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:
+def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path | str]:
     """Write a run's MLM scores as the released MLM-Filter scripts do: ``{shard}_{metric}.parquet``."""
     from mlmfilter.convert.dumps import export_mlm_filter as export
 

@@ -103,12 +103,13 @@ def print_json(summary: dict[str, Any]) -> None:
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """``--recipe FILE``: a YAML mapping of the command's settings (flags given beside it override them)."""
+    import fsspec
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
+    fs, where = fsspec.core.url_to_fs(str(path))  # a local path or any fsspec URL, taken as given
+    if not fs.isfile(where):
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = yaml.safe_load(fs.cat_file(where).decode("utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping of ScoreConfig fields")
     return data

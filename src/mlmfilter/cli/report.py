@@ -12,7 +12,7 @@ from mlmfilter.cli.common import console, options_or_exit, user_errors
 
 def report(
     run: str = typer.Argument(..., help="Run folder (path or fsspec URL)."),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML file to write."),
+    output: str = typer.Option("report.html", "--output", "-o", help="The HTML file to write (path or fsspec URL)."),
     selection: Optional[str] = typer.Option(None, help="Selection folder (default: RUN/selection when present)."),
     column: list[str] = typer.Option(None, "--column", "-c", help="Score columns to show (default: all)."),
     gallery_size: int = typer.Option(8, help="Pairs per gallery."),
@@ -24,7 +24,8 @@ def report(
     options = options_or_exit(ReportOptions, columns=column or None, gallery_size=gallery_size)
     with user_errors():  # a missing extra (matplotlib) too: it says what to install
         path = api.report(run, output, selection, options)
-    console.print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB); open it in any browser, offline")
+    size = f" ({path.stat().st_size / 1e6:.1f} MB)" if isinstance(path, Path) else ""
+    console.print(f"report written to {path}{size}; open it in any browser, offline")
 
 
 def inspect(
@@ -32,7 +33,7 @@ def inspect(
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'not rules_ok' or 'itm < 30'."),
     limit: int = typer.Option(20, help="Pairs to show at most."),
     column: list[str] = typer.Option(None, "--column", "-c", help="Score columns to show (default: all)."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet with thumbnails here."),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write a contact sheet with thumbnails here."),
 ) -> None:
     """The pairs matching an expression: uid, caption, scores and error, read back from the shards."""
     from rich.table import Table

@@ -34,11 +34,11 @@ def _score_text(row: dict[str, Any], short: str) -> str:
     return str(int(round(float(value))))
 
 
-def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:
+def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path | str]:
     """Write ``{shard}_{metric}.parquet`` for every completed shard and every MLM metric the run scored."""
     from mlmfilter.io.readers import read_shard
     from mlmfilter.io.readers.options import ReadOptions
-    from mlmfilter.io.writers import atomic_write_parquet
+    from mlmfilter.io.writers import atomic_write_parquet, join_location, remote_location
     from mlmfilter.runs.read import RunReader
 
     run = RunReader(run_dir)
@@ -48,10 +48,11 @@ def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "sc
         raise ValueError(
             f"{run_dir} has no MLM-Filter score columns ({', '.join(METRICS.values())}) in stage {stage!r}"
         )
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = join_location(out_dir)  # a local folder, or an fsspec URL as given
+    if remote_location(out_dir) is None:
+        Path(out).mkdir(parents=True, exist_ok=True)
     options = ReadOptions(**run.read_options())
-    written: list[Path] = []
+    written: list[Path | str] = []
     for shard_id, source in run.sources().items():
         table = run.table(shard_id, stage)
         if table is None:
@@ -65,7 +66,8 @@ def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "sc
                 record.setdefault("uid", row["uid"])
                 record[f"{long}_score"] = _score_text(row, short)
                 records.append(record)
-            written.append(atomic_write_parquet(pa.Table.from_pylist(records), out / f"{shard_id}_{long}.parquet"))
+            name = f"{shard_id}_{long}.parquet"
+            written.append(atomic_write_parquet(pa.Table.from_pylist(records), join_location(out_dir, name)))
     return written
 
 
@@ -87,22 +89,26 @@ def import_mlm_filter(
     import re
     from collections import defaultdict
 
+    import fsspec
+
     from mlmfilter.core import errors
+    from mlmfilter.core.locations import is_local_filesystem, location_of
     from mlmfilter.io.sources import expand_inputs, shard_stem
     from mlmfilter.runs.runner import write_tables
 
-    dumps = Path(dumps).expanduser()
+    fs, root = fsspec.core.url_to_fs(str(Path(dumps).expanduser()) if "://" not in str(dumps) else str(dumps))
+    where = str(Path(root).resolve()) if is_local_filesystem(fs) else location_of(fs, root)  # as runs recorded it
     long_to_short = dict(METRICS)
     short_to_long = {short: long for long, short in METRICS.items()}
     pattern = re.compile(r"^(?P<shard>.+)_(?P<metric>" + "|".join(map(re.escape, long_to_short)) + r")\.parquet$")
-    files: dict[str, dict[str, Path]] = defaultdict(dict)
-    for path in sorted(dumps.glob("*.parquet")):
-        match = pattern.match(path.name)
+    files: dict[str, dict[str, str]] = defaultdict(dict)
+    for path in sorted(fs.glob(root.rstrip("/") + "/*.parquet")):
+        match = pattern.match(path.rsplit("/", 1)[-1])
         if match:
-            files[match["shard"]][long_to_short[match["metric"]]] = path
+            files[match["shard"]][long_to_short[match["metric"]]] = location_of(fs, path)
     if not files:
         raise ValueError(
-            f"{dumps} holds no MLM-Filter score files ({{shard}}_{{metric}}.parquet, metric one of {', '.join(METRICS)})"
+            f"{where} holds no MLM-Filter score files ({{shard}}_{{metric}}.parquet, metric one of {', '.join(METRICS)})"
         )
     metrics = sorted({short for per_shard in files.values() for short in per_shard}, key=list(METRICS.values()).index)
     sources = {shard_stem(s.url): s for s in expand_inputs(shards)} if shards else {}
@@ -117,7 +123,7 @@ def import_mlm_filter(
         for short, path in per_metric.items():
             long = short_to_long[short]
             for number, uid, key, text in entries[short]:
-                where = f"{path.name} row {number}"
+                where = f"{path.rsplit('/', 1)[-1]} row {number}"
                 if uid is None:  # neither a key nor a valid uid: nothing to join it on, its own error row
                     rows[(where,)] = {
                         "uid": None,
@@ -156,9 +162,9 @@ def import_mlm_filter(
         stage,
         tables,
         sources=registered,
-        identity={"kind": "imported", "format": "mlm-filter", "dumps": str(dumps.resolve()), "metrics": metrics},
+        identity={"kind": "imported", "format": "mlm-filter", "dumps": where, "metrics": metrics},
         provenance={
-            "imported_from": str(dumps.resolve()),
+            "imported_from": where,
             "format": "mlm-filter score files",
             "readout": "generate (the released scripts' greedy answer)",
         },
@@ -166,14 +172,16 @@ def import_mlm_filter(
     return counts
 
 
-def _dump_entries(path: Path, shard_id: str, column: str) -> list[tuple[int, str | None, str, str]]:
+def _dump_entries(path: str, shard_id: str, column: str) -> list[tuple[int, str | None, str, str]]:
     """(row number from 1, uid or None, key, score text) of every row of one score file."""
+    import fsspec
     import pyarrow.parquet as pq
 
     from mlmfilter.io.uid import derive_uid, normalize_uid
 
     try:
-        table = pq.read_table(path)
+        with fsspec.open(path, "rb") as fh:  # a local path or an fsspec URL
+            table = pq.read_table(fh)
     except Exception as exc:  # not parquet, truncated, unreadable
         raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     if column not in table.column_names:
@@ -189,7 +197,7 @@ def _dump_entries(path: Path, shard_id: str, column: str) -> list[tuple[int, str
     return out
 
 
-def _uids_kept_apart_by_key(entries: dict[str, list], paths: dict[str, Path]) -> set[str]:
+def _uids_kept_apart_by_key(entries: dict[str, list], paths: dict[str, str]) -> set[str]:
     """Uids that two rows of one file share: kept apart by key. Two rows of one file that are the same
     pair (same uid and key) would give one pair the other's score: refused, naming file and rows."""
     split: set[str] = set()

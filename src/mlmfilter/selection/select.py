@@ -68,7 +68,7 @@ _PASSED, _QUALIFIES = "__passed", "__qualifies"
 @dataclass
 class SelectionResult:
     run_dir: Path | str
-    output_dir: Path
+    output_dir: Path | str
     read: int  # every row of the run: the pool
     scored: int  # rows without an error
     errors: Counter  # error reason -> rows
@@ -79,7 +79,7 @@ class SelectionResult:
     threshold: dict[str, Any] | None  # the last kept row of a top fraction, and the ties around it
     notes: list[str]
     arguments: dict[str, Any]
-    paths: dict[str, Path]
+    paths: dict[str, Path | str]
     passes: int  # streaming reads of the score files
     seconds: float
     files: int = 0
@@ -170,8 +170,8 @@ def select_run(
     it). ``intersect`` / ``union``: external uid lists (``.npy``), applied after the selection.
     """
     started = time.perf_counter()
-    output_dir = Path(output_dir)
     folder = SelectionFolder(output_dir)
+    output_dir = folder.path  # a Path, or the URL of a folder on object storage
     folder.check_writable()
     specs = _run_specs(run_dir)
     parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
