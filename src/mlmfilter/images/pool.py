@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from mlmfilter.core import errors
-from mlmfilter.core.processes import worker_initializer
+from mlmfilter.core.processes import children_ignore_sigint, worker_initializer
 from mlmfilter.core.sample import Sample
 from mlmfilter.images.decode import DecodeSpec, decode_sample
 
@@ -133,7 +133,8 @@ class _Worker:
             target=_serve, args=(child_end, spec, worker_initializer, os.getpid()), name="mlmfilter-decode", daemon=True
         )
         try:
-            self.process.start()
+            with children_ignore_sigint():  # Ctrl-C is the parent's to handle: no traceback per worker
+                self.process.start()
         except OSError as exc:
             parent_end.close()
             raise DecodePoolError(f"cannot start an image-decoding process: {exc}") from exc
