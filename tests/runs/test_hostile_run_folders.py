@@ -86,7 +86,13 @@ def test_a_marker_that_is_a_folder_is_named_in_one_line(scored):
 
 @pytest.mark.parametrize(
     "text, problem",
-    [("", "it is empty"), ("sources: [unclosed", "invalid YAML"), ("- a\n- b\n", "a list, not a mapping")],
+    [
+        ("", "it is empty"),
+        ("sources: [unclosed", "invalid YAML"),
+        ("- a\n- b\n", "a list, not a mapping"),
+        ("{}\n", "registers no input shard"),
+        ("mlmfilter: 0.1.0\ninputs: []\n", "registers no input shard"),
+    ],
 )
 def test_an_empty_or_invalid_run_yaml_is_named_by_every_command(scored, tmp_path, text, problem):
     run, inputs = scored

@@ -334,7 +334,12 @@ class RunFolder:
         if not self.is_run:
             raise RunError(f"{self.url} is not a run folder (no {RUN_FILE}); make one with `mlmfilter score`")
         record = read_yaml_record(self.storage, RUN_FILE, "a run record")
-        if not isinstance(record.get("sources", {}), dict) or not isinstance(record.get("inputs", []), list):
+        if not record.get("sources"):
+            raise RunError(
+                f"{self.storage.path(RUN_FILE)} is not a run record: it registers no input shard; "
+                "restore it, or use another output folder"
+            )
+        if not isinstance(record.get("sources"), dict) or not isinstance(record.get("inputs", []), list):
             raise RunError(
                 f"{self.storage.path(RUN_FILE)} is not a run record (its sources or inputs are not a mapping and a list); "
                 "restore it, or use another output folder"
