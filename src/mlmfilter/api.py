@@ -168,7 +168,7 @@ def score(
     """
     from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
-    from mlmfilter.runs.runner import partition_sources, run_stage
+    from mlmfilter.runs.runner import parse_partition, run_stage
     from mlmfilter.scorers.stage import ScoringStage
 
     if config is None:
@@ -190,9 +190,9 @@ def score(
         workers, decode_workers = 1, 0
     # everything is validated before the run folder is touched: sources, scorers, options
     _refuse_foreign_output(config.output)
-    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
+    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe, notes=notes)
     if partition is not None:
-        sources = partition_sources(sources, partition)
+        parse_partition(partition)  # every partition job registers all sources, then scores its share
     _refuse_broken_captions_tables(sources, config.read)
     if config.only is not None:
         _check_cascade(config)
@@ -576,9 +576,12 @@ def teach_export(
 def train(data: str | Path | Sequence[str | Path], output: str | Path, options: TrainOptions) -> TrainResult:
     """Fine-tune ``options.base`` on instruction data (LLaVA JSON, TRL JSONL) into a judge that
     ``score(..., scorers=[{"name": "mlm", "options": {"model": output}}])`` loads; rerun to resume."""
+    from mlmfilter.core.locations import local_path
     from mlmfilter.training.train import train as run_training
 
     paths = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = [local_path(p, "instruction data", "training reads its images beside it") for p in paths]
+    output = local_path(output, "the training output folder", "checkpoints are written and resumed there")
     return run_training([str(p) for p in paths], output, options)
 
 
@@ -592,7 +595,7 @@ def report(
     options: ReportOptions | None = None,
     *,
     stage: str | Sequence[str] | None = None,
-) -> Path:
+) -> Path | str:
     """One self-contained HTML page (works offline): distributions, thresholds, disagreements,
     galleries, errors, provenance. ``output`` defaults to ``RUN/report.html`` (a run on object
     storage: ``<run name>-report.html`` here), so the report of one run never replaces another's.
@@ -641,9 +644,7 @@ def inspect(
             columns=matches.columns,
             warnings=reader.warnings(),
         )
-        html = Path(html)
-        html.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(html, page)
+        atomic_write(html, page)  # a local path (its folder made) or an fsspec URL
     return matches
 
 
@@ -698,6 +699,7 @@ def evaluate_human(
     """Kendall tau-b/c, Spearman and Pearson (bootstrap CIs) of each score column against human ratings
     (``benchmark``: flickr8k-expert, flickr8k-crowdflower, clipscore-json or composite). ``output``: also
     write the result there as JSON."""
+    from mlmfilter.core.locations import local_path
     from mlmfilter.evaluation.agreement import HumanAgreement
     from mlmfilter.evaluation.human import load_benchmark
     from mlmfilter.evaluation.scoring import PairScorer
@@ -706,6 +708,9 @@ def evaluate_human(
         raise ValueError("--confidence must be between 0 and 1")
     if bootstrap < 0:
         raise ValueError(f"--bootstrap must be 0 (no intervals) or a number of resamples, not {bootstrap}")
+    images = local_path(images, "the images folder")
+    annotations = local_path(annotations, "the annotations file")
+    captions = local_path(captions, "the captions file") if captions is not None else None
     judgements = load_benchmark(benchmark, annotations, captions, drop_reference_captions=not keep_reference_captions)
     agreement = HumanAgreement(
         PairScorer([spec.model_dump() for spec in _as_specs(scorers)]),
@@ -787,9 +792,7 @@ def select(
             raise ValueError(
                 f"selecting from {what} needs an output folder (-o/--output): no one run owns the selection"
             )
-        if "://" in str(run):
-            raise ValueError("a run folder on object storage needs an explicit selection output folder")
-        output = SelectionFolder.in_run(run).path
+        output = SelectionFolder.in_run(run).url  # RUN/selection, on object storage too
     return select_run(run, output, **kwargs)
 
 
@@ -829,7 +832,7 @@ def reshard(
         captions = read_caption_replacements(captions, caption_column)
     elif captions is not None:
         check_caption_replacements(captions)
-    folder = SelectionFolder(Path(selection))
+    folder = SelectionFolder(selection)  # a local path or an fsspec URL
     run = RunReader(folder.run_dir())
     sources = run.sources()
     imported = [s.url for s in sources.values() if s.url.startswith("imported:")]
@@ -868,7 +871,7 @@ def reshard(
         overwrite=overwrite,
         expected=(folder.summary().get("counts") or {}).get("kept"),
     )
-    stats["selection"] = str(folder.path.resolve())
+    stats["selection"] = str(Path(folder.path).resolve()) if folder.is_local else folder.url
     return stats
 
 
@@ -882,12 +885,16 @@ def convert_checkpoint(
     """Convert a released judge from its original layout (LLaVA-1.5, LLaVA-Unified or AITQE, detected from
     its config.json) into a folder transformers loads; ``src`` is a folder or a hub id. Returns (layout, folder)."""
     from mlmfilter.convert.detect import convert_checkpoint as convert
+    from mlmfilter.core.locations import is_url, local_path
 
+    if is_url(str(src)):
+        local_path(src, "the checkpoint to convert", "a local folder or a hub id")
+    dst = local_path(dst, "the converted model folder", "transformers loads a model from a local folder")
     with _library_bars_off():
         return convert(src, dst, dtype=dtype, vision_tower=vision_tower)
 
 
-def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path]:
+def export_mlm_filter(run_dir: str | Path, out_dir: str | Path, stage: str = "score") -> list[Path | str]:
     """Write a run's MLM scores as the released MLM-Filter scripts do: ``{shard}_{metric}.parquet``."""
     from mlmfilter.convert.dumps import export_mlm_filter as export
 

@@ -112,7 +112,7 @@ def test_import_parses_each_score_as_the_released_scripts_do(tmp_path):
     pq.write_table(table, dumps / "00000000_image_text_matching.parquet")
 
     counts = api.import_mlm_filter(dumps, tmp_path / "run")
-    assert counts == {"shards": 1, "rows": len(texts), "unparseable": expected.count(None)}
+    assert counts == {"shards": 1, "rows": len(texts), "unparseable": expected.count(None), "unidentified": 0}
     rows = {row["uid"]: row for row in RunReader(tmp_path / "run").table("00000000", "score").to_pylist()}
     for uid, text, value in zip(uids, texts, expected):
         row = rows[uid]

@@ -115,3 +115,75 @@ def test_a_ray_run_writes_its_run_folder_to_s3(tmp_path, flickr_pairs, s3_endpoi
     assert ours.equals(scores_dataset(tmp_path / "local-run").to_table().sort_by("uid"))
     resumed = api.score(inputs, run, ["rules"], decode_workers=0)  # the local executor trusts Ray's markers
     assert resumed.shards_completed == [] and len(resumed.shards_skipped) == 4
+
+
+def test_every_command_takes_an_s3_url_as_that_url(tmp_path, flickr_pairs, s3_endpoint, monkeypatch):
+    """Run folders, outputs and inputs named by s3:// URLs on the command line land in the bucket; none
+    becomes a local folder named `s3:`, and what must be local says so in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from mlmfilter.cli.app import app
+
+    fs = s3_endpoint
+    monkeypatch.chdir(tmp_path)
+    inputs = _upload_shards(fs, flickr_pairs, tmp_path, "cli-case", n_shards=2, per_shard=3)
+
+    def cli(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == code, (args, result.output)
+        fs.invalidate_cache()
+        return " ".join(result.output.split())
+
+    run = f"s3://{BUCKET}/cli/run"
+    cli("score", inputs, "-o", run, "--scorer", "rules", "--decode-workers", "0")
+    assert fs.exists(f"{BUCKET}/cli/run/run.yaml")
+    cli("select", run, "--where", "rules_words >= 0")  # RUN/selection, in the bucket
+    assert fs.exists(f"{BUCKET}/cli/run/selection/selection.json")
+
+    uids = RunReader(run).dataset("score").to_table()["uid"].to_pylist()
+    local_list = tmp_path / "two.npy"
+    np.save(local_list, np.array(uids[:2], dtype="<U32"))
+    fs.put_file(str(local_list), f"{BUCKET}/cli/two.npy")
+    sel = f"s3://{BUCKET}/cli/sel"
+    out = cli("select", run, "--where", "rules_words >= 0", "--intersect", f"s3://{BUCKET}/cli/two.npy", "-o", sel)
+    assert "kept 2" in out and fs.exists(f"{BUCKET}/cli/sel/uids.npy")
+    cli("reshard", sel, f"s3://{BUCKET}/cli/shards-out")
+    (written,) = fs.find(f"{BUCKET}/cli/shards-out")
+    with fs.open(written, "rb") as fh, tarfile.open(fileobj=fh) as tar:
+        assert len([m for m in tar.getmembers() if m.name.endswith(".jpg")]) == 2
+
+    cli("report", run, "-o", f"s3://{BUCKET}/cli/report.html")
+    cli("inspect", run, "--limit", "1", "--html", f"s3://{BUCKET}/cli/sheet.html")
+    assert fs.cat_file(f"{BUCKET}/cli/report.html").startswith(b"<!")
+    assert b"<html" in fs.cat_file(f"{BUCKET}/cli/sheet.html").lower()
+    assert "rules_words" in cli("stats", run)
+
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    pq.write_table(
+        pa.table({"uid": uids, "key": [f"k{i}" for i in range(6)], "image_text_matching_score": ["90"] * 6}),
+        dumps / "00000000_image_text_matching.parquet",
+    )
+    fs.put_file(
+        str(dumps / "00000000_image_text_matching.parquet"), f"{BUCKET}/cli/dumps/00000000_image_text_matching.parquet"
+    )
+    imported = f"s3://{BUCKET}/cli/imported"
+    cli("import", f"s3://{BUCKET}/cli/dumps", "-o", imported)
+    assert "kept 6" in cli("select", imported, "--where", "itm >= 85", "-o", f"s3://{BUCKET}/cli/isel")
+    cli("export", imported, "-o", f"s3://{BUCKET}/cli/exported")
+    assert fs.exists(f"{BUCKET}/cli/exported/00000000_image_text_matching.parquet")
+
+    for args in (
+        ("teach", "sample", inputs, "-o", f"s3://{BUCKET}/cli/teach"),
+        ("train", "data.json", "-o", f"s3://{BUCKET}/cli/trained", "--base", "m"),
+        ("convert", str(tmp_path), f"s3://{BUCKET}/cli/converted"),
+        ("demo", f"s3://{BUCKET}/cli/demo"),
+    ):
+        assert "must be on this machine, not s3://" in cli(*args, code=2)
+    assert not (tmp_path / "s3:").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cli-case",
+        "dumps",
+        "two.npy",
+    ]

@@ -106,6 +106,37 @@ def test_killed_ray_driver_resumes_to_identical_output(tmp_path, flickr_pairs):
         pq.read_table(path)  # every file is whole
 
 
+def test_no_ray_process_outlives_a_killed_driver(tmp_path, flickr_pairs):
+    """SIGKILL of the driver alone (not its process group): the local Ray it started, agents included, goes too."""
+    flickr_shards(flickr_pairs, tmp_path / "in", n_shards=6, per_shard=30)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mlmfilter.cli.app", "score", str(tmp_path / "in" / "*.tar"), "-o", str(run)]
+    cmd += ["--scorer", "rules", "--decode-workers", "0", "--executor", "ray", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    family: list = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if RunFolder(run).stage("score").done_shards():  # Ray, its agents and an actor are up
+                break
+            time.sleep(0.01)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(p.name() for p in family)
+        assert "raylet" in names and "Agent" in names, f"the local Ray is not up: {names}"
+    finally:
+        proc.kill()  # the driver only, as `kill -9 PID` does
+        proc.wait()
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    left = []
+    for process in alive:
+        try:
+            left.append(process.name())
+            process.kill()  # never leave them to the next test, whatever this one says
+        except psutil.Error:
+            pass
+    assert not left, f"still running 30 s after the driver was killed: {left}"
+
+
 def test_unknown_executor_and_ray_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="executor"):
         ScoreConfig(inputs=["x.tar"], output=str(tmp_path), executor="spark")

@@ -57,12 +57,18 @@ def user_errors() -> Iterator[None]:
         print_error(str(exc))
         raise typer.Exit(2) from exc
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in STORAGE_ERRNOS:
             raise
-        # a full disk is the machine's, not the user's: one line, and the run resumes once there is room
-        logging.getLogger("mlmfilter").debug("disk full", exc_info=True)
-        where = f" ({exc.filename})" if exc.filename else ""
-        print_error(f"no space left on the device{where}: free some and re-run the same command to resume")
+        # a full disk or a read-only folder is not a bug: one line naming the file (what was written is cleaned up)
+        logging.getLogger("mlmfilter").debug("storage error", exc_info=True)
+        if exc.errno in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+        ):  # the machine's, not the user's: the run resumes once there is room
+            where = f" ({exc.filename})" if exc.filename else ""
+            print_error(f"no space left on the device{where}: free some and re-run the same command to resume")
+        else:
+            print_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         raise typer.Exit(1) from exc
     except Exception as exc:
         problem = credentials_problem(exc)
@@ -71,6 +77,10 @@ def user_errors() -> Iterator[None]:
         logging.getLogger("mlmfilter").debug("no credentials", exc_info=True)
         print_error(problem)
         raise typer.Exit(2) from exc
+
+
+#: errors of the storage itself, not of mlmfilter: full disk, quota, read-only filesystem, no permission
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 #: the exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2
@@ -193,13 +203,14 @@ def print_json(summary: dict[str, Any]) -> None:
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """``--recipe FILE``: a YAML mapping of the command's settings (flags given beside it override them)."""
+    import fsspec
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
+    fs, where = fsspec.core.url_to_fs(str(path))  # a local path or any fsspec URL, taken as given
+    if not fs.isfile(where):
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(fs.cat_file(where).decode("utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # python tags are refused, never built
         raise ValueError(f"{path}: not a YAML recipe ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):

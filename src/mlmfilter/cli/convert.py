@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         src: str = typer.Argument(
             ..., help="Original checkpoint: a folder or a hub id (e.g. weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o)."
         ),
-        dst: Path = typer.Argument(..., help="Output folder (loads with transformers' Auto classes)."),
+        dst: str = typer.Argument(..., help="Output folder (loads with transformers' Auto classes)."),
         vision_tower: Optional[str] = typer.Option(
             None,
             help="Vision tower id/path (default: the one config.json names, e.g. google/siglip-so400m-patch14-384).",
@@ -52,8 +52,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("convert-llava", hidden=True)
     def convert_llava(
-        src: Path = typer.Argument(..., help="Original LLaVA-1.5-layout checkpoint folder."),
-        dst: Path = typer.Argument(..., help="Output folder in the Hugging Face llava-hf format."),
+        src: str = typer.Argument(..., help="Original LLaVA-1.5-layout checkpoint folder."),
+        dst: str = typer.Argument(..., help="Output folder in the Hugging Face llava-hf format."),
         vision_tower: Optional[str] = typer.Option(None, help="CLIP vision tower id/path (default: from its config)."),
         dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     ) -> None:
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Argument(
             ..., help="Run folder whose score stage holds MLM-Filter columns (itm, odf, ctq, su)."
         ),
-        output: Path = typer.Option(..., "--output", "-o", help="Folder for the score files."),
+        output: str = typer.Option(..., "--output", "-o", help="Folder for the score files (path or fsspec URL)."),
         format: str = typer.Option(
             "mlm-filter", "--format", help="mlm-filter: what the released scoring scripts write."
         ),
@@ -88,10 +88,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import")
     def import_dumps(
-        dumps: Path = typer.Argument(
-            ..., help="Folder of published MLM-Filter score files ({shard}_{metric}.parquet)."
-        ),
-        output: Path = typer.Option(..., "--output", "-o", help="Run folder to create (select reads it)."),
+        dumps: str = typer.Argument(..., help="Folder of published MLM-Filter score files ({shard}_{metric}.parquet)."),
+        output: str = typer.Option(..., "--output", "-o", help="Run folder to create (select reads it)."),
         shards: list[str] = typer.Option(None, "--shards", help="The tar shards the scores describe (for reshard)."),
         stage: str = typer.Option("score", "--stage", help="The stage the scores go into."),
     ) -> None:
@@ -102,7 +100,9 @@ def register(app: typer.Typer) -> None:
             counts = api.import_mlm_filter(dumps, output, shards=shards or None, stage=stage)
         console.print(
             f"imported {counts['rows']} pairs of {counts['shards']} shards into {output} "
-            f"({counts['unparseable']} unparseable scores kept as error rows)"
+            f"({counts['unparseable']} unparseable scores kept as error rows"
+            + (f", {counts['unidentified']} rows without a key or a valid uid" if counts.get("unidentified") else "")
+            + ")"
         )
 
     @app.command("judges")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -55,7 +54,7 @@ def enhance(
         "--allow-random-fallback",
         help="If a model cannot be found, use a tiny random one (output is meaningless).",
     ),
-    recipe: Optional[Path] = typer.Option(
+    recipe: Optional[str] = typer.Option(
         None, help="YAML with enhance-stage fields (prompts, checks ...); flags override it."
     ),
     source_stage: Optional[str] = typer.Option(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -39,11 +38,11 @@ _OUTPUT = typer.Option(None, "--output", "-o", help="Write the full result as JS
 @eval_app.command("human")
 def human(
     benchmark: str = typer.Option(..., help="flickr8k-expert, flickr8k-crowdflower, clipscore-json or composite."),
-    images: Path = typer.Option(..., help="Folder the annotations' image names are relative to."),
-    annotations: Path = typer.Option(
+    images: str = typer.Option(..., help="Folder the annotations' image names are relative to."),
+    annotations: str = typer.Option(
         ..., help="ExpertAnnotations.txt, CrowdFlowerAnnotations.txt or a CLIPScore-style JSON."
     ),
-    captions: Optional[Path] = typer.Option(None, help="Flickr8k.token.txt (default: beside the annotations)."),
+    captions: Optional[str] = typer.Option(None, help="Flickr8k.token.txt (default: beside the annotations)."),
     keep_reference_captions: bool = typer.Option(
         False, help="Expert: keep candidates that are the image's own reference captions (CLIPScore drops them)."
     ),
@@ -51,7 +50,7 @@ def human(
     confidence: float = typer.Option(0.95, help="Confidence level of the intervals."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     column: list[str] = _COLUMN,
-    output: Optional[Path] = _OUTPUT,
+    output: Optional[str] = _OUTPUT,
     scorer: list[str] = SCORER_OPTION,
     model: Optional[str] = MODEL_OPTION,
     metrics: Optional[str] = METRICS_OPTION,
@@ -99,7 +98,7 @@ def corrupt(
     seed: int = typer.Option(0, help="Seed of the negative generator."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     column: list[str] = _COLUMN,
-    output: Optional[Path] = _OUTPUT,
+    output: Optional[str] = _OUTPUT,
     scorer: list[str] = SCORER_OPTION,
     model: Optional[str] = MODEL_OPTION,
     metrics: Optional[str] = METRICS_OPTION,
@@ -133,7 +132,7 @@ def corrupt(
     _print_warnings(result)
 
 
-def _written(output: Path | None) -> None:
+def _written(output: str | None) -> None:
     if output is not None:
         console.print(f"result written to {output}")
 

@@ -18,8 +18,12 @@ STAGE_HELP = (
 
 def report(
     run: str = typer.Argument(..., help="Run folder (path or fsspec URL)."),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="The HTML file to write (default: RUN/report.html).", show_default=False
+    output: Optional[str] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="The HTML file to write, a path or fsspec URL (default: RUN/report.html).",
+        show_default=False,
     ),
     selection: Optional[str] = typer.Option(None, help="Selection folder (default: RUN/selection when present)."),
     column: list[str] = typer.Option(None, "--column", "-c", help="Score columns to show (default: all)."),
@@ -33,7 +37,8 @@ def report(
     options = options_or_exit(ReportOptions, columns=column or None, gallery_size=gallery_size, stage=stage)
     with user_errors():  # a missing extra (matplotlib) too: it says what to install
         path = api.report(run, output, selection, options)
-    console.print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB); open it in any browser, offline")
+    size = f" ({path.stat().st_size / 1e6:.1f} MB)" if isinstance(path, Path) else ""
+    console.print(f"report written to {path}{size}; open it in any browser, offline")
 
 
 def inspect(
@@ -43,7 +48,7 @@ def inspect(
     column: list[str] = typer.Option(
         None, "--column", "-c", help="Columns to show, text too (default: scores, flags and which rule failed)."
     ),
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet with thumbnails here."),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write a contact sheet with thumbnails here."),
     stage: str = typer.Option("all", "--stage", help=STAGE_HELP),
 ) -> None:
     """The pairs matching an expression: uid, caption, scores and error, read back from the shards."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,10 +11,10 @@ from mlmfilter.cli.common import console, print_json, user_errors
 
 
 def reshard(
-    selection: Path = typer.Argument(..., help="Selection folder written by `mlmfilter select`."),
-    output: Path = typer.Argument(..., help="Folder for the new WebDataset shards."),
+    selection: str = typer.Argument(..., help="Selection folder written by `mlmfilter select` (path or fsspec URL)."),
+    output: str = typer.Argument(..., help="Folder for the new WebDataset shards (path or fsspec URL)."),
     samples_per_shard: int = typer.Option(10_000, help="Pairs per output shard."),
-    captions: Optional[Path] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
+    captions: Optional[str] = typer.Option(None, help="Parquet with uid and a replacement caption column."),
     caption_column: str = typer.Option("caption", help="Column of --captions holding the new caption."),
     captions_stage: Optional[str] = typer.Option(
         None, help="Take new captions from this enhancement stage of the run."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -39,8 +38,8 @@ from mlmfilter.cli.common import (
 
 def score(
     inputs: list[str] = typer.Argument(None, help="Shards: paths, globs, {a..b} brace patterns or fsspec URLs."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (resumable)."),
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with ScoreConfig fields; flags override it."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (resumable): a path or fsspec URL."),
+    recipe: Optional[str] = typer.Option(None, help="YAML recipe with ScoreConfig fields; flags override it."),
     scorer: list[str] = SCORER_OPTION,
     model: Optional[str] = MODEL_OPTION,
     metrics: Optional[str] = METRICS_OPTION,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -19,7 +18,7 @@ def select(
     where: Optional[str] = typer.Option(None, "--where", "-w", help="Expression, e.g. 'itm >= 66 and odf >= 20'."),
     top_fraction: Optional[float] = typer.Option(None, help="Keep this fraction of all pairs, best first."),
     by: Optional[str] = typer.Option(None, help="Column ranked by --top-fraction."),
-    output: Optional[Path] = typer.Option(
+    output: Optional[str] = typer.Option(
         None, "--output", "-o", help="Selection folder (default RUN/selection; needed with several runs)."
     ),
     stage: str = typer.Option(
@@ -30,10 +29,10 @@ def select(
     allow_incomplete: bool = typer.Option(
         False, "--allow-incomplete", help="Select although some shards are not done."
     ),
-    intersect: list[Path] = typer.Option(
+    intersect: list[str] = typer.Option(
         None, "--intersect", help="Keep only uids also in this .npy uid list (repeatable)."
     ),
-    union: list[Path] = typer.Option(
+    union: list[str] = typer.Option(
         None, "--union", help="Also keep the pool's pairs whose uid is in this .npy uid list (repeatable)."
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),

@@ -48,7 +48,7 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 @teach_app.command("sample")
 def sample(
     pool: list[str] = typer.Argument(..., help="Pool shards: paths, globs, brace patterns or fsspec URLs."),
-    output: Path = typer.Option(..., "--output", "-o", help="The teach folder."),
+    output: str = typer.Option(..., "--output", "-o", help="The teach folder."),
     n: int = typer.Option(10_000, "--n", help="Pairs to pick (MLM-Filter: 10k from CC12M)."),
     clusters: Optional[int] = typer.Option(None, help="k of k-means (default: ceil(n / 10))."),
     seed: int = typer.Option(0),
@@ -92,13 +92,13 @@ def sample(
         report = api.teach_sample(pool, output, options, read=read)["report"]
     console.print(
         f"picked {report['picked']} of {report['usable']} usable pairs ({report['read']} read) "
-        f"from {report['clusters']} clusters -> {output / 'sample.parquet'}"
+        f"from {report['clusters']} clusters -> {Path(output) / 'sample.parquet'}"
     )
 
 
 @teach_app.command("negatives")
 def negatives(
-    folder: Path = typer.Argument(..., help="The teach folder (after `teach sample`)."),
+    folder: str = typer.Argument(..., help="The teach folder (after `teach sample`)."),
     kinds: Optional[str] = typer.Option(None, help="Comma-separated corruption kinds (default: all)."),
     seed: int = typer.Option(0),
     rewrites: bool = typer.Option(
@@ -120,7 +120,7 @@ def negatives(
 
 @teach_app.command("label")
 def label(
-    folder: Path = typer.Argument(..., help="The teach folder (after `teach sample`, optionally `teach negatives`)."),
+    folder: str = typer.Argument(..., help="The teach folder (after `teach sample`, optionally `teach negatives`)."),
     model: str = typer.Option(..., help="The teacher model, as the endpoint names it."),
     base_url: str = typer.Option(
         "https://api.openai.com/v1", help="OpenAI-compatible endpoint (vLLM, SGLang, transformers serve ...)."
@@ -132,19 +132,19 @@ def label(
         None, help="Text mode: the VLM that describes the images (default: --model)."
     ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
-    api_key_file: Optional[Path] = typer.Option(None, help="File holding the key (bare, or YAML/JSON with api_key)."),
+    api_key_file: Optional[str] = typer.Option(None, help="File holding the key (bare, or YAML/JSON with api_key)."),
     concurrency: int = typer.Option(8, help="Requests in flight at once."),
     timeout: float = typer.Option(120.0, help="Per-request timeout, seconds."),
     max_retries: int = typer.Option(5, help="Retries on 429 / 5xx / timeouts (retry-after honoured)."),
     max_tokens: int = typer.Option(512),
     temperature: float = typer.Option(0.0),
-    batch_file: Optional[Path] = typer.Option(
+    batch_file: Optional[str] = typer.Option(
         None, help="Write OpenAI Batch JSONL request files here instead of sending."
     ),
-    collect: Optional[list[Path]] = typer.Option(
+    collect: Optional[list[str]] = typer.Option(
         None, help="Batch output file(s) to ingest; then label from them only."
     ),
-    rewrite_prompt: Optional[Path] = typer.Option(
+    rewrite_prompt: Optional[str] = typer.Option(
         None,
         metavar="FILE",
         help="Text file: the prompt asking for the poor captions' rewrites (has {caption}; default: the enhancer's).",
@@ -166,7 +166,10 @@ def label(
 
     setup_logging(verbose)
     with user_errors():
-        rewrite = {"rewrite_prompt": rewrite_prompt.read_text(encoding="utf-8")} if rewrite_prompt else {}
+        from mlmfilter.core.locations import local_path
+
+        prompt_file = local_path(rewrite_prompt, "--rewrite-prompt") if rewrite_prompt else None
+        rewrite = {"rewrite_prompt": prompt_file.read_text(encoding="utf-8")} if prompt_file else {}
     if rewrite_max_tokens is not None:
         rewrite["rewrite_max_tokens"] = rewrite_max_tokens
     options = options_or_exit(
@@ -255,7 +258,7 @@ def _counts(counts: dict) -> str:
 
 @teach_app.command("balance")
 def balance(
-    folder: Path = typer.Argument(..., help="The teach folder (after `teach label`)."),
+    folder: str = typer.Argument(..., help="The teach folder (after `teach label`)."),
     target: int = typer.Option(1000, help="Labels to keep per metric."),
     bins: int = typer.Option(10, help="Equal-width score bins over 0..100."),
     seed: int = typer.Option(0),
@@ -295,11 +298,11 @@ def balance_table(metric: str, info: dict, edges: list[float]):
 
 @teach_app.command("export")
 def export(
-    folder: Path = typer.Argument(..., help="The teach folder (after `teach balance`, or --all-labels)."),
-    output: Path = typer.Option(
+    folder: str = typer.Argument(..., help="The teach folder (after `teach balance`, or --all-labels)."),
+    output: str = typer.Option(
         ..., "--output", "-o", help="Export folder: LLaVA JSON, TRL JSONL, images, dataset card."
     ),
-    mix: Optional[Path] = typer.Option(None, help="A general LLaVA instruction set to mix in."),
+    mix: Optional[str] = typer.Option(None, help="A general LLaVA instruction set to mix in."),
     mix_ratio: Optional[float] = typer.Option(
         None, help="General records per quality record (46k:4k = 11.5); default all."
     ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,10 +10,10 @@ from mlmfilter.cli.common import console, options_or_exit, setup_logging, user_e
 
 
 def train(
-    data: list[Path] = typer.Argument(
+    data: list[str] = typer.Argument(
         ..., help="Instruction data: LLaVA conversation JSON and/or TRL prompt-completion JSONL."
     ),
-    output: Path = typer.Option(
+    output: str = typer.Option(
         ..., "--output", "-o", help="Folder for checkpoints and the trained judge (rerun to resume)."
     ),
     base: str = typer.Option(..., help="Base model: a transformers LLaVA / Qwen2-VL / Idefics3 folder or hub id."),

@@ -32,3 +32,17 @@ def is_url(location: str) -> bool:
 def as_path(location: str) -> Path | str:
     """A local location as a :class:`~pathlib.Path`; a URL stays the string it is."""
     return location if is_url(location) else Path(location)
+
+
+def local_path(location: str | os.PathLike, what: str, why: str = "") -> Path:
+    """``location`` as a local Path, for what only a local folder or file can be; a URL (``s3://``)
+    is refused with a ValueError naming ``what`` and ``why``, never taken for a folder named ``s3:``.
+    ``file://`` URLs are local paths."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif is_url(text):
+        raise ValueError(
+            f"{what} must be on this machine, not {text}" + (f" ({why})" if why else "") + "; give a local path"
+        )
+    return Path(text).expanduser()

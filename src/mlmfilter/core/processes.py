@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import logging
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,26 @@ def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> Non
                 os._exit(1)
 
     threading.Thread(target=watch, name="mlmfilter-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside this block never receive SIGINT, from their first instruction on.
+
+    Ctrl-C goes to the terminal's whole process group: without this, every worker (still importing
+    mlmfilter, or busy) raises KeyboardInterrupt and prints its own traceback, while the parent is
+    the one that decides (stops them, keeps what is done, exits 130). The calling thread blocks
+    SIGINT while its children start; a blocked signal stays blocked in a child across fork and exec
+    (Python never unblocks it), and the parent, unblocking it afterwards, still gets a Ctrl-C that
+    came in the meantime: nothing is lost.
+    """
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_initializer(parent: int, *callables_and_args: Any) -> None:

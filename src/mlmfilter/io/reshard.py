@@ -35,7 +35,7 @@ from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers import ReadOptions, read_shard, sniff_image_format
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import HALVES_DTYPE, is_sorted_halves, locate_sorted, sort_halves, uids_to_halves
-from mlmfilter.io.writers import TarShardWriter
+from mlmfilter.io.writers import TarShardWriter, local_location, remote_location
 
 BATCH_SIZE = 512
 #: extensions a written image member may have; anything else is sniffed from the bytes
@@ -64,7 +64,7 @@ def reshard_selected(
 
     ``expected``: how many rows the selection kept, for the line a Ctrl-C prints (:class:`Interrupted`:
     the pairs in complete output shards; the shard in progress is discarded)."""
-    output_dir = os.path.abspath(output_dir)
+    output_dir = output_location(output_dir)
     prepare_output(output_dir, list(sources.values()), overwrite)
     counts: Counter = Counter()
     skipped_errors: Counter = Counter()
@@ -119,7 +119,7 @@ def reshard(
     ``duplicates``, ``captions_replaced``, ``skipped_errors`` (code -> count),
     ``kept_uids_not_found``, ``written_shards`` and ``shards`` (paths).
     """
-    output_dir = os.path.abspath(output_dir)
+    output_dir = output_location(output_dir)
     prepare_output(output_dir, sources, overwrite)
     keep = np.asarray(keep, dtype=HALVES_DTYPE)
     if not is_sorted_halves(keep):
@@ -210,28 +210,52 @@ def check_caption_replacements(captions: Mapping[str, Any]) -> None:
             )
 
 
+def output_location(output_dir: str | os.PathLike) -> str:
+    """A local output folder as an absolute path; an fsspec URL (``s3://b/out``) as that URL."""
+    if remote_location(output_dir) is not None:
+        return os.fspath(output_dir).rstrip("/")
+    return os.path.abspath(local_location(output_dir))
+
+
 def prepare_output(output_dir: str, sources: Sequence[ShardSource], overwrite: bool) -> None:
     """Refuse an output folder that holds (or is inside) inputs, or that is not empty."""
-    real_out = os.path.realpath(output_dir)
+    remote = remote_location(output_dir)
+    real_out = os.path.realpath(output_dir) if remote is None else output_dir
     for source in sources:
-        if is_url(source.url) or source.is_pipe:
+        if source.is_pipe or (is_url(source.url) != (remote is not None)):
             continue
-        real_src = os.path.realpath(source.url)
-        holder = real_src if source.format == "folder" else os.path.dirname(real_src)
+        real_src = os.path.realpath(source.url) if remote is None else source.url.rstrip("/")
+        holder = real_src if source.format == "folder" else real_src.rsplit("/", 1)[0]
         if real_out == holder or _inside(real_out, real_src) or _inside(real_src, real_out):
             raise ReshardError(
                 f"output folder {output_dir} holds or is inside input {source.url}: writing there "
                 "could destroy the inputs; choose a folder of its own"
             )
-    if os.path.isdir(output_dir):
-        entries = [e for e in os.listdir(output_dir) if not e.startswith(".")]
+    listing = _listing(output_dir)
+    if listing is not None:
+        entries = [name for name in listing if not name.startswith(".")]
         if entries and not overwrite:
             raise ReshardError(
                 f"output folder {output_dir} is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]}); "
                 "old shards would be mixed with new ones. Choose an empty folder, or --overwrite to replace its contents"
             )
-        if overwrite and any(os.path.isdir(os.path.join(output_dir, e)) for e in entries):
+        if overwrite and any(listing[e] for e in entries):
             raise ReshardError(f"output folder {output_dir} holds subfolders; --overwrite only replaces files")
+
+
+def _listing(output_dir: str) -> dict[str, bool] | None:
+    """name -> is a folder, of what the output folder holds; None when there is no such folder."""
+    remote = remote_location(output_dir)
+    if remote is None:
+        if not os.path.isdir(output_dir):
+            return None
+        return {e: os.path.isdir(os.path.join(output_dir, e)) for e in os.listdir(output_dir)}
+    fs, path = remote
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return None
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("type") == "directory" for e in entries}
 
 
 def output_files(sample: Sample, replacement: str | None) -> dict[str, bytes | str]:
@@ -256,13 +280,16 @@ def output_files(sample: Sample, replacement: str | None) -> dict[str, bytes | s
 def _finish(
     output_dir: str, counts: Counter, skipped_errors: Counter, shards: list, overwrite: bool, missing: list[str]
 ) -> dict[str, Any]:
-    written = {os.path.basename(str(p)) for p in shards}
+    written = {str(p).rsplit("/", 1)[-1] for p in shards}
     removed = []
     if overwrite:
-        for name in sorted(os.listdir(output_dir)):
-            path = os.path.join(output_dir, name)
-            if name not in written and not name.startswith(".") and os.path.isfile(path):
-                os.remove(path)
+        remote = remote_location(output_dir)
+        for name, is_dir in sorted((_listing(output_dir) or {}).items()):
+            if name not in written and not name.startswith(".") and not is_dir:
+                if remote is None:
+                    os.remove(os.path.join(output_dir, name))
+                else:
+                    remote[0].rm_file(f"{remote[1]}/{name}")
                 removed.append(name)
     stats = {
         "read": counts["read"],
@@ -281,4 +308,4 @@ def _finish(
 
 
 def _inside(path: str, folder: str) -> bool:
-    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
+    return path != folder and path.startswith(folder.rstrip("/") + "/")

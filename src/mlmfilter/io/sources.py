@@ -61,16 +61,35 @@ class ShardSource:
     def is_pipe(self) -> bool:
         return self.url.startswith(PIPE_PREFIX)
 
+    @property
+    def uid_name(self) -> str:
+        """What the uids of its pairs without one are derived from (:func:`mlmfilter.io.uid.derive_uid`).
 
-def expand_inputs(specs: Sequence[str] | str, allow_pipe: bool = False) -> list[ShardSource]:
+        The file name, so the same shard read from anywhere gives the same uids; but a shard whose
+        file name another shard of the run already has (its id then carries a hash of its url,
+        ``00000-7ceca398``) puts its id before the name, so two different shards never share uids.
+        """
+        if self.id == shard_id_for(shard_stem(self.url), self.url):
+            return self.name
+        return f"{self.id}:{self.name}"
+
+
+def expand_inputs(
+    specs: Sequence[str] | str, allow_pipe: bool = False, notes: list[str] | None = None
+) -> list[ShardSource]:
     """Expand specs into shard sources, sorted by url and deduplicated.
 
+    A shard named twice (the same url from two specs, or the same local file by another path or
+    link) is read once; ``notes``, when given, gets one line saying so.
     Raises FileNotFoundError naming the spec when a path or pattern matches nothing, and
     ValueError for a ``pipe:`` spec without ``allow_pipe`` or a file of unknown format.
     """
     if isinstance(specs, str):
         specs = [specs]
     found: dict[str, ShardFormat] = {}
+    named_by: dict[str, str] = {}
+    files: dict[tuple[int, int], str] = {}
+    twice: list[str] = []
     for spec in specs:
         try:
             expanded = _expand_spec(spec, allow_pipe)
@@ -80,7 +99,21 @@ def expand_inputs(specs: Sequence[str] | str, allow_pipe: bool = False) -> list[
                 raise
             raise MissingCredentialsError(f"input {spec!r}: {problem}") from None
         for url, fmt in expanded:
-            found.setdefault(url, fmt)
+            if url in found:
+                twice.append(f"{url} (by {named_by[url]!r} and {spec!r})")
+                continue
+            same = _local_file_key(url)
+            if same is not None and same in files:
+                twice.append(f"{url} (the same file as {files[same]})")
+                continue
+            if same is not None:
+                files[same] = url
+            found[url], named_by[url] = fmt, spec
+    if twice and notes is not None:
+        notes.append(
+            f"{len(twice)} input shard(s) were named more than once and are read once: {twice[0]}"
+            + (f" and {len(twice) - 1} more" if len(twice) > 1 else "")
+        )
     urls = sorted(found)
     ids = _unique_ids(urls)
     return [ShardSource(id=ids[url], url=url, format=found[url]) for url in urls]
@@ -219,6 +252,17 @@ def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, spec: str) ->
             "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
         )
         raise ValueError(f"input {spec!r}: {os.path.realpath(path)!r} is a {kind}, not a regular file or folder")
+
+
+def _local_file_key(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a local shard file, links followed: one file under two names is one shard."""
+    if "://" in url or url.startswith(PIPE_PREFIX):
+        return None
+    try:
+        info = os.stat(url)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def _unique_ids(urls: list[str]) -> dict[str, str]:

@@ -26,35 +26,79 @@ os.umask(_UMASK)
 FIXED_MTIME = 0
 
 
+class LinkedPathError(ValueError):
+    """A folder mlmfilter owns holds a symbolic link where it would write: it never writes through one."""
+
+
+def refuse_links_below(root: str | os.PathLike, path: str | os.PathLike, *, final: bool = False) -> None:
+    """Raise :class:`LinkedPathError` when a component of ``path`` below ``root`` is a symbolic link.
+
+    A received run folder may hold links (``logs -> /elsewhere``); writing through one would write
+    outside the folder. ``root`` itself may be a link (the user named it); ``final`` checks the last
+    component too (files opened for appending; an atomic write replaces a link, it never follows it).
+    """
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    relative = os.path.relpath(path, root)
+    if relative == "." or relative.startswith(".."):
+        return
+    parts = relative.split(os.sep)
+    current = root
+    for index, part in enumerate(parts):
+        current = os.path.join(current, part)
+        if index == len(parts) - 1 and not final:
+            return
+        if os.path.islink(current):
+            raise LinkedPathError(
+                f"{current} is a symbolic link (to {os.readlink(current)}); mlmfilter never writes through a link "
+                f"inside {root}: replace it with a real {'file' if index == len(parts) - 1 else 'folder'}"
+            )
+
+
 class AtomicFile:
-    """A temp file beside ``path``; :meth:`commit` renames it into place, :meth:`abort` removes it."""
+    """A temp file beside ``path``; :meth:`commit` renames it into place, :meth:`abort` removes it.
+
+    ``path`` may be an fsspec URL (``s3://bucket/x``): the temp file is then a local one, put in
+    place whole (one PUT, atomic per object) by :meth:`commit`; ``self.path`` stays that URL.
+    A failed write (a full disk) leaves nothing behind: neither the temp file nor a partial target.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._remote = remote_location(path)
+        if self._remote is not None:
+            self.path: Path | str = os.fspath(path)
+            fd, tmp = tempfile.mkstemp(prefix=".mlmfilter-upload.", suffix=".tmp")
+        else:
+            self.path = Path(local_location(path))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self.tmp_path = Path(tmp)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
-    def commit(self) -> Path:
+    def commit(self) -> Path | str:
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
             # mkstemp makes 0600 files; give the result the mode a plain open() would have
             os.fchmod(self.file.fileno(), 0o666 & ~_UMASK)
             self.file.close()
-            os.replace(self.tmp_path, self.path)
-        except BaseException:  # a full disk fails the flush: no temp file is left behind
+            if self._remote is not None:
+                fs, remote_path = self._remote
+                fs.put_file(str(self.tmp_path), remote_path)
+                self.tmp_path.unlink(missing_ok=True)
+            else:
+                os.replace(self.tmp_path, self.path)
+        except BaseException:
             self.abort()
             raise
         return self.path
 
     def abort(self) -> None:
         try:
-            self.file.close()
-        except OSError:  # buffered bytes that cannot be flushed (a full disk) are dropped with the file
+            self.file.close()  # flushes what is buffered: fails again on a full disk
+        except OSError:
             pass
-        self.tmp_path.unlink(missing_ok=True)
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "AtomicFile":
         return self
@@ -66,24 +110,59 @@ class AtomicFile:
             self.abort()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` (str is UTF-8 encoded) to ``path`` atomically."""
+def remote_location(location: str | os.PathLike) -> tuple[Any, str] | None:
+    """(filesystem, path) of a location on a filesystem other than this machine's (``s3://``,
+    ``memory://`` ...); None for a local path or a ``file://`` URL."""
+    location = os.fspath(location)
+    if "://" not in location:
+        return None
+    import fsspec
+
+    from mlmfilter.core.locations import is_local_filesystem
+
+    fs, path = fsspec.core.url_to_fs(location)
+    return None if is_local_filesystem(fs) else (fs, path)
+
+
+def local_location(location: str | os.PathLike) -> str:
+    """A local path or ``file://`` URL as an OS path (``~`` expanded)."""
+    location = os.fspath(location)
+    if location.startswith("file://"):
+        location = location[len("file://") :]
+    return os.path.expanduser(location)
+
+
+def join_location(location: str | os.PathLike, *names: str) -> Path | str:
+    """``location/name``: a Path for a local folder, a URL string for any other (never ``s3:/b``)."""
+    if remote_location(location) is not None:
+        return "/".join([os.fspath(location).rstrip("/"), *names])
+    return Path(local_location(location)).joinpath(*names)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path | str:
+    """Write ``data`` (str is UTF-8 encoded) to ``path`` (a local path or an fsspec URL) atomically."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    remote = remote_location(path)
+    if remote is not None:
+        fs, remote_path = remote
+        fs.pipe_file(remote_path, data)  # one PUT: atomic per object
+        return os.fspath(path)
     with AtomicFile(path) as out:
-        out.file.write(data.encode("utf-8") if isinstance(data, str) else data)
-    return Path(path)
+        out.file.write(data)
+    return out.path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path | str:
     """Pretty, key-sorted JSON (non-JSON values such as Paths are written with str())."""
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
-def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, **write_options: Any) -> Path:
-    """``pq.write_table`` to a temp file, then rename. ``write_options`` go to pq.write_table."""
+def atomic_write_parquet(table: pa.Table, path: str | os.PathLike, **write_options: Any) -> Path | str:
+    """``pq.write_table`` to a temp file, then rename (or upload, for a URL). ``write_options`` go to pq.write_table."""
     with AtomicFile(path) as out:
         # by path: pyarrow closes file objects it is given, and commit still needs ours
         pq.write_table(table, str(out.tmp_path), **write_options)
-    return Path(path)
+    return out.path
 
 
 class TarShardWriter:
@@ -104,18 +183,18 @@ class TarShardWriter:
     ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
-        self.output_dir = Path(output_dir)
+        self.output_dir = output_dir if remote_location(output_dir) is not None else Path(output_dir)
         self.samples_per_shard = samples_per_shard
         self.prefix = prefix
         self.next_index = start_index
-        self.shards: list[Path] = []  # completed shards, in order
+        self.shards: list[Path | str] = []  # completed shards, in order
         self.samples_written = 0
         self._file: AtomicFile | None = None
         self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
 
-    def shard_path(self, index: int) -> Path:
-        return self.output_dir / f"{self.prefix}{index:08d}.tar"
+    def shard_path(self, index: int) -> Path | str:
+        return join_location(self.output_dir, f"{self.prefix}{index:08d}.tar")
 
     def write(self, key: str, files: Mapping[str, bytes | str]) -> None:
         """Add one sample: ``files`` maps extension (``jpg``, ``txt``, ``json``) to content."""
@@ -131,7 +210,7 @@ class TarShardWriter:
         if self._in_shard >= self.samples_per_shard:
             self._close_shard()
 
-    def close(self) -> list[Path]:
+    def close(self) -> list[Path | str]:
         """Finish the shard in progress; returns every completed shard."""
         if self._tar is not None:
             self._close_shard()
@@ -140,9 +219,13 @@ class TarShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (completed shards stay)."""
         if self._tar is not None:
-            self._tar.close()
-            self._file.abort()
-            self._tar = self._file = None
+            tar, file, self._tar, self._file = self._tar, self._file, None, None
+            try:
+                tar.close()  # writes the end blocks: fails again on a full disk
+            except OSError:
+                pass
+            finally:
+                file.abort()
 
     def __enter__(self) -> "TarShardWriter":
         return self
@@ -159,7 +242,11 @@ class TarShardWriter:
         self._in_shard = 0
 
     def _close_shard(self) -> None:
-        self._tar.close()
+        try:
+            self._tar.close()
+        except BaseException:
+            self.abort()
+            raise
         self.shards.append(self._file.commit())
         self._tar = self._file = None
         self.next_index += 1

@@ -50,8 +50,9 @@ def write_report(
     output_html: str | os.PathLike,
     selection_dir: str | os.PathLike | None = None,
     options: ReportOptions | None = None,
-) -> Path:
-    """Write the run's report to ``output_html`` (one self-contained file) and return its path.
+) -> Path | str:
+    """Write the run's report to ``output_html`` (one self-contained file; a local path or an fsspec
+    URL) and return where it is: a Path, or that URL.
 
     ``selection_dir`` defaults to ``RUN/selection`` when that holds a selection."""
     from mlmfilter.io.writers import atomic_write
@@ -61,10 +62,7 @@ def write_report(
     require_matplotlib()
     run = open_run(run_dir)
     data = gather_report(run, run.url, None if selection_dir is None else os.fspath(selection_dir), options)
-    output = Path(output_html)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(output, render_report(data, options))
-    return output
+    return atomic_write(output_html, render_report(data, options))  # a local path, or an fsspec URL as given
 
 
 __all__ = [

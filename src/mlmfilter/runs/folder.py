@@ -21,6 +21,7 @@ from.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -161,27 +162,44 @@ class StageFolder:
     def read_settings(self) -> dict[str, Any] | None:
         if not self.storage.exists(self.rel("stage.yaml")):
             return None
-        return _load_yaml(self.storage, self.rel("stage.yaml")) or {}
+        settings = read_yaml_record(self.storage, self.rel("stage.yaml"), "a stage's settings")
+        if not isinstance(settings.get("fingerprint"), str):
+            raise RunError(
+                f"{self.storage.path(self.rel('stage.yaml'))} is not a stage's settings (no fingerprint); "
+                "restore it, or redo the stage with --overwrite"
+            )
+        return settings
 
-    def check_or_write_settings(self, settings: dict[str, Any]) -> None:
-        """The first run writes the settings; a resume must produce the same table, or it would mix."""
-        previous = self.read_settings()
-        if previous is not None and self.done_shards():
-            if previous.get("fingerprint") != settings["fingerprint"]:
-                changed = _changed_keys(previous.get("identity", {}), settings["identity"])
-                raise ConfigMismatch(
-                    f"stage {self.name!r} of {self.storage.url} was made with other settings "
-                    f"(changed: {', '.join(changed) or 'fingerprint'}; fingerprint {previous.get('fingerprint')} "
-                    f"vs {settings['fingerprint']}); mixing them would mix incomparable scores. "
-                    "Use another output folder, another stage name (--stage NAME), or --overwrite to redo the stage"
-                )
-            return  # keep the record of the first run
+    def check_or_write_settings(self, settings: dict[str, Any]) -> str:
+        """The first run writes the settings; a resume must produce the same table, or it would mix.
+
+        Returns the fingerprint the stage's markers carry: a resume with the same settings keeps the
+        first run's, also where only the spelling of a local model folder differs (``./m``, ``m/``:
+        its content hash names the model).
+        """
+        if self.done_shards():
+            previous = self.read_settings()  # an unreadable record matters only when shards rely on it
+            if previous is not None:
+                if previous["fingerprint"] != settings["fingerprint"]:
+                    changed = _changed_keys(
+                        _without_model_spelling(previous.get("identity", {})),
+                        _without_model_spelling(settings["identity"]),
+                    )
+                    if changed:
+                        raise ConfigMismatch(
+                            f"stage {self.name!r} of {self.storage.url} was made with other settings "
+                            f"(changed: {', '.join(changed)}; fingerprint {previous['fingerprint']} "
+                            f"vs {settings['fingerprint']}); mixing them would mix incomparable scores. "
+                            "Use another output folder, another stage name (--stage NAME), or --overwrite to redo the stage"
+                        )
+                return previous["fingerprint"]  # keep the record of the first run
         self.storage.write_bytes(self.rel("stage.yaml"), yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        return settings["fingerprint"]
 
     def read_provenance(self) -> dict[str, Any]:
         if not self.storage.exists(self.rel("provenance.json")):
             return {}
-        return json.loads(self.storage.read_text(self.rel("provenance.json")))
+        return read_json_record(self.storage, self.rel("provenance.json"), "a stage's provenance")
 
     def write_provenance(self, provenance: dict[str, Any]) -> None:
         self.storage.write_bytes(self.rel("provenance.json"), _json(provenance))
@@ -194,10 +212,15 @@ class StageFolder:
         rel = self.marker_rel(shard_id)
         if not self.storage.exists(rel):
             return None
+        if self.storage.is_dir(rel):
+            raise RunError(
+                f"{self.storage.path(rel)} is a folder, not a completion marker; remove it (the shard is then redone)"
+            )
         try:
-            return json.loads(self.storage.read_text(rel))
+            marker = json.loads(self.storage.read_text(rel))
         except ValueError:
             return {}  # a damaged marker promises nothing
+        return marker if isinstance(marker, dict) else {}
 
     def finish_shard(self, shard_id: str, table, stats: ShardStats, marker: dict[str, Any]) -> None:
         """Table, then stats, then the marker: only a shard with all three is done."""
@@ -226,8 +249,11 @@ class StageFolder:
             else:
                 if rows != marker.get("rows"):
                     problem = f"its table has {rows} rows, the marker promises {marker.get('rows')}"
+        if problem is None and not self._stats_readable(shard_id):
+            problem = "its stats file is missing or unreadable"
         if problem is None:
-            recorded, current = marker.get("source") or {}, source_identity(source)
+            recorded = marker.get("source") if isinstance(marker.get("source"), dict) else {}
+            current = source_identity(source)
             if not _same_file(recorded, current):
                 raise SourceChanged(
                     f"input {source.url} changed after stage {self.name!r} finished it "
@@ -239,11 +265,24 @@ class StageFolder:
         self.storage.remove(self.marker_rel(shard_id))
         return False
 
+    def _stats_readable(self, shard_id: str) -> bool:
+        try:
+            return self.read_stats(shard_id) is not None
+        except RunError:
+            return False
+
     def read_stats(self, shard_id: str) -> ShardStats | None:
         rel = self.stats_rel(shard_id)
         if not self.storage.exists(rel):
             return None
-        return ShardStats.from_json(json.loads(self.storage.read_text(rel)))
+        record = read_json_record(self.storage, rel, "a shard's stats")
+        try:
+            return ShardStats.from_json(record)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise RunError(
+                f"{self.storage.path(rel)} is not a shard's stats ({type(exc).__name__}: {exc}); "
+                "remove it with the shard's marker to redo the shard"
+            ) from None
 
     def merged_stats(self) -> ShardStats:
         parts = (self.read_stats(shard_id) for shard_id in self.done_shards())
@@ -251,7 +290,9 @@ class StageFolder:
 
     def write_merged_stats(self) -> ShardStats:
         stats = self.merged_stats()
-        self.storage.write_bytes(self.rel("stats.json"), _json(stats.to_json()))
+        text, rel = _json(stats.to_json()), self.rel("stats.json")
+        if not (self.storage.exists(rel) and not self.storage.is_dir(rel) and self.storage.read_text(rel) == text):
+            self.storage.write_bytes(rel, text)  # unchanged (a no-op resume): not rewritten, a read-only run works
         return stats
 
     def clear(self) -> None:
@@ -293,7 +334,23 @@ class RunFolder:
     def read_record(self) -> dict[str, Any]:
         if not self.is_run:
             raise RunError(f"{self.url} is not a run folder (no {RUN_FILE}); make one with `mlmfilter score`")
-        return _load_yaml(self.storage, RUN_FILE) or {}
+        record = read_yaml_record(self.storage, RUN_FILE, "a run record")
+        if not record.get("sources"):
+            raise RunError(
+                f"{self.storage.path(RUN_FILE)} is not a run record: it registers no input shard; "
+                "restore it, or use another output folder"
+            )
+        if not isinstance(record.get("sources"), dict) or not isinstance(record.get("inputs", []), list):
+            raise RunError(
+                f"{self.storage.path(RUN_FILE)} is not a run record (its sources or inputs are not a mapping and a list); "
+                "restore it, or use another output folder"
+            )
+        record.setdefault("inputs", [])
+        record.setdefault("sources", {})
+        for sid, entry in record["sources"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+                raise RunError(f"{self.storage.path(RUN_FILE)}: source {sid!r} has no url; restore the file")
+        return record
 
     def _write_record(self, record: dict[str, Any]) -> None:
         self.storage.write_bytes(RUN_FILE, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
@@ -301,26 +358,37 @@ class RunFolder:
     def sources(self) -> dict[str, ShardSource]:
         record = self.read_record()
         return {
-            sid: ShardSource(id=sid, url=s["url"], format=s["format"]) for sid, s in record.get("sources", {}).items()
+            sid: ShardSource(id=sid, url=s["url"], format=s.get("format", "tar"))
+            for sid, s in record.get("sources", {}).items()
         }
 
     def read_options(self) -> dict[str, Any]:
         return dict(self.read_record().get("read") or {})
 
     def open(
-        self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]
+        self,
+        inputs: Iterable[str],
+        sources: list[ShardSource],
+        read_options: Mapping[str, Any],
+        partitions: tuple[str, int] | None = None,
     ) -> list[ShardSource]:
         """Create or extend the run with ``sources``; returns them with their run-wide ids.
 
         The run's read options are part of what every table means: extending a run with other
-        read options is refused.
+        read options is refused. ``partitions=(stage, N)``: this is one of N partition jobs filling
+        that stage; run.yaml records N, and a job of another N is refused while the stage has
+        shards left to do (its shares would overlap theirs).
         """
         self.storage.makedirs(LOGS_DIR)
         with _RecordLock(self):
-            return self._open_locked(inputs, sources, read_options)
+            return self._open_locked(inputs, sources, read_options, partitions)
 
     def _open_locked(
-        self, inputs: Iterable[str], sources: list[ShardSource], read_options: Mapping[str, Any]
+        self,
+        inputs: Iterable[str],
+        sources: list[ShardSource],
+        read_options: Mapping[str, Any],
+        partitions: tuple[str, int] | None = None,
     ) -> list[ShardSource]:
         record = (
             self.read_record()
@@ -352,10 +420,10 @@ class RunFolder:
             record["read"] = dict(read_options)
             self._write_record(record)
         registered: dict[str, dict[str, Any]] = record.setdefault("sources", {})
+        changed = self._check_partitions(record, partitions) if partitions is not None else False
         by_url = {entry["url"]: sid for sid, entry in registered.items()}
         taken = set(registered)
         out: list[ShardSource] = []
-        changed = False
         for source in sources:
             identity = source_identity(source)
             sid = by_url.get(source.url)
@@ -389,6 +457,25 @@ class RunFolder:
                 failed = {code for code, n in (stats.errors if stats else {}).items() if n}
                 if stats is None or stats.ok or not failed <= LAYOUT_ERRORS:
                     return False
+        return True
+
+    def _check_partitions(self, record: dict[str, Any], partitions: tuple[str, int]) -> bool:
+        """Refuse a partition job of another N than the jobs filling the stage; record N. True if changed."""
+        stage, count = partitions
+        recorded = (record.get("partitions") or {}).get(stage)
+        if recorded == count:
+            return False
+        if recorded is not None:
+            done = set(self.stage(stage).done_shards()) if self.storage.exists(stage) else set()
+            left = [sid for sid in record["sources"] if sid not in done]
+            if left:
+                raise ConfigMismatch(
+                    f"stage {stage!r} of {self.url} is being filled by --partition i/{recorded} jobs "
+                    f"({len(record['sources']) - len(left)} of {len(record['sources'])} shards done); "
+                    f"a job of i/{count} would score some shards twice: run it as i/{recorded}, "
+                    "or finish the stage without --partition"
+                )
+        record["partitions"] = {**(record.get("partitions") or {}), stage: count}
         return True
 
     def _check_unchanged(self, sid: str, source: ShardSource, recorded: dict, current: dict) -> None:
@@ -466,8 +553,9 @@ class RunLock:
     def _flock(self, name: str, shared: bool) -> None:
         import fcntl
 
-        path = self.folder.storage.path(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.folder.storage, name)
+        if fd is None:
+            return
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -479,8 +567,11 @@ class RunLock:
                 "wait for it to finish or stop it, or use another output folder"
             ) from None
         if not shared:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(self.holder()).encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(self.holder()).encode())
+            except OSError:
+                pass  # opened read-only: the folder cannot be written, the lock still excludes
         self._fds.append(fd)
 
     def release(self) -> None:
@@ -510,14 +601,78 @@ class _RecordLock:
             import fcntl
 
             os.makedirs(self.folder.storage.root, exist_ok=True)
-            self._fd = os.open(self.folder.storage.path(".lock-record"), os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for milliseconds: waiting is right here
+            self._fd = _open_lock_file(self.folder.storage, ".lock-record")
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for milliseconds: waiting is right here
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _open_lock_file(storage: RunStorage, name: str) -> int | None:
+    """A lock file of the folder, never through a link (a planted ``.lock -> /etc/...`` would be truncated).
+
+    In a folder this process cannot write (a read-only filesystem, another user's folder) the lock is
+    taken on the existing file opened for reading, or not at all when there is none: nothing can be
+    written there anyway, and a run with nothing to do (a no-op resume) still works.
+    """
+    path = storage.path(name)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise RunError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); mlmfilter never writes through a link "
+                f"inside {storage.root}: remove it"
+            ) from None
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        log.debug("%s cannot be written: running without its lock", storage.root)
+        return None
+
+
+# -- records --------------------------------------------------------------------------------------
+
+
+def read_yaml_record(storage: RunStorage, rel: str, what: str) -> dict[str, Any]:
+    """A YAML mapping of the folder; anything else (empty, invalid, tags, a folder) is a RunError naming the file."""
+    text = _read_record_text(storage, rel, what)
+    try:
+        record = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())[:300]
+        raise RunError(f"{storage.path(rel)} is not {what}: invalid YAML ({problem}); restore it") from None
+    if not isinstance(record, dict):
+        found = "empty" if record is None else f"a {type(record).__name__}, not a mapping"
+        raise RunError(f"{storage.path(rel)} is not {what}: it is {found}; restore it")
+    return record
+
+
+def read_json_record(storage: RunStorage, rel: str, what: str) -> dict[str, Any]:
+    """A JSON object of the folder; anything else is a RunError naming the file."""
+    text = _read_record_text(storage, rel, what)
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        raise RunError(f"{storage.path(rel)} is not {what}: invalid JSON ({exc}); restore or remove it") from None
+    if not isinstance(record, dict):
+        raise RunError(f"{storage.path(rel)} is not {what}: a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _read_record_text(storage: RunStorage, rel: str, what: str) -> str:
+    if storage.is_dir(rel):
+        raise RunError(f"{storage.path(rel)} is a folder, not {what}; remove it")
+    try:
+        return storage.read_text(rel)
+    except UnicodeDecodeError:
+        raise RunError(f"{storage.path(rel)} is not {what}: not UTF-8 text; restore it") from None
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -545,6 +700,17 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed_keys(a, b, f"{prefix}{i}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def _without_model_spelling(identity: Any) -> Any:
+    """``identity`` less the name a local model folder was given where its content hash is recorded
+    beside it (``model: ./m`` and ``model: m/`` with the same ``content_hash`` are one model)."""
+    if isinstance(identity, dict):
+        local = "content_hash" in identity
+        return {k: _without_model_spelling(v) for k, v in identity.items() if not (local and k == "model")}
+    if isinstance(identity, list):
+        return [_without_model_spelling(v) for v in identity]
+    return identity
 
 
 def _describe(identity: Mapping[str, Any]) -> str:

@@ -98,8 +98,10 @@ def run_stage(
 ) -> StageSummary:
     """Run ``stage`` on ``sources`` (new ones are added to the run) or on all of the run's sources.
 
-    ``partition="i/N"``: this job is one of N scoring disjoint shards into the same folder at once
-    (the sources passed are already its share, see :func:`partition_sources`).
+    ``partition="i/N"``: this job is one of N scoring disjoint shards into the same folder at once.
+    It registers every source (so the run's completeness counts the shares of jobs that never ran)
+    and runs its share (:func:`partition_sources`); a job of another N is refused while the stage
+    has shards left.
     """
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     executor = executor or LocalExecutor()
@@ -116,17 +118,19 @@ def run_stage(
             read = dict(record.get("read") or {})
         else:
             read = dict(read_options or {})
-            registered = folder.open(inputs, list(sources), read)
+            partitions = (stage.name, parse_partition(partition)[1]) if partition is not None else None
+            registered = folder.open(inputs, list(sources), read, partitions=partitions)
+            if partition is not None:
+                registered = partition_sources(registered, partition)
         stage_folder = folder.stage(stage.name)
         stage_folder.create()
-        fingerprint = stage.fingerprint()
-        stage_folder.check_or_write_settings(
+        fingerprint = stage_folder.check_or_write_settings(
             {
                 "kind": stage.kind,
                 "name": stage.name,
                 "options": stage.options.model_dump(mode="json"),
                 "identity": stage.identity(),
-                "fingerprint": fingerprint,
+                "fingerprint": stage.fingerprint(),
                 "created": now_iso(),
             }
         )
@@ -212,14 +216,13 @@ def write_tables(
         stage_folder = folder.stage(stage_name)
         stage_folder.create()
         identity = identity or {"kind": "imported", "stage": stage_name}
-        fingerprint = fingerprint_of(identity)
-        stage_folder.check_or_write_settings(
+        fingerprint = stage_folder.check_or_write_settings(
             {
                 "kind": identity.get("kind", "imported"),
                 "name": stage_name,
                 "options": {},
                 "identity": identity,
-                "fingerprint": fingerprint,
+                "fingerprint": fingerprint_of(identity),
                 "created": now_iso(),
             }
         )

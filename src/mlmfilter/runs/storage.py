@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlmfilter.core.locations import is_local_filesystem, location_of
-from mlmfilter.io.writers import atomic_write, atomic_write_parquet
+from mlmfilter.io.writers import atomic_write, atomic_write_parquet, refuse_links_below
 
 
 class RunStorage:
@@ -39,9 +39,21 @@ class RunStorage:
         """The OS path of ``rel`` on a local run folder; None on object storage."""
         return self.path(rel) if self.is_local else None
 
+    def writable_path(self, rel: str, *, final: bool = False) -> str:
+        """The OS path of ``rel`` to write to, refused (LinkedPathError) when a folder on the way below
+        the root is a symbolic link: a received run folder never makes us write outside it. ``final``
+        checks ``rel`` itself too (files opened in place, not replaced)."""
+        path = self.path(rel)
+        if self.is_local:
+            refuse_links_below(self.root, path, final=final)
+        return path
+
     # -- reading ----------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
+
+    def is_dir(self, rel: str) -> bool:
+        return self.fs.isdir(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -81,19 +93,19 @@ class RunStorage:
     # -- writing ----------------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
         if self.is_local:
-            os.makedirs(self.path(rel), exist_ok=True)
+            os.makedirs(self.writable_path(rel, final=True), exist_ok=True)
         # object stores have no directories: a prefix exists once an object is under it
 
     def write_bytes(self, rel: str, data: bytes | str) -> None:
         data = data.encode("utf-8") if isinstance(data, str) else data
         if self.is_local:
-            atomic_write(self.path(rel), data)
+            atomic_write(self.writable_path(rel), data)
         else:
             self.fs.pipe_file(self.path(rel), data)
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
         if self.is_local:
-            atomic_write_parquet(table, self.path(rel))
+            atomic_write_parquet(table, self.writable_path(rel))
             return
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
@@ -101,10 +113,10 @@ class RunStorage:
 
     def remove(self, rel: str) -> None:
         try:
-            self.fs.rm_file(self.path(rel))
+            self.fs.rm_file(self.writable_path(rel))
         except FileNotFoundError:
             pass
 
     def remove_tree(self, rel: str) -> None:
         if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
+            self.fs.rm(self.writable_path(rel, final=True), recursive=True)

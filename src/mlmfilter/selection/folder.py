@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mlmfilter.io.uid import sort_halves
-from mlmfilter.io.writers import atomic_write_json
+from mlmfilter.io.writers import atomic_write_json, join_location, refuse_links_below, remote_location
 from mlmfilter.runs.folder import RUN_FILE
 
 SUBSET_FILE, KEPT_FILE, SUMMARY_FILE = "uids.npy", "kept.parquet", "selection.json"
@@ -49,33 +49,47 @@ class SelectionFolder:
     def __repr__(self) -> str:
         return f"SelectionFolder({self.url!r})"
 
-    # -- writing (a local folder) -----------------------------------------------------------------
+    # -- writing (each file atomically; on object storage one whole PUT each) ---------------------
     @property
-    def path(self) -> Path:
-        return Path(self.url)
+    def is_local(self) -> bool:
+        return remote_location(self.url) is None
 
     @property
-    def subset_path(self) -> Path:
-        return self.path / SUBSET_FILE
+    def path(self) -> Path | str:
+        """The folder: a Path when local, its URL on object storage."""
+        return join_location(self.url)
 
     @property
-    def kept_path(self) -> Path:
-        return self.path / KEPT_FILE
+    def subset_path(self) -> Path | str:
+        return join_location(self.url, SUBSET_FILE)
 
     @property
-    def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
+    def kept_path(self) -> Path | str:
+        return join_location(self.url, KEPT_FILE)
 
-    def paths(self) -> dict[str, Path]:
+    @property
+    def summary_path(self) -> Path | str:
+        return join_location(self.url, SUMMARY_FILE)
+
+    def paths(self) -> dict[str, Path | str]:
         """What a selection writes, by role (selection.json lists them)."""
         return {"subset": self.subset_path, "kept": self.kept_path, "summary": self.summary_path}
 
     def run_dir_relative(self, run_dir: Path | str) -> str | None:
-        """The run's path from this folder (None for a run on object storage): a selection inside
+        """The run's path from this folder (None when either is on object storage): a selection inside
         its run folder finds the run again wherever the two are moved together."""
-        if "://" in str(run_dir):
+        if "://" in str(run_dir) or not self.is_local:
             return None
         return os.path.relpath(os.path.abspath(run_dir), os.path.abspath(self.path))
+
+    def check_writable(self) -> None:
+        """A selection folder inside a run folder (``RUN/selection``) is never written through a
+        link: a received run folder must not make ``select`` write elsewhere (LinkedPathError)."""
+        if "://" in self.url:
+            return
+        parent = os.path.dirname(os.path.abspath(self.url))
+        if os.path.exists(os.path.join(parent, RUN_FILE)):
+            refuse_links_below(parent, self.url, final=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """selection.json, written last: a folder whose summary is there holds a whole selection."""
@@ -109,8 +123,8 @@ class SelectionFolder:
         """The run the selection was made from: beside it if the two moved together, else where it was."""
         info = self.summary()
         relative = info.get("run_dir_relative")
-        if relative and "://" not in self.url and (self.path / relative / RUN_FILE).exists():
-            return str((self.path / relative).resolve())
+        if relative and self.is_local and (Path(self.path) / relative / RUN_FILE).exists():
+            return str((Path(self.path) / relative).resolve())
         run_dir = info.get("run_dir") or info.get("arguments", {}).get("run_dir")
         if not run_dir:
             raise ValueError(f"{self._shown(SUMMARY_FILE)} does not name the run it selected from")

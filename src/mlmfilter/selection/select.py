@@ -70,7 +70,7 @@ _PASSED, _QUALIFIES = "__passed", "__qualifies"
 @dataclass
 class SelectionResult:
     run_dir: Path | str
-    output_dir: Path
+    output_dir: Path | str
     read: int  # every row of the run: the pool
     scored: int  # rows without an error
     errors: Counter  # error reason -> rows
@@ -81,7 +81,7 @@ class SelectionResult:
     threshold: dict[str, Any] | None  # the last kept row of a top fraction, and the ties around it
     notes: list[str]
     arguments: dict[str, Any]
-    paths: dict[str, Path]
+    paths: dict[str, Path | str]
     passes: int  # streaming reads of the score files
     seconds: float
     files: int = 0
@@ -175,8 +175,9 @@ def select_run(
     it). ``intersect`` / ``union``: external uid lists (``.npy``), applied after the selection.
     """
     started = time.perf_counter()
-    output_dir = Path(output_dir)
     folder = SelectionFolder(output_dir)
+    output_dir = folder.path  # a Path, or the URL of a folder on object storage
+    folder.check_writable()
     specs = _run_specs(run_dir)
     stages = _stages(specs, stage)
     if len(stages) > 1:  # stages of one run, joined on uid (a cascade: score, then judge)
@@ -533,7 +534,11 @@ class _KeptOutputs:
         schema = tables.schema
         self.kept_path, self.subset_path = folder.kept_path, folder.subset_path
         self.file = AtomicFile(self.kept_path)  # creates output_dir
-        self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
+        try:  # writes the header: a full disk fails here already
+            self.writer = pq.ParquetWriter(str(self.file.tmp_path), pa.schema([schema.field(c) for c in columns]))
+        except BaseException:
+            self.file.abort()
+            raise
         self.subset = SubsetAccumulator()
         self.rows = self.unique_uids = self.selected = 0
 
@@ -565,7 +570,13 @@ class _KeptOutputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()  # writes the footer: fails again on a full disk
+        except BaseException:
+            self.file.abort()
+            if exc_type is None:
+                raise
+            return
         if exc_type is not None:
             self.file.abort()
             return

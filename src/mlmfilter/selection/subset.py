@@ -83,17 +83,22 @@ def read_uid_list(path: str | os.PathLike) -> np.ndarray:
     array of 32-hex-character uid strings (``<U32`` or ``S32``). Anything else is refused with
     one line naming the file: object arrays (pickles) are never loaded.
     """
-    path = Path(path)
-    if not path.is_file():
+    import io
+
+    import fsspec
+
+    fs, where = fsspec.core.url_to_fs(os.fspath(path))  # a local path or any fsspec URL, taken as given
+    path = os.fspath(path)
+    if not fs.isfile(where):
         raise FileNotFoundError(f"uid list {path} does not exist")
-    with open(path, "rb") as fh:
-        magic = fh.read(6)
+    data = fs.cat_file(where)
+    magic = data[:6]
     if magic[:2] == b"PK":
         raise ValueError(f"uid list {path} is an .npz archive, not one array; {_UID_LIST_FORMATS}")
     if magic != b"\x93NUMPY":  # np.load would try to unpickle it
         raise ValueError(f"uid list {path} is not a .npy file; {_UID_LIST_FORMATS}")
     try:
-        values = np.load(path, allow_pickle=False)
+        values = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:  # object arrays, a damaged header
         reason = "it holds Python objects (a pickle)" if "allow_pickle" in str(exc) else str(exc)
         raise ValueError(f"uid list {path} cannot be read: {reason}; {_UID_LIST_FORMATS}") from None
@@ -105,7 +110,7 @@ def read_uid_list(path: str | os.PathLike) -> np.ndarray:
 _UID_LIST_FORMATS = "expected a DataComp subset (.npy of dtype u8,u8) or an array of 32-hex-character uid strings"
 
 
-def _as_halves(values: np.ndarray, path: Path) -> np.ndarray:
+def _as_halves(values: np.ndarray, path: str | Path) -> np.ndarray:
     dtype = values.dtype
     fields = dtype.names or ()
     if len(fields) == 2 and all(dtype[f].kind == "u" and dtype[f].itemsize == 8 for f in fields) and values.ndim == 1:

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.core.locations import local_path
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.writers import atomic_write, atomic_write_json
 from mlmfilter.judge.prompts import SHORT_TO_LONG
@@ -106,7 +107,7 @@ def export(
     card: dict[str, Any],
     rewrites: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    out = Path(out_dir)
+    out = local_path(out_dir, "the export folder", "it holds the images the instruction records name")
     (out / options.image_folder).mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     written: set[str] = set()

@@ -43,6 +43,7 @@ from mlmfilter.clients.cache import RequestCache
 from mlmfilter.clients.chat import ChatClient, ClientOptions
 from mlmfilter.clients.credentials import resolve_api_key
 from mlmfilter.core.errors import Interrupted
+from mlmfilter.core.locations import local_path
 from mlmfilter.core.sample import Sample
 from mlmfilter.core.stats import ShardStats
 from mlmfilter.io.sources import expand_inputs
@@ -76,7 +77,7 @@ class TeachRunFailed(RuntimeError):
 
 class TeachFolder:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = local_path(path, "a teach folder", "it holds a sqlite request cache and the images it exports")
 
     # -- files ------------------------------------------------------------------------------------
     @property
@@ -387,7 +388,7 @@ class TeachFolder:
         model, so the describer's requests (text mode) go to files of their own, ``<stem>-<model>-NNNNN``."""
         labeler = Labeler(options, client)
         limits = {k: v for k, v in (("max_requests", max_requests), ("max_bytes", max_bytes)) if v is not None}
-        path = Path(path or self.path / "batch" / "requests.jsonl")
+        path = local_path(path, "--batch-file") if path else self.path / "batch" / "requests.jsonl"
         writers: dict[str, BatchFileWriter] = {}
         try:
             requests = labeler.plan(self.pairs())
@@ -411,6 +412,7 @@ class TeachFolder:
         return [f for writer in writers.values() for f in writer.files]
 
     def collect(self, outputs: Sequence[str | Path]) -> dict[str, Any]:
+        outputs = [local_path(output, "a Batch API output file") for output in outputs]
         cache = RequestCache(self.cache_path)
         try:
             return ingest_batch_output(outputs, cache).as_dict()

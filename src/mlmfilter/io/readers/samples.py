@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from mlmfilter.core import errors
 from mlmfilter.core.sample import Sample
 from mlmfilter.io.readers.options import ReadOptions
-from mlmfilter.io.sources import ShardSource, shard_basename
+from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import derive_uid, normalize_uid
 
 TRUNCATED_KEY_PREFIX = "__truncated__@"
@@ -29,7 +29,7 @@ class SampleBuilder:
 
     def __init__(self, source: ShardSource, options: ReadOptions):
         self.source = source
-        self.shard_name = shard_basename(source.url)
+        self.shard_name = source.uid_name  # the file name (with its id where another shard has that name)
         self.options = options
 
     def uid_for(self, key: str, candidate: Any = None) -> str:

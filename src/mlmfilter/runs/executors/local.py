@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Sequence
 
-from mlmfilter.core.processes import worker_initializer
+from mlmfilter.core.processes import children_ignore_sigint, worker_initializer
 from mlmfilter.runs.executors import ExecutionReport
 from mlmfilter.runs.executors.worker import ShardResult, Worker, visible_devices, worker_devices
 from mlmfilter.runs.progress import RunProgress
@@ -157,7 +157,8 @@ class LocalExecutor:
                 )
                 finished = False
                 try:
-                    pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}
+                    with children_ignore_sigint():  # the pool starts its processes on these submits
+                        pending = {pool.submit(_run_in_worker, task, fingerprint): task for task in todo}
                     while pending:
                         done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                         self._drain(progress_queue, progress)

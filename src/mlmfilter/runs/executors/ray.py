@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlmfilter.core.reaper import start_reaper, stop_reaper
 from mlmfilter.runs.executors import ExecutionReport
 from mlmfilter.runs.executors.worker import ShardResult, Worker, failure_line
 from mlmfilter.runs.progress import RunProgress
@@ -44,6 +45,19 @@ class RayOptions(BaseModel):
     num_gpus: float = Field(0.0, ge=0)  # per actor: 1 gives each actor its own GPU
     max_retries: int = Field(2, ge=0)  # resubmissions of a shard whose actor or node was lost
     local_num_cpus: int | None = Field(None, ge=1)  # CPUs of a local Ray (None: all of this machine)
+
+
+def _reap_local_ray(ray: Any):
+    """A watcher that ends the local Ray's processes (GCS, raylet, their agents and workers) if this
+    driver dies without shutting Ray down (SIGKILL): Ray's agents would outlive it."""
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)
+    try:
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    except Exception:  # Ray's internals moved: no watcher, as before
+        log.debug("no process list of the local Ray to watch", exc_info=True)
+        return None
+    return start_reaper(roots)
 
 
 def _retriable_errors() -> tuple[type[BaseException], ...]:
@@ -131,6 +145,7 @@ class RayExecutor:
         import ray
 
         started_ray = self._connect(ray)
+        reaper = _reap_local_ray(ray) if started_ray else None
         actors: list[Any] = []
         try:
             self._run_pool(ray, list(tasks), stage, fingerprint, progress, report, actors)
@@ -140,6 +155,7 @@ class RayExecutor:
             self._stop(ray, actors)
             if started_ray:
                 ray.shutdown()
+                stop_reaper(reaper)
         report.seconds = time.perf_counter() - started
         return report
 

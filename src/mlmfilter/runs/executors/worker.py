@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 
 from mlmfilter.core.stats import Stopwatch
-from mlmfilter.runs.folder import RunFolder, now_iso
+from mlmfilter.runs.folder import LOGS_DIR, RunFolder, now_iso
 from mlmfilter.runs.stage import ProgressCallback, Stage, StageSpec, StageTask
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,9 @@ def attach_log_file(folder: RunFolder, name: str) -> logging.Handler | None:
     logs_dir = folder.logs_dir()
     if logs_dir is None:
         return None
-    os.makedirs(logs_dir, exist_ok=True)
-    handler = _RunLogHandler(os.path.join(logs_dir, f"{name}.log"), encoding="utf-8")
+    folder.storage.makedirs(LOGS_DIR)
+    path = folder.storage.writable_path(f"{LOGS_DIR}/{name}.log", final=True)  # appended to: never through a link
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
