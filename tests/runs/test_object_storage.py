@@ -52,8 +52,9 @@ def s3_endpoint():
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
         fs.mkdir(BUCKET)
         yield fs
-        fsspec.config.conf.clear()
-        fsspec.config.set_conf_env(fsspec.config.conf)
+    # read the environment again once it is restored: later tests must not reach this (stopped) server
+    fsspec.config.conf.clear()
+    fsspec.config.set_conf_env(fsspec.config.conf)
     server.stop()
 
 

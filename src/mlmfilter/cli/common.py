@@ -66,7 +66,7 @@ def user_errors() -> Iterator[None]:
             errno.EDQUOT,
         ):  # the machine's, not the user's: the run resumes once there is room
             where = f" ({exc.filename})" if exc.filename else ""
-            print_error(f"no space left on the device{where}: free some and re-run the same command to resume")
+            print_error(f"No space left on device{where}: free some space and re-run the same command to resume")
         else:
             print_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         raise typer.Exit(1) from exc

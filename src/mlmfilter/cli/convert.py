@@ -10,6 +10,9 @@ import typer
 
 from mlmfilter.cli.common import console, print_json, setup_logging, user_errors
 
+#: why a converted model is a local folder (transformers loads it from one)
+LOCAL_MODEL_REASON = "transformers loads a model from a local folder"
+
 
 def convert_log_path(dst: Path) -> Path:
     """The converted folder holds the model's files only (its content hash is its identity): the log
@@ -37,10 +40,12 @@ def register(app: typer.Typer) -> None:
         """Convert a released MLM-Filter judge or AITQE from its original layout (detected from config.json)."""
         from mlmfilter import api
         from mlmfilter.cli.quiet import library_log
+        from mlmfilter.core.locations import local_path
         from mlmfilter.judge.registry import identify, read_config
 
         setup_logging(verbose)
-        log_path = convert_log_path(dst)
+        with user_errors():  # refused before anything is written (its log lies beside it)
+            log_path = convert_log_path(local_path(dst, "the converted model folder", LOCAL_MODEL_REASON))
         with user_errors(), library_log(log_path, verbose):
             layout, out = api.convert_checkpoint(src, dst, dtype=dtype, vision_tower=vision_tower)
             judge = identify(read_config(str(out)) or {})
