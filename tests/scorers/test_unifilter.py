@@ -128,6 +128,29 @@ def test_an_empty_caption_is_an_error_row_and_the_rest_are_scored(checkpoint, pa
     assert [rows[0]["unifilter_score"], rows[2]["unifilter_score"]] == pytest.approx(reference, abs=TOL, rel=0)
 
 
+def test_a_checkpoint_saved_as_pytorch_bin_scores_the_same(checkpoint, pairs, tmp_path):
+    """Older saves hold pytorch_model.bin: read with torch.load(weights_only=True), the same scores."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-checkpoint"
+    shutil.copytree(checkpoint["src"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    scorer = build_scorer("unifilter", {**options(checkpoint), "model": str(folder)})
+    samples = [
+        Sample(key=str(i), uid=str(i), shard="s", image_bytes=jpeg, caption=text)
+        for i, (jpeg, text) in enumerate(pairs[:2])
+    ]
+    for sample in samples:
+        decode_sample(sample, DecodeSpec(shorter_side=scorer.image_size))
+    reference = [reference_score(checkpoint, pilrgb(jpeg), text, True) for jpeg, text in pairs[:2]]
+    assert [row["unifilter_score"] for row in scorer.score(samples)] == pytest.approx(reference, abs=TOL, rel=0)
+
+
 # -- by hub id, from the Hugging Face cache, offline -------------------------------------------------
 
 REPO, COMMIT = "tiny-org/UniFilter-Tiny", "0123456789abcdef0123456789abcdef01234567"

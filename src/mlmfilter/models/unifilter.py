@@ -32,6 +32,7 @@ import glob
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,6 @@ from mlmfilter.models.common import (
     dtype_name,
     library_versions,
     model_source,
-    refuse_pickle_only_folder,
     resolve_device,
     resolve_dtype,
     safe_pretrained_kwargs,
@@ -58,7 +58,7 @@ from mlmfilter.models.common import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "weizhiwang/UniFilter-Qwen2.5-1.5B"
-#: the files a checkpoint or a tower is read from (its weights as safetensors: never unpickled)
+#: the files of a checkpoint fetched from the hub (weights: safetensors; .bin shards only where there are none)
 _FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 #: config.json fields of LLaVA's wrapper and the classifier, not of the language model
 _WRAPPER_FIELDS = re.compile(
@@ -416,37 +416,53 @@ def checkpoint_folder(name: str, revision: str | None = None) -> Path:
 
     log.info("%s: weights and tokenizer from the Hugging Face cache (what it lacks is downloaded)", name)
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=_FILES))
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=_FILES))
+        if not glob.glob(str(folder / "model*.safetensors")):  # an older save: .bin shards only
+            folder = Path(snapshot_download(name, revision=revision, allow_patterns=["pytorch_model*.bin*"]))
+        return folder
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, no access: one clear line
         raise ModelUnavailableError(unavailable_message(name, exc)) from exc
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    refuse_pickle_only_folder(str(folder))
-    files = sorted(Path(p) for p in glob.glob(str(folder / "model*.safetensors")))
-    if not files:
-        raise ValueError(f"{folder} holds no model*.safetensors weights")
-    return files
+    """model*.safetensors; else pytorch_model*.bin (read with ``torch.load(weights_only=True)``)."""
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        files = sorted(Path(p) for p in glob.glob(str(folder / pattern)))
+        if files:
+            return files
+    raise ValueError(f"{folder} holds no model*.safetensors or pytorch_model*.bin weights")
+
+
+def _tensors(weight_file: Path):
+    if weight_file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weight_file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+        return
+    try:  # tensors and plain containers only: a pickle that would call anything is refused
+        state = torch.load(weight_file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{weight_file} holds more than tensors; refused by torch.load(weights_only=True)") from exc
+    yield from state.items()
 
 
 def _split_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """(language model, projector, score head) tensors, renamed for their modules; the tower copy is skipped."""
-    from safetensors import safe_open
-
     text, projector, head = {}, {}, None
     for weight_file in _weight_files(folder):
-        with safe_open(str(weight_file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                if _SKIPPED.search(key):
-                    continue
-                if key.startswith("model.mm_projector."):
-                    projector[key[len("model.mm_projector.") :]] = handle.get_tensor(key)
-                elif key == "score.weight":
-                    head = handle.get_tensor(key)
-                elif key.startswith("model."):
-                    text[key[len("model.") :]] = handle.get_tensor(key)
-                else:
-                    raise ValueError(f"{weight_file}: unexpected tensor {key!r} in a UniFilter checkpoint")
+        for key, tensor in _tensors(weight_file):
+            if _SKIPPED.search(key):
+                continue
+            if key.startswith("model.mm_projector."):
+                projector[key[len("model.mm_projector.") :]] = tensor
+            elif key == "score.weight":
+                head = tensor
+            elif key.startswith("model."):
+                text[key[len("model.") :]] = tensor
+            else:
+                raise ValueError(f"{weight_file}: unexpected tensor {key!r} in a UniFilter checkpoint")
     if head is None:
         raise ValueError(f"{folder} has no score.weight: not a UniFilter classifier (no score head)")
     if not projector:
