@@ -4,8 +4,8 @@ UniFilter (Victorwz/UniFilter, arXiv 2510.15162; ``weizhiwang/UniFilter-Qwen2.5-
 ``weizhiwang/UniFilter-Qwen3-0.6B``) is a LLaVA-Unified model whose language-model head is replaced
 by a linear score head read at the last token: one forward per pair, one float, nothing generated.
 There is no prompt template and no conversation format. What the released caption scorer
-(``data_scoring/data_quality_classifier_caption_scoring.py``) and the training dataset
-(``LazySupervisedClassificationDataset``) both do with a caption:
+(``data_scoring/data_quality_classifier_caption_scoring.py``) does with a caption (the training
+dataset, ``LazySupervisedClassificationDataset``, tokenises its text field the same way):
 
 * the text is ``"<image>\\n" + caption``, a literal ``<image>`` inside the caption written ``image``;
 * it is tokenised in pieces around the placeholder (LLaVA's ``tokenizer_image_token``: a BOS the

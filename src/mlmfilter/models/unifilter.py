@@ -57,7 +57,6 @@ from mlmfilter.models.common import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "weizhiwang/UniFilter-Qwen2.5-1.5B"
 #: the files of a checkpoint fetched from the hub (weights: safetensors; .bin shards only where there are none)
 _FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 #: config.json fields of LLaVA's wrapper and the classifier, not of the language model
@@ -81,7 +80,7 @@ class PixelSettings:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resample: int  # PIL resampling filter
-    source: str  # the file these came from, or "SigLIP defaults"
+    source: str  # "preprocessor_config.json" (the tower's), or "SigLIP defaults" (it has none)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -202,7 +201,7 @@ def _pixel_settings(tower: str, tower_config: Any) -> PixelSettings:
     try:
         path = _fetch(tower, "preprocessor_config.json", None)
         settings = json.loads(path.read_text(encoding="utf-8"))
-        source = str(path)
+        source = "preprocessor_config.json"
     except (OSError, ValueError):
         log.warning("no preprocessor_config.json for the vision tower %s: SigLIP's defaults at %d px", tower, side)
         settings, source = dict(_SIGLIP_DEFAULTS), "SigLIP defaults"
@@ -497,7 +496,7 @@ def _backbone(spec: UniFilterSpec, state: dict[str, torch.Tensor], dtype: torch.
 
 
 def load_unifilter(
-    name: str = DEFAULT_MODEL,
+    name: str,
     device: str = "auto",
     dtype: str = "auto",
     revision: str | None = None,
