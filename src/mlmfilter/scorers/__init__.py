@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "mlm": "mlmfilter.scorers.mlm:MLMScorer",
     "ocr": "mlmfilter.scorers.ocr:OcrScorer",
     "aitqe": "mlmfilter.scorers.aitqe:AITQEScorer",
+    "unifilter": "mlmfilter.scorers.unifilter:UniFilterScorer",
 }
 
 
