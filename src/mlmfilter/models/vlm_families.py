@@ -59,7 +59,7 @@ class VlmFamily:
         """
         if self.dynamic_resolution:
             return image_size
-        return max(EXACT_DECODE_FACTOR * image_size, EXACT_DECODE_FLOOR)
+        return exact_decode_side(image_size)
 
     def default_pixel_budget(self, image_processor: Any) -> int | None:
         """Images above this many pixels are downscaled (aspect kept) before the processor sees them."""
@@ -75,6 +75,12 @@ class VlmFamily:
 EXACT_DECODE_FACTOR = 4
 #: ... and at least this many pixels on the shorter side (tiny test towers: real photos stay whole)
 EXACT_DECODE_FLOOR = 1024
+
+
+def exact_decode_side(image_size: int) -> int:
+    """The shorter side to decode to for a fixed-size processor of ``image_size``: its resize is the only one."""
+    return max(EXACT_DECODE_FACTOR * image_size, EXACT_DECODE_FLOOR)
+
 
 #: 1280 merged 28x28 tokens, the budget Qwen2-VL's model card suggests for memory
 QWEN2_VL_DEFAULT_MAX_PIXELS = 1280 * 28 * 28

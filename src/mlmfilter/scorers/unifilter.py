@@ -31,14 +31,11 @@ from mlmfilter.judge.unifilter import (
     score_definition,
     split_on_image,
 )
+from mlmfilter.models.vlm_families import exact_decode_side
 from mlmfilter.scorers.base import ScoreFailure, Scorer, ScorerOptions
 
 DEFAULT_MODEL = "weizhiwang/UniFilter-Qwen2.5-1.5B"
 SCORE_COLUMN = "unifilter_score"
-#: images reach a fixed-size processor whole up to this multiple of its size on the shorter side, and at
-#: least this many pixels (DEVELOPERS.md "Released judges: one resize"): its resize is the only one
-EXACT_DECODE_FACTOR = 4
-EXACT_DECODE_FLOOR = 1024
 
 
 class UniFilterOptions(ScorerOptions):
@@ -79,7 +76,7 @@ class UniFilterScorer(Scorer):
     @property
     def image_size(self) -> int:  # type: ignore[override]
         """Shorter side to decode to: the whole image up to 4x the tower's size (config files only)."""
-        return max(EXACT_DECODE_FACTOR * self._spec().pixels.side, EXACT_DECODE_FLOOR)
+        return exact_decode_side(self._spec().pixels.side)  # DEVELOPERS.md "Released judges: one resize"
 
     def wants_gpu(self) -> bool:
         from mlmfilter.models.common import may_use_gpu
