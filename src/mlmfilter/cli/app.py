@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mlmfilter.cli import convert, demo, enhance, evaluate, report, reshard, score, select, teach, train
+from mlmfilter.cli import convert, demo, enhance, evaluate, plan, report, reshard, score, select, teach, train
 from mlmfilter.cli.common import plain_type_labels
 
 plain_type_labels()  # metavars in --help, not Python type tags
@@ -42,6 +42,8 @@ app.command()(score.score)
 app.command()(select.select)
 app.command()(reshard.reshard)
 app.command()(demo.demo)
+app.command("plan")(plan.plan)
+app.command("verify")(plan.verify)
 app.command("scorers")(score.list_scorers)
 app.command("report")(report.report)
 app.command("inspect")(report.inspect)

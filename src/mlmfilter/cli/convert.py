@@ -97,7 +97,8 @@ def register(app: typer.Typer) -> None:
         console.print_json(
             json.dumps(
                 {
-                    k: v.describe("trained") | {"released_script_settings": v.released_script.as_dict()}
+                    k: v.describe("trained")
+                    | {"released_script_settings": v.released_script.as_dict(), "vision_tower": v.vision_tower}
                     for k, v in REGISTRY.items()
                 }
             )

@@ -41,6 +41,7 @@ from mlmfilter.convert.original import (
 
 # conv_vicuna_v1: the format LLaVA-1.5 (and the MLM-Filter LLaVA judges) were trained on
 from mlmfilter.judge.conversations import VICUNA_V1
+from mlmfilter.judge.registry import SOURCE_KEY, identifying_fields
 from mlmfilter.models.common import safe_pretrained_kwargs, safe_weights_kwargs
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ def convert_llava_checkpoint(
     resize, image_token_id = _extend_vocabulary(tokenizer, text_config)
     config = _llava_config(checkpoint, text_config, tower, image_token_id, shapes)
     config.dtype = target_dtype
+    # the fields the judge registry identifies the released 13B judges by (as the other converters keep them)
+    setattr(config, SOURCE_KEY, identifying_fields(checkpoint.config))
 
     out = Path(dst).expanduser()
     out.mkdir(parents=True, exist_ok=True)
