@@ -280,3 +280,26 @@ def test_vllm_is_fed_the_converted_llava_folder(tmp_path, hub, monkeypatch):
     assert scorer.backend.conversation == "vicuna_v1"  # as the 13B judge was trained
     assert scorer.provenance()["model"]["converted"]["repo"] == LLAVA13_ID
     scorer.close()
+
+
+# -- plan -----------------------------------------------------------------------------------------------
+
+
+def test_plan_of_a_released_judge_counts_the_same_tokens_before_and_after_conversion(tmp_path, hub, shards):
+    """Before: the original checkpoint's tokenizer and the registry's image tokens (nothing converted, no
+    weights fetched); after: the converted judge's processor on the real images. The same counts."""
+    from mlmfilter.convert.cache import converted_judge
+
+    def plan():
+        result = cli("plan", shards, "--scorer", "mlm", "--model", QWEN_ID, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["scorers"][0]
+
+    before = plan()
+    assert entries(tmp_path) == []  # planning converts nothing
+    assert "own tokenizer" in before["tokens_from"] and "4 image tokens" in before["tokens_from"]
+    converted_judge(QWEN_ID)
+    after = plan()
+    assert after["tokens_from"].startswith("exact:") and "processor" in after["tokens_from"]
+    assert after["llm_tokens_per_metric_pass"] == before["llm_tokens_per_metric_pass"] > 0
+    assert after["llm_tokens"] == before["llm_tokens"] < before["llm_tokens_per_metric_pass"]

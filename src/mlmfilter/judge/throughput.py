@@ -118,10 +118,22 @@ def transformer_size(config: Mapping[str, Any], gated_mlp: bool = True) -> Trans
     return TransformerSize(float(layers * (attention + mlp)), layers, hidden)
 
 
-#: released judges' towers when their config is not at hand: (params without embeddings, patches)
+def _tower(hidden: int, layers: int, inner: int, heads: int) -> TransformerSize:
+    config = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inner,
+        "num_attention_heads": heads,
+    }
+    size = transformer_size(config, gated_mlp=False)
+    assert size is not None
+    return size
+
+
+#: released judges' towers (their published configs) when the config is not at hand: (size, positions)
 KNOWN_TOWERS: dict[str, tuple[TransformerSize, int]] = {
-    "google/siglip-so400m-patch14-384": (TransformerSize(4.0e8, 27, 1152), 729),
-    "openai/clip-vit-large-patch14-336": (TransformerSize(3.0e8, 24, 1024), 577),
+    "google/siglip-so400m-patch14-384": (_tower(1152, 27, 4304, 16), 729),  # 27 x 27 patches
+    "openai/clip-vit-large-patch14-336": (_tower(1024, 24, 4096, 16), 577),  # 24 x 24 patches + CLS
 }
 
 

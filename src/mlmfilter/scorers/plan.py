@@ -330,7 +330,9 @@ def _original_judge(options, config, released, template, metrics, answer_prefix)
     family = FAMILIES["llava"]
     conversation = options.conversation if options.conversation != "auto" else "vicuna_v1"
     encoder = PromptEncoder(SimpleNamespace(tokenizer=tokenizer), family, conversation, answer_prefix, None, 1 << 30)
-    image_tokens = int(judge.image_tokens if judge is not None else config.get("mm_num_image_tokens") or 576)
+    # the pooled projector's count is in its config; otherwise the registry's (576 for CLIP-L/336's patches)
+    pooled = config.get("mm_projector_type") == "aapool_mlp" and config.get("mm_num_image_tokens")
+    image_tokens = int(pooled or (judge.image_tokens if judge is not None else 576))
 
     def encode(sample):
         full = []
@@ -348,7 +350,7 @@ def _original_judge(options, config, released, template, metrics, answer_prefix)
         vision, patches = KNOWN_TOWERS[judge.vision_tower]
     return _Judge(
         encode,
-        f"exact: {options.model}'s own tokenizer, real prompts, {image_tokens} image tokens (registry)",
+        f"exact: {options.model}'s own tokenizer, real prompts, {image_tokens} image tokens",
         transformer_size(config),
         vision,
         patches,
