@@ -20,6 +20,7 @@ from tests.support.builders import flickr_shards, scores_dataset
 from tests.support.hub_cache import (
     CLIP_ID,
     SIGLIP_ID,
+    aitqe_checkpoint,
     clip_tower,
     llava15_checkpoint,
     place_in_hub_cache,
@@ -29,6 +30,7 @@ from tests.support.hub_cache import (
 
 QWEN_ID = "weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o"
 LLAVA13_ID = "weizhiwang/mlm-filter-llava-13b-gpt4v"
+AITQE_ID = "HymanH/AITQE"
 FIRST, SECOND = "1" * 40, "2" * 40  # hub commits
 runner = CliRunner()
 
@@ -47,6 +49,7 @@ def originals(tmp_path_factory, smollm2_cache_dir):
         "qwen": unified_qwen_checkpoint(root / "qwen-r1", smollm2(smollm2_cache_dir), seed=11),
         "qwen-r2": unified_qwen_checkpoint(root / "qwen-r2", smollm2(smollm2_cache_dir), seed=21),
         "llava13": llava15_checkpoint(root / "llava13", smollm2(smollm2_cache_dir)),
+        "aitqe": aitqe_checkpoint(root / "aitqe", smollm2(smollm2_cache_dir)),
         "siglip": siglip_tower(root / "siglip"),
         "clip": clip_tower(root / "clip"),
     }
@@ -60,6 +63,7 @@ def hub(tmp_path, monkeypatch, originals):
     cache = tmp_path / "hf-hub"
     place_in_hub_cache(cache, QWEN_ID, originals["qwen"], FIRST)
     place_in_hub_cache(cache, LLAVA13_ID, originals["llava13"], FIRST)
+    place_in_hub_cache(cache, AITQE_ID, originals["aitqe"], FIRST)
     place_in_hub_cache(cache, SIGLIP_ID, originals["siglip"], "5" * 40)
     place_in_hub_cache(cache, CLIP_ID, originals["clip"], "6" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -234,6 +238,27 @@ def test_offline_without_the_tower_fails_with_one_clear_line(tmp_path, hub, shar
     assert not (tmp_path / "run").exists() and entries(tmp_path) == []
 
 
+def test_aitqe_by_its_hub_id_takes_the_registrys_tower_config(tmp_path, hub, conversions, flickr_pairs):
+    """AITQE's config names the SigLIP by a path of the author's machine: the registry's hub id is used for
+    its config and preprocessing (the weights are the checkpoint's own); the scorer's default model works."""
+    from PIL import Image
+
+    from mlmfilter.core.sample import Sample
+    from mlmfilter.scorers.aitqe import AITQEOptions, AITQEScorer
+
+    scorer = AITQEScorer(AITQEOptions(device="cpu", dtype="fp32", max_new_tokens=6))
+    assert conversions == ["aitqe"] and scorer.converted.repo == AITQE_ID
+    assert scorer.converted.vision_tower == {"repo": SIGLIP_ID, "revision": "5" * 40}
+    image, caption = flickr_pairs[0]
+    sample = Sample(uid="u", shard="s", key="k", caption=caption, image=Image.open(image).convert("RGB"))
+    [row] = scorer.score([sample])
+    assert isinstance(row["aitqe_raw"], str)  # generated (random weights: no score to parse)
+    model = scorer.provenance()["model"]
+    assert model["model"] == AITQE_ID and model["converted"]["layout"] == "aitqe"
+    assert scorer.identity()["options"]["model"] == AITQE_ID
+    scorer.close()
+
+
 # -- vllm -----------------------------------------------------------------------------------------------
 
 
@@ -303,3 +328,38 @@ def test_plan_of_a_released_judge_counts_the_same_tokens_before_and_after_conver
     assert after["tokens_from"].startswith("exact:") and "processor" in after["tokens_from"]
     assert after["llm_tokens_per_metric_pass"] == before["llm_tokens_per_metric_pass"] > 0
     assert after["llm_tokens"] == before["llm_tokens"] < before["llm_tokens_per_metric_pass"]
+
+
+@pytest.mark.slow
+def test_the_command_reads_the_hub_cache_named_by_the_environment(tmp_path, originals, shards):
+    """A fresh process, configured only as a user would: HF_HUB_CACHE, HF_HUB_OFFLINE=1, MLMFILTER_CACHE."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    place_in_hub_cache(cache, QWEN_ID, originals["qwen"], FIRST)
+    place_in_hub_cache(cache, SIGLIP_ID, originals["siglip"], "5" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MLMFILTER_CACHE": str(tmp_path / "mc")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "mlmfilter.cli.app", *map(str, score_args(shards, tmp_path / "run"))]
+    done = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"]
+    assert "converted weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o" in " ".join(done.stderr.split())
+    [entry] = sorted((tmp_path / "mc").rglob("mlmfilter_conversion.json"))
+    assert entry.parent.parent.name == FIRST
+
+
+def test_offline_a_converted_judge_works_after_its_snapshot_was_deleted(tmp_path, hub, conversions):
+    import shutil
+
+    from mlmfilter.convert.cache import converted_judge
+
+    first = converted_judge(QWEN_ID)
+    storage = hub / ("models--" + QWEN_ID.replace("/", "--"))
+    shutil.rmtree(storage / "snapshots")  # `hf cache delete`-like: refs/main stays
+    shutil.rmtree(storage / "blobs")
+    again = converted_judge(QWEN_ID)
+    assert again.path == first.path and not again.converted_now and again.revision == FIRST
+    assert conversions == ["llava-unified"]

@@ -27,7 +27,7 @@ def cli(*args):
 def scored_run(tmp_path_factory, flickr_pairs, smollm2_cache_dir):
     """A run scored in batches of 4 (pairs padded together) with a tiny LLaVA, exact expected readout, fp32."""
     root = tmp_path_factory.mktemp("verify")
-    flickr_shards(flickr_pairs, root / "in", n_shards=2, per_shard=4)
+    flickr_shards(flickr_pairs, root / "in", n_shards=1, per_shard=4)
     model = str(mlm_support.tiny_model_dir("llava", smollm2_cache_dir))
     run = root / "run"
     result = cli(
@@ -40,10 +40,10 @@ def scored_run(tmp_path_factory, flickr_pairs, smollm2_cache_dir):
 
 
 def test_verify_a_run_within_its_bound(scored_run):
-    result = cli("verify", scored_run, "--sample", 5, "--json")
+    result = cli("verify", scored_run, "--sample", 3, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["ok"] and report["sampled"] == 5 and report["checks"] == ["batch_size_1", "fp32"]
+    assert report["ok"] and report["sampled"] == 3 and report["checks"] == ["batch_size_1", "fp32"]
     assert report["readout"] == "expected" and report["readout_bound"].startswith("exact")
     assert [m["metric"] for m in report["metrics"]] == ["itm", "odf"]
     for metric in report["metrics"]:
@@ -59,10 +59,10 @@ def test_a_run_whose_scores_moved_fails_with_exit_1(scored_run, tmp_path):
         table = pq.read_table(table_file)
         itm = pa.compute.add(table["itm"], pa.scalar(5.0, pa.float32()))
         pq.write_table(table.set_column(table.schema.get_field_index("itm"), "itm", itm), table_file)
-    result = cli("verify", run, "--sample", 3)
+    result = cli("verify", run, "--sample", 2, "--json")
     assert result.exit_code == 1, result.output
-    assert "NO" in result.output and "moved beyond its bound" in result.output
-    report = json.loads(cli("verify", run, "--sample", 3, "--json").stdout)
+    report = json.loads(result.stdout)
+    assert not report["ok"]
     itm, odf = report["metrics"]
     assert not itm["ok"] and itm["differences"]["batch_size_1"] == pytest.approx(5.0, abs=1e-3) and odf["ok"]
 
@@ -72,14 +72,15 @@ def test_verify_on_a_second_backend(scored_run, monkeypatch):
     from mlmfilter import backends
 
     monkeypatch.setitem(backends.BACKENDS, "brightness", "tests.backends.brightness_judge:INFO")
-    result = cli("verify", scored_run, "--sample", 3, "--backend", "brightness", "--json")
-    assert result.exit_code == 1
+    result = cli("verify", scored_run, "--sample", 2, "--backend", "brightness", "--json")
+    assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["checks"] == ["batch_size_1", "fp32", "backend"]
     assert all(m["differences"]["backend"] > 1 and m["exceeded"]["backend"] for m in report["metrics"])
     assert all(m["exceeded"]["batch_size_1"] == 0 for m in report["metrics"])
 
 
+@pytest.mark.slow
 def test_verify_the_demo_run(tmp_path):
     """The quickstart's run (its judge is the loud random stand-in offline): verify works on it."""
     from mlmfilter.demo.data import make_sample_shards
@@ -90,9 +91,9 @@ def test_verify_the_demo_run(tmp_path):
         "--model", "HuggingFaceTB/SmolVLM-256M-Instruct", "--metrics", "itm", "--allow-random-fallback",
     )  # fmt: skip
     assert scored.exit_code == 0, scored.output
-    result = cli("verify", tmp_path / "run", "--sample", 4)
+    result = cli("verify", tmp_path / "run", "--sample", 3)
     assert result.exit_code == 0, result.output
-    assert "verified: every metric within its bound" in result.output
+    assert "verified: every metric within its bound" in result.output and "itm" in result.output
     assert "readout bound (provenance)" in result.output
 
 

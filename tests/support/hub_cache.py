@@ -118,3 +118,39 @@ def siglip_tower(folder: Path) -> Path:
 def clip_tower(folder: Path) -> Path:
     tiny_clip_tower(folder, hidden=32, heads=2, seed=5)
     return folder
+
+
+def aitqe_checkpoint(folder: Path, tokenizer, seed: int = 21) -> Path:
+    """HymanH/AITQE's layout at a tiny size (hanhuang22/AITQE modeling_mm.py): MMForCausalLM, the SigLIP
+    weights stored inside, its config named by a path of the author's machine (not found here)."""
+    from tests.support.released import SIGLIP_PATCH, SIGLIP_SIDE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    lm = text_model("qwen2", len(tokenizer) + 64, seed=seed)
+    state = {f"model.{k}": v.detach().clone() for k, v in lm.state_dict().items()}
+    for key, value in tiny_siglip(None, seed=seed + 1).state_dict().items():
+        state[f"vision_model.vision_model.{key}"] = value
+    gen = torch.Generator().manual_seed(seed + 2)
+    state["mm_projector.0.weight"] = torch.randn(64, 32, generator=gen) * 0.2
+    state["mm_projector.0.bias"] = torch.randn(64, generator=gen) * 0.1
+    state["mm_projector.2.weight"] = torch.randn(64, 64, generator=gen) * 0.2
+    save_safetensors(folder, state)
+    fields = config_fields(lm)
+    fields.update(
+        architectures=["MMForCausalLM"],
+        model_type="mm",
+        torch_dtype="float32",
+        language_model_name_or_path="/mnt/author/Qwen2-7B",
+        vision_model_name_or_path="/mnt/author/siglip-so400m-patch14-384",
+        mm_projector_type="mlp",
+        image_aspect_ratio="square",
+        visual_hidden_dim=32,
+        image_tile_tokens=(SIGLIP_SIDE // SIGLIP_PATCH) ** 2,
+        image_token_index=-1,
+        pad_token_index=tokenizer.pad_token_id,
+        eos_token_index=tokenizer.eos_token_id,
+        image_pattern="<image>",
+    )
+    write_config(folder, fields)
+    return folder

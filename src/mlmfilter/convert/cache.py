@@ -80,7 +80,7 @@ class ConvertedJudge:
     revision: str  # hub commit, or "sha256:<content hash>" of a local folder
     layout: str  # llava-1.5 / llava-unified / aitqe
     converter_version: str
-    vision_tower: dict[str, str]  # {"repo", "revision"} or {"path", "content_hash"}
+    vision_tower: dict[str, str]  # {"repo", "revision"} or {"content_hash", "cache_path"}
     path: Path  # the converted folder transformers loads
     converted_now: bool = False  # this call converted it (else it came from the cache)
     seconds: float = 0.0  # what the download and conversion took, when converted now
@@ -114,7 +114,7 @@ def converted_judge(name: str, *, dtype: str = "auto") -> ConvertedJudge | None:
     """
     source = _original_source(name)
     if source is None:
-        return None
+        return _entry_by_ref(name, dtype)
     entry = source.entry(dtype)
     found = _read_entry(entry, name)
     if found is not None:
@@ -133,7 +133,7 @@ def converted_judge(name: str, *, dtype: str = "auto") -> ConvertedJudge | None:
 def cached_conversion(name: str, *, dtype: str = "auto") -> ConvertedJudge | None:
     """The cache entry of ``name`` if it was converted before; never downloads weights or converts."""
     source = _original_source(name)
-    return _read_entry(source.entry(dtype), name) if source is not None else None
+    return _read_entry(source.entry(dtype), name) if source is not None else _entry_by_ref(name, dtype)
 
 
 def original_config(name: str) -> dict[str, Any] | None:
@@ -171,10 +171,7 @@ class _OriginalSource:
         return identify(self.config) or (judge_of_hub_id(self.repo) if self.repo else None)
 
     def entry(self, dtype: str) -> Path:
-        owner = "models--" + self.repo.replace("/", "--") if self.repo else "local-folders"
-        revision = self.revision.replace(":", "-")
-        leaf = f"v{CONVERTER_VERSION}" + ("" if dtype == "auto" else f"-{dtype}")
-        return cache_root() / "converted" / owner / revision / leaf
+        return entry_path(self.repo, self.revision, dtype)
 
     def fetch(self) -> Path:
         if self.folder is not None:
@@ -207,6 +204,28 @@ def _original_source(name: str) -> _OriginalSource | None:
         return None
     revision = Path(config_file).parent.name  # <cache>/models--org--name/snapshots/<commit>/config.json
     return _OriginalSource(name, config, layout, name, revision, None)
+
+
+def _entry_by_ref(name: str, dtype: str) -> ConvertedJudge | None:
+    """Offline, with the original snapshot deleted from the hub cache since it was converted: the entry of
+    the revision the hub cache's ``refs/main`` still names."""
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / ("models--" + name.replace("/", "--")) / "refs" / "main"
+        revision = ref.read_text(encoding="utf-8").strip()
+    except (OSError, ImportError):
+        return None
+    return _read_entry(entry_path(name, revision, dtype), name)
+
+
+def entry_path(repo: str | None, revision: str, dtype: str = "auto") -> Path:
+    """Where the conversion of ``repo`` at ``revision`` (None: a local folder, by its content hash) lives."""
+    owner = "models--" + repo.replace("/", "--") if repo else "local-folders"
+    leaf = f"v{CONVERTER_VERSION}" + ("" if dtype == "auto" else f"-{dtype}")
+    return cache_root() / "converted" / owner / revision.replace(":", "-") / leaf
 
 
 def _original_layout(config: Mapping[str, Any] | None) -> str | None:
@@ -308,7 +327,8 @@ def _fetch_tower(name: str, layout: str) -> tuple[Path, dict[str, str]]:
     if path.is_dir():
         from mlmfilter.core.identity import directory_hash
 
-        return path, {"path": str(path.resolve()), "content_hash": directory_hash(path)}
+        # by its content: where it lies on this machine is no part of a run's identity (cache_path is volatile)
+        return path, {"content_hash": directory_hash(path), "cache_path": str(path.resolve())}
     patterns = list(_SIDE_FILES)
     if layout != "aitqe":
         patterns += _weight_patterns(name, "main")
