@@ -39,6 +39,10 @@ __all__ = [
     # check the scorers
     "evaluate_human",
     "evaluate_corrupt",
+    # know the cost before, trust the numbers after
+    "plan",
+    "plan_teach_label",
+    "verify",
     # foreign formats: released judge checkpoints, MLM-Filter score files
     "convert_checkpoint",
     "export_mlm_filter",

@@ -908,3 +908,85 @@ def import_mlm_filter(
     from mlmfilter.convert.dumps import import_mlm_filter as import_dumps
 
     return import_dumps(dumps, run_dir, shards=list(shards) if shards else None, stage=stage)
+
+
+# -- know the cost before, trust the numbers after ---------------------------------------------------
+
+
+def plan(
+    inputs: str | Sequence[str] | None = None,
+    scorers: Iterable[str | ScorerSpec | Mapping[str, Any]] = ("rules",),
+    *,
+    config: ScoreConfig | None = None,
+    gpus: str | Sequence[str] | None = None,
+    sample: int = 64,
+    allow_pipe: bool = False,
+    offline_if_unreachable: bool = True,
+    **settings: Any,
+):
+    """What :func:`score` would cost for these inputs and scorers, without scoring: pairs (counted from
+    headers, footers, ``_stats.json``), the MLM judge's tokens per pair (its real prompts through its own
+    tokenizer, over the first ``sample`` pairs), vision passes, LLM tokens, model FLOPs and hours on the
+    named ``gpus`` (measured figures where recorded, else estimated from FLOPs). Downloads no weights and
+    converts nothing. Returns a :class:`~mlmfilter.scorers.plan.ScorePlan` (``to_json()``)."""
+    from mlmfilter.io.sources import expand_inputs
+    from mlmfilter.judge.throughput import resolve_gpus
+    from mlmfilter.scorers.plan import plan_scoring
+
+    if config is None:
+        if inputs is None:
+            raise ValueError("plan() needs inputs, or a config")
+        settings.setdefault("output", "")
+        config = ScoreConfig(inputs=inputs, scorers=list(_as_specs(scorers)), **settings)
+    if sample < 1:
+        raise ValueError("sample must be at least 1")
+    chosen = resolve_gpus(gpus)
+    sources = expand_inputs(config.inputs, allow_pipe=allow_pipe)
+    if not sources:
+        raise ValueError(f"no input matches {', '.join(config.inputs)}")
+    if offline_if_unreachable and _names_a_hub_model(config.scorers):
+        from mlmfilter.models.hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
+    return plan_scoring(sources, config.scorers, config.read, chosen, sample=sample, inputs=config.inputs)
+
+
+def plan_teach_label(folder: str | Path, options: LabelOptions, *, price: tuple[float, float] | None = None):
+    """What :func:`teach_label` would ask and cost: requests per kind, input and output tokens, and USD with
+    and without the Batch API (``price``: USD per 1M input and output tokens, for a model without a
+    recorded price). Nothing is sent. Returns a :class:`~mlmfilter.teach.plan.LabelPlan`."""
+    from mlmfilter.teach.folder import TeachFolder
+    from mlmfilter.teach.plan import plan_label
+
+    return plan_label(TeachFolder(folder), options, price=price)
+
+
+def verify(
+    run: str | Path,
+    *,
+    stage: str = "score",
+    sample: int = 16,
+    seed: int = 0,
+    backend: str | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    base_url: str | None = None,
+    device: str | None = None,
+):
+    """Re-score a seeded sample of a finished run's MLM judge scores at batch size 1, in fp32 and, with
+    ``backend``, on a second backend; per metric, the largest difference against the readout bound
+    recorded in provenance. Returns a :class:`~mlmfilter.evaluation.verify.VerifyReport` (``ok``)."""
+    from mlmfilter.evaluation.verify import verify_run
+    from mlmfilter.models.hub import go_offline_if_unreachable
+
+    if sample < 1:
+        raise ValueError("sample must be at least 1")
+    go_offline_if_unreachable()  # the run's models from the local cache at once when the hub does not answer
+    options = dict(backend_options or {})
+    if base_url is not None:
+        if backend not in (None, "openai"):
+            raise ValueError("--base-url is for the openai backend")
+        backend = "openai"
+        options["base_url"] = base_url
+    return verify_run(
+        str(run), stage=stage, sample=sample, seed=seed, backend=backend, backend_options=options, device=device
+    )

@@ -131,6 +131,26 @@ def expected_log_probs(request_outputs, trie: ScoreTrie, threshold: float, run_s
     return readout.log_probs().double().numpy()
 
 
+def refuse_pooled_projector(model: str) -> None:
+    """The pooled-projector judges (LLaVA-Unified's ``aapool_mlp``: the released Qwen2.5-1.5B and
+    Llama-3.2-3B layouts, original or converted) are refused with the reason and the backend that
+    runs them. vLLM implements llava-hf's LlavaForConditionalGeneration (the 13B and 8B layouts once
+    converted), not this package's pooled variant; its config.json says which one ``model`` is (read
+    from the folder or the hub cache: nothing else is fetched)."""
+    from mlmfilter.judge.registry import SOURCE_KEY, read_config
+    from mlmfilter.models.pooled_llava import MODEL_TYPE as POOLED_MODEL_TYPE
+
+    config = read_config(model) or {}
+    source = config.get(SOURCE_KEY) if isinstance(config.get(SOURCE_KEY), dict) else config
+    if config.get("model_type") == POOLED_MODEL_TYPE or source.get("mm_projector_type") == "aapool_mlp":
+        raise ValueError(
+            f"--backend vllm cannot run {model}: its projector average-pools the vision features "
+            "(LLaVA-Unified's aapool_mlp, the layout of the released Qwen2.5-1.5B and Llama-3.2-3B judges), "
+            "an architecture vLLM does not implement. Score it with --backend transformers (the default; "
+            "batched, prefix-sharing, on GPU or CPU); vllm runs the llava-hf layouts (the 13B and 8B judges)."
+        )
+
+
 # -- the engine call (GPU) ----------------------------------------------------------------------------
 
 
@@ -292,6 +312,10 @@ class VllmBackendInfo(BackendInfo):
 
     def wants_gpu(self, options: Any) -> bool:
         return True  # vLLM runs on GPUs, whatever ``device`` says
+
+    def check(self, options: Any) -> None:
+        """Refuse, before anything is downloaded or converted, a judge vLLM has no architecture for."""
+        refuse_pooled_projector(options.model)
 
     def image_size(self, options: Any) -> int:
         from mlmfilter.models.vlm import inspect_vlm

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from mlmfilter.cli import convert, demo, enhance, evaluate, report, reshard, score, select, teach, train
+from mlmfilter.cli import convert, demo, enhance, evaluate, plan, report, reshard, score, select, teach, train
 from mlmfilter.cli.common import interruptible, plain_type_labels
 
 
@@ -54,6 +54,8 @@ app.command()(score.score)
 app.command()(select.select)
 app.command()(reshard.reshard)
 app.command()(demo.demo)
+app.command("plan")(plan.plan)
+app.command("verify")(plan.verify)
 app.command("scorers")(score.list_scorers)
 app.command("report")(report.report)
 app.command("inspect")(report.inspect)

@@ -124,7 +124,8 @@ def register(app: typer.Typer) -> None:
         if json_output:
             print_json(
                 {
-                    k: v.describe("trained") | {"released_script_settings": v.released_script.as_dict()}
+                    k: v.describe("trained")
+                    | {"released_script_settings": v.released_script.as_dict(), "vision_tower": v.vision_tower}
                     for k, v in REGISTRY.items()
                 }
             )

@@ -89,6 +89,9 @@ def score(
     ),
     verbose: bool = VERBOSE_OPTION,
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what the run would cost (`mlmfilter plan`) and score nothing."
+    ),
 ) -> None:
     """Score image-text pairs into a run folder. Re-running the same command resumes."""
     from mlmfilter import api
@@ -111,6 +114,13 @@ def score(
         columns["allow_absolute_paths"] = True
     if columns:  # flags override the recipe's `read:` block field by field
         fields["read"] = {**(fields.get("read") or {}), **columns}
+    if dry_run:  # the same settings, planned: nothing is written or scored
+        from mlmfilter.cli.plan import show_plan
+
+        if "inputs" not in fields:
+            raise typer.BadParameter("give INPUTS (or a --recipe that has them)")
+        show_plan(fields, None, 64, allow_pipe, json_output)
+        return
     if "inputs" not in fields or "output" not in fields:
         raise typer.BadParameter("give INPUTS and --output (or a --recipe that has them)")
     config = options_or_exit(api.ScoreConfig, **fields)  # a misspelt recipe setting: one line, "did you mean"

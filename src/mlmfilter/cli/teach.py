@@ -156,6 +156,16 @@ def label(
         help="Label again from scratch, also with other settings or re-made pairs than before "
         "(answers already in the request cache cost nothing).",
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the requests, tokens and API cost (with and without the Batch API); send nothing.",
+    ),
+    price: Optional[str] = typer.Option(
+        None,
+        metavar="IN,OUT",
+        help="--dry-run: USD per 1M input and output tokens (for a model without a recorded price).",
+    ),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ask the teacher for a score line and a rationale per pair and metric (cached: never asked twice)."""
@@ -185,6 +195,9 @@ def label(
     )
     with user_errors():
         options.resolved_metrics()  # an unknown metric name
+    if dry_run:
+        print_label_plan(folder, options, price)
+        return
     client = options_or_exit(
         ClientOptions,
         base_url=base_url,
@@ -336,3 +349,42 @@ def export(
         f"{summary['images']} images -> {output}"
     )
     _warn_incomplete(summary.get("incomplete_labels"))
+
+
+def print_label_plan(folder: Path, options, price: str | None) -> None:
+    """`teach label --dry-run`: what labelling the folder will ask and cost; nothing is sent."""
+    from rich.table import Table
+
+    from mlmfilter import api
+
+    with user_errors():
+        prices = None
+        if price is not None:
+            parts = [float(p) for p in price.split(",")]
+            if len(parts) != 2:
+                raise ValueError("--price takes IN,OUT: USD per 1M input and per 1M output tokens")
+            prices = (parts[0], parts[1])
+        plan = api.plan_teach_label(folder, options, price=prices)
+    table = Table(title=f"teach label {folder} with {options.model} (nothing sent)")
+    for column in ("requests", "count", "input tokens", "output tokens (assumed)", "output tokens (max)"):
+        table.add_column(column, justify="left" if column == "requests" else "right")
+    for kind in plan.kinds:
+        table.add_row(
+            kind.kind,
+            f"{kind.requests:,}",
+            f"{kind.input_tokens:,}",
+            f"{kind.output_tokens:,}",
+            f"{kind.output_tokens_max:,}",
+        )
+    table.add_row("total", f"{plan.requests:,}", f"{plan.input_tokens:,}", f"{plan.output_tokens:,}", "")
+    console.print(table)
+    console.print(f"tokens: {plan.tokens_from}; images by OpenAI's high-detail tile rule", highlight=False)
+    if plan.price is not None:
+        console.print(
+            f"API cost: ${plan.cost():,.2f} (up to ${plan.cost(worst=True):,.2f}); with the Batch API: "
+            f"${plan.cost(batch=True):,.2f} (up to ${plan.cost(batch=True, worst=True):,.2f}) "
+            f"at ${plan.price[0]:g} / ${plan.price[1]:g} per 1M input / output tokens",
+            highlight=False,
+        )
+    for note in plan.notes:
+        console.print(f"[yellow]{note}[/]")

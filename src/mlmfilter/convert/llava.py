@@ -273,6 +273,8 @@ def convert_llava_checkpoint(
     # what the judge registry identifies a released judge by (its trained / released-script request)
     setattr(config, SOURCE_KEY, identifying_fields(checkpoint.config))
     config.dtype = target_dtype
+    # the fields the judge registry identifies the released 13B judges by (as the other converters keep them)
+    setattr(config, SOURCE_KEY, identifying_fields(checkpoint.config))
 
     out = Path(dst).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,9 @@ class ReleasedJudge:
     released_script: RequestSettings
     script: str  # the released scoring script the `released-script` settings reproduce
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: the hub id of the vision tower it runs (what `--model <hub id>` downloads when config.json
+    #: names a path of the author's machine instead of a hub id)
+    vision_tower: str = ""
 
     def settings(self, compatibility: Compatibility = "trained") -> RequestSettings:
         if compatibility not in COMPATIBILITY:
@@ -117,6 +120,7 @@ REGISTRY: dict[str, ReleasedJudge] = {
         released_script=replace(_VICUNA_TRAINED, conversation="llava_v0", pad_to_square=False, dtype="fp16"),
         script="MLM_Filter mlm_filter_scoring_datacomp_batch_inference.py (HF names contain no 'v1': llava_v0)",
         notes=("trained with --version v1 (conv_vicuna_v1) and image_aspect_ratio pad",),
+        vision_tower="openai/clip-vit-large-patch14-336",
     ),
     "mlm-filter-llama-3-8b": ReleasedJudge(
         key="mlm-filter-llama-3-8b",
@@ -130,6 +134,7 @@ REGISTRY: dict[str, ReleasedJudge] = {
         ),
         script="MLM_Filter mlm_filter_scoring_datacomp_batch_inference_v2.py at HEAD (default --conv-mode qwen_instruct)",
         notes=("Llama-3 writes up to 3 digits as one token: the script generates 1 token",),
+        vision_tower="openai/clip-vit-large-patch14-336",
     ),
     "mlm-filter-llama-3.2-3b": ReleasedJudge(
         key="mlm-filter-llama-3.2-3b",
@@ -143,6 +148,7 @@ REGISTRY: dict[str, ReleasedJudge] = {
         ),
         script="MLM_Filter mlm_filter_scoring_datacomp_batch_inference_v2.py at HEAD (default --conv-mode qwen_instruct)",
         notes=("its template (v1 or v2) is not documented: override `template` to try the other one",),
+        vision_tower="google/siglip-so400m-patch14-384",
     ),
     "mlm-filter-qwen2.5-1.5b": ReleasedJudge(
         key="mlm-filter-qwen2.5-1.5b",
@@ -157,6 +163,7 @@ REGISTRY: dict[str, ReleasedJudge] = {
             "training put an added <s> before every sequence; the script does not",
             "the head scores over the tokenizer's 151665 rows (LLaVA-Unified resizes the embeddings)",
         ),
+        vision_tower="google/siglip-so400m-patch14-384",
     ),
     "aitqe": ReleasedJudge(
         key="aitqe",
@@ -168,8 +175,15 @@ REGISTRY: dict[str, ReleasedJudge] = {
         released_script=RequestSettings("aitqe", "aitqe", "", 384, False, "bf16"),
         script="AITQE inference.py",
         notes=("greedy, up to 384 new tokens, optional early stop at <Overall>",),
+        vision_tower="google/siglip-so400m-patch14-384",
     ),
 }
+
+
+def judge_of_hub_id(repo_id: str) -> ReleasedJudge | None:
+    """The released judge published under ``repo_id`` (case-insensitive, as the hub resolves ids), or None."""
+    wanted = repo_id.lower()
+    return next((j for j in REGISTRY.values() if any(h.lower() == wanted for h in j.hub_ids)), None)
 
 
 def _is_llama3(config: Mapping[str, Any]) -> bool:

@@ -110,6 +110,8 @@ def family_for_model_type(model_type: str) -> VlmFamily:
 def guess_family(name: str) -> VlmFamily:
     """For the random fallback only: the family a hub id most likely names."""
     lowered = name.lower()
+    if "mlm-filter" in lowered:  # every released MLM-Filter judge is a LLaVA (the Qwen2.5 one too)
+        return FAMILIES["llava"]
     if "qwen" in lowered:
         return FAMILIES["qwen2_vl"]
     if "idefics" in lowered or "smolvlm" in lowered:

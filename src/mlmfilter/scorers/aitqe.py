@@ -54,6 +54,10 @@ class AITQEScorer(BackendScorer):
 
     def __init__(self, options: AITQEOptions | None = None, backend: JudgeBackend | None = None):
         super().__init__(options, backend)
+        from mlmfilter.convert.cache import with_converted_model
+
+        #: the released checkpoint named by hub id or original-layout folder, converted into the cache
+        self.options, self.converted = (self.options, None) if backend else with_converted_model(self.options)
         self.columns = self._columns()
 
     def _columns(self) -> dict[str, pa.DataType]:
@@ -175,4 +179,14 @@ class AITQEScorer(BackendScorer):
             prov["model"] = self.backend.describe()
             if prov["model"].get("warnings"):
                 prov["warnings"] = list(prov["model"]["warnings"])
+        if self.converted is not None:
+            from mlmfilter.convert.cache import describe_converted_model
+
+            prov["model"] = describe_converted_model(prov.get("model", {}), self.converted)
         return prov
+
+    def identity(self) -> dict[str, Any]:
+        identity = super().identity()
+        if self.converted is not None:  # what the user named; the revision and converter are in provenance
+            identity["options"]["model"] = self.converted.model_identity
+        return identity

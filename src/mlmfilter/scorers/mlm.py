@@ -53,8 +53,9 @@ from mlmfilter.judge.trained_format import apply_recorded_format
 from mlmfilter.scorers.base import BackendScorer, ScoreFailure, ShardRefused
 from mlmfilter.scorers.text_mask import TextMasking, TextMaskOptions
 
-#: MLM-Filter's Llama-3 judge; an original LLaVA-layout checkpoint: convert it first (`mlmfilter convert`)
-DEFAULT_MODEL = "weizhiwang/mlm-filter-llama-3-8b-gpt4v"
+#: the newest, smallest and fastest released MLM-Filter judge (LLaVA-Unified layout: converted into the
+#: cache on first use, see mlmfilter.convert.cache)
+DEFAULT_MODEL = "weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o"
 EXPECTED_DEFINITION = EXACT_EXPECTED_DEFINITION  # the exact backends' definition (judge.backend)
 GENERATE_DEFINITION = "greedy decoding, int() of the first line of the stripped text, kept if 0..100"
 #: the floor on a metric's probability mass on the numbers 0..100 below which it is not a score
@@ -135,8 +136,15 @@ class MLMScorer(TextMasking, BackendScorer):
         super().__init__(options, backend)  # injected (another backend) or built in setup()
         self.info: BackendInfo = backend_info(self.options.backend)
         self.released = None
+        #: a released judge named by hub id or original-layout folder, converted into the cache (else None)
+        self.converted = None
         # a served model's name is the server's, not a hub id: nothing to read about it here
         if self.info.runs_in_process or os.path.isdir(os.path.expanduser(self.options.model)):
+            from mlmfilter.convert.cache import with_converted_model
+
+            # the backends load the converted folder; identity and provenance name the source and revision
+            if backend is None:
+                self.options, self.converted = with_converted_model(self.options)
             # a judge trained by `mlmfilter train` records its request format: options the user left unset follow it
             self.options = apply_recorded_format(self.options)
             from mlmfilter.judge.registry import apply_released_settings
@@ -287,6 +295,8 @@ class MLMScorer(TextMasking, BackendScorer):
         identity = super().identity()
         options = identity["options"]
         options["backend_options"] = self.info.identity_options(options.get("backend_options") or {})
+        if self.converted is not None:  # what the user named; the revision and converter are in provenance
+            options["model"] = self.converted.model_identity
         return identity
 
     def _readout_provenance(self) -> dict[str, str]:
@@ -313,6 +323,10 @@ class MLMScorer(TextMasking, BackendScorer):
             prov["max_new_tokens"] = o.max_new_tokens or "enough for '100' plus one"
         # the backend's own word once built; before, what its settings and the model's config files say
         prov["model"] = self.backend.describe() if self.backend is not None else self.info.describe_settings(o)
+        if self.converted is not None:
+            from mlmfilter.convert.cache import describe_converted_model
+
+            prov["model"] = describe_converted_model(prov["model"], self.converted)
         prov.update(self.text_mask_provenance())
         if self.released is not None:
             prov["checkpoint"] = self.released.describe()
