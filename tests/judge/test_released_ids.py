@@ -38,7 +38,7 @@ def test_readme_table_names_exactly_the_registry_ids():
 
 def test_judges_and_scorers_commands_name_the_same_ids():
     runner = CliRunner()
-    judges = runner.invoke(app, ["judges"])
+    judges = runner.invoke(app, ["judges", "--json"])
     assert judges.exit_code == 0, judges.output
     listed = json.loads(judges.output)
     assert {h for j in listed.values() for h in j["hub_ids"]} == registry_ids()

@@ -130,21 +130,22 @@ def register(app: typer.Typer) -> None:
                 }
             )
             return
-        table = Table(show_lines=True, title="released judges (`mlmfilter judges --json`: everything)")
-        for column in ("judge", "hub ids", "model", "trained request", "released script differs in"):
-            table.add_column(column, overflow="fold")
+        # one small table per judge: its hub ids stay whole on an 80-column terminal
+        console.print("released judges (`mlmfilter judges --json`: everything)", highlight=False)
         for key, judge in REGISTRY.items():
             info = judge.describe("trained")
             trained = info["trained_settings"]
             released = judge.released_script.as_dict()
-            table.add_row(
-                key,
-                "\n".join(info["hub_ids"]),
-                f"{info['llm']}\n{info['vision']}, {info['image_tokens']} image tokens",
-                ", ".join(f"{k} {_shown(v)}" for k, v in trained.items()),
-                ", ".join(f"{k} {_shown(v)}" for k, v in released.items() if trained.get(k) != v) or "nothing",
-            )
-        console.print(table)
+            table = Table(show_header=False, title=key, title_justify="left", title_style="bold")
+            table.add_column("field", no_wrap=True, style="dim")
+            table.add_column("value", overflow="fold")
+            table.add_row("hub ids", "\n".join(info["hub_ids"]))
+            table.add_row("model", f"{info['llm']}; {info['vision']}, {info['image_tokens']} image tokens")
+            table.add_row("vision tower", judge.vision_tower)
+            table.add_row("trained request", ", ".join(f"{k} {_shown(v)}" for k, v in trained.items()))
+            differs = ", ".join(f"{k} {_shown(v)}" for k, v in released.items() if trained.get(k) != v)
+            table.add_row("released script differs in", differs or "nothing")
+            console.print(table)
 
 
 def _shown(value) -> str:
