@@ -47,7 +47,7 @@ def test_ctrl_c_exits_130_says_how_many_labels_are_done_and_balance_refuses_the_
         asked: list[int] = []
 
         def one_table_labelled_and_the_other_begun() -> bool:
-            if not asked and markers.is_dir() and any(markers.iterdir()):
+            if not asked and markers.is_dir() and any(markers.glob("*.json")):
                 asked.append(server.requests)
             return bool(asked) and server.requests >= asked[0] + 2
 

@@ -350,7 +350,7 @@ MODEL_OPTION = typer.Option(
     None,
     help="Model hub id or local path of THE model scorer; two (clip and mlm): --option clip.model=... "
     "--option mlm.model=... instead.",
-    show_default="each scorer's own: clip openai/clip-vit-base-patch32, mlm weizhiwang/mlm-filter-llama-3-8b-gpt4v, "
+    show_default="each scorer's own: clip openai/clip-vit-base-patch32, mlm weizhiwang/mlm-filter-qwen2.5-1.5b-gpt4o, "
     "aitqe HymanH/AITQE",
 )
 METRICS_OPTION = typer.Option(

@@ -32,6 +32,7 @@ import pickle
 import queue
 import select
 import signal
+import socket
 import struct
 import threading
 import time
@@ -212,9 +213,12 @@ class _Worker:
     def stop(self) -> None:
         """Let the process exit on its own (its socket ends); see :meth:`reap`."""
         self._outbox.put(None)
+        # Shut the socket down rather than close it: the feeder thread may be inside a write, and a
+        # closed (or reused) descriptor under it is a crash or a write to another file. reap() closes.
         try:
-            self.conn.close()
-        except OSError:
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as end:
+                end.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
             pass
 
     def reap(self, deadline: float) -> None:
@@ -226,7 +230,11 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
-        self._feeder.join(1)  # its write failed with the worker gone
+        self._feeder.join(1)  # its write failed with the worker gone (or the socket shut down)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
         try:
             self.process.close()
         except ValueError:
