@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mlmfilter.cli import convert, demo, enhance, evaluate, report, reshard, score, select, teach, train
+from mlmfilter.cli import convert, demo, embed, enhance, evaluate, report, reshard, score, select, teach, train
 from mlmfilter.cli.common import plain_type_labels
 
 plain_type_labels()  # metavars in --help, not Python type tags
@@ -49,6 +49,9 @@ app.command("stats")(report.stats)
 convert.register(app)  # convert (and its hidden old name convert-llava), export, import, judges
 app.command("train")(train.train)
 app.command("enhance")(enhance.enhance)
+app.command("embed")(embed.embed)
+app.command("dedup")(embed.dedup)
+app.command("distill")(embed.distill)
 app.add_typer(teach.teach_app, name="teach")
 app.add_typer(evaluate.eval_app, name="eval")
 

@@ -14,6 +14,8 @@ REGISTRY: dict[str, str] = {
     "mlm": "mlmfilter.scorers.mlm:MLMScorer",
     "ocr": "mlmfilter.scorers.ocr:OcrScorer",
     "aitqe": "mlmfilter.scorers.aitqe:AITQEScorer",
+    "embed": "mlmfilter.scorers.embed:EmbedScorer",
+    "distilled": "mlmfilter.scorers.distilled:DistilledScorer",
 }
 
 

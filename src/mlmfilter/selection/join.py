@@ -91,7 +91,11 @@ class JoinedTables:
 
     def label(self, index: int) -> str:
         name = self.names[index]
-        return f"{name}={self.parts[index].run_dir}" if name else str(self.parts[index].run_dir)
+        part = self.parts[index]
+        label = f"{name}={part.run_dir}" if name else str(part.run_dir)
+        if sum(str(p.run_dir) == str(part.run_dir) for p in self.parts) > 1:  # stages of one run joined
+            label += f" (stage {getattr(part, 'stage', '?')})"
+        return label
 
     # -- streaming ------------------------------------------------------------------------------
 

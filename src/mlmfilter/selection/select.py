@@ -123,11 +123,13 @@ class SelectionResult:
         }
 
     def summary(self) -> str:
-        runs = f" of {len(self.runs)} runs" if self.runs else ""
+        stages = self.arguments.get("stages")
+        what = "stage" if stages else "run"
+        runs = (f" of stages {', '.join(stages)}" if stages else f" of {len(self.runs)} runs") if self.runs else ""
         lines = [f"read {self.read} rows from {self.files} score files{runs} ({sum(self.errors.values())} errored)"]
         if self.runs:
             missing = ", ".join(f"{n} from {run}" for run, n in self.missing.items() if n)
-            lines.append(f"{self.in_every_run} rows are in every run" + (f"; missing: {missing}" if missing else ""))
+            lines.append(f"{self.in_every_run} rows are in every {what}" + (f"; missing: {missing}" if missing else ""))
         lines.append(
             f"kept {self.kept}"
             + (f" of target {self.target}" if self.target is not None else "")
@@ -174,8 +176,13 @@ def select_run(
     folder = SelectionFolder(output_dir)
     specs = _run_specs(run_dir)
     parts = [ScoreTables(path, batch_rows, stage) for _, path in specs]
+    companions: list[str] = []
+    if len(specs) == 1 and specs[0][0] is None:
+        companions = companion_stages(parts[0], stage, expression, by)
+        parts += [ScoreTables(specs[0][1], batch_rows, other) for other in companions]
+        specs = specs + [(None, specs[0][1])] * len(companions)
     for part in parts:
-        _check_complete(part, stage, allow_incomplete)
+        _check_complete(part, part.stage, allow_incomplete)
     try:
         uid_lists = UidLists(intersect, union)  # malformed files are refused before anything is read
     except ValueError as exc:
@@ -198,8 +205,10 @@ def select_run(
         "intersect": [str(p) for p in intersect],
         "union": [str(p) for p in union],
     }
-    if joined:
+    if joined and not companions:
         arguments["runs"] = [f"{name}={path}" if name else str(path) for name, path in specs]
+    if companions:
+        arguments["stages"] = [stage, *companions]
     plan = _Plan.build(tables, expression, top_fraction, by, ascending)
     counts = _Counts()
     with _KeptOutputs(folder, tables, plan.output_columns, uid_lists) as outputs:
@@ -208,7 +217,10 @@ def select_run(
         else:
             passes, threshold = _keep_top_fraction(tables, plan, counts, outputs, candidate_cap)
 
-    notes = []
+    notes = [
+        f"joined stage {other!r} of the same run (for {', '.join(_columns_of(parts[i + 1], expression, by))})"
+        for i, other in enumerate(companions)
+    ]
     if outputs.unique_uids != outputs.rows:
         notes.append(
             f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids"
@@ -260,6 +272,38 @@ def select_run(
     )
     folder.write_summary(result.to_json())
     return result
+
+
+def companion_stages(first: ScoreTables, stage: str, expression: str | None, by: str | None) -> list[str]:
+    """Other stages of the same run that hold columns the selection names and ``stage`` lacks
+    (``dup_keep`` of ``mlmfilter dedup``, ``distilled_itm`` of ``mlmfilter distill``): each such
+    column comes from the first stage (in the run's order) that has it; they are joined on uid."""
+    from mlmfilter.selection.expression import ExpressionError, expression_names
+
+    try:
+        names = expression_names(expression) if expression and expression.strip() else []
+    except ExpressionError:
+        return []  # the plan reports the syntax error with its own message
+    wanted = [n for n in dict.fromkeys(names + ([by] if by else [])) if n not in first.columns]
+    found: list[str] = []
+    for other in first.run.stages() if wanted else []:
+        if other == stage:
+            continue
+        try:
+            columns = first.run.schema(other).names
+        except ValueError:  # a stage without a completed shard
+            continue
+        if any(name in columns for name in wanted):
+            found.append(other)
+            wanted = [n for n in wanted if n not in columns]
+    return found
+
+
+def _columns_of(part: ScoreTables, expression: str | None, by: str | None) -> list[str]:
+    from mlmfilter.selection.expression import expression_names
+
+    names = expression_names(expression) if expression and expression.strip() else []
+    return [n for n in dict.fromkeys(names + ([by] if by else [])) if n in part.columns]
 
 
 def _run_specs(run_dir: Any) -> list[tuple[str | None, str | Path]]:
