@@ -363,8 +363,15 @@ def teach_sample(
 
 
 def _is_run(path: str | Path) -> bool:
-    """A run folder (``run.yaml`` inside), as a pool argument."""
-    return "://" not in str(path) and (Path(path) / "run.yaml").is_file()
+    """A run folder (``run.yaml`` inside), local or on object storage."""
+    if "://" in str(path):
+        from mlmfilter.runs.folder import RunFolder
+
+        try:
+            return RunFolder(str(path)).is_run
+        except (OSError, ValueError):  # an unreachable store, a file: not a run
+            return False
+    return (Path(path) / "run.yaml").is_file()
 
 
 def teach_negatives(
@@ -740,6 +747,10 @@ def embed(
     if inputs is not None:
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         sources = expand_inputs(inputs, allow_pipe=allow_pipe)
+    elif not _is_run(run):
+        raise ValueError(
+            f"{run} is not a run folder yet: give the shards to embed (mlmfilter embed {run} 'shards/*.tar')"
+        )
     if offline_if_unreachable and _names_a_hub_model([spec]) and model != "none":
         from mlmfilter.models.hub import go_offline_if_unreachable
 

@@ -126,13 +126,14 @@ class RowSource:
         self.path, self.n, self.d, self.dtype, self.offset = path, n, d, dtype, offset
         self._fd = os.open(path, os.O_RDONLY)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as float32."""
+    def rows(self, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """Rows ``start:stop`` as ``dtype`` (None: as stored)."""
         if self.array is not None:
-            return np.asarray(self.array[start:stop], dtype=np.float32)
+            return np.asarray(self.array[start:stop], dtype=dtype)
         row_bytes = self.d * self.dtype.itemsize
         data = os.pread(self._fd, (stop - start) * row_bytes, self.offset + start * row_bytes)
-        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.d).astype(np.float32)
+        rows = np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.d)
+        return rows if dtype is None else rows.astype(dtype)
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """Rows at sorted ``index`` as float32 (one read per row from a file)."""
@@ -143,9 +144,9 @@ class RowSource:
             out[i] = self.rows(int(row), int(row) + 1)[0]
         return out
 
-    def chunks(self, rows: int):
+    def chunks(self, rows: int, dtype=np.float32):
         for start in range(0, self.n, rows):
-            yield start, self.rows(start, min(self.n, start + rows))
+            yield start, self.rows(start, min(self.n, start + rows), dtype)
 
     def close(self) -> None:
         if self.path is not None:
@@ -208,15 +209,22 @@ def _equal_value_edges(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray
 # -- k-means -----------------------------------------------------------------------------------------
 
 
+#: rows per centroid a k-means fit looks at, at most (faiss's ``max_points_per_centroid``)
+POINTS_PER_CENTROID = 256
+
+
 def _fit_centroids(x: np.ndarray, k: int, seed: int, iterations: int = 12) -> np.ndarray:
     """``k`` unit centroids of unit rows ``x``: spherical k-means (Lloyd's iterations on cosine), started
-    from ``k`` seeded rows; a centroid left without rows restarts at the row its centroid fits worst."""
+    from ``k`` seeded rows; a centroid left without rows restarts at the row its centroid fits worst.
+    At most ``POINTS_PER_CENTROID * k`` rows (a seeded sample) take part."""
     from scipy.sparse import csr_matrix
 
     k = max(1, min(k, len(x)))
     if k == 1:
         return _normalise(x.mean(axis=0, keepdims=True))
     rng = np.random.default_rng(seed)
+    if len(x) > POINTS_PER_CENTROID * k:
+        x = x[np.sort(rng.choice(len(x), size=POINTS_PER_CENTROID * k, replace=False))]
     centres = x[rng.choice(len(x), size=k, replace=False)].copy()
     for _ in range(iterations):
         labels, sims, _, _ = _top2(x, centres)
@@ -452,7 +460,9 @@ def _semantic(
 
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="dedup-") as tmp:
         t0 = time.perf_counter()
-        sorted_rows = _rewrite_in_cluster_order(source, member_rows, Path(tmp) / "by_cluster.bin", chunk_rows)
+        # big chunks, as stored: each chunk's rows land in at most one run per cluster
+        rewrite_rows = max(chunk_rows, (1 << 28) // max(1, source.d * source.dtype.itemsize))
+        sorted_rows = _rewrite_in_cluster_order(source, member_rows, Path(tmp) / "by_cluster.bin", rewrite_rows)
         stats["rewrite_seconds"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         edges = _EdgeBuffer(forest)
@@ -480,7 +490,7 @@ def _rewrite_in_cluster_order(source: RowSource, member_rows: np.ndarray, path: 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, len(member_rows) * row_bytes)
-        for start, chunk in source.chunks(chunk_rows):
+        for start, chunk in source.chunks(chunk_rows, dtype=None):
             lo, hi = np.searchsorted(rows_sorted, [start, start + len(chunk)])
             if lo == hi:
                 continue
@@ -533,13 +543,14 @@ def _compare_cluster(
     hashed: np.ndarray,
     options: DedupOptions,
 ) -> None:
-    """Every pair of one cluster: nearest neighbours, and duplicate edges reduced to a spanning forest."""
+    """Every pair of one cluster, in row blocks of bounded size: each row's nearest neighbour, and
+    the duplicate edges (each pair once) reduced to a spanning forest."""
     m = len(x)
     if m < 2:
         return
     block = max(1, min(m, options.block_floats // m))
-    local_a: list[np.ndarray] = []
-    local_b: list[np.ndarray] = []
+    found_a: list[np.ndarray] = []
+    found_b: list[np.ndarray] = []
     near_a: list[np.ndarray] = []
     near_b: list[np.ndarray] = []
     use_phash = phashes is not None and options.exact and options.phash_bits > 0
@@ -547,33 +558,34 @@ def _compare_cluster(
         ph = phashes[rows]
         has_hash = hashed[rows]
     for start in range(0, m, block):
-        sims = x[start : start + block] @ x.T
-        local = np.arange(start, start + len(sims))
+        stop = min(m, start + block)
+        local = np.arange(start, stop)
+        sims = x[start:stop] @ x.T
         sims[local - start, local] = -np.inf  # not its own neighbour
-        best = np.argmax(sims, axis=1)
-        best_sim = sims[local - start, best]
-        better = best_sim > np.nan_to_num(nearest_cosine[rows[local]], nan=-np.inf)
-        nearest[rows[local[better]]] = rows[best[better]]
-        nearest_cosine[rows[local[better]]] = best_sim[better]
+        at = np.argmax(sims, axis=1)
+        value = sims[local - start, at]
+        better = value > np.nan_to_num(nearest_cosine[rows[local]], nan=-np.inf)
+        nearest[rows[local[better]]] = rows[at[better]]
+        nearest_cosine[rows[local[better]]] = value[better]
         if options.semantic:
-            i, j = np.nonzero(sims >= options.threshold)
+            hits = np.flatnonzero(value >= options.threshold)  # most rows have no duplicate at all
+            if len(hits):
+                i, j = np.nonzero(sims[hits] >= options.threshold)
+                i = hits[i] + start
+                upper = j > i
+                found_a.append(i[upper])
+                found_b.append(j[upper])
+        if use_phash:
+            dist = np.bitwise_count(np.bitwise_xor(ph[start:stop, None], ph[None, :]))
+            i, j = np.nonzero((dist <= options.phash_bits) & has_hash[start:stop, None] & has_hash[None, :])
             i = i + start
             upper = j > i
-            local_a.append(i[upper])
-            local_b.append(j[upper])
-        if use_phash:
-            dist = np.bitwise_count(np.bitwise_xor(ph[start : start + block, None], ph[None, :]))
-            pi, pj = np.nonzero(
-                (dist <= options.phash_bits) & has_hash[start : start + block, None] & has_hash[None, :]
-            )
-            pi = pi + start
-            keep = pj > pi
-            near_a.append(pi[keep])
-            near_b.append(pj[keep])
+            near_a.append(i[upper])
+            near_b.append(j[upper])
     empty = np.zeros(0, dtype=np.int64)
-    a, b = np.concatenate(local_a or [empty]), np.concatenate(local_b or [empty])
+    a, b = np.concatenate(found_a or [empty]), np.concatenate(found_b or [empty])
     if use_phash:
-        pa_, pb_ = np.concatenate(near_a), np.concatenate(near_b)
+        pa_, pb_ = np.concatenate(near_a or [empty]), np.concatenate(near_b or [empty])
         np.minimum.at(reason, rows[np.concatenate([pa_, pb_])], _NEAR)
         a, b = np.concatenate([a, pa_]), np.concatenate([b, pb_])
     if not len(a):
