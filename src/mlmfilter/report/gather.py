@@ -171,6 +171,7 @@ class ReportData:
     shown: dict[tuple[str, str], ShownSample] = field(default_factory=dict)
     duplicates: DuplicatesSection | None = None
     distilled: list[DistillSection] = field(default_factory=list)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)  # each stage keeping them: what made them
     not_found: list[tuple[str, str]] = field(default_factory=list)
 
     def sample(self, ref: PairRef) -> ShownSample | None:
@@ -264,6 +265,7 @@ def gather_report(
         enhancement=enhancement,
         duplicates=_gather_duplicates(run, k),
         distilled=_gather_distilled(run),
+        embeddings=_gather_embeddings(run),
     )
     _look_up(run, data, options)
     return data
@@ -479,6 +481,27 @@ def _gather_duplicates(run: RunReader, k: int) -> DuplicatesSection | None:
         summary = (_safe(run.provenance, stage).get("summary")) or {}
         return DuplicatesSection(stage, summary, groups)
     return None
+
+
+def _gather_embeddings(run: RunReader) -> list[dict[str, Any]]:
+    """Per stage keeping embeddings (read through the one embeddings reader): model, size, random or not."""
+    from mlmfilter.runs.embeddings import RunEmbeddings
+
+    out = []
+    for stage in RunEmbeddings.stages_with(run):
+        embeddings = RunEmbeddings(run, stage)
+        for modality in embeddings.modalities:
+            info = embeddings.info(modality)
+            out.append(
+                {
+                    "stage": stage,
+                    "modality": modality,
+                    "model": info.get("model"),
+                    "dim": embeddings.dim(modality),
+                    "random": bool(info.get("random_weights")) or bool(embeddings.warnings()),
+                }
+            )
+    return out
 
 
 def _gather_distilled(run: RunReader) -> list[DistillSection]:

@@ -13,14 +13,15 @@ Duplicates are joined transitively into groups (union-find). One pair per group 
 with the highest value of a column the user names (``keep_best``; a missing value is worst), else
 the first by uid (as a 128-bit number); ties go to the smaller uid.
 
-Scale (10^7 x 512 on two cores in bounded memory): embeddings are read from a ``.npy`` file by
-explicit reads, never held whole. The centroids are fitted on a seeded sample; with more than ``flat_clusters`` clusters in two levels (``k1`` coarse centroids,
-then ``k2`` fine ones inside each; spherical k-means: Lloyd's iterations on cosine), so that assigning a pair costs ``k1 + k2`` dot products, not
-``k1 * k2``. A pair close to the border of its cluster (its second-best centroid within
-``spill_margin`` in cosine) is compared in the second cluster too, so a duplicate on the other side
-of the border is not missed. The pool is rewritten once in cluster order (``work_dir``), then each
-cluster's cosines are computed in row blocks of bounded size; only each pair's nearest neighbour,
-and its edges above the threshold reduced to a spanning forest per cluster, are kept.
+Scale (10^6-10^7 x 512 in bounded memory): embeddings are read from a ``.npy`` file by explicit
+reads, never held whole. Spherical k-means (Lloyd's iterations on cosine) is fitted on a seeded
+sample; k defaults to sqrt(pairs), which balances assigning (``k`` products a pair) against comparing
+(a cluster's size); a pool of at most ``exact_rows`` pairs is one cluster: every pair is compared. A
+pair close to the border of its cluster (its second-best centroid within ``spill_margin`` in cosine)
+is compared in the second cluster too, so a duplicate on the other side of the border is not missed.
+The pool is rewritten once in cluster order (``work_dir``), then each cluster's cosines are computed
+in row blocks of bounded size; only each pair's nearest neighbour, and its edges above the threshold
+reduced to a spanning forest per cluster, are kept.
 """
 
 from __future__ import annotations
@@ -48,19 +49,18 @@ class DedupOptions(BaseModel):
 
     #: cosine at or above which two pairs of a cluster are duplicates (SemDeDup's 1 - eps)
     threshold: float = Field(0.95, gt=-1, le=1)
-    #: k of k-means; default: one cluster per ``cluster_size`` pairs
+    #: k of k-means; default: sqrt(pairs) (what balances assigning against comparing), one cluster
+    #: (every pair against every other) up to ``exact_rows`` pairs
     clusters: int | None = Field(None, ge=1)
-    cluster_size: int = Field(1000, ge=2)
+    exact_rows: int = Field(10_000, ge=1)
     #: perceptual hashes at most this many bits apart (of 64) within a cluster are the same picture; -1: only equal ones
     phash_bits: int = Field(4, ge=-1, le=32)
     exact: bool = True  # same bytes / same pixels
     semantic: bool = True  # SemDeDup over the embeddings
     #: a pair is also compared in its second-nearest cluster when that centroid is this close (cosine)
     spill_margin: float = Field(0.02, ge=0, le=2)
-    #: up to this many clusters are one level; more are two (coarse x fine)
-    flat_clusters: int = Field(256, ge=1)
-    #: rows the centroids are fitted on (a seeded sample of the pool)
-    fit_rows: int = Field(131_072, ge=1)
+    #: rows the centroids are fitted on, at most (a seeded sample of the pool; 65536 x 512 floats: 128 MB)
+    fit_rows: int = Field(65_536, ge=1)
     seed: int = 0
     #: floats a cosine block holds at once (rows x cluster members): bounds memory for any cluster size
     block_floats: int = Field(1 << 24, ge=1024)
@@ -91,18 +91,18 @@ class DedupResult:
 
 
 class RowSource:
-    """Rows of an (n, d) matrix: an in-memory array, or a ``.npy`` file read by explicit reads (no
+    """Rows of an (n, d) matrix: an array, or a ``.npy`` file (a path) read by explicit reads (no
     memory map, so memory holds only what a step asked for)."""
 
     def __init__(self, matrix: np.ndarray | str | os.PathLike):
         self.array: np.ndarray | None = None
         self.path: str | None = None
-        if isinstance(matrix, np.ndarray) and not isinstance(matrix, np.memmap):
+        if isinstance(matrix, np.ndarray):  # a memory map too: its pages are then read through the map
             self.array = matrix
             self.n, self.d = matrix.shape
             self.dtype = matrix.dtype
             return
-        path = matrix.filename if isinstance(matrix, np.memmap) else os.fspath(matrix)
+        path = os.fspath(matrix)
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             read_header = (
@@ -152,6 +152,13 @@ class RowSource:
         if self.path is not None:
             os.close(self._fd)
             self.path = None
+
+
+def require_scipy() -> None:
+    try:
+        import scipy.sparse.csgraph  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"mlmfilter dedup needs scipy: pip install 'mlmfilter[dedup]' ({exc})") from exc
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -239,58 +246,17 @@ def _fit_centroids(x: np.ndarray, k: int, seed: int, iterations: int = 12) -> np
 
 
 class Clustering:
-    """Flat or two-level spherical k-means: ``assign`` gives each row its cluster and, near a
-    border, a second one."""
+    """Spherical k-means centroids; ``assign`` gives each row its cluster and, near a border, a second."""
 
     def __init__(self, sample: np.ndarray, k: int, options: DedupOptions):
         self.margin = options.spill_margin
-        if k <= options.flat_clusters:
-            self.coarse = _fit_centroids(sample, k, options.seed)
-            self.fine: list[np.ndarray] | None = None
-            self.k = len(self.coarse)
-            return
-        k1 = math.ceil(math.sqrt(k))
-        k2 = math.ceil(k / k1)
-        self.coarse = _fit_centroids(sample, k1, options.seed)
-        first, _, _, _ = _top2(sample, self.coarse)
-        self.fine = []
-        self.offsets = [0]
-        for c in range(len(self.coarse)):
-            members = sample[first == c]
-            # a coarse cluster gets fine clusters in proportion to its share of the sample
-            want = max(1, round(k2 * len(self.coarse) * len(members) / max(1, len(sample))))
-            centres = _fit_centroids(members, want, options.seed + 1 + c) if len(members) else self.coarse[c : c + 1]
-            self.fine.append(centres)
-            self.offsets.append(self.offsets[-1] + len(centres))
-        self.k = self.offsets[-1]
+        self.centres = _fit_centroids(sample, k, options.seed)
+        self.k = len(self.centres)
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cluster, second cluster or -1) of each unit row of ``x``."""
-        c1, s1, c2, s2 = _top2(x, self.coarse)
-        if self.fine is None:
-            return c1.astype(np.int32), np.where(s1 - s2 <= self.margin, c2, -1).astype(np.int32)
-        best = np.empty(len(x), dtype=np.int32)
-        best_sim = np.empty(len(x), dtype=np.float32)
-        second = np.full(len(x), -1, dtype=np.int32)
-        second_sim = np.full(len(x), -np.inf, dtype=np.float32)
-        for c in np.unique(c1):
-            rows = np.flatnonzero(c1 == c)
-            f1, t1, f2, t2 = _top2(x[rows], self.fine[c])
-            best[rows] = f1 + self.offsets[c]
-            best_sim[rows] = t1
-            has_two = f2 >= 0
-            second[rows[has_two]] = f2[has_two] + self.offsets[c]
-            second_sim[rows[has_two]] = t2[has_two]
-        # near the coarse border: the best fine cluster of the second coarse one competes too
-        border = np.flatnonzero((c2 >= 0) & (s1 - s2 <= self.margin))
-        for c in np.unique(c2[border]):
-            rows = border[c2[border] == c]
-            f1, t1, _, _ = _top2(x[rows], self.fine[c])
-            better = t1 > second_sim[rows]
-            second[rows[better]] = f1[better] + self.offsets[c]
-            second_sim[rows[better]] = t1[better]
-        second[best_sim - second_sim > self.margin] = -1
-        return best, second
+        c1, s1, c2, s2 = _top2(x, self.centres)
+        return c1.astype(np.int32), np.where(s1 - s2 <= self.margin, c2, -1).astype(np.int32)
 
 
 def _top2(x: np.ndarray, centres: np.ndarray, block: int = 8192):
@@ -319,7 +285,9 @@ def _top2(x: np.ndarray, centres: np.ndarray, block: int = 8192):
 
 
 def default_clusters(n: int, options: DedupOptions) -> int:
-    return options.clusters or max(1, round(n / options.cluster_size))
+    if options.clusters:
+        return options.clusters
+    return 1 if n <= options.exact_rows else max(1, round(math.sqrt(n)))
 
 
 def find_duplicates(
@@ -343,6 +311,7 @@ def find_duplicates(
     pool rewritten in cluster order (a temporary folder when None).
     """
     options = options or DedupOptions()
+    require_scipy()
     started = time.perf_counter()
     n = len(valid)
     forest = Forest(n)
@@ -430,8 +399,12 @@ def _semantic(
     rows_valid = np.flatnonzero(valid)
     k = default_clusters(len(rows_valid), options)
     rng = np.random.default_rng(options.seed)
-    fit_rows = np.sort(rng.choice(rows_valid, size=min(len(rows_valid), options.fit_rows), replace=False))
-    clustering = Clustering(_normalise(source.take(fit_rows)), k, options)
+    wanted = min(len(rows_valid), options.fit_rows, POINTS_PER_CENTROID * k)
+    fit_rows = np.sort(rng.choice(rows_valid, size=wanted, replace=False))
+    sample = source.take(fit_rows)
+    sample /= np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)  # in place: it can be big
+    clustering = Clustering(sample, k, options)
+    del sample
     stats["fit_seconds"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -461,7 +434,7 @@ def _semantic(
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="dedup-") as tmp:
         t0 = time.perf_counter()
         # big chunks, as stored: each chunk's rows land in at most one run per cluster
-        rewrite_rows = max(chunk_rows, (1 << 28) // max(1, source.d * source.dtype.itemsize))
+        rewrite_rows = max(chunk_rows, (1 << 26) // max(1, source.d * source.dtype.itemsize))
         sorted_rows = _rewrite_in_cluster_order(source, member_rows, Path(tmp) / "by_cluster.bin", rewrite_rows)
         stats["rewrite_seconds"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
@@ -498,7 +471,7 @@ def _rewrite_in_cluster_order(source: RowSource, member_rows: np.ndarray, path: 
             src = rows_sorted[lo:hi] - start
             order = np.argsort(dest, kind="stable")
             dest, src = dest[order], src[order]
-            block = chunk[src].astype(np.float16)
+            block = chunk[src].astype(np.float16, copy=False)
             breaks = np.flatnonzero(np.diff(dest) != 1) + 1
             for run_start, run_stop in zip(np.r_[0, breaks], np.r_[breaks, len(dest)]):
                 os.pwrite(fd, block[run_start:run_stop].tobytes(), int(dest[run_start]) * row_bytes)

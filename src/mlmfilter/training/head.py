@@ -140,6 +140,12 @@ def fit_head(
 ) -> DistilledHead:
     """Fit the head on features ``x`` (n, F) and judge scores ``y`` (n, metrics): ridge with its
     penalty chosen by leave-one-out (scikit-learn's RidgeCV), or an MLP with early stopping."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"mlmfilter distill fits its heads with scikit-learn: pip install 'mlmfilter[distill]' ({exc})"
+        ) from exc
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
     mean = x.mean(axis=0)
