@@ -110,15 +110,7 @@ class RunEmbeddings:
     def stages_with(run: RunReader, modality: str | None = None) -> list[str]:
         """The stages of ``run`` whose tables keep embeddings (of ``modality`` when given)."""
         wanted = [EMBEDDING_COLUMNS[modality]] if modality else list(EMBEDDING_COLUMNS.values())
-        found = []
-        for stage in run.stages():
-            try:
-                names = run.schema(stage).names
-            except ValueError:  # no completed shard yet
-                continue
-            if any(name in names for name in wanted):
-                found.append(stage)
-        return found
+        return [stage for stage, names in run.columns_by_stage().items() if any(n in names for n in wanted)]
 
     def _find_stage(self, modality: str | None) -> str:
         found = self.stages_with(self.run, modality)

@@ -338,9 +338,8 @@ def find_duplicates(
         # the clusters are also where near-identical perceptual hashes are looked for
         source = RowSource(vectors)
         try:
-            clusters = _semantic(
-                source, valid, forest, reason, nearest, nearest_cosine, phashes, hashed, options, work_dir, stats
-            )
+            pairs = _PerPair(reason, nearest, nearest_cosine, phashes, hashed)
+            clusters = _semantic(source, valid, forest, pairs, options, work_dir, stats)
         finally:
             source.close()
 
@@ -380,15 +379,22 @@ def _keepers(
     return keep
 
 
+@dataclass
+class _PerPair:
+    """What the search records per pair of the pool as it goes."""
+
+    reason: np.ndarray
+    nearest: np.ndarray
+    nearest_cosine: np.ndarray
+    phashes: np.ndarray | None
+    hashed: np.ndarray
+
+
 def _semantic(
     source: RowSource,
     valid: np.ndarray,
     forest: Forest,
-    reason: np.ndarray,
-    nearest: np.ndarray,
-    nearest_cosine: np.ndarray,
-    phashes: np.ndarray | None,
-    hashed: np.ndarray,
+    pairs: _PerPair,
     options: DedupOptions,
     work_dir: str | os.PathLike | None,
     stats: dict[str, Any],
@@ -444,7 +450,7 @@ def _semantic(
             if hi - lo < 1:
                 continue
             x = _normalise(sorted_rows.rows(lo, hi))
-            _compare_cluster(x, member_rows[lo:hi], edges, reason, nearest, nearest_cosine, phashes, hashed, options)
+            _compare_cluster(x, member_rows[lo:hi], edges, pairs, options)
         edges.flush()
         sorted_rows.close()
         stats["compare_seconds"] = round(time.perf_counter() - t0, 3)
@@ -506,15 +512,7 @@ class _EdgeBuffer:
 
 
 def _compare_cluster(
-    x: np.ndarray,
-    rows: np.ndarray,
-    edges: _EdgeBuffer,
-    reason: np.ndarray,
-    nearest: np.ndarray,
-    nearest_cosine: np.ndarray,
-    phashes: np.ndarray | None,
-    hashed: np.ndarray,
-    options: DedupOptions,
+    x: np.ndarray, rows: np.ndarray, edges: _EdgeBuffer, pairs: _PerPair, options: DedupOptions
 ) -> None:
     """Every pair of one cluster, in row blocks of bounded size: each row's nearest neighbour, and
     the duplicate edges (each pair once) reduced to a spanning forest."""
@@ -526,10 +524,11 @@ def _compare_cluster(
     found_b: list[np.ndarray] = []
     near_a: list[np.ndarray] = []
     near_b: list[np.ndarray] = []
-    use_phash = phashes is not None and options.exact and options.phash_bits > 0
+    nearest, nearest_cosine = pairs.nearest, pairs.nearest_cosine
+    use_phash = pairs.phashes is not None and options.exact and options.phash_bits > 0
     if use_phash:
-        ph = phashes[rows]
-        has_hash = hashed[rows]
+        ph = pairs.phashes[rows]
+        has_hash = pairs.hashed[rows]
     for start in range(0, m, block):
         stop = min(m, start + block)
         local = np.arange(start, stop)
@@ -559,7 +558,7 @@ def _compare_cluster(
     a, b = np.concatenate(found_a or [empty]), np.concatenate(found_b or [empty])
     if use_phash:
         pa_, pb_ = np.concatenate(near_a or [empty]), np.concatenate(near_b or [empty])
-        np.minimum.at(reason, rows[np.concatenate([pa_, pb_])], _NEAR)
+        np.minimum.at(pairs.reason, rows[np.concatenate([pa_, pb_])], _NEAR)
         a, b = np.concatenate([a, pa_]), np.concatenate([b, pb_])
     if not len(a):
         return

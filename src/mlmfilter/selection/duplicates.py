@@ -199,17 +199,11 @@ def _check_settings(folder: RunFolder, stage: str, settings: dict[str, Any], ove
 
 def _stage_with(reader: RunReader, column: str, exclude: str) -> str:
     """The first stage of the run whose tables have ``column``."""
-    known: list[str] = []
-    for name in reader.stages():
-        if name == exclude:
-            continue
-        try:
-            names = reader.schema(name).names
-        except ValueError:
-            continue
-        if column in names:
+    stages = reader.columns_by_stage((exclude,))
+    for name, columns in stages.items():
+        if column in columns:
             return name
-        known += [n for n in names if n not in known]
+    known = list(dict.fromkeys(c for columns in stages.values() for c in columns))
     raise ValueError(f"--keep-best {column!r}: no stage of {reader.url} has that column (columns: {', '.join(known)})")
 
 

@@ -286,13 +286,7 @@ def companion_stages(first: ScoreTables, stage: str, expression: str | None, by:
         return []  # the plan reports the syntax error with its own message
     wanted = [n for n in dict.fromkeys(names + ([by] if by else [])) if n not in first.columns]
     found: list[str] = []
-    for other in first.run.stages() if wanted else []:
-        if other == stage:
-            continue
-        try:
-            columns = first.run.schema(other).names
-        except ValueError:  # a stage without a completed shard
-            continue
+    for other, columns in first.run.columns_by_stage((stage,)).items() if wanted else ():
         if any(name in columns for name in wanted):
             found.append(other)
             wanted = [n for n in wanted if n not in columns]

@@ -343,12 +343,9 @@ class PoolSampler:
 
     @staticmethod
     def _rules_stage(reader) -> str:
-        for stage in reader.stages():
-            try:
-                if "rules_ok" in reader.schema(stage).names:
-                    return stage
-            except ValueError:
-                continue
+        for stage, names in reader.columns_by_stage().items():
+            if "rules_ok" in names:
+                return stage
         raise ValueError(
             "--rules over a run's kept embeddings reads the run's rules_ok column: score the run with "
             "--scorer rules, or drop --rules"

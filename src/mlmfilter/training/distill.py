@@ -134,21 +134,9 @@ def _cascade_json(cascade: Cascade | None) -> dict[str, Any] | None:
 # -- the judged sample --------------------------------------------------------------------------------
 
 
-def _first_stage_with(reader: RunReader, columns: list[str], exclude: tuple[str, ...] = ()) -> str | None:
-    for stage in reader.stages():
-        if stage in exclude:
-            continue
-        try:
-            names = reader.schema(stage).names
-        except ValueError:
-            continue
-        if all(c in names for c in columns):
-            return stage
-    return None
-
-
 def resolve_judge(reader: RunReader, options: DistillOptions, exclude: tuple[str, ...]) -> tuple[str, list[str]]:
-    """(stage, metrics) of the judge scores to distil."""
+    """(stage, metrics) of the judge scores to distil: the named stage, else the first holding the
+    named metrics, else the first holding any of the judge's metrics."""
     if options.judge_stage:
         names = reader.schema(options.judge_stage).names
         metrics = options.metrics or [m for m in JUDGE_METRICS if m in names]
@@ -159,21 +147,12 @@ def resolve_judge(reader: RunReader, options: DistillOptions, exclude: tuple[str
                 f"(its columns: {', '.join(names)})"
             )
         return options.judge_stage, metrics
-    if options.metrics:
-        stage = _first_stage_with(reader, options.metrics, exclude)
-        if stage is None:
-            raise ValueError(f"no stage of {reader.url} has the columns {', '.join(options.metrics)}")
-        return stage, list(options.metrics)
-    for stage in reader.stages():
-        if stage in exclude:
-            continue
-        try:
-            names = reader.schema(stage).names
-        except ValueError:
-            continue
-        metrics = [m for m in JUDGE_METRICS if m in names]
-        if metrics:
+    for stage, names in reader.columns_by_stage(exclude).items():
+        metrics = list(options.metrics) if options.metrics else [m for m in JUDGE_METRICS if m in names]
+        if metrics and all(m in names for m in metrics):
             return stage, metrics
+    if options.metrics:
+        raise ValueError(f"no stage of {reader.url} has the columns {', '.join(options.metrics)}")
     raise ValueError(
         f"no stage of {reader.url} holds judge scores ({', '.join(JUDGE_METRICS)}); score a sample with the judge "
         "first (`mlmfilter score ... --scorer mlm --stage judge --sample 0.01`) or name the columns with --metrics"
