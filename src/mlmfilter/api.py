@@ -693,9 +693,10 @@ def reshard(
 
 
 def embed(
-    run: str | Path,
+    run: str | Path | None = None,
     inputs: str | Sequence[str] | None = None,
     *,
+    output: str | Path | None = None,
     model: str = "openai/clip-vit-base-patch32",
     text_model: str | None = None,
     text_only: bool = False,
@@ -720,13 +721,22 @@ def embed(
     ``text_model``: ``clip`` (the model's text tower, the default), ``minilm`` or a sentence-encoder
     folder; ``text_only``: MiniLM caption embeddings and no image model. The stage (``RUN/embed``)
     is what ``dedup``, ``distill``, ``teach_sample`` and the report read; resumable like every stage.
-    ``overwrite`` discards this stage only.
+    ``overwrite`` discards this stage only. ``output`` names the run as ``score`` does: then a
+    positional first argument is the inputs (``embed("shards/*.tar", output="runs/x")``).
     """
     from mlmfilter.core.processes import unguarded_main_call
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.runs.runner import run_stage
     from mlmfilter.scorers.stage import ScoringStage
 
+    if output is not None:
+        if inputs is None and run is not None:
+            run, inputs = None, run  # embed(INPUTS, output=RUN), as score is called
+        if run is not None:
+            raise ValueError("embed() takes the run as `run` or as `output`, not both")
+        run = output
+    if run is None:
+        raise ValueError("embed() needs the run folder (run= or output=)")
     if text_only:
         model, text_model = "none", text_model or "minilm"
     spec = ScorerSpec(

@@ -123,3 +123,13 @@ def test_score_sample_scores_a_seeded_share_of_the_pairs(tmp_path, shards):
     assert settings["identity"]["sample"]["fraction"] == 0.5 and settings["identity"]["sample"]["seed"] == 7
     bad = invoke("score", pattern, "-o", tmp_path / "other", "--sample", "150%", code=2)
     assert "--sample" in bad.output
+
+
+def test_embed_takes_the_run_as_score_does(tmp_path, shards):
+    pattern = str(shards[0].parent / "*.tar")
+    invoke("embed", pattern, "-o", tmp_path / "run", "--text-only", "--decode-workers", "0")
+    assert RunEmbeddings(tmp_path / "run").modalities == ["text"]
+    assert RunReader(tmp_path / "run").completeness("embed").done == 2
+    missing = invoke("embed", tmp_path / "nothing-here", "--text-only", code=2)
+    assert "not a run folder yet" in missing.output and "give the shards" in missing.output
+    assert "give the run folder" in invoke("embed", code=2).output

@@ -24,10 +24,13 @@ from mlmfilter.cli.common import (
 
 
 def embed(
-    run: str = typer.Argument(..., metavar="RUN", help="The run folder (made, or extended, with INPUTS)."),
-    inputs: list[str] = typer.Argument(
-        None, metavar="INPUTS", help="Shards to embed into RUN; default: the run's own shards."
+    arguments: list[str] = typer.Argument(
+        None,
+        metavar="RUN [INPUTS]...",
+        help="The run folder, then shards to embed into it (default: the run's own shards). "
+        "With -o RUN, every argument is an input.",
     ),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The run folder (as `score -o`)."),
     model: str = typer.Option(
         "openai/clip-vit-base-patch32", help="CLIP / SigLIP hub id or folder, or open_clip:ARCH/PRETRAINED."
     ),
@@ -66,6 +69,10 @@ def embed(
     from mlmfilter.io.readers import ReadOptions
 
     setup_logging(verbose)
+    arguments = list(arguments or [])
+    if output is None and not arguments:
+        raise typer.BadParameter("give the run folder: mlmfilter embed RUN [INPUTS]... (or INPUTS... -o RUN)")
+    run, inputs = (output, arguments) if output is not None else (arguments[0], arguments[1:])
     read = options_or_exit(
         ReadOptions, **read_flags(image_column, caption_column, uid_column, url_column, captions_file)
     )
