@@ -197,8 +197,12 @@ def print_dedup_summary(summary) -> None:
         table.add_row("largest group", f"{group['size']} pairs ({group['reason']}), kept {group['kept_uid']}")
     table.add_row("wall time", f"{data['seconds']:.1f} s")
     console.print(table)
+    from mlmfilter.runs.read import RunReader
+
+    # select reads the score stage and joins this one; a run without scores selects from this one
+    stage = "" if "score" in RunReader(summary.run_dir).stages() else f" --stage {summary.stage}"
     console.print(
-        f"select with: mlmfilter select {summary.run_dir} --where 'dup_keep'", highlight=False, soft_wrap=True
+        f"select with: mlmfilter select {summary.run_dir}{stage} --where 'dup_keep'", highlight=False, soft_wrap=True
     )
 
 
