@@ -22,6 +22,10 @@ __all__ = [
     "reshard",
     # repair captions
     "enhance",
+    # embeddings once: near-duplicates, a judge distilled to CLIP cost
+    "embed",
+    "dedup",
+    "distill",
     # teach a judge
     "teach_sample",
     "teach_negatives",

@@ -488,16 +488,46 @@ def teach_sample(
     read: ReadOptions | None = None,
 ) -> dict[str, Any]:
     """Pick diverse pairs of a pool into the teach folder ``output``: embed, k-means, sample evenly
-    across clusters. ``read``: the pool's input columns. Returns the step's record (``report``: counts)."""
+    across clusters. ``read``: the pool's input columns. Returns the step's record (``report``: counts).
+
+    ``pool`` may be a run folder: its shards, read as the run records, and, when the run keeps
+    embeddings (``embed``; image ones for ``encoder="clip"``, caption ones for ``minilm``), those
+    instead of an encoder pass (``report.embeddings.from_run`` says which)."""
     from mlmfilter.io.sources import expand_inputs
     from mlmfilter.teach.folder import TeachFolder
     from mlmfilter.teach.sample import SampleOptions
 
-    pool = [pool] if isinstance(pool, str) else list(pool)
-    sources = expand_inputs(pool)
+    options = options or SampleOptions()
+    pool = [pool] if isinstance(pool, (str, Path)) else list(pool)
+    run_embeddings = None
+    if len(pool) == 1 and _is_run(pool[0]):
+        from mlmfilter.runs.embeddings import NoEmbeddings, RunEmbeddings
+        from mlmfilter.runs.read import RunReader
+
+        reader = RunReader(pool[0])
+        sources = list(reader.sources().values())
+        read = read if read is not None and read != ReadOptions() else ReadOptions(**reader.read_options())
+        try:
+            run_embeddings = RunEmbeddings(reader, modality="image" if options.encoder == "clip" else "text")
+        except NoEmbeddings as exc:
+            log.info("%s; embedding the pool with the encoder instead", exc)
+    else:
+        sources = expand_inputs([str(p) for p in pool])
     if not sources:
         raise ValueError(f"no shards match {pool}")
-    return TeachFolder(output).sample(sources, options or SampleOptions(), read or ReadOptions())
+    return TeachFolder(output).sample(sources, options, read or ReadOptions(), run_embeddings=run_embeddings)
+
+
+def _is_run(path: str | Path) -> bool:
+    """A run folder (``run.yaml`` inside), local or on object storage."""
+    if "://" in str(path):
+        from mlmfilter.runs.folder import RunFolder
+
+        try:
+            return RunFolder(str(path)).is_run
+        except (OSError, ValueError):  # an unreachable store, a file: not a run
+            return False
+    return (Path(path) / "run.yaml").is_file()
 
 
 def teach_negatives(
@@ -873,6 +903,178 @@ def reshard(
     )
     stats["selection"] = str(Path(folder.path).resolve()) if folder.is_local else folder.url
     return stats
+
+
+# -- embeddings once: embed, dedup, distill --------------------------------------------------------------
+
+
+def embed(
+    run: str | Path | None = None,
+    inputs: str | Sequence[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    model: str = "openai/clip-vit-base-patch32",
+    text_model: str | None = None,
+    text_only: bool = False,
+    hashes: bool = True,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 64,
+    allow_random_fallback: bool = False,
+    stage: str = "embed",
+    workers: int = 1,
+    decode_workers: int = 1,
+    read: ReadOptions | None = None,
+    allow_pipe: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = False,
+    offline_if_unreachable: bool = True,
+) -> StageSummary:
+    """Keep each pair's image and text embeddings (float16, L2-normalised) and image hashes in the run.
+
+    ``inputs`` are shards to embed into ``run`` (registered as ``score`` registers them); without
+    them, the run's own shards. ``model``: CLIP / SigLIP (hub id or folder) or ``open_clip:ARCH/TAG``;
+    ``text_model``: ``clip`` (the model's text tower, the default), ``minilm`` or a sentence-encoder
+    folder; ``text_only``: MiniLM caption embeddings and no image model. The stage (``RUN/embed``)
+    is what ``dedup``, ``distill``, ``teach_sample`` and the report read; resumable like every stage.
+    ``overwrite`` discards this stage only. ``output`` names the run as ``score`` does: then a
+    positional first argument is the inputs (``embed("shards/*.tar", output="runs/x")``).
+    """
+    from mlmfilter.core.processes import unguarded_main_call
+    from mlmfilter.io.sources import expand_inputs
+    from mlmfilter.runs.runner import run_stage
+    from mlmfilter.scorers.stage import ScoringStage
+
+    if output is not None:
+        if inputs is None and run is not None:
+            run, inputs = None, run  # embed(INPUTS, output=RUN), as score is called
+        if run is not None:
+            raise ValueError("embed() takes the run as `run` or as `output`, not both")
+        run = output
+    if run is None:
+        raise ValueError("embed() needs the run folder (run= or output=)")
+    if text_only:
+        model, text_model = "none", text_model or "minilm"
+    spec = ScorerSpec(
+        name="embed",
+        options={
+            "model": model,
+            "text_model": text_model or "clip",
+            "hashes": hashes,
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "allow_random_fallback": allow_random_fallback,
+        },
+    )
+    if unguarded_main_call():
+        workers, decode_workers = 1, 0  # worker processes would re-run the script's top level
+    sources = None
+    if inputs is not None:
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        sources = expand_inputs(inputs, allow_pipe=allow_pipe)
+    elif not _is_run(run):
+        raise ValueError(
+            f"{run} is not a run folder yet: give the shards to embed (mlmfilter embed {run} 'shards/*.tar')"
+        )
+    if offline_if_unreachable and _names_a_hub_model([spec]) and model != "none":
+        from mlmfilter.models.hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
+    stage_options = ScoringOptions(scorers=[spec], decode_workers=decode_workers)
+    return run_stage(
+        str(run),
+        ScoringStage(stage_options, name=stage),
+        sources=sources,
+        inputs=[_absolute_spec(spec) for spec in inputs or []],
+        read_options=(read or ReadOptions()).model_dump(mode="json", exclude_defaults=True),
+        executor=_build_local_executor(workers),
+        overwrite="stage" if overwrite else False,
+        show_progress=show_progress,
+    )
+
+
+def _build_local_executor(workers: int):
+    from mlmfilter.runs.executors import build_executor
+
+    return build_executor("local", workers=workers)
+
+
+def dedup(
+    run: str | Path,
+    *,
+    threshold: float = 0.95,
+    on: str | None = None,
+    keep_best: str | None = None,
+    exact: bool = True,
+    semantic: bool | None = None,
+    phash_bits: int = 4,
+    clusters: int | None = None,
+    seed: int = 0,
+    embeddings_stage: str | None = None,
+    stage: str = "dedup",
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
+    work_dir: str | Path | None = None,
+    **options: Any,
+):
+    """Duplicate groups of a run: the same image bytes, the same pixels (perceptual hash) and, after
+    SemDeDup, embeddings of one k-means cluster at cosine >= ``threshold``; one pair kept per group
+    (the highest ``keep_best`` column, else the first by uid). Writes the stage ``RUN/dedup``
+    (``dup_group``, ``dup_size``, ``dup_keep``, ``dup_reason``, ``dup_nearest_uid``,
+    ``dup_nearest_cosine``), which ``select`` joins: ``select(run, expression="dup_keep and itm >= 60")``.
+    ``semantic`` (None): SemDeDup unless the embeddings are random stand-ins. Returns a
+    :class:`~mlmfilter.selection.duplicates.DedupSummary`. Other ``options`` are
+    :class:`~mlmfilter.selection.dedup.DedupOptions` fields."""
+    from mlmfilter.selection.dedup import DedupOptions
+    from mlmfilter.selection.duplicates import dedup_run
+
+    settings = DedupOptions(
+        threshold=threshold,
+        exact=exact,
+        phash_bits=phash_bits,
+        clusters=clusters,
+        seed=seed,
+        **options,
+    )
+    return dedup_run(
+        run,
+        settings,
+        semantic=semantic,
+        on=on,
+        embeddings_stage=embeddings_stage,
+        keep_best=keep_best,
+        stage=stage,
+        allow_incomplete=allow_incomplete,
+        overwrite=overwrite,
+        work_dir=work_dir,
+    )
+
+
+def distill(
+    run: str | Path,
+    options: Any = None,
+    *,
+    output: str | Path | None = None,
+    stage: str = "distill",
+    overwrite: bool = False,
+    show_progress: bool = False,
+    **fields: Any,
+):
+    """Fit a head from the run's kept embeddings to the judge's scores on the pairs it judged, report its
+    held-out agreement (Spearman, top-fraction overlap) and the cascade's uncertain band (the judge
+    calls needed for ``agreement`` with an all-judge selection), save it to ``output`` (default
+    ``RUN/heads/<stage>``; reload it as ``--scorer distilled --model HEAD``) and predict the whole pool
+    into the stage ``RUN/<stage>`` (``distilled_<metric>``). ``options`` is a
+    :class:`~mlmfilter.training.distill.DistillOptions`, or give its fields as keywords.
+    Returns a :class:`~mlmfilter.training.distill.DistillResult`."""
+    from mlmfilter.training.distill import DistillOptions, distill_run
+
+    if options is None:
+        options = DistillOptions(**fields)
+    elif fields:
+        raise TypeError(f"distill() takes DistillOptions or its fields, not both ({', '.join(fields)})")
+    return distill_run(run, options, head_dir=output, stage=stage, overwrite=overwrite, show_progress=show_progress)
 
 
 # -- foreign formats (mlmfilter.convert) -------------------------------------------------------------

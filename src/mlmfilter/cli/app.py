@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from mlmfilter.cli import convert, demo, enhance, evaluate, plan, report, reshard, score, select, teach, train
+from mlmfilter.cli import convert, demo, embed, enhance, evaluate, plan, report, reshard, score, select, teach, train
 from mlmfilter.cli.common import interruptible, plain_type_labels
 
 
@@ -63,6 +63,9 @@ app.command("stats")(report.stats)
 convert.register(app)  # convert (and its hidden old name convert-llava), export, import, judges
 app.command("train")(train.train)
 app.command("enhance")(enhance.enhance)
+app.command("embed")(embed.embed)
+app.command("dedup")(embed.dedup)
+app.command("distill")(embed.distill)
 app.add_typer(teach.teach_app, name="teach")
 app.add_typer(evaluate.eval_app, name="eval")
 

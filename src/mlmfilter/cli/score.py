@@ -70,6 +70,10 @@ def score(
         None, help="Cascade: score only pairs passing this expression over --only-stage (others are marked skipped)."
     ),
     only_stage: Optional[str] = typer.Option(None, help="Stage whose columns --only reads (default score)."),
+    sample: Optional[str] = typer.Option(
+        None, help="Score only a seeded random share of the pairs (0.01 or 1%); the others are marked skipped."
+    ),
+    sample_seed: Optional[int] = typer.Option(None, help="Seed of --sample (default 0)."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe", help="Allow `pipe:CMD` inputs (runs shell commands)."),
     allow_absolute_paths: bool = typer.Option(
         False, "--allow-absolute-paths", help="Let image-path columns name files outside the dataset's folder, or URLs."
@@ -102,6 +106,7 @@ def score(
         fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
     given = dict(inputs=inputs or None, output=str(output) if output else None, workers=workers)
     given.update(decode_workers=decode_workers, stage=stage, only=only, only_stage=only_stage, executor=executor)
+    given.update(sample=parse_share(sample) if sample is not None else None, sample_seed=sample_seed)
     fields.update({key: value for key, value in given.items() if value is not None})
     if scorer or any(v is not None for v in shared.values()) or option:
         names = scorer or [s if isinstance(s, str) else s["name"] for s in fields.get("scorers", ["rules"])]
@@ -144,6 +149,18 @@ def score(
         raise typer.Exit(1)
 
 
+def parse_share(text: str) -> float:
+    """``--sample``: a fraction (0.01) or a percentage (1%)."""
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise typer.BadParameter(f"--sample takes a fraction (0.01) or a percentage (1%), got {text!r}") from None
+    if not 0 < share <= 1:
+        raise typer.BadParameter(f"--sample {text!r}: the share must be above 0 and at most 1 (100%)")
+    return share
+
+
 def print_score_summary(summary) -> None:
     """The human summary of a scoring: shards, pairs, errors, time; then warnings, hints and failures."""
     from rich.markup import escape
@@ -164,10 +181,16 @@ def print_score_summary(summary) -> None:
         shards += f", {len(summary.shards_unusable)} with no usable pair"
     table.add_row("shards", shards)
     table.add_row("pairs read", str(stats["read"]))
-    skipped = int(stats["counters"].get("skipped_by_cascade", 0))  # rows without an error, not scored
-    table.add_row("scored", str(stats["ok"] - skipped))
+    # rows without an error, left unscored on purpose: the cascade's --only, the --sample share
+    skipped = {
+        k[len("skipped_by_") :]: int(v) for k, v in stats["counters"].items() if k.startswith("skipped_by_") and v
+    }
+    table.add_row("scored", str(stats["ok"] - sum(skipped.values())))
+    why = {"cascade": "did not pass --only", "sample": "outside the --sample share"}
     if skipped:
-        table.add_row("skipped", f"{skipped} (did not pass --only; marked skipped, not scored)")
+        table.add_row(
+            "skipped", ", ".join(f"{n} ({why.get(k, k)})" for k, n in skipped.items()) + "; marked skipped, not scored"
+        )
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in stats["errors"].items()) or "none")
     if whole["shards"] != stats["shards"]:
         table.add_row("run folder", f"{whole['read']} pairs in {whole['shards']} shards (every job so far)")

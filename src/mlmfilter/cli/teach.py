@@ -47,7 +47,11 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 
 @teach_app.command("sample")
 def sample(
-    pool: list[str] = typer.Argument(..., help="Pool shards: paths, globs, brace patterns or fsspec URLs."),
+    pool: list[str] = typer.Argument(
+        ...,
+        help="Pool shards (paths, globs, brace patterns or fsspec URLs), or a run folder: its shards, and its "
+        "kept embeddings (`mlmfilter embed`) instead of an encoder pass.",
+    ),
     output: str = typer.Option(..., "--output", "-o", help="The teach folder."),
     n: int = typer.Option(10_000, "--n", help="Pairs to pick (MLM-Filter: 10k from CC12M)."),
     clusters: Optional[int] = typer.Option(None, help="k of k-means (default: ceil(n / 10))."),

@@ -97,6 +97,7 @@ class ClipSpec:
     max_text_length: int
     is_random: bool = False
     source: dict[str, Any] = field(default_factory=dict)
+    embedding_dim: int = 0  # size of the projected image and text embeddings (0: not known from config)
 
 
 @dataclass
@@ -180,7 +181,15 @@ def inspect_clip(name_or_path: str, allow_random_fallback: bool = False) -> Clip
         preprocessing=_hf_preprocessing(name_or_path, config),
         max_text_length=int(text_config.max_position_embeddings),
         source=model_source(name_or_path),
+        embedding_dim=_hf_embedding_dim(config),
     )
+
+
+def _hf_embedding_dim(config) -> int:
+    """CLIP projects both towers to ``projection_dim``; SigLIP's image embedding is its vision width."""
+    if config.model_type == "siglip":
+        return int(config.vision_config.hidden_size)
+    return int(config.projection_dim)
 
 
 def _hf_config(name_or_path: str):
@@ -328,6 +337,7 @@ _FALLBACK_CORPUS = (
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _RANDOM_IMAGE_SIZE = 224
 _RANDOM_TEXT_LENGTH = 77
+_RANDOM_PROJECTION_DIM = 64
 
 
 def _random_spec(name_or_path: str) -> ClipSpec:
@@ -341,6 +351,7 @@ def _random_spec(name_or_path: str) -> ClipSpec:
         max_text_length=_RANDOM_TEXT_LENGTH,
         is_random=True,
         source=stand_in_source(name_or_path),
+        embedding_dim=_RANDOM_PROJECTION_DIM,
     )
 
 
@@ -384,7 +395,7 @@ def _random_clip():
             image_size=_RANDOM_IMAGE_SIZE,
             patch_size=32,
         ),
-        projection_dim=64,
+        projection_dim=_RANDOM_PROJECTION_DIM,
     )
     with seeded():
         model = CLIPModel(config)
@@ -436,6 +447,7 @@ def _inspect_open_clip(name: str) -> ClipSpec:
         ),
         max_text_length=int(model_cfg.get("text_cfg", {}).get("context_length", 77)),
         source={"model": name, "open_clip_arch": arch, "open_clip_pretrained": pretrained},
+        embedding_dim=int(model_cfg.get("embed_dim", 0)),
     )
 
 

@@ -139,6 +139,28 @@ class EnhanceSection:
 
 
 @dataclass
+class DuplicateGroup:
+    group: int
+    size: int
+    reason: str | None
+    members: list[PairRef]  # the kept pair first, then the most similar to it
+
+
+@dataclass
+class DuplicatesSection:
+    stage: str
+    summary: dict[str, Any]  # pairs, groups, removed, by_reason, settings (from the stage's provenance)
+    groups: list[DuplicateGroup]  # the largest groups
+
+
+@dataclass
+class DistillSection:
+    stage: str
+    head: dict[str, Any]  # the head's record: metrics, held-out agreement, cascade, training provenance
+    warnings: list[str]
+
+
+@dataclass
 class ReportData:
     run: str
     generated: str
@@ -155,6 +177,9 @@ class ReportData:
     selection: SelectionSection | None
     enhancement: EnhanceSection | None
     shown: dict[tuple[str, str], ShownSample] = field(default_factory=dict)
+    duplicates: DuplicatesSection | None = None
+    distilled: list[DistillSection] = field(default_factory=list)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)  # each stage keeping them: what made them
     not_found: list[tuple[str, str]] = field(default_factory=list)
 
     def sample(self, ref: PairRef) -> ShownSample | None:
@@ -253,6 +278,9 @@ def gather_report(
         errors=sorted(((r, c, error_rows.examples[r]) for r, c in error_rows.counts.items()), key=lambda e: -e[1]),
         selection=edges.section(selection, rows) if edges else None,
         enhancement=enhancement,
+        duplicates=_gather_duplicates(run, k),
+        distilled=_gather_distilled(run),
+        embeddings=_gather_embeddings(run),
     )
     _look_up(run, data, options)
     return data
@@ -439,6 +467,81 @@ class _RewriteCollector:
             )
 
 
+#: columns of a dedup stage (``mlmfilter dedup``) and how many of its largest groups the report shows
+DEDUP_COLUMNS = ("dup_group", "dup_size", "dup_keep")
+DEDUP_SHOWN = ("dup_keep", "dup_reason", "dup_nearest_cosine", "dup_size")
+LARGEST_GROUPS = 6
+
+
+def _gather_duplicates(run: RunReader, k: int) -> DuplicatesSection | None:
+    """The first dedup stage: its summary and its largest groups (each member a card)."""
+    for stage in run.stages():
+        try:
+            dataset = run.dataset(stage)
+        except ValueError:
+            continue
+        if not set(DEDUP_COLUMNS) <= set(dataset.schema.names):
+            continue
+        columns = ["uid", "shard", "key", "dup_group", "dup_reason", "error", "error_detail"]
+        columns += [c for c in DEDUP_SHOWN if c not in columns]
+        table = dataset.to_table(columns=columns, filter=pc.field("dup_group").is_valid())
+        groups: list[DuplicateGroup] = []
+        if table.num_rows:
+            counts = pc.value_counts(table.column("dup_group")).to_pylist()
+            counts.sort(key=lambda e: (-e["counts"], e["values"]))
+            for entry in counts[:LARGEST_GROUPS]:
+                members = table.filter(pc.equal(table.column("dup_group"), entry["values"])).to_pylist()
+                members.sort(key=lambda r: (not r["dup_keep"], -(r["dup_nearest_cosine"] or 0.0), r["uid"]))
+                refs = [
+                    PairRef(
+                        uid=r["uid"],
+                        shard=r["shard"],
+                        key=r["key"],
+                        values={name: r[name] for name in DEDUP_SHOWN},
+                        error=r["error"],
+                        error_detail=r["error_detail"],
+                        note="kept" if r["dup_keep"] else None,
+                    )
+                    for r in members[: max(k, 2)]
+                ]
+                reason = next((r["dup_reason"] for r in members if r["dup_keep"]), members[0]["dup_reason"])
+                groups.append(DuplicateGroup(int(entry["values"]), int(entry["counts"]), reason, refs))
+        summary = (_safe(run.provenance, stage).get("summary")) or {}
+        return DuplicatesSection(stage, summary, groups)
+    return None
+
+
+def _gather_embeddings(run: RunReader) -> list[dict[str, Any]]:
+    """Per stage keeping embeddings (read through the one embeddings reader): model, size, random or not."""
+    from mlmfilter.runs.embeddings import RunEmbeddings
+
+    out = []
+    for stage in RunEmbeddings.stages_with(run):
+        embeddings = RunEmbeddings(run, stage)
+        for modality in embeddings.modalities:
+            info = embeddings.info(modality)
+            out.append(
+                {
+                    "stage": stage,
+                    "modality": modality,
+                    "model": info.get("model"),
+                    "dim": embeddings.dim(modality),
+                    "random": bool(info.get("random_weights")) or bool(embeddings.warnings()),
+                }
+            )
+    return out
+
+
+def _gather_distilled(run: RunReader) -> list[DistillSection]:
+    """Every stage of a distilled head's predictions: the head's held-out agreement with the judge."""
+    out = []
+    for stage in run.stages():
+        provenance = _safe(run.provenance, stage)
+        if provenance.get("kind") == "distill" and isinstance(provenance.get("head"), dict):
+            out.append(DistillSection(stage, provenance["head"], list(provenance.get("warnings", []))))
+    return out
+
+
 def _safe(read, stage: str) -> dict:
     try:
         return read(stage) or {}
@@ -462,6 +565,8 @@ def _look_up(run: RunReader, data: ReportData, options: ReportOptions) -> None:
         refs += s.kept_lowest + s.dropped_highest + s.kept_sample + s.dropped_sample
     if data.enhancement:
         refs += [r.ref for r in data.enhancement.accepted + data.enhancement.rejected]
+    if data.duplicates:
+        refs += [ref for group in data.duplicates.groups for ref in group.members]
     wanted = {ref.where for ref in refs if ref.in_shard}
     found = lookup_samples(
         run.sources(), wanted, ThumbnailMaker(options.thumbnail_side), ReadOptions(**run.read_options())

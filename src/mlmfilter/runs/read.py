@@ -94,6 +94,18 @@ class RunReader:
     def marker(self, shard_id: str, stage: str) -> dict[str, Any] | None:
         return self._stage(stage).read_marker(shard_id)
 
+    def columns_by_stage(self, exclude: tuple[str, ...] = ()) -> dict[str, list[str]]:
+        """Each stage's column names (stages without a completed shard have none yet and are left out)."""
+        out: dict[str, list[str]] = {}
+        for stage in self.stages():
+            if stage in exclude:
+                continue
+            try:
+                out[stage] = self.schema(stage).names
+            except RunError:
+                continue
+        return out
+
     def warnings(self) -> list[str]:
         """Warnings of every stage's provenance (e.g. random weights), for reports and summaries."""
         out: list[str] = []

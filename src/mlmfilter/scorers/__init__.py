@@ -15,6 +15,8 @@ REGISTRY: dict[str, str] = {
     "ocr": "mlmfilter.scorers.ocr:OcrScorer",
     "aitqe": "mlmfilter.scorers.aitqe:AITQEScorer",
     "unifilter": "mlmfilter.scorers.unifilter:UniFilterScorer",
+    "embed": "mlmfilter.scorers.embed:EmbedScorer",
+    "distilled": "mlmfilter.scorers.distilled:DistilledScorer",
 }
 
 

@@ -35,6 +35,9 @@ class ScoreFailure:
     partial: dict[str, Any] = field(default_factory=dict)  # columns worth keeping anyway (e.g. raw text)
 
 
+#: where the scoring stage keeps a digest of a pair's encoded image bytes for scorers that want it
+IMAGE_DIGEST_META = "image_digest"
+
 #: a scorer's lifetime counters (seen / done / skipped / failed by reason / batches / seconds)
 ScorerStats = BlockStats
 
@@ -64,6 +67,9 @@ class Scorer(ABC):
     image_size: int | None = None
     #: the option that names the model it loads (a hub id or a local path); None: it loads no model by name
     model_option: str | None = None
+    #: it reads ``sample.meta["image_digest"]``, a digest of the encoded image bytes that the scoring
+    #: stage then computes before decoding drops them
+    wants_image_digest: bool = False
 
     def __init__(self, options: ScorerOptions | None = None):
         self.options = options if options is not None else self.Options()

@@ -36,6 +36,9 @@ class ClipScorer(TextMasking, Scorer):
         batch_size: int = 64
         #: when the model is unavailable, score with a tiny random CLIP (meaningless scores; for demos/tests)
         allow_random_fallback: bool = False
+        #: also keep the image and text embeddings of this same forward (and the image hashes) in the
+        #: run, as `mlmfilter embed` does: what dedup, distill and `teach sample` read (no second pass)
+        embeddings: bool = False
 
     name = "clip"
     model_option = "model"
@@ -44,6 +47,22 @@ class ClipScorer(TextMasking, Scorer):
     def __init__(self, options: ScorerOptions | None = None):
         super().__init__(options)
         self.loaded = None  # LoadedClip after setup()
+        self.outputs = None  # the embedding columns, when kept
+        if self.options.embeddings:
+            from mlmfilter.scorers.embed import EmbeddingOutputs, clip_embedding_info
+
+            spec = self._spec()
+            kept = (
+                spec.embedding_dim,
+                {**clip_embedding_info(spec, self.options.model), "mask_text": self.options.mask_text},
+            )
+            self.outputs = EmbeddingOutputs(kept, kept, hashes=True)
+            self.columns = {**type(self).columns, **self.outputs.columns()}
+            self.wants_image_digest = True
+
+    def schema_fields(self) -> list[pa.Field]:
+        own = [pa.field(name, dtype) for name, dtype in type(self).columns.items()]
+        return own + (self.outputs.fields() if self.outputs is not None else [])
 
     @property
     def image_size(self) -> int:  # type: ignore[override]
@@ -101,9 +120,24 @@ class ClipScorer(TextMasking, Scorer):
                 image_emb = clip.image_embeddings(pixels)
                 text_emb = clip.text_embeddings([samples[i].caption for i in todo])
                 cosines = cosine_fp32(image_emb, text_emb).tolist()
-            for i, cos in zip(todo, cosines):
-                results[i] = {"clip_cosine": cos, "clip_score": clip_score(cos)}
+            kept = self._kept_embeddings([samples[i] for i in todo], image_emb, text_emb)
+            for n, (i, cos) in enumerate(zip(todo, cosines)):
+                results[i] = {"clip_cosine": cos, "clip_score": clip_score(cos), **kept[n]}
         return results  # type: ignore[return-value]
+
+    def _kept_embeddings(self, samples: Sequence[Sample], image_emb, text_emb) -> list[dict[str, Any]]:
+        """The embedding columns of this forward (``embeddings``), else nothing."""
+        if self.outputs is None:
+            return [{} for _ in samples]
+        from mlmfilter.scorers.embed import unit_fp16
+
+        return self.outputs.rows(samples, unit_fp16(image_emb), unit_fp16(text_emb))
+
+    def identity(self) -> dict[str, Any]:
+        identity = super().identity()
+        if not self.options.embeddings:  # runs made before the option existed resume under the same identity
+            identity["options"].pop("embeddings", None)
+        return identity
 
     def provenance(self) -> dict[str, Any]:
         """Loader provenance (model, commit/path, preprocessing, dtype actually used, versions) + formula."""
@@ -121,6 +155,7 @@ class ClipScorer(TextMasking, Scorer):
             "requested_dtype": self.options.dtype,
             "clip_score_formula": CLIPSCORE_FORMULA,
             **self.text_mask_provenance(),
+            **({"embeddings": self.outputs.provenance()} if self.outputs is not None else {}),
         }
 
 

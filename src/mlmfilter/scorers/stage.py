@@ -59,8 +59,26 @@ class ScoringOptions(StageOptions):
     #: same run (e.g. "rules_ok and clip_cosine >= 0.2"); the others keep a row marked ``skipped``
     only: str | None = None
     only_stage: str = SCORE_STAGE
+    #: score only a random fraction of the pairs (0 < sample <= 1; e.g. the judge on 1% to distill it):
+    #: a pair is in the sample when a seeded hash of its uid falls below the fraction, so the same
+    #: pairs are drawn whatever the sharding, the order or the workers; the others keep a row marked
+    #: ``skipped``. With ``only`` too, a pair must pass both.
+    sample: float | None = Field(None, gt=0, le=1)
+    sample_seed: int = 0
 
     _names_to_specs = field_validator("scorers", mode="before")(classmethod(lambda cls, v: names_to_specs(v)))
+
+
+#: how ``sample`` draws its pairs (recorded in the stage's identity)
+SAMPLE_RULE = "int(blake2b(f'{seed}:{uid}', digest_size=8), big-endian) / 2**64 < fraction"
+
+
+def in_sample(uid: str, fraction: float, seed: int) -> bool:
+    """Whether the pair ``uid`` is in the seeded random ``fraction`` (:data:`SAMPLE_RULE`)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
 def table_schema(scorers: Sequence[Scorer], cascade: bool = False) -> pa.Schema:
@@ -104,8 +122,13 @@ class ScoringStage(Stage):
         )
         self._decoder = None
 
+    @property
+    def cascade(self) -> bool:
+        """Some pairs are left unscored (``only`` or ``sample``): the table has a ``skipped`` column."""
+        return self.options.only is not None or self.options.sample is not None
+
     def schema(self) -> pa.Schema:
-        return table_schema(self.scorers, cascade=self.options.only is not None)
+        return table_schema(self.scorers, cascade=self.cascade)
 
     def identity(self) -> dict[str, Any]:
         identity = {
@@ -115,6 +138,12 @@ class ScoringStage(Stage):
         }
         if self.options.only is not None:
             identity["only"] = {"expression": self.options.only, "stage": self.options.only_stage}
+        if self.options.sample is not None:
+            identity["sample"] = {
+                "fraction": self.options.sample,
+                "seed": self.options.sample_seed,
+                "rule": SAMPLE_RULE,
+            }
         return identity
 
     def provenance(self) -> dict[str, Any]:
@@ -155,12 +184,16 @@ class ScoringStage(Stage):
         samples = read_shard(task.source, ReadOptions(**task.read_options))
         if self.options.only is not None:
             samples = self._mark_skipped(samples, self._passing_keys(task), task)
+        if self.options.sample is not None:
+            samples = self._mark_unsampled(samples, task)
+        if any(scorer.wants_image_digest for scorer in self.scorers):
+            samples = _with_digests(samples)
         decoded = self._image_decoder().decode(samples)
         for chunk in batched(decoded, self.options.chunk_size):
             for sample in chunk:
                 sample.image_bytes = None  # decoded or failed: the bytes are no longer needed
             rows = score_chunk(chunk, self.scorers, task.stats)
-            if self.options.only is not None:
+            if self.cascade:
                 for row in rows:
                     row.setdefault("skipped", False)
             errored = sum(1 for r in rows if r["error"])
@@ -190,9 +223,29 @@ class ScoringStage(Stage):
                 task.stats.count("skipped_by_cascade")
             yield sample
 
+    def _mark_unsampled(self, samples, task: StageTask):
+        fraction, seed = self.options.sample, self.options.sample_seed
+        for sample in samples:
+            if sample.ok and not sample.skipped and not in_sample(sample.uid, fraction, seed):
+                sample.skipped = True
+                sample.image_bytes = None
+                task.stats.count("skipped_by_sample")
+            yield sample
+
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
         for scorer in self.scorers:  # their models, engines and HTTP clients
             scorer.close()
+
+
+def _with_digests(samples):
+    """Each pair's image-bytes digest in ``meta`` (for the hash columns), before decoding drops the bytes."""
+    from mlmfilter.images.phash import bytes_digest
+    from mlmfilter.scorers.base import IMAGE_DIGEST_META
+
+    for sample in samples:
+        if sample.ok and not sample.skipped and sample.image_bytes:
+            sample.meta[IMAGE_DIGEST_META] = bytes_digest(sample.image_bytes)
+        yield sample

@@ -101,7 +101,11 @@ class JoinedTables:
         if self.stages is not None:
             return f"stage {self.stages[index]}"
         name = self.names[index]
-        return f"{name}={self.parts[index].run_dir}" if name else str(self.parts[index].run_dir)
+        part = self.parts[index]
+        label = f"{name}={part.run_dir}" if name else str(part.run_dir)
+        if sum(str(p.run_dir) == str(part.run_dir) for p in self.parts) > 1:  # stages of one run joined
+            label += f" (stage {getattr(part, 'stage', '?')})"
+        return label
 
     # -- streaming ------------------------------------------------------------------------------
 

@@ -180,6 +180,12 @@ def select_run(
     folder.check_writable()
     specs = _run_specs(run_dir)
     stages = _stages(specs, stage)
+    companions: list[str] = []
+    if len(stages) == 1 and len(specs) == 1 and specs[0][0] is None:
+        # columns the expression names that this stage lacks (dup_keep, distilled_itm) come from the
+        # other stages of the same run that hold them, joined on uid
+        companions = companion_stages(ScoreTables(specs[0][1], batch_rows, stages[0]), stages[0], expression, by)
+        stages = stages + companions
     if len(stages) > 1:  # stages of one run, joined on uid (a cascade: score, then judge)
         parts = [ScoreTables(specs[0][1], batch_rows, name) for name in stages]
     else:
@@ -226,6 +232,10 @@ def select_run(
             passes, threshold = _keep_top_fraction(tables, plan, counts, outputs, candidate_cap)
 
     notes = [replaced] if replaced else []
+    notes += [
+        f"joined stage {other!r} of the same run (for {', '.join(_columns_of(parts[i + 1], expression, by))})"
+        for i, other in enumerate(companions)
+    ]
     if outputs.unique_uids != outputs.rows:
         notes.append(
             f"{outputs.rows - outputs.unique_uids} kept rows repeat a uid; uids.npy holds {outputs.unique_uids} uids"
@@ -284,6 +294,32 @@ def select_run(
     )
     folder.write_summary(result.to_json())
     return result
+
+
+def companion_stages(first: ScoreTables, stage: str, expression: str | None, by: str | None) -> list[str]:
+    """Other stages of the same run that hold columns the selection names and ``stage`` lacks
+    (``dup_keep`` of ``mlmfilter dedup``, ``distilled_itm`` of ``mlmfilter distill``): each such
+    column comes from the first stage (in the run's order) that has it; they are joined on uid."""
+    from mlmfilter.selection.expression import ExpressionError, expression_names
+
+    try:
+        names = expression_names(expression) if expression and expression.strip() else []
+    except ExpressionError:
+        return []  # the plan reports the syntax error with its own message
+    wanted = [n for n in dict.fromkeys(names + ([by] if by else [])) if n not in first.columns]
+    found: list[str] = []
+    for other, columns in first.run.columns_by_stage((stage,)).items() if wanted else ():
+        if any(name in columns for name in wanted):
+            found.append(other)
+            wanted = [n for n in wanted if n not in columns]
+    return found
+
+
+def _columns_of(part: ScoreTables, expression: str | None, by: str | None) -> list[str]:
+    from mlmfilter.selection.expression import expression_names
+
+    names = expression_names(expression) if expression and expression.strip() else []
+    return [n for n in dict.fromkeys(names + ([by] if by else [])) if n in part.columns]
 
 
 def _run_specs(run_dir: Any) -> list[tuple[str | None, str | Path]]:

