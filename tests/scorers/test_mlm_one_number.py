@@ -54,9 +54,12 @@ def test_scores_do_not_depend_on_batch_size_or_batch_mates(family, flickr_pairs,
     reference = _columns(alone.score(_samples(targets, side, "t")))
     assert not np.allclose(reference[0], reference[1], atol=1e-3)  # different pairs really differ
     # pairs per batch, and micro-batches filled by a token budget (one pair alone, a few, all)
-    scorers = [alone, judge(3), judge(8), judge(8, batch_tokens=200), judge(8, batch_tokens=1200)]
+    scorers = [alone, judge(3), judge(8), judge(8, batch_tokens=200), judge(8, batch_tokens=1200), judge(3)]
     for scorer in scorers:
         scorer.ensure_setup()
+    # as on CUDA: the scorer hands over 8 pairs, encoded 3 at a time, the next chunk in a thread
+    scorers[-1].backend.prefetch_encoding, scorers[-1].batch_size = True, 8
+    for scorer in scorers:
         assert scorer.backend.batch_size == scorer.options.batch_size  # its own batching, not alone's
         np.testing.assert_allclose(_columns(scorer.score(_samples(targets, side, "t"))), reference, atol=TOLERANCE)
         # mixed: other pairs (longer captions among them) before, between and after the same pairs

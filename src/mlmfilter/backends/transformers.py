@@ -76,6 +76,9 @@ DEFAULT_TRIE_THRESHOLD = 1e-4
 #: with a token budget, pairs encoded together (one processor call, one vision pass), then split into
 #: micro-batches by the budget; bounds host memory for pixels (64 x 3 x 384^2 fp32 = 113 MB)
 BUDGET_ENCODE_PAIRS = 64
+#: on CUDA the pairs of a call are encoded this many at a time, the next chunk in a thread while the model
+#: computes the current one (the processor's resize and normalisation would otherwise idle the GPU)
+PREFETCH_ENCODE_PAIRS = 32
 #: the automatic budget on CUDA: at most this many LLM tokens per forward, and this share of free memory
 AUTO_BUDGET_MAX_TOKENS = 65536
 AUTO_BUDGET_MEMORY_SHARE = 0.4
@@ -96,6 +99,24 @@ def auto_batch_tokens(text_config: Any, dtype: torch.dtype, free_bytes: int, pro
     widest = max(int(getattr(text_config, "intermediate_size", 0) or 0), int(text_config.hidden_size))
     per_token = kv * (1 + prompts) + 4 * widest * width
     return int(max(1024, min(AUTO_BUDGET_MAX_TOKENS, free_bytes * AUTO_BUDGET_MEMORY_SHARE // per_token)))
+
+
+def _encoded(chunks: Sequence[list[int]], encode, prefetch: bool):
+    """``encode(chunk)`` of every chunk, in order; with ``prefetch`` the next one is encoded in a thread
+    while the caller computes on this one (PIL's resize and the Rust tokenizer release the GIL)."""
+    if not prefetch or len(chunks) < 2:
+        for chunk in chunks:
+            yield encode(chunk)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge-encode") as pool:
+        pending = pool.submit(encode, chunks[0])
+        for chunk in chunks[1:]:
+            batch = pending.result()
+            pending = pool.submit(encode, chunk)
+            yield batch
+        yield pending.result()
 
 
 def micro_batches(costs: Sequence[tuple[int, int]], budget: int | None, max_pairs: int) -> list[list[int]]:
@@ -180,6 +201,8 @@ class TransformersJudgeBackend:
         self.eos_ids = self._eos_ids()
         self._trie: ScoreTrie | None = None
         self._head_tables: dict[str, Any] = {}  # per device: what the lm_head reduction reads, built once
+        #: encode the next chunk in a thread while the model runs (on CUDA: the host is otherwise idle)
+        self.prefetch_encoding = loaded.device.type == "cuda"
 
     # -- JudgeBackend -------------------------------------------------------------------------------
 
@@ -260,12 +283,19 @@ class TransformersJudgeBackend:
         results: list[Any] = [None] * len(requests)
         budget = self.token_budget
         per_encode = self.batch_size if budget is None else max(self.batch_size, BUDGET_ENCODE_PAIRS)
+        # only the expected readout: greedy decoding reads the tokenizer while the next chunk is encoded
+        prefetch = self.prefetch_encoding and run == self._expected_batch
+        if prefetch:
+            per_encode = min(per_encode, PREFETCH_ENCODE_PAIRS)
         max_pairs = self.batch_size if budget is None else per_encode
         # bucket by length: similar prompts share a micro-batch, so little padding
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompts[0]) if requests[i].prompts else 0)
-        for start in range(0, len(order), per_encode):
-            chunk = order[start : start + per_encode]
-            batch = self.encoder.encode([requests[i] for i in chunk], chunk, extra_tokens)
+        chunks = [order[start : start + per_encode] for start in range(0, len(order), per_encode)]
+
+        def encode(chunk: list[int]) -> EncodedBatch:
+            return self.encoder.encode([requests[i] for i in chunk], chunk, extra_tokens)
+
+        for batch in _encoded(chunks, encode, prefetch):
             for pos, failure in batch.failures.items():
                 results[pos] = failure
             if not batch.items:

@@ -182,6 +182,8 @@ class EnhanceStage(Stage):
             "sampling": self.sampling.model_dump(mode="json"),
             "generator": stable_identity(self._generator_provenance()),
             "judge": [s.identity() for s in self.scorers],
+            # the original's scores are the run's own (earlier enhance runs re-scored it at another size)
+            "before": "recorded",
             "py3langid": getattr(py3langid, "__version__", "?"),
         }
         if o.checks.keep_entities:

@@ -155,9 +155,12 @@ class MLMScorer(TextMasking, BackendScorer):
             return False
         if o.batch_tokens:
             return True
-        from mlmfilter.models.common import resolve_device
+        device = (o.device or "auto").strip().lower()
+        if device == "auto":  # not resolved here: the scorer is built where the GPUs may not be visible
+            import torch
 
-        return resolve_device(o.device).type == "cuda"
+            return torch.cuda.is_available()
+        return device.startswith("cuda")
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {}
