@@ -113,15 +113,19 @@ def build_judge(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         sys.exit(f"--vocab-size {args.vocab_size} is smaller than the tokenizer ({len(processor.tokenizer)})")
     model = model.to(device=device, dtype=dtype).eval()
     model.config._attn_implementation = "sdpa"  # what load_vlm asks for
+    side = SIGLIP_SO400M["image_size"]
+    # where the spec knows a decode side apart from the processor's size, the family's rule sets it
+    decode = {"decode_side": FAMILIES["llava"].decode_side(side)} if hasattr(VlmSpec, "decode_side") else {}
     spec = VlmSpec(
         name="bench-1.5b-layout",
         family=FAMILIES["llava"],
         model_type=model.config.model_type,
         architecture=type(model).__name__,
-        image_size=SIGLIP_SO400M["image_size"],
+        image_size=side,
         pixel_budget=None,
         max_positions=QWEN25_15B["max_position_embeddings"],
         source={"model": "random weights, 1.5B judge layout"},
+        **decode,
     )
     return LoadedVlm(model, processor, spec, device, dtype), source
 
@@ -191,6 +195,8 @@ def run_ours(loaded, images, captions, metrics: str, batch_tokens: int | None, d
         device=str(device),
         batch_tokens=batch_tokens,
         checkpoint_settings="off",  # random weights: no released checkpoint to look up
+        # random weights put little probability on numbers: where the scorer has a floor for that, it is off
+        **({"min_mass": 0.0} if "min_mass" in MLMScorer.Options.model_fields else {}),
     )
     scorer = MLMScorer(options, backend=backend)
     head_rows = [0]
@@ -298,12 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"), device)
     n = args.pairs or (1024 if device.type == "cuda" else 4)
     pairs = flickr_pairs(n, FLICKR_DIR)
-    decoded: dict[Path, Any] = {}
-    for path, _ in pairs:  # the pipeline's decode at the judge's size, once per photo
-        if path not in decoded:
-            decoded[path] = decode_image(path.read_bytes(), DecodeSpec(shorter_side=SIGLIP_SO400M["image_size"]))[0]
-    images, captions = [decoded[p] for p, _ in pairs], [c for _, c in pairs]
     loaded, tokenizer_source = build_judge(args, device, dtype)
+    side = getattr(loaded.spec, "decode_side", 0) or loaded.spec.image_size
+    decoded: dict[Path, Any] = {}
+    for path, _ in pairs:  # the pipeline's decode for this judge, once per photo
+        if path not in decoded:
+            decoded[path] = decode_image(path.read_bytes(), DecodeSpec(shorter_side=side))[0]
+    images, captions = [decoded[p] for p, _ in pairs], [c for _, c in pairs]
     peak, peak_text = peak_tflops(device, args.peak_tflops)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(

@@ -70,7 +70,8 @@ def scored(request, tmp_path_factory, flickr_pairs, smollm2_cache_dir, tiny_clip
     tmp = tmp_path_factory.mktemp(f"same-number-{request.param}")
     pairs = [(i, path, caption.strip()) for i, (path, caption) in enumerate(flickr_pairs[:8])]
     model = str(mlm_support.tiny_model_dir(request.param, smollm2_cache_dir))
-    judge = {"name": "mlm", "options": {"model": model, "metrics": "itm,odf", "device": "cpu", "dtype": "fp32"}}
+    options = {"model": model, "metrics": "itm,odf", "device": "cpu", "dtype": "fp32", **mlm_support.no_mass_floor()}
+    judge = {"name": "mlm", "options": options}
     clip = {"name": "clip", "options": {"model": str(tiny_clip_dir), "device": "cpu"}}
     run_dir = tmp / "run"
     run_scores = {row["key"]: row for row in _score(run_dir, _shards(tmp / "in", pairs), [judge, clip])}

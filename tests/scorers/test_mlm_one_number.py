@@ -43,7 +43,13 @@ def test_scores_do_not_depend_on_batch_size_or_batch_mates(family, flickr_pairs,
 
     def judge(batch_size: int, **options) -> MLMScorer:
         options = MLMScorer.Options(
-            model=model, metrics="itm,ctq", device="cpu", dtype="fp32", batch_size=batch_size, **options
+            model=model,
+            metrics="itm,ctq",
+            device="cpu",
+            dtype="fp32",
+            batch_size=batch_size,
+            **mlm_support.no_mass_floor(),
+            **options,
         )
         return MLMScorer(options)
 
@@ -76,7 +82,8 @@ def test_the_judge_sees_the_same_pixels_whatever_scorers_share_the_run(
 ):
     """CLIP wants 224 px, the judge 28: the judge's columns are those of a run where it is alone."""
     model = str(mlm_support.tiny_model_dir("llava", smollm2_cache_dir))
-    judge = {"name": "mlm", "options": {"model": model, "metrics": "itm", "device": "cpu", "dtype": "fp32"}}
+    options = {"model": model, "metrics": "itm", "device": "cpu", "dtype": "fp32", **mlm_support.no_mass_floor()}
+    judge = {"name": "mlm", "options": options}
     clip = {"name": "clip", "options": {"model": str(tiny_clip_dir), "device": "cpu"}}
     inputs = [str(p) for p in flickr_shards(flickr_pairs[:6], tmp_path / "in", n_shards=1, per_shard=6)]
     tables = {}

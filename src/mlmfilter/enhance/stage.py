@@ -7,9 +7,9 @@ candidates written by the mode (:mod:`mlmfilter.enhance.modes`), checked
 (:mod:`~mlmfilter.enhance.checks`), scored with the judge scorers and decided
 (:mod:`~mlmfilter.enhance.decide`). The original's score is the run's own: where a judge scorer is the
 one that scored the source stage (same identity, device and batch size aside), its recorded row is
-used; a candidate's score is what ``mlmfilter score`` gives that caption with the same judge. The table has one row per picked pair (columns: see
-:func:`enhance_schema`); the original caption is never overwritten: ``caption`` holds the
-accepted rewrite, or null. ``mlmfilter reshard --captions-stage enhance`` writes it in place of the
+used; a candidate's score is what ``mlmfilter score`` gives that caption with the same judge. The
+table has one row per picked pair (columns: see :func:`enhance_schema`); the original caption is
+never overwritten: ``caption`` holds the accepted rewrite, or null. ``mlmfilter reshard --captions-stage enhance`` writes it in place of the
 original (the original kept in the sample's json).
 
 Stats counters per shard: ``tried``, ``accepted``, ``rejected``, ``rejected:<reason>``,

@@ -29,13 +29,7 @@ class VlmFamily:
     def image_size(self, image_processor: Any, max_image_pixels: int | None) -> int:
         """Shorter side the pipeline should decode to: never less than what the processor uses."""
         if self.name == "llava":
-            # a processor that does not crop (SigLIP's square resize: the pooled judges) keeps its default
-            # crop_size (224) unused: the size it resizes to is the one that counts
-            crop = (
-                (getattr(image_processor, "crop_size", None) or {})
-                if getattr(image_processor, "do_center_crop", True)
-                else {}
-            )
+            crop = getattr(image_processor, "crop_size", None) or {}
             size = getattr(image_processor, "size", None) or {}
             return int(crop.get("height") or size.get("shortest_edge") or size.get("height") or 336)
         if self.name == "qwen2_vl":
