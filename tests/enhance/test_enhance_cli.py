@@ -80,6 +80,9 @@ def test_enhance_command_rescores_with_the_runs_own_judge(scored_run):
     assert settings["sampling"]["n"] == 2 and settings["sampling"]["temperature"] == 0.7
     rows = reader.dataset("enhance").to_table().to_pylist()
     assert len(rows) == 3 and all(r["decision"] == "rejected" for r in rows)
+    # the before of every pair is the run's own number, even where no candidate passed its checks
+    scores = {r["uid"]: r for r in reader.dataset("score").to_table().to_pylist()}
+    assert all(r["itm_before"] == scores[r["uid"]]["itm"] for r in rows), rows
     again = runner.invoke(
         app,
         [

@@ -60,9 +60,10 @@ from mlmfilter.models.tree_attention import (
     PromptRows,
     gather_rows,
     length_groups,
+    to_device,
 )
 from mlmfilter.models.vlm import LoadedVlm, inspect_vlm, load_vlm, vlm_provenance
-from mlmfilter.models.vlm_encoding import TEXT_INPUT_KEYS, EncodedBatch, PromptEncoder
+from mlmfilter.models.vlm_encoding import TEXT_INPUT_KEYS, EncodedBatch, EncodedPair, PromptEncoder
 
 #: the trie readout computes float32 logits in blocks of rows x vocabulary (bounded memory at 128k+ tokens)
 _LOGIT_ROWS = 512
@@ -72,6 +73,69 @@ _LOGIT_VOCAB = 32768
 _EAGER_FIRST_LEVEL = 16
 #: default of ``trie_threshold``: trie nodes below this path probability are not expanded
 DEFAULT_TRIE_THRESHOLD = 1e-4
+#: with a token budget, pairs encoded together (one processor call, one vision pass), then split into
+#: micro-batches by the budget; bounds host memory for pixels (64 x 3 x 384^2 fp32 = 113 MB)
+BUDGET_ENCODE_PAIRS = 64
+#: on CUDA the pairs of a call are encoded this many at a time, the next chunk in a thread while the model
+#: computes the current one (the processor's resize and normalisation would otherwise idle the GPU)
+PREFETCH_ENCODE_PAIRS = 32
+#: the automatic budget on CUDA: at most this many LLM tokens per forward, and this share of free memory
+AUTO_BUDGET_MAX_TOKENS = 65536
+AUTO_BUDGET_MEMORY_SHARE = 0.4
+
+
+def auto_batch_tokens(text_config: Any, dtype: torch.dtype, free_bytes: int, prompts: int = 4) -> int:
+    """LLM tokens per micro-batch that fit in ``AUTO_BUDGET_MEMORY_SHARE`` of ``free_bytes``.
+
+    Per token: its KV cache in the prefix and in each prompt row's copy of it (``1 + prompts`` copies, an
+    upper bound: only prefix tokens are copied), plus a few activations of the widest layer part (SDPA
+    never holds a whole attention matrix on CUDA). At least 1024 tokens, at most ``AUTO_BUDGET_MAX_TOKENS``.
+    """
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+    width = torch.finfo(dtype).bits // 8
+    kv = int(text_config.num_hidden_layers) * 2 * kv_heads * head_dim * width
+    widest = max(int(getattr(text_config, "intermediate_size", 0) or 0), int(text_config.hidden_size))
+    per_token = kv * (1 + prompts) + 4 * widest * width
+    return int(max(1024, min(AUTO_BUDGET_MAX_TOKENS, free_bytes * AUTO_BUDGET_MEMORY_SHARE // per_token)))
+
+
+def _encoded(chunks: Sequence[list[int]], encode, prefetch: bool):
+    """``encode(chunk)`` of every chunk, in order; with ``prefetch`` the next one is encoded in a thread
+    while the caller computes on this one (PIL's resize and the Rust tokenizer release the GIL)."""
+    if not prefetch or len(chunks) < 2:
+        for chunk in chunks:
+            yield encode(chunk)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge-encode") as pool:
+        pending = pool.submit(encode, chunks[0])
+        for chunk in chunks[1:]:
+            batch = pending.result()
+            pending = pool.submit(encode, chunk)
+            yield batch
+        yield pending.result()
+
+
+def micro_batches(costs: Sequence[tuple[int, int]], budget: int | None, max_pairs: int) -> list[list[int]]:
+    """Indices (in order) cut into micro-batches: ``costs[i]`` = (shared prefix tokens, tokens after it) of
+    pair i. A micro-batch holds at most ``max_pairs`` pairs and, with a ``budget``, at most that many tokens
+    counting the right padding of the prefixes (one pair over the budget runs alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    widest = rest = 0
+    for i, (prefix, after) in enumerate(costs):
+        grown = max(widest, prefix) * (len(current) + 1) + rest + after
+        if current and (len(current) >= max_pairs or (budget is not None and grown > budget)):
+            batches.append(current)
+            current, widest, rest = [], 0, 0
+        current.append(i)
+        widest, rest = max(widest, prefix), rest + after
+    if current:
+        batches.append(current)
+    return batches
 
 
 @dataclass
@@ -84,7 +148,7 @@ def _select_rows(cache: Any, rows: list[int], device: torch.device) -> Any:
     """A new DynamicCache holding the given batch rows of ``cache`` (rows may repeat: one copy per prompt)."""
     from transformers import DynamicCache
 
-    index = torch.as_tensor(rows, device=device)
+    index = to_device(torch.as_tensor(rows), device)
     return DynamicCache(
         [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
     )
@@ -102,8 +166,13 @@ class TransformersJudgeBackend:
         max_length: int | None = None,
         trie_threshold: float = DEFAULT_TRIE_THRESHOLD,
         stop_strings: Sequence[str] = (),
+        batch_tokens: int | None = None,
     ):
         self.loaded = loaded
+        #: LLM tokens per micro-batch (prefixes with their padding, prompts, trie); None: automatic (a budget
+        #: from free memory on CUDA, ``batch_size`` pairs elsewhere); 0: ``batch_size`` pairs everywhere
+        self.batch_tokens = batch_tokens
+        self._budget: int | None = None
         #: generate stops a prompt once its text contains one of these (AITQE's "<Overall>")
         self.stop_strings = tuple(s for s in stop_strings if s)
         if not 0.0 <= float(trie_threshold) < 1.0:
@@ -131,6 +200,9 @@ class TransformersJudgeBackend:
         self.scored_vocab = getattr(self.model.config, "mlmfilter_scored_vocab_size", None)
         self.eos_ids = self._eos_ids()
         self._trie: ScoreTrie | None = None
+        self._head_tables: dict[str, Any] = {}  # per device: what the lm_head reduction reads, built once
+        #: encode the next chunk in a thread while the model runs (on CUDA: the host is otherwise idle)
+        self.prefetch_encoding = loaded.device.type == "cuda"
 
     # -- JudgeBackend -------------------------------------------------------------------------------
 
@@ -192,29 +264,70 @@ class TransformersJudgeBackend:
 
     # -- running ------------------------------------------------------------------------------------
 
+    @property
+    def token_budget(self) -> int | None:
+        """LLM tokens per micro-batch, or None: ``batch_size`` pairs (see ``batch_tokens``)."""
+        if self.batch_tokens is not None:
+            return int(self.batch_tokens) or None
+        if self.loaded.device.type != "cuda":
+            return None
+        if self._budget is None:
+            free, _ = torch.cuda.mem_get_info(self.loaded.device)
+            self._budget = auto_batch_tokens(self.text_config, self.loaded.dtype, free)
+        return self._budget
+
     def _serve(self, requests: Sequence[JudgeRequest], extra_tokens: int, run) -> list:
+        """Encode pairs a chunk at a time (one processor call, one vision pass), then run the language model
+        on micro-batches: ``batch_size`` pairs, or as many as fit the token budget. A pair's numbers do not
+        depend on its batch mates (explicit positions, masks), so any cut gives the same scores."""
         results: list[Any] = [None] * len(requests)
+        budget = self.token_budget
+        per_encode = self.batch_size if budget is None else max(self.batch_size, BUDGET_ENCODE_PAIRS)
+        # only the expected readout: greedy decoding reads the tokenizer while the next chunk is encoded
+        prefetch = self.prefetch_encoding and run == self._expected_batch
+        if prefetch:
+            per_encode = min(per_encode, PREFETCH_ENCODE_PAIRS)
+        max_pairs = self.batch_size if budget is None else per_encode
         # bucket by length: similar prompts share a micro-batch, so little padding
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompts[0]) if requests[i].prompts else 0)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            batch = self.encoder.encode([requests[i] for i in chunk], chunk, extra_tokens)
+        chunks = [order[start : start + per_encode] for start in range(0, len(order), per_encode)]
+
+        def encode(chunk: list[int]) -> EncodedBatch:
+            return self.encoder.encode([requests[i] for i in chunk], chunk, extra_tokens)
+
+        for batch in _encoded(chunks, encode, prefetch):
             for pos, failure in batch.failures.items():
                 results[pos] = failure
-            if batch.items:
-                with torch.inference_mode():
-                    outputs = run(batch)
-                for item, output in zip(batch.items, outputs):
-                    results[item.position] = output
+            if not batch.items:
+                continue
+            with torch.inference_mode():
+                features = self._vision_features(batch)  # every image of the chunk in one pass
+                items = sorted(range(len(batch.items)), key=lambda i: len(batch.items[i].full[0]))
+                costs = [self._token_cost(batch.items[i], extra_tokens) for i in items]
+                for cut in micro_batches(costs, budget, max_pairs):
+                    micro = EncodedBatch(
+                        [batch.items[items[c]] for c in cut],
+                        batch.processed,
+                        features=[features[items[c]] for c in cut],
+                    )
+                    for item, output in zip(micro.items, run(micro)):
+                        results[item.position] = output
         return results
+
+    def _token_cost(self, item: EncodedPair, extra_tokens: int) -> tuple[int, int]:
+        """(shared prefix tokens, tokens after it): every prompt's own tokens and its answer or trie tokens."""
+        after = sum(len(ids) - item.prefix_len + extra_tokens for ids in item.full)
+        return item.prefix_len, after
 
     def _vision_features(self, batch: EncodedBatch) -> list[torch.Tensor]:
         """Encode every processed image once; per item (in item order) its image features."""
+        if batch.features is not None:
+            return batch.features
         inputs = {}
         for key, value in batch.processed.items():
             if key in TEXT_INPUT_KEYS or not isinstance(value, torch.Tensor):
                 continue
-            value = value.to(self.loaded.device)
+            value = to_device(value, self.loaded.device)
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
         features = self.model.get_image_features(**inputs, return_dict=True).pooler_output
         return [features[item.row] for item in batch.items]
@@ -232,15 +345,17 @@ class TransformersJudgeBackend:
         for i, prefix in enumerate(prefixes):
             ids[i, : len(prefix)] = torch.tensor(prefix)
             attention[i, : len(prefix)] = 1
-        ids, attention = ids.to(device), attention.to(device)
+        ids, attention = to_device(ids, device), to_device(attention, device)
         if self.family.positions == "mrope":
-            grid = batch.processed["image_grid_thw"][[item.row for item in items]].to(device)
+            grid = to_device(batch.processed["image_grid_thw"][[item.row for item in items]], device)
             image_tokens = (ids == self.encoder.image_token_id).int()
             positions, _ = self.model.model.get_rope_index(
                 ids, mm_token_type_ids=image_tokens, image_grid_thw=grid, attention_mask=attention
             )
-            # text after the image advances all three M-RoPE components together
-            next_positions = [int(positions[0, i, len(p) - 1]) + 1 for i, p in enumerate(prefixes)]
+            # text after the image advances all three M-RoPE components together; one read for all rows
+            last = to_device(torch.tensor([len(p) - 1 for p in prefixes]), device)
+            rows = torch.arange(len(prefixes), device=device)
+            next_positions = (positions[0, rows, last] + 1).tolist()
         else:
             positions = torch.arange(width, device=device).unsqueeze(0).expand(len(items), -1)
             next_positions = [len(p) for p in prefixes]
@@ -260,11 +375,11 @@ class TransformersJudgeBackend:
         mask = block.attention_mask(prefix.layout, self.loaded.dtype, device)
         if mask.shape[-1] != prefix.cache.get_seq_length() + block.ids.shape[1]:
             raise RuntimeError("attention mask and KV cache disagree on the number of columns")
-        positions = block.positions.to(device)
+        positions = to_device(block.positions, device)
         if self.family.positions == "mrope":
             positions = positions.unsqueeze(0).expand(3, -1, -1)
         out = self.model.model(
-            input_ids=block.ids.to(device),
+            input_ids=to_device(block.ids, device),
             attention_mask=mask,
             position_ids=positions,
             past_key_values=prefix.cache,
@@ -282,7 +397,7 @@ class TransformersJudgeBackend:
         prefix = self._run_prefix(batch)
         owner = [i for i, item in enumerate(batch.items) for _ in item.full]  # row -> pair
         branches = [ids[item.prefix_len :] for item in batch.items for ids in item.full]
-        log_probs = np.zeros((len(owner), len(SCORES)))
+        parts, order = [], []
         for group in length_groups([len(b) for b in branches]):
             pairs = [owner[r] for r in group]
             layout = PrefixLayout(
@@ -291,16 +406,20 @@ class TransformersJudgeBackend:
                 prefix.layout.width,
             )
             rows = _CachedPrefix(_select_rows(prefix.cache, pairs, self.loaded.device), layout)
-            log_probs[group] = self._expected_rows(rows, [branches[r] for r in group])
+            parts.append(self._expected_rows(rows, [branches[r] for r in group]))
+            order += group
+        # one read back for the whole micro-batch, not one per group
+        log_probs = np.zeros((len(owner), len(SCORES)))
+        log_probs[order] = torch.cat(parts).double().cpu().numpy()
         out, row = [], 0
         for item in batch.items:
             out.append(log_probs[row : row + len(item.full)])
             row += len(item.full)
         return out
 
-    def _expected_rows(self, rows: _CachedPrefix, branches: list[list[int]]) -> np.ndarray:
+    def _expected_rows(self, rows: _CachedPrefix, branches: list[list[int]]) -> torch.Tensor:
         """Branches (one per cache row) with the trie's first level, then deeper trie levels only where
-        their path probability reaches ``trie_threshold``; (rows, 101) log P(s)."""
+        their path probability reaches ``trie_threshold``; (rows, 101) log P(s), on the model's device."""
         trie = self.trie
         grower = PromptRows(branches, rows.layout.next_positions, trie, self.pad_id)
         readout = AdaptiveTrieReadout(trie, len(branches), self.trie_threshold, self.loaded.device)
@@ -311,10 +430,10 @@ class TransformersJudgeBackend:
             contexts = block.contexts[:, 0]  # (R, K) block column per context, -1 where not computed here
             row_ids, ctx_ids = torch.nonzero(contexts >= 0, as_tuple=True)
             hidden = self._forward_block(rows, block)
-            picked = hidden[row_ids.to(hidden.device), contexts[row_ids, ctx_ids].to(hidden.device)]
+            picked = hidden[to_device(row_ids, hidden.device), to_device(contexts[row_ids, ctx_ids], hidden.device)]
             readout.add(row_ids, ctx_ids, *self._reduce(picked, trie))
-            block = grower.block(readout.to_expand())
-        return readout.log_probs().double().cpu().numpy()
+            block = grower.block(readout.to_expand())  # the one read back per trie level
+        return readout.log_probs()
 
     def _reduce(self, hidden: torch.Tensor, trie: ScoreTrie):
         """lm_head in float32 -> per row: logsumexp, log P(next starts with a digit), logits of trie tokens.
@@ -328,9 +447,7 @@ class TransformersJudgeBackend:
             weight = weight[: self.scored_vocab]
             bias = bias[: self.scored_vocab] if bias is not None else None
         device = hidden.device
-        cont_mask = torch.zeros(weight.shape[0], dtype=torch.bool, device=device)
-        cont_mask[torch.as_tensor(trie.continuation_ids, device=device)] = True
-        tokens = torch.as_tensor(sorted(set(trie.edge_tokens)), device=device)
+        digit_chunks, tokens = self._head_table(trie, weight.shape[0], device)
         parts = []
         for r0 in range(0, hidden.shape[0], _LOGIT_ROWS):
             h = hidden[r0 : r0 + _LOGIT_ROWS].float()
@@ -341,14 +458,29 @@ class TransformersJudgeBackend:
                 if bias is not None:
                     logits += bias[v0 : v0 + _LOGIT_VOCAB].float()
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-                digits = cont_mask[v0 : v0 + _LOGIT_VOCAB]
-                if bool(digits.any()):
+                digits = digit_chunks.get(v0)  # known on the host: no read back of a device mask
+                if digits is not None:
                     cont = torch.logaddexp(cont, torch.logsumexp(logits[:, digits], dim=-1))
             token_logits = h @ weight[tokens].float().T
             if bias is not None:
                 token_logits += bias[tokens].float()
             parts.append((lse, cont - lse, token_logits))
         return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _head_table(self, trie: ScoreTrie, vocab: int, device: torch.device) -> tuple[dict[int, torch.Tensor], Any]:
+        """Per vocabulary chunk holding digit-led tokens, their columns in it; the trie's token ids. Built once
+        per device, on the host, so the reduction never asks the GPU which chunks hold digits."""
+        key = f"{device}:{vocab}"
+        if key not in self._head_tables:
+            ids = np.asarray([i for i in trie.continuation_ids if i < vocab], dtype=np.int64)
+            chunks = {}
+            for v0 in range(0, vocab, _LOGIT_VOCAB):
+                inside = ids[(ids >= v0) & (ids < v0 + _LOGIT_VOCAB)] - v0
+                if inside.size:
+                    chunks[v0] = to_device(torch.from_numpy(inside), device)
+            tokens = to_device(torch.as_tensor(sorted(set(trie.edge_tokens))), device)
+            self._head_tables[key] = (chunks, tokens)
+        return self._head_tables[key]
 
     def _generate_batch(self, batch: EncodedBatch, steps: int) -> list[list[str]]:
         prefix = self._run_prefix(batch)
@@ -433,7 +565,13 @@ class TransformersBackendInfo(BackendInfo):
             # a released judge sees its images as in training: padded to a square, or not
             loaded.processor.image_processor.do_pad = released.settings.pad_to_square
         return TransformersJudgeBackend(
-            loaded, o.conversation, o.answer_prefix, o.batch_size, o.max_length, o.trie_threshold
+            loaded,
+            o.conversation,
+            o.answer_prefix,
+            o.batch_size,
+            o.max_length,
+            o.trie_threshold,
+            batch_tokens=getattr(o, "batch_tokens", None),
         )
 
 

@@ -22,12 +22,20 @@ class Sample:
     image_bytes: bytes | None = None  # dropped once decoded
     image_format: str | None = None  # extension it came with: jpg, png, webp ...
     meta: dict[str, Any] = field(default_factory=dict)
-    image: Image.Image | None = None  # decoded RGB, resized for the scorers
+    image: Image.Image | None = None  # decoded RGB, resized for the scorers (the largest size any wants)
+    #: the same bytes decoded at each shorter side a scorer asked for (``DecodeSpec.sides``): a scorer's
+    #: pixels never depend on which other scorers share the run
+    views: dict[int, Image.Image] = field(default_factory=dict)
     width: int | None = None  # original size, before any draft/resize
     height: int | None = None
     error: str | None = None
     error_detail: str | None = None
     skipped: bool = False  # left out by a cascade (`--only`): no scores, and not an error
+
+    def image_at(self, side: int | None) -> Image.Image | None:
+        """The image decoded for a scorer that wants shorter side ``side``: its own view when the decoder
+        made one, else the one decoded image (decoded for this scorer alone, or handed in decoded)."""
+        return self.views.get(side, self.image) if side is not None else self.image
 
     @property
     def ok(self) -> bool:

@@ -2,7 +2,9 @@
 
 :class:`Rescorer` scores the original caption and every candidate that passed the checks with the
 same judge scorers (any registered scorer: ``mlm``, ``clip``, the AITQE scorer ...) on the same
-decoded image, in one call per scorer, so before and after come from identical settings.
+decoded image, in one call per scorer, so before and after come from identical settings. Where a
+judge scorer is the very one that scored the run (``Rescorer.recorded``), the original's scores are
+the run's own row, not re-scored: enhance decides on the number the run recorded.
 
 :class:`Decider` compares on the ``compare`` columns: the objective is their mean, and a candidate
 is better when its objective beats the original's by at least ``margin`` (and, when
@@ -86,6 +88,9 @@ class Rescorer:
 
     def __init__(self, scorers: Sequence[Scorer]):
         self.scorers = list(scorers)
+        #: indices of the scorers that scored the source stage themselves: an original's columns of these
+        #: are taken from the run's row (``recorded``), not re-scored
+        self.recorded: set[int] = set()
 
     @property
     def columns(self) -> dict[str, Any]:
@@ -101,17 +106,38 @@ class Rescorer:
             scorer.ensure_setup()
 
     def score(
-        self, pairs: Sequence[tuple[Sample, str]], stats: Mapping[str, BlockStats] | None = None
+        self,
+        pairs: Sequence[tuple[Sample, str]],
+        stats: Mapping[str, BlockStats] | None = None,
+        recorded: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[dict[str, Any] | str]:
-        """Per (decoded sample, caption): the merged score columns, or the first error as ``reason: detail``."""
+        """Per (decoded sample, caption): the merged score columns, or the first error as ``reason: detail``.
+
+        ``recorded``: per pair, the run's own row of that pair when the caption is its original (else None);
+        the columns of the :attr:`recorded` scorers are taken from it instead of scoring again.
+        """
         samples = [
             dataclasses.replace(sample, caption=caption, error=None, error_detail=None) for sample, caption in pairs
         ]
+        known = list(recorded) if recorded is not None else [None] * len(samples)
         rows: list[dict[str, Any]] = [{} for _ in samples]
-        for scorer in self.scorers:
-            for row, scored in zip(rows, scorer.score(samples, (stats or {}).get(scorer.name))):
-                row.update(scored)
+        for n, scorer in enumerate(self.scorers):
+            todo = list(range(len(samples)))
+            if n in self.recorded:
+                todo = [i for i in todo if known[i] is None]
+                for i in set(range(len(samples))) - set(todo):
+                    rows[i].update({c: known[i].get(c) for c in scorer.columns})  # type: ignore[union-attr]
+            if not todo:
+                continue
+            scored = scorer.score([samples[i] for i in todo], (stats or {}).get(scorer.name))
+            for i, row in zip(todo, scored):
+                rows[i].update(row)
         return [row if s.error is None else f"{s.error}: {s.error_detail}" for row, s in zip(rows, samples)]
+
+    @property
+    def all_recorded(self) -> bool:
+        """Every judge scorer is the run's own: an original's scores cost nothing."""
+        return bool(self.scorers) and len(self.recorded) == len(self.scorers)
 
 
 class Decider:
@@ -217,15 +243,20 @@ def judge_pairs(
     samples: Sequence[Sample],
     written: Sequence[list[Generated] | str],
     stats: Mapping[str, BlockStats] | None = None,
+    recorded: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[Decision]:
     """Check, re-score and decide for decoded samples and what the mode wrote (texts, or why it failed).
 
     Every original and every candidate that passed its checks go to the judge in one call.
+    ``recorded``: per sample, the run's own row of the original (None: not recorded); the scores of the
+    judge scorers that made it are read from there (:class:`Rescorer`).
     """
+    known = list(recorded) if recorded is not None else [None] * len(samples)
     facts: list[OriginalFacts] = checker.facts([s.caption or "" for s in samples])
     per_pair: list[list[Candidate]] = []
     jobs: list[tuple[Sample, str]] = []
     owners: list[tuple[int, Candidate | None]] = []
+    originals: list[Mapping[str, Any] | None] = []  # per job: the run's row when the job is an original
     for i, (sample, texts) in enumerate(zip(samples, written)):
         candidates = []
         if not isinstance(texts, str):
@@ -241,13 +272,16 @@ def judge_pairs(
                 if result.passed:
                     jobs.append((sample, text))
                     owners.append((i, candidate))
-            if any(c.reason is None for c in candidates):  # the original is scored only when it is needed
-                jobs.append((sample, sample.caption or ""))
-                owners.append((i, None))
+                    originals.append(None)
+        needed = any(c.reason is None for c in candidates)  # the original is scored only when it is needed
+        if needed or (known[i] is not None and rescorer.all_recorded):  # ... or when its scores are the run's
+            jobs.append((sample, sample.caption or ""))
+            owners.append((i, None))
+            originals.append(known[i])
         per_pair.append(candidates)
     befores: dict[int, dict[str, Any] | None] = {}
     before_failures: dict[int, str] = {}
-    for (i, candidate), result in zip(owners, rescorer.score(jobs, stats) if jobs else []):
+    for (i, candidate), result in zip(owners, rescorer.score(jobs, stats, originals) if jobs else []):
         scores = result if isinstance(result, dict) else None
         if candidate is None:
             befores[i] = scores

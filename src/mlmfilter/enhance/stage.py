@@ -1,12 +1,15 @@
 """The ``enhance`` stage: per shard, rewrite the captions of the pairs a selection picks, keep the better ones.
 
 For each shard: the ``score`` stage's table of that shard picks the pairs (``where``, e.g.
-``itm < 40``); those pairs are read back from the shard, their images decoded once, candidates
-written by the mode (:mod:`mlmfilter.enhance.modes`), checked (:mod:`~mlmfilter.enhance.checks`),
-re-scored with the judge scorers together with the original and decided
-(:mod:`~mlmfilter.enhance.decide`). The table has one row per picked pair (columns: see
-:func:`enhance_schema`); the original caption is never overwritten: ``caption`` holds the
-accepted rewrite, or null. ``mlmfilter reshard --captions-stage enhance`` writes it in place of the
+``itm < 40``); those pairs are read back from the shard, their images decoded as the score stage
+decodes them (each judge scorer and the writer at their own size, :class:`DecodeSpec` ``sides``),
+candidates written by the mode (:mod:`mlmfilter.enhance.modes`), checked
+(:mod:`~mlmfilter.enhance.checks`), scored with the judge scorers and decided
+(:mod:`~mlmfilter.enhance.decide`). The original's score is the run's own: where a judge scorer is the
+one that scored the source stage (same identity, device and batch size aside), its recorded row is
+used; a candidate's score is what ``mlmfilter score`` gives that caption with the same judge. The
+table has one row per picked pair (columns: see :func:`enhance_schema`); the original caption is
+never overwritten: ``caption`` holds the accepted rewrite, or null. ``mlmfilter reshard --captions-stage enhance`` writes it in place of the
 original (the original kept in the sample's json).
 
 Stats counters per shard: ``tried``, ``accepted``, ``rejected``, ``rejected:<reason>``,
@@ -154,6 +157,7 @@ class EnhanceStage(Stage):
         self.generator = generator
         self._injected_generator = generator is not None  # else identity comes from config files, loaded or not
         self._mode = None
+        self._recorded: set[int] | None = None
 
     # -- settings -----------------------------------------------------------------------------------
 
@@ -202,6 +206,8 @@ class EnhanceStage(Stage):
             "sampling": self.sampling.model_dump(mode="json"),
             "generator": stable_identity(self._generator_provenance(for_identity=True)),
             "judge": [s.identity() for s in self.scorers],
+            # the original's scores are the run's own (earlier enhance runs re-scored it at another size)
+            "before": "recorded",
             "py3langid": getattr(py3langid, "__version__", "?"),
         }
         if o.checks.keep_entities:
@@ -218,6 +224,9 @@ class EnhanceStage(Stage):
             "where": o.where,
             "source_stage": o.source_stage,
             "compare": self.compare,
+            "before": "the run's own scores of the original where a judge scorer is the one that scored "
+            f"stage {o.source_stage!r} (same identity, device and batch size aside); else scored here, as "
+            "`mlmfilter score` scores (each scorer's own image decode)",
             "objective": f"mean of {', '.join(self.compare)}; accepted when it beats the original by >= {o.decision.margin:g}",
             "prompts": {**o.prompts.model_dump(), "sha256": o.prompts.sha256()},
             "sampling": self.sampling.model_dump(mode="json"),
@@ -291,41 +300,69 @@ class EnhanceStage(Stage):
                 self._mode = AitqeMode(self.generator, self.sampling)
         return self._mode
 
-    def _image_size(self) -> int | None:
-        sizes = [self.rescorer.image_size, getattr(self.generator, "image_size", None)]  # a served writer's
+    def _writer_side(self) -> int | None:
+        """The shorter side the writer's images are decoded to: a local writer's decode rule, a served one's own."""
         spec = getattr(getattr(self.generator, "loaded", None), "spec", None)
         if spec is not None:
-            sizes.append(spec.decode_side)
-        sizes = [s for s in sizes if s]
-        return max(sizes) if sizes else None
+            return spec.decode_side or spec.image_size
+        return getattr(self.generator, "image_size", None)
+
+    def decode_spec(self) -> DecodeSpec:
+        """The score stage's decode: every judge scorer (and the writer) gets the bytes decoded at its own
+        size, so a judge sees here exactly the pixels it saw when it scored the run."""
+        sides = [s.image_size for s in self.scorers] + [self._writer_side()]
+        return DecodeSpec.for_sides(sides, max_pixels=self.options.max_pixels)
+
+    def recorded_scorers(self, task: StageTask) -> set[int]:
+        """Indices of the judge scorers that scored ``source_stage`` themselves (same identity, device and
+        batch size aside): their scores of an original are read from the run, not computed again."""
+        o: EnhanceOptions = self.options
+        if self._recorded is None:
+            identity = task.run.settings(o.source_stage).get("identity") or {}
+            theirs = {_comparable_identity(s) for s in identity.get("scorers") or []}
+            self._recorded = {n for n, s in enumerate(self.scorers) if _comparable_identity(s.identity()) in theirs}
+        return self._recorded
 
     def selected_uids(self, task: StageTask) -> set[str]:
         """uids of this shard's pairs that the selection picks in the source stage's table."""
+        return {uid for uid, _ in self.selected_rows(task)}
+
+    def selected_rows(self, task: StageTask) -> dict[tuple[str, str], dict[str, Any]]:
+        """(uid, key) -> the source stage's row (error and the judge's columns) of each pair the selection picks."""
         o: EnhanceOptions = self.options
         table = task.run.table(task.shard_id, o.source_stage)
         if table is None:  # the shard fails without a marker; a later run retries it
             raise RuntimeError(f"stage {o.source_stage!r} has not completed shard {task.shard_id!r} yet")
-        return set(passing_rows(table, o.where, ["uid"])["uid"].to_pylist())
+        wanted = ["uid", "key", "error", "skipped", *self.rescorer.columns]
+        columns = [c for c in wanted if c in table.schema.names]
+        return {(r["uid"], r["key"]): r for r in passing_rows(table, o.where, columns).to_pylist()}
 
     def process(self, task: StageTask, progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
-        wanted = self.selected_uids(task)
+        selected = self.selected_rows(task)
+        wanted = {uid for uid, _ in selected}
         task.stats.count("selected", len(wanted))
         if not wanted:
             return
-        spec = DecodeSpec(shorter_side=self._image_size(), max_pixels=self.options.max_pixels)
+        self.rescorer.recorded = self.recorded_scorers(task)
+        spec = self.decode_spec()
         picked = (s for s in read_shard(task.source, ReadOptions(**task.read_options)) if s.uid in wanted)
         for chunk in batched(picked, self.options.chunk_size):
-            rows = self._chunk_rows([decode_sample(s, spec) for s in chunk], task)
+            rows = self._chunk_rows([decode_sample(s, spec) for s in chunk], task, selected)
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             if progress:
                 progress(len(rows), sum(1 for r in rows if r["error"]))
         for scorer in self.scorers:  # a judge that does not answer with a score decides nothing
             scorer.check_shard(task.stats.block(scorer.name))
 
-    def _chunk_rows(self, samples: list[Sample], task: StageTask) -> list[dict[str, Any]]:
+    def _chunk_rows(
+        self, samples: list[Sample], task: StageTask, selected: dict[tuple[str, str], dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         ok = [s for s in samples if s.ok]
-        written: list[Written] = self.mode.write([s.image for s in ok], [s.caption or "" for s in ok]) if ok else []
+        side = self._writer_side()
+        images = [s.image_at(side) for s in ok]
+        written: list[Written] = self.mode.write(images, [s.caption or "" for s in ok]) if ok else []
+        recorded = [(selected or {}).get((s.uid, s.key)) for s in ok]
         judged = judge_pairs(
             self.checker,
             self.rescorer,
@@ -333,6 +370,8 @@ class EnhanceStage(Stage):
             ok,
             [w.failure if w.failure else w.texts for w in written],
             stats={s.name: task.stats.block(s.name) for s in self.scorers},
+            # a row the run could not score (or a cascade skipped) is scored here
+            recorded=[r if r and r.get("error") is None and not r.get("skipped") else None for r in recorded],
         )
         task.stats.count("tried", len(ok))
         by_uid = {s.uid: (w, d) for s, w, d in zip(ok, written, judged)}
@@ -414,6 +453,19 @@ def run_judge(run: str, where: str, source_stage: str = "score") -> list[dict[st
             f"(scorers: {', '.join(s['name'] for s in specs) or 'none'}); name the judge with --judge-model"
         )
     return judge
+
+
+#: scorer options that change where or how fast a judge runs, not its scores
+_OPERATIONAL_OPTIONS = ("device", "batch_size", "batch_tokens")
+
+
+def _comparable_identity(identity: dict[str, Any]) -> str:
+    """A scorer's identity as a key, less its operational options (a run scored on another device or
+    batch size still recorded the same judge's scores)."""
+    from mlmfilter.core.ids import canonical_json
+
+    options = {k: v for k, v in (identity.get("options") or {}).items() if k not in _OPERATIONAL_OPTIONS}
+    return canonical_json({**identity, "options": options})
 
 
 def _spacy_versions(model: str) -> dict[str, str]:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from PIL import Image, JpegImagePlugin
@@ -78,6 +78,23 @@ class DecodeSpec:
     #: size. 1.0 is fastest (mean difference to a full decode + resize ~1.6/255 on 1000-2000 px
     #: photos); 2.0 stays within ~0.4/255 at ~1.4x the decode time
     draft_gap: float = 1.0
+    #: every shorter side a consumer wants (scorers, the enhance writer): the bytes are decoded at each
+    #: of them on their own (``Sample.views``), so that what one scorer sees never depends on the
+    #: sizes the others want. Empty: only ``shorter_side``
+    sides: tuple[int, ...] = ()
+
+    def at(self, side: int | None) -> "DecodeSpec":
+        """This spec for one shorter side only."""
+        return replace(self, shorter_side=side, sides=())
+
+    @classmethod
+    def for_sides(cls, sides: "Iterable[int | None]", **settings) -> "DecodeSpec":
+        """One decode per distinct side wanted; the largest is ``Sample.image``."""
+        wanted = tuple(sorted({int(s) for s in sides if s}))
+        if not wanted:
+            return cls(shorter_side=settings.pop("shorter_side", None), **settings)
+        settings.pop("shorter_side", None)
+        return cls(shorter_side=wanted[-1], sides=wanted if len(wanted) > 1 else (), **settings)
 
 
 class ImageDecodeError(Exception):
@@ -228,9 +245,17 @@ def decode_sample(sample: Sample, spec: DecodeSpec) -> Sample:
             sample.fail(errors.MISSING_IMAGE, "no image bytes to decode")
         return sample
     try:
-        image, width, height = decode_image(sample.image_bytes, spec)
+        image, width, height = decode_image(sample.image_bytes, spec.at(spec.shorter_side))
+        views = {spec.shorter_side: image} if spec.sides else {}
+        for side in spec.sides:
+            if side in views:
+                continue
+            if min(width, height) <= side and spec.shorter_side is not None and side <= spec.shorter_side:
+                views[side] = image  # neither decode resizes: the same pixels
+            else:
+                views[side] = decode_image(sample.image_bytes, spec.at(side))[0]
     except ImageDecodeError as exc:
         return sample.fail(exc.reason, exc.message)
-    sample.image, sample.width, sample.height = image, width, height
+    sample.image, sample.width, sample.height, sample.views = image, width, height, views
     sample.image_bytes = None
     return sample

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -58,6 +59,27 @@ _MAX_FRAME = 1 << 34
 #: test-only: ``"length:KEY"`` or ``"body:KEY"`` makes a worker die after writing part of the length
 #: or part of the body of sample KEY's result, as a worker killed at that point would
 TEAR_ENV = "MLMFILTER_TEST_TEAR_DECODE_RESULT"
+
+
+#: the rule for a GPU judge (docs/benchmarks.md, "decode rate"): decoding one web-sized JPEG (~1000x750) to
+#: 384 px takes ~16 ms of one core of the development machine (a 500x375 Flickr photo ~6 ms); a judge
+#: at GPU speed takes ~100 pairs/s (the H100 target of the 1.5B judge, four metrics)
+DECODE_MS_AT_384 = 16.0
+GPU_JUDGE_PAIRS_PER_SECOND = 100.0
+#: decoders kept ahead of the judge by this factor (images vary in size; a worker also pickles its result)
+DECODE_HEADROOM = 1.5
+
+
+def decode_workers_for(
+    pairs_per_second: float = GPU_JUDGE_PAIRS_PER_SECOND,
+    ms_per_image: float = DECODE_MS_AT_384,
+    cpus: int | None = None,
+) -> int:
+    """Decode processes that keep a consumer of ``pairs_per_second`` fed: ``ceil(rate x ms / 1000 x
+    headroom)``, at least 1, and at most the CPUs less two (the scoring process and its image processor)."""
+    needed = math.ceil(pairs_per_second * ms_per_image / 1000.0 * DECODE_HEADROOM)
+    available = (cpus if cpus is not None else len(os.sched_getaffinity(0))) - 2
+    return max(1, min(needed, available))
 
 
 class DecodePoolError(RuntimeError):

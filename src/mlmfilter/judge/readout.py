@@ -220,7 +220,10 @@ class AdaptiveTrieReadout:
 def _long_tensor(values: Any, device: Any) -> "torch.Tensor":
     import torch
 
-    return torch.as_tensor(values, dtype=torch.long, device=device)
+    tensor = torch.as_tensor(values, dtype=torch.long)
+    if tensor.device.type == "cpu" and torch.device(device or "cpu").type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)  # no wait for the GPU's queue to drain
+    return tensor.to(device)
 
 
 def log1mexp(x: "torch.Tensor") -> "torch.Tensor":

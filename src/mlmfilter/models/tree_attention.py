@@ -122,7 +122,7 @@ class BranchBlock:
         for i, n in enumerate(prefix.lengths):
             visible[i, :, :n] = True
         visible[:, :, prefix.width :] = self.allowed.numpy()
-        visible = torch.from_numpy(visible).to(device)  # moved as bool: 1 byte a cell
+        visible = to_device(torch.from_numpy(visible), device)  # moved as bool: 1 byte a cell
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         return mask.unsqueeze(1)
@@ -243,6 +243,15 @@ def length_groups(lengths: Sequence[int], slack: float = 0.15, extra: int = 8) -
     return groups
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``. To a GPU through pinned memory, asynchronously: the host goes
+    on laying out the next block instead of waiting for the GPU to drain its queue (a pageable copy waits)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def gather_rows(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, H) at block columns (B, ...) -> (B, ..., H); negative columns read column 0."""
     flat = columns.clamp(min=0).flatten(1).to(hidden.device)
@@ -250,4 +259,4 @@ def gather_rows(hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return picked.view(*columns.shape, hidden.shape[-1])
 
 
-__all__ = ["PrefixLayout", "BranchBlock", "PromptRows", "DecodeSteps", "gather_rows", "length_groups"]
+__all__ = ["PrefixLayout", "BranchBlock", "PromptRows", "DecodeSteps", "gather_rows", "length_groups", "to_device"]

@@ -44,6 +44,8 @@ class EncodedBatch:
     items: list[EncodedPair]
     processed: Any  # the processor's BatchFeature: vision inputs of every row
     failures: dict[int, RequestFailure] = field(default_factory=dict)
+    #: per item, its image features when already encoded (a micro-batch of a larger encoded chunk)
+    features: list[Any] | None = None
 
 
 class PromptTooLong(ValueError):

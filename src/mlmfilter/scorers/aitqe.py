@@ -101,13 +101,14 @@ class AITQEScorer(BackendScorer):
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
         requests, positions = [], []
+        side = self.image_size
         for i, sample in enumerate(samples):
             if not (sample.caption or "").strip():
                 results[i] = ScoreFailure(errors.EMPTY_CAPTION, "the caption is empty")
             elif sample.image is None:
                 results[i] = ScoreFailure(errors.MISSING_IMAGE, "no decoded image")
             else:
-                requests.append(JudgeRequest(sample.image, [aitqe.prompt(sample.caption)]))
+                requests.append(JudgeRequest(sample.image_at(side), [aitqe.prompt(sample.caption)]))
                 positions.append(i)
         if not requests:
             return results  # type: ignore[return-value]

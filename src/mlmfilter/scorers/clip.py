@@ -109,7 +109,7 @@ class ClipScorer(TextMasking, Scorer):
             clip = self.loaded
             pre = clip.preprocessing
             pixels = to_pixel_values(
-                [self.masked(samples[i].image) for i in todo],
+                [self.masked(samples[i].image_at(self.image_size)) for i in todo],
                 pre.crop_size,
                 pre.mean,
                 pre.std,

@@ -76,6 +76,11 @@ class MLMOptions(TextMaskOptions):  # mask_text: T-MARS, see scorers/text_mask.p
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 8
+    #: transformers backend: LLM tokens per forward (shared prefixes with their padding, prompts, trie);
+    #: micro-batches are filled up to it instead of a fixed number of pairs. None: automatic (on CUDA a
+    #: budget from the model's size and free memory, elsewhere ``batch_size`` pairs); 0: ``batch_size`` pairs.
+    #: Changes speed only, never a score: not part of a run's identity
+    batch_tokens: int | None = Field(default=None, ge=0)
     #: refuse (error row) prompts longer than this many tokens; None: the model's context length
     max_length: int | None = None
     #: generate readout: None picks enough tokens to write "100" and see it end
@@ -154,6 +159,25 @@ class MLMScorer(TextMasking, BackendScorer):
         self.short_names = [short_name(m) for m in self.metrics]
         self.template = resolve_template(self.options.template)
         self.columns = self._columns()
+        if self._token_budgeted():
+            from mlmfilter.backends.transformers import BUDGET_ENCODE_PAIRS
+
+            # the backend fills its forwards by tokens: hand it pairs enough to fill them
+            self.batch_size = max(self.batch_size, BUDGET_ENCODE_PAIRS)
+
+    def _token_budgeted(self) -> bool:
+        """The transformers backend fills micro-batches by a token budget (set, or automatic on CUDA)."""
+        o = self.options
+        if o.backend != "transformers" or o.batch_tokens == 0:
+            return False
+        if o.batch_tokens:
+            return True
+        device = (o.device or "auto").strip().lower()
+        if device == "auto":  # not resolved here: the scorer is built where the GPUs may not be visible
+            import torch
+
+            return torch.cuda.is_available()
+        return device.startswith("cuda")
 
     def _columns(self) -> dict[str, pa.DataType]:
         columns: dict[str, pa.DataType] = {}
@@ -195,13 +219,14 @@ class MLMScorer(TextMasking, BackendScorer):
     def score_batch(self, samples: Sequence[Sample]) -> list[dict[str, Any] | ScoreFailure]:
         results: list[dict[str, Any] | ScoreFailure | None] = [None] * len(samples)
         requests, positions = [], []
+        side = self.image_size
         for i, sample in enumerate(samples):
             failure = self._check(sample)
             if failure is not None:
                 results[i] = failure
                 continue
             prompts = [self.template.render(metric, sample.caption) for metric in self.metrics]
-            requests.append(JudgeRequest(self.masked(sample.image), prompts))
+            requests.append(JudgeRequest(self.masked(sample.image_at(side)), prompts))
             positions.append(i)
         if requests:
             try:
@@ -297,6 +322,7 @@ class MLMScorer(TextMasking, BackendScorer):
         options["backend_options"] = self.info.identity_options(options.get("backend_options") or {})
         if self.converted is not None:  # what the user named; the revision and converter are in provenance
             options["model"] = self.converted.model_identity
+        options.pop("batch_tokens", None)  # speed only: a run resumes under another budget
         return identity
 
     def _readout_provenance(self) -> dict[str, str]:

@@ -120,7 +120,8 @@ class OcrScorer(Scorer):
             if sample.image is None:
                 results[i] = ScoreFailure(errors.MISSING_IMAGE, "no decoded image reached the OCR scorer")
                 continue
-            image = sample.image if sample.image.mode == "RGB" else sample.image.convert("RGB")
+            image = sample.image_at(self.image_size)
+            image = image if image.mode == "RGB" else image.convert("RGB")
             pixels[i] = np.asarray(image)
             for box in self.engine.detect(pixels[i]):
                 crop = self.engine.crop(pixels[i], box)

@@ -87,9 +87,10 @@ def table_schema(scorers: Sequence[Scorer], cascade: bool = False) -> pa.Schema:
 
 
 def decode_spec(scorers: Sequence[Scorer], max_pixels: int) -> DecodeSpec:
-    """Decode once, at the largest size any scorer wants; each scorer crops/normalises from there."""
+    """Decode at the size each scorer wants, each size from the bytes on its own (``Sample.views``):
+    a scorer's pixels, and so its scores, do not depend on which other scorers share the run."""
     sizes = [s.image_size for s in scorers if s.image_size]
-    return DecodeSpec(shorter_side=max(sizes) if sizes else HEADER_ONLY_SIDE, max_pixels=max_pixels)
+    return DecodeSpec.for_sides(sizes, shorter_side=HEADER_ONLY_SIDE, max_pixels=max_pixels)
 
 
 def score_chunk(samples: list[Sample], scorers: Sequence[Scorer], stats=None) -> list[dict[str, Any]]:
@@ -136,6 +137,10 @@ class ScoringStage(Stage):
             "scorers": [s.identity() for s in self.scorers],
             "max_pixels": self.options.max_pixels,
         }
+        if decode_spec(self.scorers, self.options.max_pixels).sides:
+            # scorers wanting different sizes each get their own decode (before: one decode at the largest
+            # size), so their pixels differ from a run folder written before: that one is not resumed
+            identity["decode"] = "one decode per scorer size"
         if self.options.only is not None:
             identity["only"] = {"expression": self.options.only, "stage": self.options.only_stage}
         if self.options.sample is not None:
@@ -176,8 +181,22 @@ class ScoringStage(Stage):
         if self._decoder is None:
             spec = decode_spec(self.scorers, self.options.max_pixels)
             # keep the decoders a whole chunk ahead of the scorers, so the model never waits on them
-            self._decoder = ImageDecoder(spec, self.options.decode_workers, prefetch=2 * self.options.chunk_size)
+            self._decoder = ImageDecoder(spec, self._decode_workers(), prefetch=2 * self.options.chunk_size)
         return self._decoder
+
+    def _decode_workers(self) -> int:
+        """``decode_workers``, raised to what keeps a judge on a GPU fed (:func:`decode_workers_for`);
+        0 (decode inline) is kept as asked."""
+        from mlmfilter.images.pool import decode_workers_for
+
+        workers = self.options.decode_workers
+        if workers <= 0 or not self.wants_gpu():
+            return workers
+        import torch
+
+        if not torch.cuda.is_available():
+            return workers
+        return max(workers, decode_workers_for())
 
     def process(self, task: StageTask, progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
         schema = self.schema()
