@@ -82,3 +82,21 @@ def test_table_fits_80_columns_with_a_legend_and_next_steps(tmp_path, monkeypatc
     steps = next_steps(tmp_path, run, None)
     assert f"mlmfilter reshard {tmp_path / 'selection'}" in steps and f"{run}/score/tables/" in steps
     assert "mlmfilter select RUN1 RUN2" in steps and "uids.npy" in steps
+
+
+@pytest.mark.slow
+def test_the_demo_runs_again_in_its_folder_resuming_or_rescoring(tmp_path, monkeypatch):
+    """`make demo` twice: the same shards are left as they are, so the run resumes; a demo with other
+    scorers in the same folder scores its run again instead of refusing with a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = run_demo(tmp_path / "demo", with_mlm=False)
+    shards = sorted((tmp_path / "demo" / "shards").glob("*.tar"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    again = run_demo(tmp_path / "demo", with_mlm=False)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    assert again["summary"].shards_skipped and not again["summary"].shards_completed  # resumed: nothing redone
+    assert again["selection"].kept == first["selection"].kept
+    other = run_demo(tmp_path / "demo", with_mlm=True)
+    assert len(other["summary"].shards_completed) == len(shards)
+    rows = scores_dataset(other["summary"].run_dir).to_table().to_pylist()
+    assert all(r["itm"] is not None for r in rows if not r["error"])

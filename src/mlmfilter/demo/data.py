@@ -320,4 +320,7 @@ def _write_tar(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(members):
             add_tar_member(tar, name, members[name], mtime=TAR_MTIME)
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # the same shard: left untouched, so a run over it resumes instead of seeing a new file
+        return
     tmp.replace(path)

@@ -14,6 +14,7 @@ from mlmfilter import api
 from mlmfilter.demo.data import make_sample_shards
 from mlmfilter.io.uid import halves_to_uids
 from mlmfilter.models.hub import hub_reachable, use_offline_hub
+from mlmfilter.runs.folder import ConfigMismatch, SourceChanged
 from mlmfilter.runs.read import RunReader
 from mlmfilter.scorers.stage import SCORE_STAGE
 from mlmfilter.selection.folder import SelectionFolder
@@ -53,9 +54,14 @@ def run_demo(output: str | Path, with_mlm: bool = True, console: Console | None 
     scorers = DEMO_SCORERS + ([DEMO_MLM] if with_mlm else [])
     by = "itm" if with_mlm else "clip_score"
     # the hub's reachability was decided above, with its own message
-    summary = api.score(
-        [str(output / "shards" / "*.tar")], output / "run", scorers, show_progress=True, offline_if_unreachable=False
-    )
+    inputs = [str(output / "shards" / "*.tar")]
+    try:
+        summary = api.score(inputs, output / "run", scorers, show_progress=True, offline_if_unreachable=False)
+    except (ConfigMismatch, SourceChanged):  # an earlier demo here, with or without --mlm: the demo owns its run
+        console.print("[yellow]the demo run in this folder was made with other settings: scoring it again[/]")
+        summary = api.score(
+            inputs, output / "run", scorers, show_progress=True, offline_if_unreachable=False, overwrite=True
+        )
     stats = summary.stats.to_json()
     console.print(
         f"[bold]2/3[/] scored {stats['read']} pairs into {summary.run_dir} "
