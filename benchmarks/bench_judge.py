@@ -258,8 +258,10 @@ def run_dtype(model_dir: str, dtype: str, pairs: list[Pair], batch_size: int, re
     from mlmfilter.scorers.mlm import MLMScorer
 
     def options(**readout: Any):
+        # min_mass=0: this stand-in judge (untrained projector) puts little probability on the numbers, and
+        # the floor would null every score; the cost is the same either way
         return MLMScorer.Options(
-            model=model_dir, dtype=dtype, device="cpu", metrics="all", batch_size=batch_size, **readout
+            model=model_dir, dtype=dtype, device="cpu", metrics="all", batch_size=batch_size, min_mass=0, **readout
         )
 
     expected = MLMScorer(options(readout="expected"))

@@ -195,8 +195,7 @@ def run_ours(loaded, images, captions, metrics: str, batch_tokens: int | None, d
         device=str(device),
         batch_tokens=batch_tokens,
         checkpoint_settings="off",  # random weights: no released checkpoint to look up
-        # random weights put little probability on numbers: where the scorer has a floor for that, it is off
-        **({"min_mass": 0.0} if "min_mass" in MLMScorer.Options.model_fields else {}),
+        min_mass=0.0,  # random weights put little probability on numbers: the floor would null every score
     )
     scorer = MLMScorer(options, backend=backend)
     head_rows = [0]

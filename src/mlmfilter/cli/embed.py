@@ -15,6 +15,7 @@ from mlmfilter.cli.common import (
     URL_COLUMN_OPTION,
     VERBOSE_OPTION,
     console,
+    exit_if_interrupted,
     options_or_exit,
     print_json,
     read_flags,
@@ -103,9 +104,7 @@ def embed(
     else:
         print_score_summary(summary)
         console.print(f"embeddings kept in {summary.run_dir}/{summary.stage}")
-    if summary.interrupted:
-        console.print("interrupted; re-run the same command to resume")
-        raise typer.Exit(130)
+    exit_if_interrupted(summary)
     if not summary.ok:
         raise typer.Exit(1)
 
