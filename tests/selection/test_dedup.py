@@ -112,6 +112,13 @@ def test_other_dedup_settings_need_overwrite(copies_run):
     invoke("dedup", copies_run, "--no-semantic", "--phash-bits", "6", "--stage", "dedup_strict", "--overwrite")
 
 
+def test_the_spill_margin_is_a_setting_of_the_stage(copies_run):
+    result = invoke("dedup", copies_run, "--spill-margin", "0.05", "--stage", "dedup_wide", "--json")
+    assert json.loads(result.stdout)["settings"]["options"]["spill_margin"] == 0.05
+    refused = invoke("dedup", copies_run, "--spill-margin", "0.02", "--stage", "dedup_wide", code=2)
+    assert "other dedup settings" in refused.output
+
+
 def test_dedup_of_a_run_without_embeddings_says_how_to_make_them(tmp_path, flickr_pairs):
     write_shard(tmp_path / "in" / "0.tar", [{"key": "a", "jpg": flickr_pairs[0][0].read_bytes(), "txt": "a dog"}])
     invoke("score", tmp_path / "in" / "0.tar", "-o", tmp_path / "run", "--scorer", "rules")

@@ -126,6 +126,11 @@ def dedup(
     clusters: Optional[int] = typer.Option(
         None, help="k of k-means (default: sqrt(pairs); one cluster up to 10000 pairs)."
     ),
+    spill_margin: float = typer.Option(
+        0.02,
+        help="A pair is also compared in its second-nearest cluster when that centroid is this close in cosine: "
+        "higher finds more duplicates split by a cluster border, at more comparisons (docs/benchmarks.md).",
+    ),
     seed: int = typer.Option(0),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="The stage keeping the embeddings."),
     stage: str = typer.Option("dedup", help="Stage folder the groups are written to."),
@@ -155,6 +160,7 @@ def dedup(
             phash_bits=phash_bits,
             clusters=clusters,
             seed=seed,
+            spill_margin=spill_margin,
             embeddings_stage=embeddings,
             stage=stage,
             allow_incomplete=allow_incomplete,
