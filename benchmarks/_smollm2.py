@@ -125,6 +125,20 @@ SIGLIP_SO400M = dict(
     patch_size=14,
 )
 POOLED_TOKENS = 144
+#: Qwen/Qwen2.5-1.5B(-Instruct)'s config.json
+QWEN25_15B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+)
 
 
 def build_pooled_benchmark_model(dst: str | Path, seed: int = 0) -> Path:

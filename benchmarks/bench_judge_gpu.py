@@ -45,33 +45,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FLICKR_DIR, flickr_pairs, load_average  # noqa: E402
+from _smollm2 import POOLED_TOKENS, QWEN25_15B, SIGLIP_SO400M  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the model is built here
 
 REFERENCE_NEW_TOKENS = 2
-POOLED_TOKENS = 144
-#: the 1.5B judge: Qwen2.5-1.5B's configuration
-QWEN25_15B = dict(
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)
-#: SigLIP-so400m-patch14-384
-SIGLIP_SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    image_size=384,
-    patch_size=14,
-)
 #: dense bf16 peak, TFLOP/s, by a substring of torch.cuda.get_device_name()
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 

@@ -38,22 +38,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import flickr_pairs, load_average  # noqa: E402
-from _smollm2 import CHATML_TEMPLATE, IMAGE_TOKEN, POOLED_TOKENS, SIGLIP_SO400M, smollm2_gguf  # noqa: E402
-
-#: Qwen/Qwen2.5-1.5B(-Instruct)'s config.json
-QWEN25_15B = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    use_sliding_window=False,
+from _smollm2 import (  # noqa: E402
+    CHATML_TEMPLATE,
+    IMAGE_TOKEN,
+    POOLED_TOKENS,
+    QWEN25_15B,
+    SIGLIP_SO400M,
+    smollm2_gguf,
 )
+
 TOWER_NAME = "google/siglip-so400m-patch14-384"
 
 

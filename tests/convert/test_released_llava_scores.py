@@ -30,7 +30,7 @@ from tests.support.llava import (
     tiny_llama_config,
     write_bin_shards,
 )
-from tests.support.released import pilrgb, score_distribution, summarize
+from tests.support.released import pilrgb, score_distribution, spliced_embeds, summarize
 
 METRICS = {
     "itm": "image_text_matching",
@@ -112,8 +112,7 @@ def reference_scores(original, setting: str, data: bytes, caption: str, referenc
             caption=caption, criteria=reference_prompts["criteria"][metric], aspect=metric.replace("_", " ")
         )
         ids = llava_input_ids(conversation.format(prompt), tokenizer) + [space]
-        at = ids.index(-200)
-        prompt_embeds = torch.cat([embed[torch.tensor(ids[:at])], features, embed[torch.tensor(ids[at + 1 :])]])
+        prompt_embeds = spliced_embeds(ids, -200, features, embed)
         summary = summarize(score_distribution(original["lm"], prompt_embeds, embed, tokenizer, rows))
         out.update({short: summary["score"], f"{short}_std": summary["std"], f"{short}_mass": summary["mass"]})
     return out

@@ -37,6 +37,7 @@ from tests.support.released import (
     save_safetensors,
     score_distribution,
     siglip_pixels,
+    spliced_embeds,
     summarize,
     text_model,
     tiny_siglip,
@@ -227,8 +228,7 @@ def reference_scores(original, setting, data: bytes, caption: str, reference_pro
             caption=caption, criteria=reference_prompts["criteria"][metric], aspect=metric.replace("_", " ")
         )
         ids = request_ids(original, setting, prompt)
-        at = ids.index(IMAGE_MARKER)
-        prompt_embeds = torch.cat([embed[torch.tensor(ids[:at])], features, embed[torch.tensor(ids[at + 1 :])]])
+        prompt_embeds = spliced_embeds(ids, IMAGE_MARKER, features, embed)
         summary = summarize(score_distribution(original["lm"], prompt_embeds, embed, tokenizer, rows))
         out.update({short: summary["score"], f"{short}_std": summary["std"], f"{short}_mass": summary["mass"]})
     return out
@@ -397,8 +397,7 @@ def test_generate_readout_writes_the_released_scripts_answer(original, converted
             caption=caption.decode(), criteria=reference_prompts["criteria"][metric], aspect=metric.replace("_", " ")
         )
         ids = request_ids(original, setting, prompt)
-        at = ids.index(IMAGE_MARKER)
-        prompt_embeds = torch.cat([embed[torch.tensor(ids[:at])], features, embed[torch.tensor(ids[at + 1 :])]])
+        prompt_embeds = spliced_embeds(ids, IMAGE_MARKER, features, embed)
         lm = original["lm"]
         eos = {tokenizer.eos_token_id, lm.config.eos_token_id} - {None}
         tokens = greedy_tokens(_head_rows(lm, len(tokenizer)), prompt_embeds, embed, steps, eos)

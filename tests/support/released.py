@@ -303,6 +303,13 @@ def pilrgb(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+def spliced_embeds(ids: list[int], marker: int, features: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """The prompt's token embeddings with the image features in place of its one image marker, as the
+    original code builds its ``inputs_embeds``."""
+    at = ids.index(marker)
+    return torch.cat([embed[torch.tensor(ids[:at])], features, embed[torch.tensor(ids[at + 1 :])]])
+
+
 def score_distribution(lm, prompt_embeds: torch.Tensor, embed: torch.Tensor, tokenizer, rows: int) -> np.ndarray:
     """log P(s) for s = 0..100 by brute force: the number's own tokens after the prompt, then anything
     but a token that starts with a digit; softmax over the model's first ``rows`` head rows. The prompt
