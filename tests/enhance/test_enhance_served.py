@@ -87,7 +87,8 @@ def test_ctrl_c_exits_130_and_says_which_shards_are_done(rules_run):
         )
     assert code == 130, output
     done = len(list(markers.glob("*.json")))
-    assert 1 <= done < 3
+    # the shards' requests overlap: the last ones may finish while the interrupt lands; the line counts them
+    assert 1 <= done <= 3
     text = " ".join(output.split())
     assert f"interrupted: {done} of 3 shards done; re-run the same command to resume" in text, output
     assert "Traceback" not in output and "Aborted" not in output
